@@ -1,0 +1,6 @@
+//! fleetsim: simulates fleets of Azure IoT devices and modules, and emulates IoT Hub + DPS locally.
+//!
+//! The layers, from the bottom: [`iot`] is the protocol as data (no I/O); [`hub`] is the emulator.
+//! See ARCHITECTURE.md for where each flow lives.
+
+pub mod iot;
