@@ -3,4 +3,7 @@
 //! The layers, from the bottom: [`iot`] is the protocol as data (no I/O); [`hub`] is the emulator.
 //! See ARCHITECTURE.md for where each flow lives.
 
+pub mod cli;
+pub mod hub;
 pub mod iot;
+pub mod sys;

@@ -1,0 +1,54 @@
+//! Command-line definitions. Parsing only; each subcommand's work is in its own module.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetsim",
+    version,
+    about = "Simulates fleets of Azure IoT devices, and emulates IoT Hub + DPS locally"
+)]
+pub struct Cli {
+    /// Log filter in RUST_LOG syntax (RUST_LOG itself wins when set).
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the local IoT Hub + DPS emulator.
+    Hub(HubArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HubArgs {
+    /// A TOML configuration file; flags override what it sets.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the CA, keys and hub.json are kept.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The hub's host name; repeat to add names the certificate also covers.
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// Device MQTT over TLS (hub and DPS). Default 127.0.0.1:8883.
+    #[arg(long)]
+    pub mqtt_addr: Option<SocketAddr>,
+    /// HTTPS: service API, DPS, MQTT over WebSockets. Default 127.0.0.1:8443.
+    #[arg(long)]
+    pub https_addr: Option<SocketAddr>,
+    /// Prometheus endpoint. Default 127.0.0.1:9464.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve no metrics endpoint.
+    #[arg(long, conflicts_with = "metrics_addr")]
+    pub no_metrics: bool,
+}

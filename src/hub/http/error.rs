@@ -1,0 +1,119 @@
+//! Error responses. IoT Hub's carry `ErrorCode`, `Message` and `ExceptionMessage` plus an
+//! `iothub-errorcode` header (protocol.md §6.7); DPS's carry `errorCode`, `trackingId`, `message`
+//! and `timestampUtc` (§3.3). Codes are HTTP status x 1000 + a sub-code.
+
+use std::time::SystemTime;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::iot::time::iso8601;
+
+#[derive(Debug)]
+enum Style {
+    Hub { name: &'static str },
+    Dps,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: u32,
+    style: Style,
+    message: String,
+    info: Option<Value>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An IoT Hub service error, e.g. `(404, 404001, "DeviceNotFound", ..)`.
+    pub fn hub(status: u16, code: u32, name: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::from_u16(status).expect("valid status"),
+            code,
+            style: Style::Hub { name },
+            message: message.into(),
+            info: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn dps(status: u16, code: u32, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::from_u16(status).expect("valid status"),
+            code,
+            style: Style::Dps,
+            message: message.into(),
+            info: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_info(mut self, info: Value) -> ApiError {
+        self.info = Some(info);
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::hub(400, 400004, "ArgumentInvalid", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::hub(401, 401002, "IotHubUnauthorizedAccess", message)
+    }
+
+    pub fn device_not_found(id: &str) -> ApiError {
+        ApiError::hub(404, 404001, "DeviceNotFound", format!("Device {id} not registered"))
+    }
+
+    pub fn module_not_found(device: &str, module: &str) -> ApiError {
+        ApiError::hub(404, 404010, "ModuleNotFound", format!("Module {module} on device {device} not registered"))
+    }
+
+    pub fn precondition_failed() -> ApiError {
+        ApiError::hub(412, 412001, "PreconditionFailed", "The etag in If-Match does not match the current one")
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let tracking = uuid::Uuid::new_v4().simple().to_string();
+        let now = SystemTime::now();
+        let (body, header) = match self.style {
+            Style::Hub { name } => {
+                let mut body = json!({
+                    "ErrorCode": name,
+                    "Message": format!("ErrorCode:{name};{}", self.message),
+                    "ExceptionMessage": format!("Tracking ID:{tracking}-TimeStamp:{}", iso8601(now)),
+                    "errorCode": self.code,
+                });
+                if let Some(info) = self.info {
+                    body["info"] = info;
+                }
+                (body, Some(name))
+            }
+            Style::Dps => (
+                json!({ "errorCode": self.code, "trackingId": tracking, "message": self.message, "timestampUtc": iso8601(now) }),
+                None,
+            ),
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(name) = header {
+            resp.headers_mut().insert("iothub-errorcode", HeaderValue::from_static(name));
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        }
+        resp
+    }
+}

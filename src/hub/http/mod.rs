@@ -1,0 +1,121 @@
+//! The HTTPS endpoint: one TLS listener serving the IoT Hub service API, the DPS device and
+//! service APIs, the emulator's own routes and MQTT over WebSockets; plus the plain-HTTP metrics
+//! endpoint.
+
+mod auth;
+mod dps_api;
+mod emulator;
+pub mod error;
+mod service;
+mod websocket;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::metrics::Refusal;
+use super::state::Hub;
+
+/// Largest request body: a 128 KB method payload or a 32 KB twin, with room for JSON overhead.
+const MAX_BODY: usize = 512 * 1024;
+
+pub fn router(hub: Hub) -> Router {
+    Router::new()
+        .route("/devices", get(service::devices_list))
+        .route("/devices/query", post(service::query))
+        .route("/devices/{id}", get(service::device_get).put(service::device_put).delete(service::device_delete))
+        .route("/devices/{id}/modules", get(service::modules_list))
+        .route(
+            "/devices/{id}/modules/{mid}",
+            get(service::module_get).put(service::module_put).delete(service::module_delete),
+        )
+        .route("/devices/{id}/commands", axum::routing::delete(service::c2d_purge))
+        .route("/statistics/devices", get(service::statistics))
+        .route(
+            "/twins/{id}",
+            get(service::device_twin_get).patch(service::device_twin_patch).put(service::device_twin_put),
+        )
+        .route("/twins/{id}/methods", post(service::device_method))
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(service::module_twin_get).patch(service::module_twin_patch).put(service::module_twin_put),
+        )
+        .route("/twins/{id}/modules/{mid}/methods", post(service::module_method))
+        .route("/{scope}/registrations/{reg}/register", put(dps_api::register))
+        .route("/{scope}/registrations/{reg}/operations/{op}", get(dps_api::operation))
+        .route("/{scope}/registrations/{reg}", post(dps_api::registration_status))
+        .route(
+            "/enrollments/{id}",
+            put(dps_api::enrollment_put).get(dps_api::enrollment_get).delete(dps_api::enrollment_delete),
+        )
+        .route("/enrollmentGroups/{id}", put(dps_api::group_put).get(dps_api::group_get).delete(dps_api::group_delete))
+        .route("/emulator/devices/{id}/messages/deviceBound", post(emulator::c2d_send))
+        .route("/emulator/devices/{id}/messages/events", get(emulator::device_events))
+        .route("/emulator/devices/{id}/modules/{mid}/messages/events", get(emulator::module_events))
+        .route("/emulator/registrations/{reg}", get(emulator::dps_registration))
+        .route("/$iothub/websocket", get(websocket::upgrade))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(hub.clone(), count_requests))
+        .with_state(hub)
+}
+
+async fn count_requests(State(hub): State<Hub>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    hub.metrics.rest_request(resp.status().as_u16());
+    resp
+}
+
+/// Serves HTTPS (HTTP/1.1 and HTTP/2, with upgrades for WebSockets) until shutdown.
+pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    let app = router(hub.clone());
+    let handshake_timeout = Duration::from_secs(hub.behaviour.connect_timeout_secs);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (hub, acceptor, app) = (hub.clone(), acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                _ => return hub.metrics.refused(Refusal::TlsHandshake),
+            };
+            let service = TowerToHyperService::new(app);
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = hub.shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.
+pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(|State(hub): State<Hub>| async move { hub.metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(hub.clone());
+    let shutdown = hub.shutdown.clone();
+    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+}

@@ -1,0 +1,565 @@
+//! The IoT Hub service REST API (protocol.md §6): device and module identities, twins, direct
+//! methods, statistics, twin queries and the C2D purge. Devices and modules share one
+//! implementation; the routes only pick the module id out of the path.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth;
+use super::error::ApiError;
+use crate::hub::methods::MethodError;
+use crate::hub::registry::{Identity, Record, RegistryError, etag_matches, identity_json, twin_json};
+use crate::hub::secrets::Permissions;
+use crate::hub::session::Outbound;
+use crate::hub::state::{Hub, HubState};
+use crate::iot::sas::Key;
+
+type ApiResult = Result<Response, ApiError>;
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::hub(400, 400012, "DeserializationError", format!("the request body is not valid: {e}")))
+}
+
+fn find(hub: &HubState, device: &str, module: Option<&str>) -> Result<Arc<Identity>, ApiError> {
+    hub.registry.get(device, module).ok_or_else(|| match module {
+        Some(m) if hub.registry.get(device, None).is_some() => ApiError::module_not_found(device, m),
+        Some(m) => ApiError::module_not_found(device, m),
+        None => ApiError::device_not_found(device),
+    })
+}
+
+fn if_match(headers: &HeaderMap) -> Option<&str> {
+    headers.get("if-match").and_then(|v| v.to_str().ok())
+}
+
+/// Checks the caller, the api-version, then runs the operation.
+fn guard(hub: &HubState, headers: &HeaderMap, uri: &Uri, needed: Permissions) -> Result<(), ApiError> {
+    auth::service(hub, headers, needed)?;
+    auth::api_version(uri)
+}
+
+// Identities.
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct IdentityBody {
+    device_id: Option<String>,
+    module_id: Option<String>,
+    status: Option<String>,
+    status_reason: Option<String>,
+    authentication: Option<AuthBody>,
+    capabilities: Option<Capabilities>,
+    managed_by: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct AuthBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    symmetric_key: Option<SymmetricKey>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct SymmetricKey {
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Capabilities {
+    iot_edge: Option<bool>,
+}
+
+/// Keys from a request body: `None` where the caller left a key out (or sent it empty).
+fn body_keys(body: &IdentityBody) -> Result<[Option<Key>; 2], ApiError> {
+    if let Some(kind) = body.authentication.as_ref().and_then(|a| a.kind.as_deref())
+        && kind != "sas"
+    {
+        return Err(ApiError::bad_request(format!("authentication type `{kind}` is not emulated; use `sas`")));
+    }
+    let sym = body.authentication.as_ref().and_then(|a| a.symmetric_key.as_ref());
+    let parse = |k: Option<&String>, which: &str| -> Result<Option<Key>, ApiError> {
+        match k.map(String::as_str).filter(|k| !k.is_empty()) {
+            None => Ok(None),
+            Some(k) => Key::from_base64(k)
+                .map(Some)
+                .map_err(|_| ApiError::bad_request(format!("the {which} key is not valid base64"))),
+        }
+    };
+    Ok([
+        parse(sym.and_then(|s| s.primary_key.as_ref()), "primary")?,
+        parse(sym.and_then(|s| s.secondary_key.as_ref()), "secondary")?,
+    ])
+}
+
+fn put_identity(hub: &HubState, device: &str, module: Option<&str>, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+    let body: IdentityBody = if body.is_empty() { IdentityBody::default() } else { parse_json(body)? };
+    if body.device_id.as_deref().is_some_and(|d| d != device)
+        || body.module_id.as_deref().is_some_and(|m| Some(m) != module)
+    {
+        return Err(ApiError::bad_request("the id in the body does not match the id in the path"));
+    }
+    let enabled = match body.status.as_deref() {
+        None | Some("enabled") => true,
+        Some("disabled") => false,
+        Some(other) => return Err(ApiError::bad_request(format!("status `{other}` is neither enabled nor disabled"))),
+    };
+    let [primary, secondary] = body_keys(&body)?;
+    let now = SystemTime::now();
+    if let Some(existing) = hub.registry.get(device, module) {
+        let Some(cond) = if_match(headers) else {
+            return Err(match module {
+                Some(_) => ApiError::hub(
+                    409,
+                    409301,
+                    "ModuleAlreadyExistsOnDevice",
+                    "A module with this id already exists on the device",
+                ),
+                None => ApiError::hub(
+                    409,
+                    409001,
+                    "DeviceAlreadyExists",
+                    format!("A device with id {device} is already registered"),
+                ),
+            });
+        };
+        let mut st = existing.lock();
+        if !etag_matches(cond, &st.record.etag()) {
+            return Err(ApiError::precondition_failed());
+        }
+        let r = &mut st.record;
+        if primary.is_some() || secondary.is_some() {
+            let p = primary.unwrap_or_else(|| r.keys[0].clone());
+            let s = secondary.unwrap_or_else(|| r.keys[1].clone());
+            r.set_keys(p, s);
+        }
+        if r.enabled != enabled {
+            r.enabled = enabled;
+            r.status_updated = Some(now);
+        }
+        r.status_reason = body.status_reason.clone();
+        if let Some(edge) = body.capabilities.as_ref().and_then(|c| c.iot_edge) {
+            r.iot_edge = edge;
+        }
+        if body.managed_by.is_some() {
+            r.managed_by = body.managed_by.clone();
+        }
+        r.record_version += 1;
+        if !enabled && let Some(s) = st.session.take() {
+            s.send(Outbound::Close(crate::hub::session::CloseReason::IdentityRemoved));
+        }
+        return Ok(Json(identity_json(&existing, &st)).into_response());
+    }
+    let mut record = Record::new(primary.unwrap_or_else(Key::generate), secondary.unwrap_or_else(Key::generate));
+    record.enabled = enabled;
+    record.status_reason = body.status_reason.clone();
+    record.iot_edge = body.capabilities.as_ref().and_then(|c| c.iot_edge).unwrap_or(false);
+    record.managed_by = body.managed_by.clone();
+    let created = hub.registry.create(device, module, record, now).map_err(|e| match e {
+        RegistryError::DeviceNotFound => ApiError::device_not_found(device),
+        RegistryError::InvalidId(_) => ApiError::bad_request(e.to_string()),
+        other => ApiError::hub(409, 409001, "DeviceAlreadyExists", other.to_string()),
+    })?;
+    hub.refresh_identity_gauges();
+    let st = created.lock();
+    Ok(Json(identity_json(&created, &st)).into_response())
+}
+
+fn get_identity(hub: &HubState, device: &str, module: Option<&str>) -> ApiResult {
+    let identity = find(hub, device, module)?;
+    let st = identity.lock();
+    Ok(Json(identity_json(&identity, &st)).into_response())
+}
+
+fn delete_identity(hub: &HubState, device: &str, module: Option<&str>, headers: &HeaderMap) -> ApiResult {
+    let identity = find(hub, device, module)?;
+    if let Some(cond) = if_match(headers)
+        && !etag_matches(cond, &identity.lock().record.etag())
+    {
+        return Err(ApiError::precondition_failed());
+    }
+    hub.remove_identity(device, module);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn device_put(
+    State(hub): State<Hub>,
+    Path(d): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    put_identity(&hub, &d, None, &headers, &body)
+}
+
+pub async fn device_get(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
+    get_identity(&hub, &d, None)
+}
+
+pub async fn device_delete(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    delete_identity(&hub, &d, None, &headers)
+}
+
+pub async fn module_put(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    put_identity(&hub, &d, Some(&m), &headers, &body)
+}
+
+pub async fn module_get(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
+    get_identity(&hub, &d, Some(&m))
+}
+
+pub async fn module_delete(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    delete_identity(&hub, &d, Some(&m), &headers)
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    top: Option<usize>,
+}
+
+pub async fn devices_list(
+    State(hub): State<Hub>,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
+    let top = q.top.unwrap_or(1000).min(1000);
+    let list: Vec<Value> = hub.registry.devices(top).iter().map(|i| identity_json(i, &i.lock())).collect();
+    Ok(Json(list).into_response())
+}
+
+pub async fn modules_list(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
+    find(&hub, &d, None)?;
+    let list: Vec<Value> = hub.registry.modules(&d).iter().map(|i| identity_json(i, &i.lock())).collect();
+    Ok(Json(list).into_response())
+}
+
+pub async fn statistics(State(hub): State<Hub>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
+    let (total, enabled) = hub.registry.device_counts();
+    Ok(Json(json!({"totalDeviceCount": total, "enabledDeviceCount": enabled, "disabledDeviceCount": total - enabled}))
+        .into_response())
+}
+
+// Twins.
+
+#[derive(Deserialize, Default)]
+struct TwinBody {
+    tags: Option<Value>,
+    properties: Option<TwinProperties>,
+}
+
+#[derive(Deserialize, Default)]
+struct TwinProperties {
+    desired: Option<Value>,
+    reported: Option<Value>,
+}
+
+fn twin_get(hub: &HubState, device: &str, module: Option<&str>) -> ApiResult {
+    let identity = find(hub, device, module)?;
+    hub.metrics.twin_op("service_get", "ok");
+    let st = identity.lock();
+    Ok(Json(twin_json(&identity, &st)).into_response())
+}
+
+fn twin_update(
+    hub: &HubState,
+    device: &str,
+    module: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    replace: bool,
+) -> ApiResult {
+    let identity = find(hub, device, module)?;
+    let body: TwinBody = parse_json(body)?;
+    let props = body.properties.unwrap_or_default();
+    if props.reported.as_ref().is_some_and(|r| r.as_object().is_some_and(|m| m.keys().any(|k| !k.starts_with('$')))) {
+        return Err(ApiError::bad_request("reported properties can only be changed by the device"));
+    }
+    let mut st = identity.lock();
+    if let Some(cond) = if_match(headers)
+        && !etag_matches(cond, &st.twin.etag())
+    {
+        return Err(ApiError::precondition_failed());
+    }
+    let now = SystemTime::now();
+    let result = if replace {
+        st.twin.replace_service(body.tags.as_ref(), props.desired.as_ref(), now)
+    } else {
+        st.twin.patch_service(body.tags.as_ref(), props.desired.as_ref(), now)
+    };
+    let op = if replace { "service_replace" } else { "service_patch" };
+    let change = result.map_err(|e| {
+        hub.metrics.twin_op(op, "rejected");
+        ApiError::hub(400, 400006, "IotHubFormatError", e.to_string())
+    })?;
+    hub.metrics.twin_op(op, "ok");
+    if let Some(change) = change {
+        hub.notify_desired(&st, &change);
+    }
+    Ok(Json(twin_json(&identity, &st)).into_response())
+}
+
+pub async fn device_twin_get(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_get(&hub, &d, None)
+}
+
+pub async fn device_twin_patch(
+    State(hub): State<Hub>,
+    Path(d): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_update(&hub, &d, None, &headers, &body, false)
+}
+
+pub async fn device_twin_put(
+    State(hub): State<Hub>,
+    Path(d): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_update(&hub, &d, None, &headers, &body, true)
+}
+
+pub async fn module_twin_get(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_get(&hub, &d, Some(&m))
+}
+
+pub async fn module_twin_patch(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_update(&hub, &d, Some(&m), &headers, &body, false)
+}
+
+pub async fn module_twin_put(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    twin_update(&hub, &d, Some(&m), &headers, &body, true)
+}
+
+// Direct methods.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodBody {
+    method_name: String,
+    #[serde(default)]
+    payload: Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+/// Method names IoT Hub accepts: printable ASCII without separators or spaces.
+fn valid_method_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_graphic() && !b"$()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// `hh:mm:ss` as in the `404103` body's `info.timeout`.
+fn hms(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes) -> ApiResult {
+    let body: MethodBody = parse_json(body)?;
+    if !valid_method_name(&body.method_name) {
+        return Err(ApiError::bad_request("methodName must be printable ASCII without spaces or $()<>@,;:\\\"/[]?={}"));
+    }
+    let response_timeout = body.response_timeout_in_seconds.unwrap_or(30);
+    let connect_timeout = body.connect_timeout_in_seconds.unwrap_or(0);
+    if !(5..=300).contains(&response_timeout) || connect_timeout > 300 {
+        return Err(ApiError::bad_request("responseTimeoutInSeconds must be 5-300 and connectTimeoutInSeconds 0-300"));
+    }
+    let identity = find(hub, device, module)?;
+    let payload = Bytes::from(body.payload.to_string());
+    let started = tokio::time::Instant::now();
+    let result = hub
+        .methods
+        .invoke(
+            &identity,
+            &body.method_name,
+            payload,
+            Duration::from_secs(connect_timeout),
+            Duration::from_secs(response_timeout),
+        )
+        .await;
+    match result {
+        Ok(resp) => {
+            hub.metrics.method_latency.observe(started.elapsed().as_secs_f64());
+            let payload = if resp.payload.iter().all(u8::is_ascii_whitespace) {
+                Value::Null
+            } else {
+                match serde_json::from_slice::<Value>(&resp.payload) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        hub.metrics.method_call("bad_response");
+                        return Err(ApiError::hub(
+                            400,
+                            400031,
+                            "InvalidResponsePayload",
+                            "the device answered with a payload that is not JSON",
+                        ));
+                    }
+                }
+            };
+            hub.metrics.method_call("ok");
+            Ok(Json(json!({"status": resp.status, "payload": payload})).into_response())
+        }
+        Err(MethodError::NotOnline { waited }) => {
+            hub.metrics.method_call("not_online");
+            Err(ApiError::hub(
+                404,
+                404103,
+                "DeviceNotOnline",
+                "Timed out waiting for the device to connect and subscribe to methods",
+            )
+            .with_info(json!({"timeout": hms(waited)})))
+        }
+        Err(MethodError::Timeout) => {
+            hub.metrics.method_call("timeout");
+            Err(ApiError::hub(504, 504101, "GatewayTimeout", "Timed out waiting for the response from the device"))
+        }
+    }
+}
+
+pub async fn device_method(
+    State(hub): State<Hub>,
+    Path(d): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    invoke(&hub, &d, None, &body).await
+}
+
+pub async fn module_method(
+    State(hub): State<Hub>,
+    Path((d, m)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    invoke(&hub, &d, Some(&m), &body).await
+}
+
+// Query and C2D purge.
+
+#[derive(Deserialize)]
+struct QueryBody {
+    query: String,
+}
+
+/// `SELECT * FROM devices` and `SELECT * FROM devices.modules`, paged with `x-ms-max-item-count`
+/// and `x-ms-continuation`. WHERE clauses are not emulated and say so.
+pub async fn query(State(hub): State<Hub>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT.union(Permissions::REGISTRY_READ))?;
+    let q: QueryBody = parse_json(&body)?;
+    let normalized = q.query.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
+    let modules = match normalized.as_str() {
+        "select * from devices" => false,
+        "select * from devices.modules" => true,
+        _ => {
+            return Err(ApiError::bad_request(
+                "the emulator answers only SELECT * FROM devices and SELECT * FROM devices.modules",
+            ));
+        }
+    };
+    let page = headers
+        .get("x-ms-max-item-count")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(100)
+        .clamp(1, 1000);
+    let start = headers.get("x-ms-continuation").and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).unwrap_or(0);
+    let all: Vec<_> = hub.registry.all().into_iter().filter(|i| i.module_id.is_some() == modules).collect();
+    let items: Vec<Value> = all.iter().skip(start).take(page).map(|i| twin_json(i, &i.lock())).collect();
+    let mut resp = Json(items).into_response();
+    resp.headers_mut().insert("x-ms-item-type", "Twin".parse().expect("static header"));
+    if start + page < all.len() {
+        resp.headers_mut().insert("x-ms-continuation", (start + page).to_string().parse().expect("digits"));
+    }
+    Ok(resp)
+}
+
+pub async fn c2d_purge(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
+    let identity = find(&hub, &d, None)?;
+    let purged = identity.lock().c2d.purge();
+    Ok(Json(json!({"totalMessagesPurged": purged, "deviceId": d, "moduleId": null})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_follow_the_hub_rules() {
+        assert!(valid_method_name("rebootDevice"));
+        assert!(valid_method_name("thermostat2*getMaxMinReport"));
+        for bad in ["", "a b", "a/b", "a$", "x{y}"] {
+            assert!(!valid_method_name(bad), "{bad}");
+        }
+        assert_eq!(hms(Duration::from_secs(3725)), "01:02:05");
+    }
+}

@@ -1,0 +1,127 @@
+//! `fleetsim hub`: a local IoT Hub + DPS emulator faithful enough for Microsoft's SDK clients.
+//!
+//! `start` validates the configuration, loads or makes the keys and TLS material, binds every
+//! listener (port 0 works, for tests), writes hub.json and returns a handle. Device traffic enters
+//! through `mqtt` (TLS) or `http::websocket`; service traffic through `http`. Both act on the
+//! shared `state::HubState`: `registry` (identities, twins, sessions), `dps`, `methods`, `c2d`.
+
+pub mod c2d;
+pub mod config;
+pub mod dps;
+mod fsutil;
+pub mod http;
+pub mod info;
+pub mod methods;
+pub mod metrics;
+pub mod mqtt;
+pub mod registry;
+pub mod secrets;
+pub mod session;
+pub mod state;
+pub mod telemetry;
+pub mod tls;
+pub mod twin_doc;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::iot::connection_string::ConnectionString;
+use config::HubConfig;
+use info::HubInfo;
+use secrets::{DEFAULT_GROUP, Secrets};
+use state::{Hub, HubState};
+
+/// A running emulator.
+pub struct RunningHub {
+    pub info: HubInfo,
+    pub info_path: std::path::PathBuf,
+    pub state: Hub,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningHub {
+    /// Stops accepting, closes every connection, and waits for the listeners to finish.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Starts the emulator. Fails before binding anything if the configuration is invalid.
+pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)?;
+    let secrets = Secrets::load_or_create(&data_dir, &config.keys)?;
+    let tls = tls::load_or_create(&config.tls, &data_dir, &config.all_hostnames())?;
+    let hub: Hub = Arc::new(HubState::new(&config, secrets)?);
+
+    let mqtt = bind(config.mqtt_addr, "MQTT").await?;
+    let https = bind(config.https_addr, "HTTPS").await?;
+    let metrics = match config.metrics_addr {
+        Some(a) => Some(bind(a, "metrics").await?),
+        None => None,
+    };
+    let (mqtt_addr, https_addr) = (mqtt.local_addr()?, https.local_addr()?);
+    let metrics_url = match &metrics {
+        Some(m) => Some(format!("http://{}/metrics", m.local_addr()?)),
+        None => None,
+    };
+
+    let mut tasks = vec![
+        tokio::spawn(mqtt::accept_loop(hub.clone(), mqtt, tls.mqtt.clone())),
+        tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone())),
+    ];
+    if let Some(m) = metrics {
+        tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));
+    }
+    hub.refresh_identity_gauges();
+
+    let rest_host = if https_addr.port() == 443 {
+        config.hostname.clone()
+    } else {
+        format!("{}:{}", config.hostname, https_addr.port())
+    };
+    let s = &hub.secrets;
+    let info = HubInfo {
+        hostname: config.hostname.clone(),
+        mqtt_port: mqtt_addr.port(),
+        https_port: https_addr.port(),
+        mqtt_addr,
+        https_addr,
+        ca_file: tls.ca_file.clone(),
+        service_connection_string: ConnectionString::service(
+            &rest_host,
+            "iothubowner",
+            &s.policies["iothubowner"].primary,
+        )
+        .to_string(),
+        dps_service_connection_string: ConnectionString::service(
+            &rest_host,
+            "provisioningserviceowner",
+            &s.policies["provisioningserviceowner"].primary,
+        )
+        .to_string(),
+        id_scope: s.id_scope.clone(),
+        dps_host: config.hostname.clone(),
+        group_id: DEFAULT_GROUP.into(),
+        group_key: s.default_group.primary.clone(),
+        metrics_url,
+        websocket_url: format!("wss://{}:{}/$iothub/websocket", config.hostname, https_addr.port()),
+        pid: std::process::id(),
+    };
+    let info_path = data_dir.join("hub.json");
+    info.save(&info_path).with_context(|| format!("cannot write {}", info_path.display()))?;
+    tracing::info!(mqtt = %mqtt_addr, https = %https_addr, hostname = %config.hostname, id_scope = %info.id_scope, "hub ready");
+    Ok(RunningHub { info, info_path, state: hub, tasks })
+}

@@ -1,0 +1,234 @@
+//! One MQTT connection from CONNECT to close. This file owns the framing, the event loop and the
+//! CONNECT decision; what a hub or DPS connection does with its packets lives in `hub_session`
+//! and `dps_session`. Everything is written into one buffer and flushed once per wake-up.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::dps_session::DpsSession;
+use super::hub_session::HubSession;
+use crate::hub::metrics::Refusal;
+use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY, Outbound};
+use crate::hub::state::Hub;
+use crate::iot::username::Username;
+
+/// Room for the largest telemetry message plus its topic and headers.
+fn max_packet(hub: &Hub) -> usize {
+    hub.behaviour.max_message_bytes + 64 * 1024
+}
+
+/// Buffers above this are given back after use, so an idle connection stays small.
+const KEEP_BUFFER: usize = 8 * 1024;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The parts of a connection both kinds of session use.
+pub struct Wire {
+    pub out: BytesMut,
+    next_pkid: u16,
+}
+
+impl Wire {
+    pub fn write(&mut self, p: Packet) {
+        // Packets the hub builds are well-formed and below any limit that could fail here.
+        let _ = p.write(&mut self.out, usize::MAX);
+    }
+
+    /// The next packet id for a QoS 1 publish from the hub (never 0).
+    pub fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+        self.next_pkid
+    }
+}
+
+/// What a session asks of the event loop after handling a packet.
+pub enum Step {
+    Continue,
+    Close(CloseReason),
+}
+
+/// The behaviour of an authenticated connection.
+pub trait Session {
+    fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step;
+    fn on_outbound(&mut self, o: Outbound, wire: &mut Wire) -> Step;
+    fn on_close(&mut self, reason: CloseReason, wire: &mut Wire);
+}
+
+/// Serves one connection over any byte stream (TLS or WebSocket).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let max = max_packet(&hub);
+    let first = tokio::time::timeout(
+        Duration::from_secs(hub.behaviour.connect_timeout_secs),
+        read_one(&mut stream, &mut rbuf, max),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(c))) => c,
+        _ => {
+            hub.metrics.refused(Refusal::NoConnect);
+            return;
+        }
+    };
+    let mut wire = Wire { out: BytesMut::new(), next_pkid: 0 };
+    if connect.protocol != Protocol::V4 {
+        return refuse(
+            &hub,
+            &mut stream,
+            &mut wire,
+            ConnectReturnCode::RefusedProtocolVersion,
+            Refusal::UnsupportedProtocol,
+        )
+        .await;
+    }
+    let (username, password) = match &connect.login {
+        Some(l) => (l.username.clone(), l.password.clone()),
+        None => {
+            return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, Refusal::BadCredentials)
+                .await;
+        }
+    };
+    let keep_alive = effective_keepalive(connect.keep_alive, hub.behaviour.keepalive_cap_secs);
+    let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let (mut session, token_expiry): (Box<dyn Session + Send>, Option<u64>) = match Username::parse(&username) {
+        Ok(Username::Hub(u)) => match HubSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
+            Ok((s, expiry)) => (Box::new(s), Some(expiry)),
+            Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
+        },
+        Ok(Username::Dps(u)) => match DpsSession::connect(&hub, &u, &connect, &password, &mut wire) {
+            Ok((s, expiry)) => (Box::new(s), Some(expiry)),
+            Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
+        },
+        Err(_) => {
+            return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, Refusal::BadUsername).await;
+        }
+    };
+    let token_deadline = token_expiry.map(|se| {
+        let now = crate::iot::time::unix_secs(std::time::SystemTime::now());
+        Instant::now()
+            + Duration::from_secs(se.saturating_add(hub.behaviour.sas_skew_secs).saturating_sub(now))
+            + Duration::from_millis(500)
+    });
+    let mut ka_deadline = Instant::now() + keep_alive;
+    let reason = 'conn: loop {
+        // Handle every complete packet already buffered.
+        loop {
+            match Packet::read(&mut rbuf, max) {
+                Ok(p) => {
+                    if let Step::Close(r) = session.on_packet(p, &mut wire) {
+                        break 'conn r;
+                    }
+                }
+                Err(CodecError::InsufficientBytes(_)) => break,
+                Err(_) => break 'conn CloseReason::ProtocolViolation,
+            }
+        }
+        if !wire.out.is_empty() && flush(&mut stream, &mut wire.out).await.is_err() {
+            break CloseReason::ConnectionLost;
+        }
+        if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
+            rbuf = BytesMut::with_capacity(1024);
+        } else if rbuf.capacity() - rbuf.len() < 256 {
+            rbuf.reserve(1024);
+        }
+        tokio::select! {
+            r = stream.read_buf(&mut rbuf) => match r {
+                Ok(0) | Err(_) => break CloseReason::ConnectionLost,
+                Ok(n) => {
+                    hub.metrics.bytes_in.inc_by(n as u64);
+                    ka_deadline = Instant::now() + keep_alive;
+                }
+            },
+            Some(o) = rx.recv() => {
+                if let Step::Close(r) = session.on_outbound(*o, &mut wire) {
+                    break r;
+                }
+            }
+            _ = tokio::time::sleep_until(ka_deadline) => break CloseReason::KeepAliveTimeout,
+            _ = sleep_until_opt(token_deadline) => break CloseReason::TokenExpired,
+            _ = hub.shutdown.cancelled() => break CloseReason::Shutdown,
+        }
+    };
+    session.on_close(reason, &mut wire);
+    if !wire.out.is_empty() {
+        let _ = flush(&mut stream, &mut wire.out).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    hub.metrics.disconnected(reason);
+}
+
+/// The hub waits 1.5x the client's keep-alive (0 means the cap).
+fn effective_keepalive(client_secs: u16, cap_secs: u64) -> Duration {
+    let cap = Duration::from_secs(cap_secs);
+    if client_secs == 0 { cap } else { (Duration::from_secs(client_secs as u64) * 3 / 2).min(cap) }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> std::io::Result<()> {
+    let r = tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    })
+    .await;
+    out.clear();
+    if out.capacity() > KEEP_BUFFER {
+        *out = BytesMut::new();
+    }
+    match r {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+async fn read_one<S: AsyncRead + Unpin>(stream: &mut S, rbuf: &mut BytesMut, max: usize) -> Result<Packet, ()> {
+    loop {
+        match Packet::read(rbuf, max) {
+            Ok(p) => return Ok(p),
+            Err(CodecError::InsufficientBytes(_)) => {
+                rbuf.reserve(1024);
+                match stream.read_buf(rbuf).await {
+                    Ok(0) | Err(_) => return Err(()),
+                    Ok(_) => {}
+                }
+            }
+            Err(_) => return Err(()),
+        }
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(
+    hub: &Hub,
+    stream: &mut S,
+    wire: &mut Wire,
+    code: ConnectReturnCode,
+    reason: Refusal,
+) {
+    hub.metrics.refused(reason);
+    tracing::debug!(reason = reason.label(), "connection refused");
+    wire.write(Packet::ConnAck(ConnAck::new(code, false)));
+    let _ = flush(stream, &mut wire.out).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_is_one_and_a_half_times_capped() {
+        assert_eq!(effective_keepalive(60, 1767), Duration::from_secs(90));
+        assert_eq!(effective_keepalive(0, 1767), Duration::from_secs(1767));
+        assert_eq!(effective_keepalive(1500, 1767), Duration::from_secs(1767));
+    }
+}

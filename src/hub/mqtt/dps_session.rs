@@ -1,0 +1,188 @@
+//! A device talking to DPS over MQTT (protocol.md §3.4): register, then poll the operation until
+//! it is assigned. Only `$dps/registrations/res/#` may be subscribed.
+
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use serde_json::json;
+
+use super::connection::{Session as ConnSession, Step, Wire};
+use crate::hub::config::BadSubscription;
+use crate::hub::dps::{Attestation, DpsError, Progress};
+use crate::hub::metrics::Refusal;
+use crate::hub::session::{CloseReason, Outbound, cap_qos};
+use crate::hub::state::Hub;
+use crate::iot::dps::RegistrationRequest;
+use crate::iot::time::{iso8601, unix_secs};
+use crate::iot::topic::{self, DevicePublish, Filter};
+use crate::iot::username::DpsUsername;
+
+pub struct DpsSession {
+    hub: Hub,
+    att: Attestation,
+    /// Granted QoS of `$dps/registrations/res/#`; replies are dropped without it.
+    responses: Option<QoS>,
+}
+
+/// The DPS error body (`errorCode` = status x 1000 + sub-code).
+pub fn error_body(code: u32, message: &str) -> serde_json::Value {
+    json!({
+        "errorCode": code,
+        "trackingId": uuid::Uuid::new_v4().to_string(),
+        "message": message,
+        "timestampUtc": iso8601(SystemTime::now()),
+    })
+}
+
+impl DpsSession {
+    pub fn connect(
+        hub: &Hub,
+        u: &DpsUsername,
+        connect: &Connect,
+        password: &str,
+        wire: &mut Wire,
+    ) -> Result<(DpsSession, u64), Refusal> {
+        if connect.client_id != u.registration_id {
+            return Err(Refusal::ClientIdMismatch);
+        }
+        let now = unix_secs(SystemTime::now());
+        let att = hub.dps.authenticate(&u.id_scope, &u.registration_id, password, now).map_err(|e| {
+            hub.metrics.dps_registration("unauthorized");
+            e.refusal()
+        })?;
+        let expiry = crate::iot::sas::SasToken::parse(password).map(|t| t.expiry).unwrap_or(now);
+        wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+        hub.metrics.accepted_dps.inc();
+        hub.metrics.connections_dps.inc();
+        Ok((DpsSession { hub: hub.clone(), att, responses: None }, expiry))
+    }
+
+    fn reply(&self, wire: &mut Wire, status: u16, rid: &str, retry_after: Option<u64>, body: serde_json::Value) {
+        let Some(granted) = self.responses else { return };
+        let qos = cap_qos(QoS::AtLeastOnce, granted);
+        let mut p =
+            Publish::from_bytes(topic::dps_response(status, rid, retry_after), qos, Bytes::from(body.to_string()));
+        if qos == QoS::AtLeastOnce {
+            p.pkid = wire.pkid();
+        }
+        wire.write(Packet::Publish(p));
+    }
+
+    fn on_publish(&mut self, p: Publish, wire: &mut Wire) -> Step {
+        if p.qos == QoS::ExactlyOnce {
+            return Step::Close(CloseReason::ProtocolViolation);
+        }
+        let parsed = match DevicePublish::parse(&p.topic) {
+            Ok(x @ (DevicePublish::DpsRegister { .. } | DevicePublish::DpsPollStatus { .. })) => x,
+            _ => return Step::Close(CloseReason::ProtocolViolation),
+        };
+        if p.qos == QoS::AtLeastOnce {
+            wire.write(Packet::PubAck(PubAck::new(p.pkid)));
+        }
+        let retry = self.hub.behaviour.dps_retry_after_secs;
+        match parsed {
+            DevicePublish::DpsRegister { rid } => {
+                let req = if p.payload.iter().all(u8::is_ascii_whitespace) {
+                    Ok(RegistrationRequest::default())
+                } else {
+                    serde_json::from_slice::<RegistrationRequest>(&p.payload)
+                };
+                let Ok(req) = req else {
+                    self.hub.metrics.dps_registration("bad_request");
+                    self.reply(
+                        wire,
+                        400,
+                        &rid,
+                        None,
+                        error_body(400004, "the register body is not a registration request"),
+                    );
+                    return Step::Continue;
+                };
+                match self.hub.dps.register(&self.att, &req, Instant::now(), SystemTime::now()) {
+                    Ok(op) => self.reply(wire, 202, &rid, Some(retry), serde_json::to_value(op).expect("serializable")),
+                    Err(e) => {
+                        self.hub.metrics.dps_registration("bad_request");
+                        self.reply(wire, 400, &rid, None, error_body(400004, &e.to_string()));
+                    }
+                }
+            }
+            DevicePublish::DpsPollStatus { rid, operation_id } => {
+                match self.hub.dps.poll(&self.att, &operation_id, &self.hub.registry, Instant::now(), SystemTime::now())
+                {
+                    Ok(Progress::Assigning { status, retry_after }) => self.reply(
+                        wire,
+                        202,
+                        &rid,
+                        Some(retry_after),
+                        serde_json::to_value(status).expect("serializable"),
+                    ),
+                    Ok(Progress::Done(status)) => {
+                        self.hub.metrics.dps_registration("assigned");
+                        self.hub.refresh_identity_gauges();
+                        self.reply(wire, 200, &rid, None, serde_json::to_value(status).expect("serializable"));
+                    }
+                    Err(DpsError::UnknownOperation) => {
+                        self.reply(wire, 404, &rid, None, error_body(404002, "unknown operation"))
+                    }
+                    Err(e) => {
+                        self.hub.metrics.dps_registration("failed");
+                        self.reply(wire, 500, &rid, None, error_body(500000, &e.to_string()));
+                    }
+                }
+            }
+            _ => unreachable!("filtered above"),
+        }
+        Step::Continue
+    }
+}
+
+impl ConnSession for DpsSession {
+    fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step {
+        match p {
+            Packet::Publish(p) => self.on_publish(p, wire),
+            Packet::Subscribe(s) => {
+                let mut codes = Vec::new();
+                for f in &s.filters {
+                    if Filter::parse(&f.path, &self.att.registration_id, None) == Ok(Filter::DpsResponses) {
+                        let q = cap_qos(f.qos, QoS::AtLeastOnce);
+                        self.responses = Some(q);
+                        codes.push(SubscribeReasonCode::Success(q));
+                    } else if self.hub.behaviour.bad_subscription == BadSubscription::Close {
+                        return Step::Close(CloseReason::ProtocolViolation);
+                    } else {
+                        codes.push(SubscribeReasonCode::Failure);
+                    }
+                }
+                wire.write(Packet::SubAck(SubAck::new(s.pkid, codes)));
+                Step::Continue
+            }
+            Packet::Unsubscribe(u) => {
+                self.responses = None;
+                wire.write(Packet::UnsubAck(UnsubAck::new(u.pkid)));
+                Step::Continue
+            }
+            Packet::PubAck(_) => Step::Continue,
+            Packet::PingReq => {
+                wire.write(Packet::PingResp);
+                Step::Continue
+            }
+            Packet::Disconnect => Step::Close(CloseReason::ClientDisconnect),
+            _ => Step::Close(CloseReason::ProtocolViolation),
+        }
+    }
+
+    fn on_outbound(&mut self, o: Outbound, _wire: &mut Wire) -> Step {
+        match o {
+            Outbound::Close(r) => Step::Close(r),
+            Outbound::Publish { .. } => Step::Continue,
+        }
+    }
+
+    fn on_close(&mut self, _reason: CloseReason, _wire: &mut Wire) {
+        self.hub.metrics.connections_dps.dec();
+    }
+}

@@ -1,0 +1,369 @@
+//! A device or module connected to the hub: CONNECT authentication, then the IoT Hub topic router
+//! (telemetry, twin GET and reported PATCH, method responses, C2D acknowledgements) and the
+//! subscription rules. Anything outside the documented topics closes the connection.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::connection::{Session as ConnSession, Step, Wire};
+use crate::hub::c2d::C2dMessage;
+use crate::hub::config::BadSubscription;
+use crate::hub::methods::MethodResponse;
+use crate::hub::metrics::Refusal;
+use crate::hub::registry::{Identity, IdentityState};
+use crate::hub::secrets::Permissions;
+use crate::hub::session::{CloseReason, Outbound, Session, Subscriptions, cap_qos};
+use crate::hub::state::Hub;
+use crate::hub::telemetry::{self, Sender};
+use crate::iot::sas::{SasError, SasToken};
+use crate::iot::time::unix_secs;
+use crate::iot::topic::{self, DevicePublish, Filter};
+use crate::iot::username::HubUsername;
+
+pub struct HubSession {
+    hub: Hub,
+    identity: Arc<Identity>,
+    /// `device` or `device/module`, to match method responses to requests.
+    key: String,
+    conn_id: u64,
+    /// This connection's view of its subscriptions, mirrored into the identity's `Session`.
+    subs: Subscriptions,
+    persistent: bool,
+    /// Packet ids of C2D messages awaiting the device's PUBACK.
+    c2d_inflight: Vec<(u16, u64)>,
+    will: Option<LastWill>,
+    model_id: Option<String>,
+}
+
+impl HubSession {
+    /// Authenticates a CONNECT and installs the session, replacing any older one of the identity.
+    pub fn connect(
+        hub: &Hub,
+        u: &HubUsername,
+        connect: &Connect,
+        password: &str,
+        tx: mpsc::Sender<Box<Outbound>>,
+        wire: &mut Wire,
+    ) -> Result<(HubSession, u64), Refusal> {
+        if connect.client_id != u.client_id() {
+            return Err(Refusal::ClientIdMismatch);
+        }
+        if !hub.is_our_host(&u.host) {
+            return Err(Refusal::BadUsername);
+        }
+        let identity = hub.registry.get(&u.device_id, u.module_id.as_deref()).ok_or(Refusal::UnknownIdentity)?;
+        let token = SasToken::parse(password).map_err(|_| Refusal::BadCredentials)?;
+        let resource = match &u.module_id {
+            Some(m) => format!("{}/devices/{}/modules/{m}", u.host, u.device_id),
+            None => format!("{}/devices/{}", u.host, u.device_id),
+        };
+        let now = unix_secs(SystemTime::now());
+        let skew = hub.behaviour.sas_skew_secs;
+        let verified = match token.skn.as_deref() {
+            // A policy with DeviceConnect may mint tokens for any device (token services, gateways).
+            Some(policy) => match hub.policy(policy).filter(|p| p.permissions.contains(Permissions::DEVICE_CONNECT)) {
+                Some(p) => token.verify(&resource, &p.keys, now, skew),
+                None => Err(SasError::BadSignature),
+            },
+            None => {
+                let keys = identity.lock().record.keys.clone();
+                token.verify(&resource, &keys, now, skew)
+            }
+        };
+        match verified {
+            Ok(()) => {}
+            Err(SasError::Expired) => return Err(Refusal::ExpiredToken),
+            Err(_) => return Err(Refusal::BadCredentials),
+        }
+        let conn_id = hub.next_conn_id();
+        let mut st = identity.lock();
+        if st.removed {
+            return Err(Refusal::UnknownIdentity);
+        }
+        if !st.record.enabled {
+            return Err(Refusal::IdentityDisabled);
+        }
+        if let Some(old) = st.session.take() {
+            old.send(Outbound::Close(CloseReason::Replaced));
+        }
+        let session_present = !connect.clean_session && st.saved_subs.is_some();
+        let subs = if connect.clean_session {
+            st.saved_subs = None;
+            Subscriptions::default()
+        } else {
+            st.saved_subs.take().unwrap_or_default()
+        };
+        st.session = Some(Session { conn_id, tx, subs, persistent: !connect.clean_session });
+        let wall = SystemTime::now();
+        st.record.connection_state_updated = Some(wall);
+        st.record.last_activity = Some(wall);
+        if let Some(m) = &u.model_id {
+            st.record.model_id = Some(m.clone());
+        }
+        wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)));
+        let redeliver = if subs.c2d.is_some() { hub.c2d_deliverable(&mut st, conn_id) } else { Vec::new() };
+        drop(st);
+        identity.changed.notify_waiters();
+        hub.metrics.accepted_hub.inc();
+        hub.metrics.connections_hub.inc();
+        let mut session = HubSession {
+            hub: hub.clone(),
+            key: identity.key(),
+            identity,
+            conn_id,
+            subs,
+            persistent: !connect.clean_session,
+            c2d_inflight: Vec::new(),
+            will: connect.last_will.clone(),
+            model_id: u.model_id.clone(),
+        };
+        for m in redeliver {
+            session.send_c2d(m, wire);
+        }
+        Ok((session, token.expiry))
+    }
+
+    fn publish(wire: &mut Wire, topic: String, payload: Bytes, qos: QoS) -> u16 {
+        let mut p = Publish::from_bytes(topic, qos, payload);
+        if qos != QoS::AtMostOnce {
+            p.pkid = wire.pkid();
+        }
+        let pkid = p.pkid;
+        wire.write(Packet::Publish(p));
+        pkid
+    }
+
+    fn send_c2d(&mut self, m: C2dMessage, wire: &mut Wire) {
+        let qos = cap_qos(QoS::AtLeastOnce, self.subs.c2d.unwrap_or(QoS::AtMostOnce));
+        let pkid = Self::publish(wire, topic::c2d(&self.identity.device_id, &m.properties), m.body, qos);
+        self.hub.metrics.c2d("delivered");
+        if qos == QoS::AtLeastOnce {
+            self.c2d_inflight.push((pkid, m.id));
+        } else {
+            self.identity.lock().c2d.complete(m.id);
+            self.hub.metrics.c2d("completed");
+        }
+    }
+
+    /// A twin response, sent only if the device subscribed to `$iothub/twin/res/#`.
+    fn twin_response(&self, wire: &mut Wire, status: u16, rid: &str, version: Option<u64>, body: Bytes) {
+        if let Some(granted) = self.subs.twin_responses {
+            Self::publish(wire, topic::twin_response(status, rid, version), body, cap_qos(QoS::AtLeastOnce, granted));
+        }
+    }
+
+    fn store_telemetry(
+        &self,
+        st: &mut IdentityState,
+        bag: &crate::iot::property_bag::PropertyBag,
+        body: Bytes,
+        retain: bool,
+        will: bool,
+    ) {
+        let wall = SystemTime::now();
+        let len = body.len();
+        let sender = Sender {
+            device_id: &self.identity.device_id,
+            module_id: self.identity.module_id.as_deref(),
+            model_id: self.model_id.as_deref().or(st.record.model_id.as_deref()),
+            generation_id: &st.record.generation_id,
+        };
+        let message = telemetry::receive(bag, body, &sender, retain, will, wall);
+        st.telemetry.push(message, self.hub.behaviour.telemetry_buffer);
+        st.record.last_activity = Some(wall);
+        self.hub.metrics.telemetry_received.inc();
+        self.hub.metrics.telemetry_bytes.inc_by(len as u64);
+    }
+
+    fn on_publish(&mut self, p: Publish, wire: &mut Wire) -> Step {
+        if p.qos == QoS::ExactlyOnce {
+            return Step::Close(CloseReason::ProtocolViolation);
+        }
+        let Ok(parsed) = DevicePublish::parse(&p.topic) else { return Step::Close(CloseReason::ProtocolViolation) };
+        if let DevicePublish::Telemetry { device_id, module_id, properties } = &parsed {
+            if *device_id != self.identity.device_id || *module_id != self.identity.module_id {
+                return Step::Close(CloseReason::ProtocolViolation);
+            }
+            if telemetry::message_size(properties, p.payload.len()) > self.hub.behaviour.max_message_bytes {
+                // MQTT 3.1.1 has no negative PUBACK; the hub drops the connection instead.
+                return Step::Close(CloseReason::ProtocolViolation);
+            }
+        }
+        if p.qos == QoS::AtLeastOnce {
+            wire.write(Packet::PubAck(PubAck::new(p.pkid)));
+        }
+        match parsed {
+            DevicePublish::Telemetry { properties, .. } => {
+                let mut st = self.identity.lock();
+                self.store_telemetry(&mut st, &properties, p.payload, p.retain, false);
+            }
+            DevicePublish::TwinGet { rid } => {
+                let view = self.identity.lock().twin.device_view();
+                self.hub.metrics.twin_op("get", "ok");
+                self.twin_response(wire, 200, &rid, None, Bytes::from(view.to_string()));
+            }
+            DevicePublish::TwinPatchReported { rid } => {
+                let result = serde_json::from_slice::<Value>(&p.payload)
+                    .map_err(|e| format!("the reported patch is not JSON: {e}"))
+                    .and_then(|patch| {
+                        self.identity.lock().twin.patch_reported(&patch, SystemTime::now()).map_err(|e| e.to_string())
+                    });
+                match result {
+                    Ok(version) => {
+                        self.hub.metrics.twin_op("patch_reported", "ok");
+                        self.twin_response(wire, 204, &rid, Some(version), Bytes::new());
+                    }
+                    Err(message) => {
+                        self.hub.metrics.twin_op("patch_reported", "rejected");
+                        let body = json!({"errorCode": 400004, "message": message});
+                        self.twin_response(wire, 400, &rid, None, Bytes::from(body.to_string()));
+                    }
+                }
+            }
+            DevicePublish::MethodResponse { status, rid } => {
+                self.hub.methods.complete(&self.key, &rid, MethodResponse { status, payload: p.payload });
+            }
+            DevicePublish::DpsRegister { .. } | DevicePublish::DpsPollStatus { .. } => {
+                return Step::Close(CloseReason::ProtocolViolation);
+            }
+        }
+        Step::Continue
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe, wire: &mut Wire) -> Step {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut newly = Subscriptions::default();
+        let mut next = self.subs;
+        for f in &s.filters {
+            let filter = Filter::parse(&f.path, &self.identity.device_id, self.identity.module_id.as_deref())
+                .ok()
+                .filter(|f| *f != Filter::DpsResponses);
+            let granted = cap_qos(f.qos, QoS::AtLeastOnce);
+            let accepted = match filter {
+                Some(kind) => {
+                    let slot = next.slot(kind).expect("hub filters have a slot");
+                    let was = slot.replace(granted);
+                    if next.count() > self.hub.behaviour.max_subscriptions {
+                        *next.slot(kind).expect("hub filters have a slot") = was;
+                        false
+                    } else {
+                        *newly.slot(kind).expect("hub filters have a slot") = Some(granted);
+                        true
+                    }
+                }
+                None => false,
+            };
+            if !accepted {
+                if self.hub.behaviour.bad_subscription == BadSubscription::Close {
+                    return Step::Close(CloseReason::ProtocolViolation);
+                }
+                codes.push(SubscribeReasonCode::Failure);
+            } else {
+                codes.push(SubscribeReasonCode::Success(granted));
+            }
+        }
+        self.subs = next;
+        wire.write(Packet::SubAck(SubAck::new(s.pkid, codes)));
+        let mut st = self.identity.lock();
+        if let Some(sess) = st.session.as_mut().filter(|s| s.conn_id == self.conn_id) {
+            sess.subs = self.subs;
+        }
+        let redeliver = if newly.c2d.is_some() { self.hub.c2d_deliverable(&mut st, self.conn_id) } else { Vec::new() };
+        drop(st);
+        for m in redeliver {
+            self.send_c2d(m, wire);
+        }
+        if newly.methods.is_some() {
+            self.identity.changed.notify_waiters();
+        }
+        Step::Continue
+    }
+
+    fn on_unsubscribe(&mut self, topics: &[String]) {
+        for t in topics {
+            if let Ok(kind) = Filter::parse(t, &self.identity.device_id, self.identity.module_id.as_deref())
+                && let Some(slot) = self.subs.slot(kind)
+            {
+                *slot = None;
+            }
+        }
+        let mut st = self.identity.lock();
+        if let Some(sess) = st.session.as_mut().filter(|s| s.conn_id == self.conn_id) {
+            sess.subs = self.subs;
+        }
+    }
+}
+
+impl ConnSession for HubSession {
+    fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step {
+        match p {
+            Packet::Publish(p) => self.on_publish(p, wire),
+            Packet::Subscribe(s) => self.on_subscribe(s, wire),
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(&u.topics);
+                wire.write(Packet::UnsubAck(UnsubAck::new(u.pkid)));
+                Step::Continue
+            }
+            Packet::PubAck(ack) => {
+                if let Some(i) = self.c2d_inflight.iter().position(|(pkid, _)| *pkid == ack.pkid) {
+                    let (_, id) = self.c2d_inflight.swap_remove(i);
+                    if self.identity.lock().c2d.complete(id) {
+                        self.hub.metrics.c2d("completed");
+                    }
+                }
+                Step::Continue
+            }
+            Packet::PingReq => {
+                wire.write(Packet::PingResp);
+                Step::Continue
+            }
+            Packet::Disconnect => Step::Close(CloseReason::ClientDisconnect),
+            _ => Step::Close(CloseReason::ProtocolViolation),
+        }
+    }
+
+    fn on_outbound(&mut self, o: Outbound, wire: &mut Wire) -> Step {
+        match o {
+            Outbound::Publish { topic, payload, qos, c2d_id } => {
+                let pkid = Self::publish(wire, topic, payload, qos);
+                if let Some(id) = c2d_id.filter(|_| qos == QoS::AtLeastOnce) {
+                    self.c2d_inflight.push((pkid, id));
+                }
+                Step::Continue
+            }
+            Outbound::Close(r) => Step::Close(r),
+        }
+    }
+
+    fn on_close(&mut self, reason: CloseReason, _wire: &mut Wire) {
+        let mut st = self.identity.lock();
+        if st.session.as_ref().is_some_and(|s| s.conn_id == self.conn_id) {
+            st.session = None;
+            if self.persistent {
+                st.saved_subs = Some(self.subs);
+            }
+            st.record.connection_state_updated = Some(SystemTime::now());
+        }
+        // The Will stands in for telemetry when the device vanished without DISCONNECT.
+        if reason != CloseReason::ClientDisconnect
+            && let Some(will) = self.will.take()
+            && let Ok(DevicePublish::Telemetry { device_id, module_id, properties }) = DevicePublish::parse(&will.topic)
+            && device_id == self.identity.device_id
+            && module_id == self.identity.module_id
+        {
+            self.store_telemetry(&mut st, &properties, will.message, will.retain, true);
+        }
+        drop(st);
+        self.identity.changed.notify_waiters();
+        self.hub.metrics.connections_hub.dec();
+    }
+}

@@ -1,0 +1,378 @@
+//! The identity registry: devices and modules with their keys, status, twin, live session,
+//! telemetry log and C2D queue. Each identity has its own lock, so the hot paths (telemetry, twin
+//! requests) never contend on a hub-wide one; the map lock is held only to find or change entries.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::SystemTime;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::c2d::C2dQueue;
+use super::session::{Session, Subscriptions};
+use super::telemetry::TelemetryLog;
+use super::twin_doc::TwinDoc;
+use crate::iot::sas::Key;
+use crate::iot::time::{NEVER, iso8601};
+
+/// The registry's record of an identity: what `GET /devices/{id}` shows.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub enabled: bool,
+    pub status_reason: Option<String>,
+    pub status_updated: Option<SystemTime>,
+    pub primary_key: String,
+    pub secondary_key: String,
+    /// Decoded forms of the two keys, for verifying tokens without decoding each time.
+    pub keys: [Key; 2],
+    /// Changes when an identity is deleted and created again.
+    pub generation_id: String,
+    /// Bumped on every change to the record; the etag is derived from it.
+    pub record_version: u64,
+    pub iot_edge: bool,
+    pub managed_by: Option<String>,
+    pub connection_state_updated: Option<SystemTime>,
+    pub last_activity: Option<SystemTime>,
+    /// From the CONNECT username or the DPS registration payload.
+    pub model_id: Option<String>,
+}
+
+impl Record {
+    pub fn new(primary: Key, secondary: Key) -> Record {
+        Record {
+            enabled: true,
+            status_reason: None,
+            status_updated: None,
+            primary_key: primary.to_base64(),
+            secondary_key: secondary.to_base64(),
+            keys: [primary, secondary],
+            generation_id: format!("63{:016}", rand::random::<u64>() % 10_000_000_000_000_000),
+            record_version: 1,
+            iot_edge: false,
+            managed_by: None,
+            connection_state_updated: None,
+            last_activity: None,
+            model_id: None,
+        }
+    }
+
+    pub fn set_keys(&mut self, primary: Key, secondary: Key) {
+        self.primary_key = primary.to_base64();
+        self.secondary_key = secondary.to_base64();
+        self.keys = [primary, secondary];
+    }
+
+    /// A quoted-free etag like IoT Hub's `MTk1NDgxOTYy` (base64 of a decimal counter).
+    pub fn etag(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.record_version.to_string())
+    }
+}
+
+/// Everything the hub knows about one identity, behind one lock.
+#[derive(Debug)]
+pub struct IdentityState {
+    pub record: Record,
+    pub twin: TwinDoc,
+    pub session: Option<Session>,
+    /// Subscriptions of a CleanSession=0 session while it is offline.
+    pub saved_subs: Option<Subscriptions>,
+    pub telemetry: TelemetryLog,
+    pub c2d: C2dQueue,
+    /// Set when the identity is deleted, so late holders of the `Arc` stop using it.
+    pub removed: bool,
+}
+
+#[derive(Debug)]
+pub struct Identity {
+    pub device_id: String,
+    pub module_id: Option<String>,
+    state: Mutex<IdentityState>,
+    /// Woken when the identity's session or subscriptions change (method calls wait on it).
+    pub changed: Notify,
+}
+
+impl Identity {
+    pub fn lock(&self) -> MutexGuard<'_, IdentityState> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn key(&self) -> String {
+        identity_key(&self.device_id, self.module_id.as_deref())
+    }
+}
+
+/// The registry's map key: `device` or `device/module` (device ids cannot contain `/`).
+pub fn identity_key(device_id: &str, module_id: Option<&str>) -> String {
+    match module_id {
+        Some(m) => format!("{device_id}/{m}"),
+        None => device_id.to_owned(),
+    }
+}
+
+/// An id IoT Hub would accept: 1-128 ASCII characters from its allowed set.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.+%_#*?!(),=@$'".contains(&b))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("an identity with this id already exists")]
+    AlreadyExists,
+    #[error("the device does not exist")]
+    DeviceNotFound,
+    #[error("the module does not exist")]
+    ModuleNotFound,
+    #[error("the etag does not match the current one")]
+    PreconditionFailed,
+    #[error("`{0}` is not a valid id (1-128 letters, digits or -.+%_#*?!(),=@$')")]
+    InvalidId(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: RwLock<BTreeMap<String, Arc<Identity>>>,
+}
+
+impl Registry {
+    pub fn get(&self, device_id: &str, module_id: Option<&str>) -> Option<Arc<Identity>> {
+        self.read().get(&identity_key(device_id, module_id)).cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Identity>>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Identity>>> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a new identity. A module needs its device to exist.
+    pub fn create(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        record: Record,
+        now: SystemTime,
+    ) -> Result<Arc<Identity>, RegistryError> {
+        for id in std::iter::once(device_id).chain(module_id) {
+            if !valid_id(id) {
+                return Err(RegistryError::InvalidId(id.to_owned()));
+            }
+        }
+        let mut map = self.write();
+        if module_id.is_some() && !map.contains_key(device_id) {
+            return Err(RegistryError::DeviceNotFound);
+        }
+        let key = identity_key(device_id, module_id);
+        if map.contains_key(&key) {
+            return Err(RegistryError::AlreadyExists);
+        }
+        let identity = Arc::new(Identity {
+            device_id: device_id.to_owned(),
+            module_id: module_id.map(str::to_owned),
+            state: Mutex::new(IdentityState {
+                record,
+                twin: TwinDoc::new(now),
+                session: None,
+                saved_subs: None,
+                telemetry: TelemetryLog::default(),
+                c2d: C2dQueue::default(),
+                removed: false,
+            }),
+            changed: Notify::new(),
+        });
+        map.insert(key, identity.clone());
+        Ok(identity)
+    }
+
+    /// Removes a device and its modules, or one module. Returns what was removed so the caller can
+    /// close their connections.
+    pub fn remove(&self, device_id: &str, module_id: Option<&str>) -> Vec<Arc<Identity>> {
+        let mut map = self.write();
+        let mut removed = Vec::new();
+        match module_id {
+            Some(m) => removed.extend(map.remove(&identity_key(device_id, Some(m)))),
+            None => {
+                if let Some(d) = map.remove(device_id) {
+                    removed.push(d);
+                    let prefix = format!("{device_id}/");
+                    let modules: Vec<String> = map
+                        .range(prefix.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in modules {
+                        removed.extend(map.remove(&k));
+                    }
+                }
+            }
+        }
+        removed
+    }
+
+    /// Devices in id order, at most `top`.
+    pub fn devices(&self, top: usize) -> Vec<Arc<Identity>> {
+        self.read().values().filter(|i| i.module_id.is_none()).take(top).cloned().collect()
+    }
+
+    pub fn modules(&self, device_id: &str) -> Vec<Arc<Identity>> {
+        let prefix = format!("{device_id}/");
+        self.read()
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// (total devices, enabled devices).
+    pub fn device_counts(&self) -> (usize, usize) {
+        let devices = self.devices(usize::MAX);
+        let enabled = devices.iter().filter(|d| d.lock().record.enabled).count();
+        (devices.len(), enabled)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Identity>> {
+        self.read().values().cloned().collect()
+    }
+}
+
+/// `If-Match` handling: `*` or the current etag passes, quoted or not; anything else fails.
+pub fn etag_matches(if_match: &str, current: &str) -> bool {
+    let v = if_match.trim().trim_start_matches("W/").trim_matches('"');
+    v == "*" || v == current
+}
+
+fn time_or_never(t: Option<SystemTime>) -> Value {
+    json!(t.map(iso8601).unwrap_or_else(|| NEVER.to_owned()))
+}
+
+/// `GET /devices/{id}` or `GET /devices/{d}/modules/{m}`.
+pub fn identity_json(identity: &Identity, st: &IdentityState) -> Value {
+    let r = &st.record;
+    let auth = json!({
+        "symmetricKey": { "primaryKey": r.primary_key, "secondaryKey": r.secondary_key },
+        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+        "type": "sas",
+    });
+    let connection_state = if st.session.is_some() { "Connected" } else { "Disconnected" };
+    match &identity.module_id {
+        None => json!({
+            "deviceId": identity.device_id,
+            "generationId": r.generation_id,
+            "etag": r.etag(),
+            "connectionState": connection_state,
+            "status": if r.enabled { "enabled" } else { "disabled" },
+            "statusReason": r.status_reason,
+            "connectionStateUpdatedTime": time_or_never(r.connection_state_updated),
+            "statusUpdatedTime": time_or_never(r.status_updated),
+            "lastActivityTime": time_or_never(r.last_activity),
+            "cloudToDeviceMessageCount": st.c2d.len(),
+            "authentication": auth,
+            "capabilities": { "iotEdge": r.iot_edge },
+            "deviceScope": null,
+            "parentScopes": [],
+        }),
+        Some(m) => json!({
+            "moduleId": m,
+            "deviceId": identity.device_id,
+            "managedBy": r.managed_by,
+            "generationId": r.generation_id,
+            "etag": r.etag(),
+            "connectionState": connection_state,
+            "connectionStateUpdatedTime": time_or_never(r.connection_state_updated),
+            "lastActivityTime": time_or_never(r.last_activity),
+            "cloudToDeviceMessageCount": 0,
+            "authentication": auth,
+        }),
+    }
+}
+
+/// `GET /twins/{id}[/modules/{m}]`: the service view of a twin (protocol.md §6.4).
+pub fn twin_json(identity: &Identity, st: &IdentityState) -> Value {
+    let r = &st.record;
+    let (tags, properties) = st.twin.service_parts();
+    let mut v = json!({ "deviceId": identity.device_id });
+    if let Some(m) = &identity.module_id {
+        v["moduleId"] = json!(m);
+    }
+    let rest = json!({
+        "etag": st.twin.etag(),
+        "deviceEtag": r.etag(),
+        "status": if r.enabled { "enabled" } else { "disabled" },
+        "statusReason": r.status_reason,
+        "statusUpdateTime": time_or_never(r.status_updated),
+        "connectionState": if st.session.is_some() { "Connected" } else { "Disconnected" },
+        "lastActivityTime": time_or_never(r.last_activity),
+        "cloudToDeviceMessageCount": st.c2d.len(),
+        "authenticationType": "sas",
+        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+        "modelId": r.model_id.clone().unwrap_or_default(),
+        "version": st.twin.version,
+        "capabilities": { "iotEdge": r.iot_edge },
+        "tags": tags,
+        "properties": properties,
+    });
+    if let (Value::Object(a), Value::Object(b)) = (&mut v, rest) {
+        a.extend(b);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> Record {
+        Record::new(Key::generate(), Key::generate())
+    }
+
+    #[test]
+    fn creates_lists_and_removes_with_modules() {
+        let reg = Registry::default();
+        let now = SystemTime::now();
+        reg.create("d1", None, rec(), now).unwrap();
+        reg.create("d2", None, rec(), now).unwrap();
+        reg.create("d1", Some("m1"), rec(), now).unwrap();
+        reg.create("d1", Some("m2"), rec(), now).unwrap();
+        assert_eq!(reg.create("d1", None, rec(), now).unwrap_err(), RegistryError::AlreadyExists);
+        assert_eq!(reg.create("nope", Some("m"), rec(), now).unwrap_err(), RegistryError::DeviceNotFound);
+        assert!(matches!(reg.create("bad/id", None, rec(), now), Err(RegistryError::InvalidId(_))));
+        assert_eq!(reg.devices(10).iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"]);
+        assert_eq!(reg.modules("d1").len(), 2);
+        assert_eq!(reg.device_counts(), (2, 2));
+        assert_eq!(reg.remove("d1", None).len(), 3);
+        assert!(reg.get("d1", Some("m1")).is_none());
+        assert_eq!(reg.modules("d1").len(), 0);
+    }
+
+    #[test]
+    fn etags_match_quoted_or_not() {
+        assert!(etag_matches("\"*\"", "x"));
+        assert!(etag_matches("\"abc\"", "abc"));
+        assert!(etag_matches("W/\"abc\"", "abc"));
+        assert!(etag_matches("abc", "abc"));
+        assert!(!etag_matches("\"abd\"", "abc"));
+    }
+
+    #[test]
+    fn renders_identity_and_twin_shapes() {
+        let reg = Registry::default();
+        let d = reg.create("dev", None, rec(), SystemTime::now()).unwrap();
+        let m = reg.create("dev", Some("mod"), rec(), SystemTime::now()).unwrap();
+        let dj = identity_json(&d, &d.lock());
+        assert_eq!((dj["status"].as_str(), dj["connectionState"].as_str()), (Some("enabled"), Some("Disconnected")));
+        assert_eq!(dj["authentication"]["type"], "sas");
+        assert!(dj.get("moduleId").is_none());
+        let mj = identity_json(&m, &m.lock());
+        assert_eq!(mj["moduleId"], "mod");
+        let tj = twin_json(&m, &m.lock());
+        assert_eq!(tj["moduleId"], "mod");
+        assert_eq!(tj["properties"]["desired"]["$version"], 1);
+        assert_eq!(tj["etag"], "AAAAAAAAAAE=");
+    }
+}

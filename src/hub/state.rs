@@ -1,0 +1,204 @@
+//! The hub's shared state and the operations that cut across its parts: finding policies,
+//! deleting identities (which closes their connections), pushing desired patches and C2D
+//! messages to live sessions. The MQTT and HTTPS front ends both call into this.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use tokio_util::sync::CancellationToken;
+
+use super::c2d::{C2dMessage, Dropped};
+use super::config::{Behaviour, EnrollmentSpec, HubConfig};
+use super::dps::{Dps, GroupEnrollment, IndividualEnrollment};
+use super::methods::Methods;
+use super::metrics::HubMetrics;
+use super::registry::{Identity, IdentityState, Registry};
+use super::secrets::{DEFAULT_GROUP, POLICIES, Permissions, Secrets};
+use super::session::{CloseReason, Outbound};
+use super::twin_doc::DesiredChange;
+use crate::iot::sas::Key;
+use crate::iot::topic;
+
+/// A shared access policy with its decoded keys.
+pub struct Policy {
+    pub name: &'static str,
+    pub keys: [Key; 2],
+    pub permissions: Permissions,
+}
+
+pub struct HubState {
+    pub hostname: String,
+    /// Every name tokens and usernames may use for this hub (the hostname first).
+    pub hostnames: Vec<String>,
+    pub behaviour: Behaviour,
+    pub policies: Vec<Policy>,
+    pub registry: Registry,
+    pub dps: Dps,
+    pub methods: Methods,
+    pub metrics: HubMetrics,
+    pub secrets: Secrets,
+    next_conn_id: AtomicU64,
+    /// Cancelled when the hub stops; connection tasks close with `Shutdown`.
+    pub shutdown: CancellationToken,
+}
+
+impl HubState {
+    pub fn new(config: &HubConfig, secrets: Secrets) -> anyhow::Result<HubState> {
+        let key =
+            |b64: &str, what: &str| Key::from_base64(b64).map_err(|_| anyhow::anyhow!("{what} is not valid base64"));
+        let mut policies = Vec::new();
+        for (name, permissions) in POLICIES {
+            let pair = &secrets.policies[name];
+            policies.push(Policy { name, keys: [key(&pair.primary, name)?, key(&pair.secondary, name)?], permissions });
+        }
+        let b = &config.behaviour;
+        let dps = Dps::new(
+            secrets.id_scope.clone(),
+            config.hostname.clone(),
+            b.dps_retry_after_secs,
+            Duration::from_millis(b.dps_assignment_delay_ms),
+            b.sas_skew_secs,
+        );
+        dps.put_group(GroupEnrollment {
+            group_id: DEFAULT_GROUP.into(),
+            keys: [
+                key(&secrets.default_group.primary, "group key")?,
+                key(&secrets.default_group.secondary, "group key")?,
+            ],
+            enabled: true,
+            etag: 1,
+        });
+        for e in &config.enrollments {
+            let pair = |p: &Option<String>, s: &Option<String>| -> anyhow::Result<[Key; 2]> {
+                Ok([
+                    p.as_deref().map(|k| key(k, "enrollment key")).transpose()?.unwrap_or_else(Key::generate),
+                    s.as_deref().map(|k| key(k, "enrollment key")).transpose()?.unwrap_or_else(Key::generate),
+                ])
+            };
+            match e {
+                EnrollmentSpec::Individual { registration_id, device_id, primary_key, secondary_key } => dps
+                    .put_individual(IndividualEnrollment {
+                        registration_id: registration_id.clone(),
+                        device_id: device_id.clone(),
+                        keys: pair(primary_key, secondary_key)?,
+                        enabled: true,
+                        etag: 1,
+                    }),
+                EnrollmentSpec::Group { group_id, primary_key, secondary_key } => dps.put_group(GroupEnrollment {
+                    group_id: group_id.clone(),
+                    keys: pair(primary_key, secondary_key)?,
+                    enabled: true,
+                    etag: 1,
+                }),
+            }
+        }
+        Ok(HubState {
+            hostname: config.hostname.clone(),
+            hostnames: config.all_hostnames(),
+            behaviour: config.behaviour.clone(),
+            policies,
+            registry: Registry::default(),
+            dps,
+            methods: Methods::default(),
+            metrics: HubMetrics::default(),
+            secrets,
+            next_conn_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+
+    /// Whether `host` (with or without a port) names this hub.
+    pub fn is_our_host(&self, host: &str) -> bool {
+        let bare = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        self.hostnames.iter().any(|h| h.eq_ignore_ascii_case(bare))
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Deletes a device (with its modules) or a module, closing their connections.
+    pub fn remove_identity(&self, device_id: &str, module_id: Option<&str>) -> bool {
+        let removed = self.registry.remove(device_id, module_id);
+        for identity in &removed {
+            let mut st = identity.lock();
+            st.removed = true;
+            if let Some(s) = st.session.take() {
+                s.send(Outbound::Close(CloseReason::IdentityRemoved));
+            }
+            drop(st);
+            identity.changed.notify_waiters();
+        }
+        self.refresh_identity_gauges();
+        !removed.is_empty()
+    }
+
+    pub fn refresh_identity_gauges(&self) {
+        let all = self.registry.all();
+        let modules = all.iter().filter(|i| i.module_id.is_some()).count() as i64;
+        self.metrics.identities.with_label_values(&["device"]).set(all.len() as i64 - modules);
+        self.metrics.identities.with_label_values(&["module"]).set(modules);
+    }
+
+    /// Sends a desired-property change to the identity's session, if it subscribed to them.
+    pub fn notify_desired(&self, st: &IdentityState, change: &DesiredChange) {
+        if let Some(s) = &st.session {
+            let payload = Bytes::from(change.patch.to_string());
+            s.publish_to(s.subs.twin_desired, topic::desired_patch(change.version), payload, QoS::AtLeastOnce);
+        }
+    }
+
+    /// C2D messages the live session should now receive (after dropping expired ones).
+    pub fn c2d_deliverable(&self, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
+        let mut dropped = Vec::new();
+        let out = st.c2d.take_deliverable(conn_id, self.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
+        for d in dropped {
+            self.metrics.c2d(match d {
+                Dropped::Expired => "expired",
+                Dropped::DeliveryCountExceeded => "dead_lettered",
+            });
+        }
+        out
+    }
+
+    /// Pushes pending C2D messages to a device's live, subscribed session.
+    pub fn push_c2d(&self, identity: &Identity, st: &mut IdentityState) {
+        let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.c2d.map(|q| (s.conn_id, q))) else {
+            return;
+        };
+        for m in self.c2d_deliverable(st, conn_id) {
+            let qos = super::session::cap_qos(QoS::AtLeastOnce, granted);
+            let sent = st.session.as_ref().is_some_and(|s| {
+                s.send(Outbound::Publish {
+                    topic: topic::c2d(&identity.device_id, &m.properties),
+                    payload: m.body.clone(),
+                    qos,
+                    c2d_id: Some(m.id),
+                })
+            });
+            if sent {
+                self.metrics.c2d("delivered");
+                if qos == QoS::AtMostOnce {
+                    st.c2d.complete(m.id);
+                }
+            }
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// Convenience for handlers holding an `Arc`.
+pub type Hub = Arc<HubState>;

@@ -1,0 +1,181 @@
+//! What the hub does with device-to-cloud messages: split the property bag into system and
+//! application properties, stamp the hub's own properties, count, and keep the last few per
+//! identity in a bounded ring so that tests and tools can read them back.
+
+use std::collections::VecDeque;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use crate::iot::property_bag::PropertyBag;
+use crate::iot::time::iso8601;
+
+/// Device-settable system properties: bag key to hub property name (protocol.md §4.6).
+const SYSTEM_PROPERTIES: [(&str, &str); 9] = [
+    ("$.mid", "message-id"),
+    ("$.cid", "correlation-id"),
+    ("$.uid", "user-id"),
+    ("$.ct", "content-type"),
+    ("$.ce", "content-encoding"),
+    ("$.exp", "absolute-expiry-time"),
+    ("$.on", "output-name"),
+    ("$.sub", "dt-subject"),
+    ("$.ifid", "interface-id"),
+];
+
+/// One received message as the back end would see it.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Position in this identity's stream, from 1; gaps in what is kept mean the ring overflowed.
+    pub seq: u64,
+    pub enqueued: SystemTime,
+    pub system: Vec<(String, String)>,
+    pub application: Vec<(String, Option<String>)>,
+    pub body: Bytes,
+}
+
+impl StoredMessage {
+    pub fn to_json(&self) -> Value {
+        let mut system = Map::new();
+        for (k, v) in &self.system {
+            system.insert(k.clone(), json!(v));
+        }
+        let mut app = Map::new();
+        for (k, v) in &self.application {
+            app.insert(k.clone(), json!(v));
+        }
+        let mut m = json!({
+            "seq": self.seq,
+            "enqueuedTime": iso8601(self.enqueued),
+            "systemProperties": system,
+            "properties": app,
+        });
+        match std::str::from_utf8(&self.body) {
+            Ok(text) => m["body"] = json!(text),
+            Err(_) => {
+                use base64::Engine;
+                m["bodyBase64"] = json!(base64::engine::general_purpose::STANDARD.encode(&self.body))
+            }
+        }
+        m
+    }
+}
+
+/// Who sent a message, for the properties the hub stamps.
+pub struct Sender<'a> {
+    pub device_id: &'a str,
+    pub module_id: Option<&'a str>,
+    pub model_id: Option<&'a str>,
+    pub generation_id: &'a str,
+}
+
+/// Builds the stored form of a message, as IoT Hub would route it.
+pub fn receive(
+    bag: &PropertyBag,
+    body: Bytes,
+    from: &Sender<'_>,
+    retain: bool,
+    will: bool,
+    at: SystemTime,
+) -> StoredMessage {
+    let mut system = Vec::new();
+    let mut application = Vec::new();
+    for (k, v) in bag.iter() {
+        match SYSTEM_PROPERTIES.iter().find(|(key, _)| *key == k) {
+            Some((_, name)) => system.push(((*name).to_owned(), v.unwrap_or_default().to_owned())),
+            None => application.push((k.to_owned(), v.map(str::to_owned))),
+        }
+    }
+    if retain {
+        application.push(("mqtt-retain".into(), Some("true".into())));
+    }
+    if will {
+        application.push(("iothub-MessageType".into(), Some("Will".into())));
+    }
+    system.push(("iothub-connection-device-id".into(), from.device_id.to_owned()));
+    if let Some(m) = from.module_id {
+        system.push(("iothub-connection-module-id".into(), m.to_owned()));
+    }
+    let scope = if from.module_id.is_some() { "module" } else { "device" };
+    system.push((
+        "iothub-connection-auth-method".into(),
+        format!(r#"{{"scope":"{scope}","type":"sas","issuer":"iothub"}}"#),
+    ));
+    system.push(("iothub-connection-auth-generation-id".into(), from.generation_id.to_owned()));
+    system.push(("iothub-enqueuedtime".into(), iso8601(at)));
+    if let Some(model) = from.model_id {
+        system.push(("dt-dataschema".into(), model.to_owned()));
+    }
+    StoredMessage { seq: 0, enqueued: at, system, application, body }
+}
+
+/// The size IoT Hub counts against the 256 KB limit: body plus property names and values.
+pub fn message_size(bag: &PropertyBag, body_len: usize) -> usize {
+    body_len + bag.iter().map(|(k, v)| k.len() + v.map_or(0, str::len)).sum::<usize>()
+}
+
+/// The last `capacity` messages of one identity, and how many it ever sent.
+#[derive(Debug, Default)]
+pub struct TelemetryLog {
+    pub received: u64,
+    kept: VecDeque<StoredMessage>,
+}
+
+impl TelemetryLog {
+    pub fn push(&mut self, mut m: StoredMessage, capacity: usize) {
+        self.received += 1;
+        if capacity == 0 {
+            return;
+        }
+        m.seq = self.received;
+        if self.kept.len() == capacity {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(m);
+    }
+
+    /// Kept messages with `seq > after`, oldest first.
+    pub fn since(&self, after: u64) -> impl Iterator<Item = &StoredMessage> {
+        self.kept.iter().filter(move |m| m.seq > after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_system_from_application_properties() {
+        let bag =
+            PropertyBag::parse("%24.mid=7&%24.ct=application%2Fjson&%24.sub=thermostat1&alert=high&flag").unwrap();
+        let from = Sender { device_id: "d", module_id: Some("m"), model_id: Some("dtmi:x;1"), generation_id: "1" };
+        let m = receive(&bag, Bytes::from_static(b"{}"), &from, true, false, SystemTime::UNIX_EPOCH);
+        let v = m.to_json();
+        assert_eq!(v["systemProperties"]["message-id"], "7");
+        assert_eq!(v["systemProperties"]["dt-subject"], "thermostat1");
+        assert_eq!(v["systemProperties"]["dt-dataschema"], "dtmi:x;1");
+        assert_eq!(v["systemProperties"]["iothub-connection-module-id"], "m");
+        assert_eq!(v["properties"]["alert"], "high");
+        assert_eq!(v["properties"]["flag"], Value::Null);
+        assert_eq!(v["properties"]["mqtt-retain"], "true");
+        assert_eq!(v["body"], "{}");
+        assert_eq!(message_size(&bag, 2), 2 + 5 + 1 + 4 + 16 + 5 + 11 + 5 + 4 + 4);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest() {
+        let mut log = TelemetryLog::default();
+        let from = Sender { device_id: "d", module_id: None, model_id: None, generation_id: "1" };
+        for i in 0..5u8 {
+            log.push(
+                receive(&PropertyBag::default(), Bytes::from(vec![i]), &from, false, false, SystemTime::UNIX_EPOCH),
+                3,
+            );
+        }
+        assert_eq!(log.received, 5);
+        assert_eq!(log.since(0).map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(log.since(4).count(), 1);
+        assert!(log.since(0).next().unwrap().to_json().get("bodyBase64").is_none());
+    }
+}
