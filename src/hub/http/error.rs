@@ -16,8 +16,12 @@ enum Style {
     Dps,
 }
 
+/// An error response; boxed so that `Result<_, ApiError>` stays one pointer wide.
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     status: StatusCode,
     code: u32,
     style: Style,
@@ -29,34 +33,34 @@ pub struct ApiError {
 impl ApiError {
     /// An IoT Hub service error, e.g. `(404, 404001, "DeviceNotFound", ..)`.
     pub fn hub(status: u16, code: u32, name: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiError(Box::new(Inner {
             status: StatusCode::from_u16(status).expect("valid status"),
             code,
             style: Style::Hub { name },
             message: message.into(),
             info: None,
             retry_after: None,
-        }
+        }))
     }
 
     pub fn dps(status: u16, code: u32, message: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiError(Box::new(Inner {
             status: StatusCode::from_u16(status).expect("valid status"),
             code,
             style: Style::Dps,
             message: message.into(),
             info: None,
             retry_after: None,
-        }
+        }))
     }
 
     pub fn with_info(mut self, info: Value) -> ApiError {
-        self.info = Some(info);
+        self.0.info = Some(info);
         self
     }
 
     pub fn with_retry_after(mut self, secs: u64) -> ApiError {
-        self.retry_after = Some(secs);
+        self.0.retry_after = Some(secs);
         self
     }
 
@@ -81,37 +85,38 @@ impl ApiError {
     }
 
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let e = *self.0;
         let tracking = uuid::Uuid::new_v4().simple().to_string();
         let now = SystemTime::now();
-        let (body, header) = match self.style {
+        let (body, header) = match e.style {
             Style::Hub { name } => {
                 let mut body = json!({
                     "ErrorCode": name,
-                    "Message": format!("ErrorCode:{name};{}", self.message),
+                    "Message": format!("ErrorCode:{name};{}", e.message),
                     "ExceptionMessage": format!("Tracking ID:{tracking}-TimeStamp:{}", iso8601(now)),
-                    "errorCode": self.code,
+                    "errorCode": e.code,
                 });
-                if let Some(info) = self.info {
+                if let Some(info) = e.info {
                     body["info"] = info;
                 }
                 (body, Some(name))
             }
             Style::Dps => (
-                json!({ "errorCode": self.code, "trackingId": tracking, "message": self.message, "timestampUtc": iso8601(now) }),
+                json!({ "errorCode": e.code, "trackingId": tracking, "message": e.message, "timestampUtc": iso8601(now) }),
                 None,
             ),
         };
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = (e.status, axum::Json(body)).into_response();
         if let Some(name) = header {
             resp.headers_mut().insert("iothub-errorcode", HeaderValue::from_static(name));
         }
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = e.retry_after {
             resp.headers_mut().insert("retry-after", HeaderValue::from(secs));
         }
         resp

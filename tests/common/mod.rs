@@ -1,0 +1,352 @@
+//! Test harness: a real emulator on loopback (port 0, its own data dir), a REST helper that signs
+//! service tokens, and a raw MQTT 3.1.1 client over real TLS for the cases no SDK would send.
+//! Waits are bounded so a broken hub fails a test instead of hanging it; nothing asserts speed.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use fleetsim::hub::config::HubConfig;
+use fleetsim::hub::info::HubInfo;
+use fleetsim::hub::{self, RunningHub};
+use fleetsim::iot::sas::{Key, sign_token};
+use fleetsim::iot::time::unix_secs;
+use fleetsim::iot::username::hub_username;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How long any single wait may take before the test fails as hung.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub struct TestHub {
+    pub hub: Option<RunningHub>,
+    pub info: HubInfo,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+pub fn future(secs: u64) -> u64 {
+    unix_secs(SystemTime::now()) + secs
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut HubConfig)) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, adjust).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut HubConfig)) -> TestHub {
+        install_crypto();
+        let mut config = HubConfig {
+            data_dir: dir.path().to_owned(),
+            mqtt_addr: "127.0.0.1:0".parse().unwrap(),
+            https_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        adjust(&mut config);
+        let hub = hub::start(config).await.expect("hub starts");
+        let info = hub.info.clone();
+        let ca = std::fs::read(&info.ca_file).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+            .resolve("localhost", info.https_addr)
+            .build()
+            .unwrap();
+        TestHub { hub: Some(hub), info, dir, http, tls }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(h) = self.hub.take() {
+            h.shutdown().await;
+        }
+    }
+
+    pub fn state(&self) -> &fleetsim::hub::state::HubState {
+        &self.hub.as_ref().unwrap().state
+    }
+
+    pub fn policy_key(&self, policy: &str) -> Key {
+        Key::from_base64(&self.state().secrets.policies[policy].primary).unwrap()
+    }
+
+    pub fn service_token(&self, policy: &str) -> String {
+        sign_token(&self.info.hostname, &self.policy_key(policy), future(3600), Some(policy))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!("https://localhost:{}{path}{sep}api-version=2021-04-12", self.info.https_port)
+    }
+
+    /// A REST call as `iothubowner`; returns status, headers and the JSON body (Null if none).
+    pub async fn rest(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.rest_as("iothubowner", method, path, body, &[]).await
+    }
+
+    pub async fn rest_as(
+        &self,
+        policy: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), self.url(path))
+            .header("authorization", self.service_token(policy));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("REST call hung").unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.unwrap();
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, headers, json)
+    }
+
+    /// Creates a device with generated keys; returns its primary key.
+    pub async fn create_device(&self, id: &str) -> Key {
+        let (status, _, body) =
+            self.rest("PUT", &format!("/devices/{id}"), Some(serde_json::json!({"deviceId": id}))).await;
+        assert_eq!(status, 200, "{body}");
+        Key::from_base64(body["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap()
+    }
+
+    pub async fn create_module(&self, device: &str, module: &str) -> Key {
+        let (status, _, body) = self
+            .rest(
+                "PUT",
+                &format!("/devices/{device}/modules/{module}"),
+                Some(serde_json::json!({"deviceId": device, "moduleId": module})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        Key::from_base64(body["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap()
+    }
+
+    pub fn device_token(&self, device: &str, module: Option<&str>, key: &Key, expiry: u64) -> String {
+        let resource = match module {
+            Some(m) => format!("{}/devices/{device}/modules/{m}", self.info.hostname),
+            None => format!("{}/devices/{device}", self.info.hostname),
+        };
+        sign_token(&resource, key, expiry, None)
+    }
+
+    pub async fn mqtt(&self) -> MqttClient {
+        let tcp = TcpStream::connect(self.info.mqtt_addr).await.unwrap();
+        let tls = TlsConnector::from(self.tls.clone()).connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+        MqttClient { stream: tls, rbuf: BytesMut::new(), next_pkid: 0 }
+    }
+
+    /// A device or module connected with a valid token (CleanSession as given).
+    pub async fn connect(&self, device: &str, module: Option<&str>, key: &Key, clean: bool) -> MqttClient {
+        let mut c = self.mqtt().await;
+        let client_id = match module {
+            Some(m) => format!("{device}/{m}"),
+            None => device.to_owned(),
+        };
+        let code = c
+            .connect(
+                &client_id,
+                &hub_username(&self.info.hostname, device, module, None),
+                &self.device_token(device, module, key, future(3600)),
+                clean,
+                60,
+            )
+            .await;
+        assert_eq!(code, Some(ConnectReturnCode::Success));
+        c
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = self.info.metrics_url.clone().unwrap();
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one metric line, e.g. `fleetsim_hub_telemetry_received_total`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Telemetry the hub kept for an identity.
+    pub async fn events(&self, device: &str, module: Option<&str>) -> Value {
+        let path = match module {
+            Some(m) => format!("/emulator/devices/{device}/modules/{m}/messages/events"),
+            None => format!("/emulator/devices/{device}/messages/events"),
+        };
+        let (status, _, body) = self.rest("GET", &path, None).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+pub struct MqttClient {
+    stream: TlsStream<TcpStream>,
+    rbuf: BytesMut,
+    next_pkid: u16,
+}
+
+impl MqttClient {
+    pub async fn send(&mut self, p: Packet) {
+        let mut buf = BytesMut::new();
+        p.write(&mut buf, usize::MAX).unwrap();
+        // A hub that already closed may refuse the write; the next recv reports the close.
+        let _ = self.stream.write_all(&buf).await;
+        let _ = self.stream.flush().await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
+    /// The next packet, or `None` when the hub closed the connection.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match Packet::read(&mut self.rbuf, 1 << 20) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("hub sent a malformed packet: {e}"),
+                }
+                self.rbuf.reserve(4096);
+                match self.stream.read_buf(&mut self.rbuf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("no packet and no close from the hub")
+    }
+
+    /// Sends CONNECT; the CONNACK code, or `None` if the hub closed without one.
+    pub async fn connect(
+        &mut self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> Option<ConnectReturnCode> {
+        let mut c = Connect::new(client_id);
+        c.set_login(username, password);
+        c.clean_session = clean;
+        c.keep_alive = keep_alive;
+        self.send(Packet::Connect(c)).await;
+        match self.recv().await {
+            Some(Packet::ConnAck(ConnAck { code, .. })) => Some(code),
+            None => None,
+            Some(other) => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+        self.next_pkid
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Bytes>, qos: QoS) -> u16 {
+        let mut p = Publish::from_bytes(topic, qos, payload.into());
+        if qos != QoS::AtMostOnce {
+            p.pkid = self.pkid();
+        }
+        let id = p.pkid;
+        self.send(Packet::Publish(p)).await;
+        id
+    }
+
+    pub async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
+        let mut s = Subscribe::new_many(
+            filters.iter().map(|(f, q)| rumqttc::mqttbytes::v4::SubscribeFilter::new((*f).to_owned(), *q)),
+        );
+        s.pkid = self.pkid();
+        self.send(Packet::Subscribe(s)).await;
+        loop {
+            match self.recv().await {
+                Some(Packet::SubAck(a)) => return a.return_codes,
+                Some(_) => continue,
+                None => panic!("connection closed instead of SUBACK"),
+            }
+        }
+    }
+
+    /// The next PUBLISH from the hub (acknowledged if QoS 1), skipping acks and pings.
+    pub async fn next_publish(&mut self) -> Publish {
+        self.try_next_publish(true).await.expect("connection closed while waiting for a publish")
+    }
+
+    pub async fn try_next_publish(&mut self, ack: bool) -> Option<Publish> {
+        loop {
+            match self.recv().await? {
+                Packet::Publish(p) => {
+                    if ack && p.qos == QoS::AtLeastOnce {
+                        self.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+                    }
+                    return Some(p);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits for the PUBACK of `pkid`, skipping other packets.
+    pub async fn puback(&mut self, pkid: u16) {
+        loop {
+            match self.recv().await {
+                Some(Packet::PubAck(a)) if a.pkid == pkid => return,
+                Some(_) => continue,
+                None => panic!("connection closed before PUBACK {pkid}"),
+            }
+        }
+    }
+
+    /// True once the hub has closed the connection (any packets before that are skipped).
+    pub async fn closed(&mut self) -> bool {
+        while self.recv().await.is_some() {}
+        true
+    }
+}
