@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 req=tests/conformance/python/requirements.txt
 pkg=tests/conformance/node/package.json
 
+need=()
+command -v unshare >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
+command -v node >/dev/null && command -v npm >/dev/null || need+=(nodejs npm)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup-sdks: installing ${need[*]}" >&2
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     echo "setup-sdks: installing python3-venv" >&2
     apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
