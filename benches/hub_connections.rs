@@ -36,7 +36,9 @@ struct Opts {
 fn parse_args() -> (Opts, bool) {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
-    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(|s| s.parse::<f64>().expect("a number"));
+    let get = |name: &str| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(|s| s.parse::<f64>().expect("a number"))
+    };
     let opts = Opts {
         devices: get("--devices").map_or(if bench { 19_000 } else { 50 }, |v| v as usize),
         rate: get("--rate").unwrap_or(2000.0),
@@ -48,7 +50,11 @@ fn parse_args() -> (Opts, bool) {
 /// Resident set size of a process in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cpu_secs(pid: u32) -> f64 {
@@ -71,10 +77,18 @@ fn wait_for_file(path: &Path) {
     panic!("the hub did not write {}", path.display());
 }
 
-async fn connect_one(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>, id: String, password: String) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+async fn connect_one(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    id: String,
+    password: String,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| format!("tcp: {}", e.kind()))?;
     let _ = tcp.set_nodelay(true);
-    let mut s = tokio_rustls::TlsConnector::from(tls).connect("localhost".try_into().unwrap(), tcp).await.map_err(|_| "tls".to_string())?;
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|_| "tls".to_string())?;
     let mut c = Connect::new(id.clone());
     c.keep_alive = 1000;
     c.set_login(hub_username("localhost", &id, None, None), password);
@@ -92,7 +106,9 @@ async fn connect_one(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>,
         }
         while let Ok(p) = Packet::read(&mut buf, 4096) {
             match p {
-                Packet::ConnAck(a) if a.code != ConnectReturnCode::Success => return Err(format!("connack {:?}", a.code)),
+                Packet::ConnAck(a) if a.code != ConnectReturnCode::Success => {
+                    return Err(format!("connack {:?}", a.code));
+                }
                 Packet::PubAck(_) => acked = true,
                 _ => {}
             }
@@ -109,7 +125,16 @@ fn main() {
     let mut hub = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
         .args(["hub", "--data-dir"])
         .arg(dir.path())
-        .args(["--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("start the hub");
@@ -135,9 +160,18 @@ async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
         roots.add(c.unwrap()).unwrap();
     }
     let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
-    let http = reqwest::Client::builder().tls_backend_preconfigured(rustls::ClientConfig::clone(&tls)).resolve("localhost", info.https_addr).build().unwrap();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+        .resolve("localhost", info.https_addr)
+        .build()
+        .unwrap();
     let service: fleetsim::iot::connection_string::ConnectionString = info.service_connection_string.parse().unwrap();
-    let token = sign_token("localhost", &Key::from_base64(service.shared_access_key.as_deref().unwrap()).unwrap(), unix_secs(SystemTime::now()) + 7200, Some("iothubowner"));
+    let token = sign_token(
+        "localhost",
+        &Key::from_base64(service.shared_access_key.as_deref().unwrap()).unwrap(),
+        unix_secs(SystemTime::now()) + 7200,
+        Some("iothubowner"),
+    );
     let key = Key::generate();
     let rss_start = rss_kib(pid);
 
@@ -200,7 +234,12 @@ async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
     let n = connected.load(Ordering::Relaxed);
     let failed: usize = failures.lock().unwrap().values().sum();
     let metrics = reqwest::get(info.metrics_url.clone().unwrap()).await.unwrap().text().await.unwrap();
-    let hub_sees = metrics.lines().find(|l| l.starts_with("fleetsim_hub_connections{kind=\"hub\"}")).and_then(|l| l.rsplit(' ').next()).unwrap_or("?").to_owned();
+    let hub_sees = metrics
+        .lines()
+        .find(|l| l.starts_with("fleetsim_hub_connections{kind=\"hub\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("?")
+        .to_owned();
     let per_conn = if n > 0 { (rss_held as f64 - rss_registered as f64) / n as f64 } else { 0.0 };
     let per_identity = if created > 0 { (rss_registered as f64 - rss_start as f64) / created as f64 } else { 0.0 };
     let _ = stop_tx.send(true);
@@ -211,10 +250,25 @@ async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| devices registered (REST, 64 concurrent) | {created} in {register_secs:.1} s |");
-    println!("| devices connected over TLS, each with 1 QoS 1 message acked | {n} (hub reports {hub_sees}), {failed} failed {:?} |", failures.lock().unwrap());
-    println!("| connect phase at a target of {:.0}/s | {connect_secs:.1} s, {:.0} connections/s |", opts.rate, n as f64 / connect_secs);
-    println!("| hub CPU during the connect phase | {cpu_connect:.2} s ({:.0} µs per connection) |", cpu_connect * 1e6 / n.max(1) as f64);
-    println!("| hub RSS: start / registered / holding | {} / {} / {} MiB |", rss_start / 1024, rss_registered / 1024, rss_held / 1024);
+    println!(
+        "| devices connected over TLS, each with 1 QoS 1 message acked | {n} (hub reports {hub_sees}), {failed} failed {:?} |",
+        failures.lock().unwrap()
+    );
+    println!(
+        "| connect phase at a target of {:.0}/s | {connect_secs:.1} s, {:.0} connections/s |",
+        opts.rate,
+        n as f64 / connect_secs
+    );
+    println!(
+        "| hub CPU during the connect phase | {cpu_connect:.2} s ({:.0} µs per connection) |",
+        cpu_connect * 1e6 / n.max(1) as f64
+    );
+    println!(
+        "| hub RSS: start / registered / holding | {} / {} / {} MiB |",
+        rss_start / 1024,
+        rss_registered / 1024,
+        rss_held / 1024
+    );
     println!("| hub RSS per registered identity | {:.2} KiB |", per_identity);
     println!("| hub RSS per connected device | {:.1} KiB |", per_conn);
     let json = serde_json::json!({

@@ -247,6 +247,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hub.example.toml");
+        let c = HubConfig::load(&path).unwrap();
+        c.validate().unwrap();
+        let d = HubConfig::default();
+        assert_eq!((c.mqtt_addr, c.https_addr, c.metrics_addr), (d.mqtt_addr, d.https_addr, d.metrics_addr));
+        assert_eq!(format!("{:?}", c.behaviour), format!("{:?}", d.behaviour));
+    }
+
+    #[test]
     fn reads_enrollments_and_knobs() {
         let c: HubConfig = toml::from_str(
             r#"
