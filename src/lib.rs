@@ -6,4 +6,6 @@
 pub mod cli;
 pub mod hub;
 pub mod iot;
+pub mod scenario;
 pub mod sys;
+pub mod tomlread;

@@ -1,0 +1,199 @@
+//! The validated form of a scenario: what the device runtime executes. Built only by
+//! `schema::load`, so every value here has passed its checks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::value::{GenState, Template, ValueSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT over TLS, port 8883.
+    Mqtt,
+    /// MQTT over WebSockets, port 443, `/$iothub/websocket`.
+    WebSockets,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpsTransport {
+    Https,
+    Mqtt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provisioning {
+    /// DPS with a symmetric-key group enrollment (derived keys) or individual enrollments.
+    Dps { individual: bool, transport: DpsTransport },
+    /// Straight to the hub with the device's own key (registry-created or from `keys_file`).
+    ConnectionString,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckStyle {
+    /// `{value, ac, av, ad}` (Plug and Play, current IoT Central).
+    Pnp,
+    /// `{value, status, desiredVersion}` (pre-PnP IoT Central).
+    Legacy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonType {
+    Any,
+    Number,
+    Integer,
+    String,
+    Bool,
+    Object,
+    /// No payload (null or empty).
+    None,
+}
+
+impl JsonType {
+    pub fn matches(self, v: &serde_json::Value) -> bool {
+        use serde_json::Value as V;
+        match self {
+            JsonType::Any => true,
+            JsonType::Number => v.is_number(),
+            JsonType::Integer => v.is_i64() || v.is_u64(),
+            JsonType::String => v.is_string(),
+            JsonType::Bool => v.is_boolean(),
+            JsonType::Object => v.is_object(),
+            JsonType::None => matches!(v, V::Null),
+        }
+    }
+
+    pub const NAMES: &'static [&'static str] = &["any", "number", "integer", "string", "bool", "object", "none"];
+
+    pub fn from_name(s: &str) -> JsonType {
+        match s {
+            "number" => JsonType::Number,
+            "integer" => JsonType::Integer,
+            "string" => JsonType::String,
+            "bool" => JsonType::Bool,
+            "object" => JsonType::Object,
+            "none" => JsonType::None,
+            _ => JsonType::Any,
+        }
+    }
+}
+
+/// Send a message only when a field exceeds a writable property's value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendIf {
+    /// Path into the generated body, e.g. `["machine", "temperature"]`.
+    pub field: Vec<String>,
+    /// The writable property holding the threshold.
+    pub above: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySpec {
+    pub interval: Duration,
+    /// Fraction of the interval by which each send may move, so devices do not beat in step.
+    pub jitter: f64,
+    /// A writable property (seconds) that overrides `interval` when set.
+    pub interval_property: Option<String>,
+    pub fields: ValueSpec,
+    pub properties: Vec<(String, ValueSpec)>,
+    pub content_type: String,
+    pub content_encoding: String,
+    /// PnP component: sent as `$.sub`.
+    pub component: Option<String>,
+    /// Edge output name: sent as `$.on`.
+    pub output: Option<String>,
+    pub send_if: Option<SendIf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebootSpec {
+    pub downtime: Duration,
+    /// Answer the method before going down (true), or after coming back.
+    pub answer_first: bool,
+    pub report: Vec<(String, ValueSpec)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub after: Duration,
+    pub report: Vec<(String, ValueSpec)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSpec {
+    pub name: String,
+    pub component: Option<String>,
+    pub status: u16,
+    pub request: JsonType,
+    pub response: Option<ValueSpec>,
+    pub delay: Duration,
+    /// Reported properties set when the command runs (e.g. `state` for turnon/turnoff).
+    pub report: Vec<(String, ValueSpec)>,
+    /// Long-running: answered now, finished later with a reported property.
+    pub complete: Option<Completion>,
+    pub reboot: Option<RebootSpec>,
+}
+
+impl CommandSpec {
+    /// The direct-method name: `component*command` for component commands.
+    pub fn method_name(&self) -> String {
+        match &self.component {
+            Some(c) => format!("{c}*{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WritableSpec {
+    pub name: String,
+    pub component: Option<String>,
+    pub ack: AckStyle,
+    pub delay: Duration,
+    pub kind: JsonType,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Reported with `ac: 203, av: 0` when the twin has no desired value.
+    pub default: Option<serde_json::Value>,
+}
+
+/// What an identity (device or module) does once connected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behaviour {
+    pub telemetry: Vec<TelemetrySpec>,
+    pub reported: Vec<(String, ValueSpec)>,
+    pub commands: Vec<CommandSpec>,
+    pub writable: Vec<WritableSpec>,
+    /// C2D messages carrying `method-name` run that command (IoT Central offline commands).
+    pub c2d_commands: bool,
+    /// Fresh generator state for one identity.
+    pub initial_state: GenState,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleTemplate {
+    pub id: String,
+    pub behaviour: Behaviour,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTemplate {
+    pub file: PathBuf,
+    pub name: String,
+    pub count: u64,
+    pub first: u64,
+    pub id: Template,
+    pub model_id: Option<String>,
+    pub transport: Transport,
+    pub provisioning: Provisioning,
+    /// For Azure: `id,key` lines for individual enrollments or connection-string devices.
+    pub keys_file: Option<PathBuf>,
+    pub behaviour: Behaviour,
+    pub modules: Vec<ModuleTemplate>,
+}
+
+impl DeviceTemplate {
+    /// The device id of ordinal `n`.
+    pub fn device_id(&self, n: u64) -> String {
+        self.id.render(&super::value::Ctx { n, ..Default::default() })
+    }
+}

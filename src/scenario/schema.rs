@@ -1,0 +1,466 @@
+//! The scenario file format, checked field by field. `load` reads every file, reports every
+//! problem in every file at once (file:line:column: field: message), and only returns templates
+//! when there is none. See `scenarios/*.toml` for the format in use.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::model::*;
+use super::value::{ALL_VARS, Compiler, Template, ValueSpec};
+use crate::tomlread::{Diagnostic, Diagnostics, Doc, Table};
+
+/// Placeholders by place.
+const ID_VARS: &[&str] = &["n"];
+const TELEMETRY_VARS: &[&str] = &["id", "n", "module", "now", "seq"];
+const REPORT_VARS: &[&str] = &["id", "n", "module", "now", "payload"];
+
+/// Most devices one template may describe (a fleet is sharded across processes above this).
+const MAX_COUNT: u64 = 10_000_000;
+
+/// Ids that are valid both as DPS registration ids and as IoT Hub device ids.
+fn valid_identity_id(id: &str) -> bool {
+    crate::hub::dps::valid_registration_id(id)
+}
+
+/// Reads scenario files; all templates, or every problem found.
+pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Diagnostics> {
+    let mut diags = Vec::new();
+    let mut templates = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(f) {
+            Ok(text) => {
+                let (t, mut d) = load_text(f, text);
+                templates.extend(t);
+                diags.append(&mut d);
+            }
+            Err(e) => diags.push(Diagnostic {
+                file: f.display().to_string(),
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    check_unique_ids(&templates, &mut diags);
+    if diags.is_empty() { Ok(templates) } else { Err(Diagnostics(diags)) }
+}
+
+/// One file's templates and problems.
+pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Diagnostic>) {
+    let (mut doc, root) = Doc::parse(path.display().to_string(), text);
+    let mut out = Vec::new();
+    if let Some(mut top) = doc.table(&root, "") {
+        let devices = top.tables(&mut doc, "devices");
+        if devices.is_empty() && !top.has("devices") {
+            doc.error(0..0, "devices", "a scenario needs at least one [[devices]] table");
+        }
+        for (i, t) in devices.into_iter().enumerate() {
+            if let Some(tpl) = device(&mut doc, t, path, i) {
+                out.push(tpl);
+            }
+        }
+        top.finish(&mut doc);
+    }
+    let ok = doc.ok();
+    (if ok { out } else { Vec::new() }, doc.diags)
+}
+
+fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<DeviceTemplate> {
+    let before = doc.diags.len();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = t.str(doc, "name").unwrap_or_else(|| if index == 0 { stem.clone() } else { format!("{stem}-{index}") });
+    let count = t.u64(doc, "count").unwrap_or(1);
+    if count == 0 || count > MAX_COUNT {
+        doc.error(t.span_of("count"), &t.field("count"), format!("must be between 1 and {MAX_COUNT}"));
+    }
+    let first = t.u64(doc, "first").unwrap_or(1);
+    let id = match t.req_str(doc, "id").map(|s| (Template::parse(&s, ID_VARS), s)) {
+        Some((Ok(tpl), s)) => {
+            if count > 1 && tpl.is_constant() {
+                doc.error(
+                    t.span_of("id"),
+                    &t.field("id"),
+                    format!("\"{s}\" has no {{n}}, so {count} devices would share one id"),
+                );
+            }
+            let sample = tpl.render(&super::value::Ctx { n: first, ..Default::default() });
+            if !valid_identity_id(&sample) {
+                doc.error(
+                    t.span_of("id"),
+                    &t.field("id"),
+                    format!("\"{sample}\" is not a valid device id (letters, digits and -._: up to 128)"),
+                );
+            }
+            Some(tpl)
+        }
+        Some((Err(e), _)) => {
+            doc.error(t.span_of("id"), &t.field("id"), e);
+            None
+        }
+        None => None,
+    };
+    let model_id = t.str(doc, "model_id");
+    let transport = match t.choice(doc, "transport", &["mqtt", "websockets"]) {
+        Some("websockets") => Transport::WebSockets,
+        _ => Transport::Mqtt,
+    };
+    let dps_transport = match t.choice(doc, "dps_transport", &["https", "mqtt"]) {
+        Some("mqtt") => DpsTransport::Mqtt,
+        _ => DpsTransport::Https,
+    };
+    let individual = t.choice(doc, "enrollment", &["group", "individual"]) == Some("individual");
+    let provisioning = match t.choice(doc, "provisioning", &["dps", "connection_string"]) {
+        Some("connection_string") => {
+            if t.has("enrollment") || t.has("dps_transport") {
+                doc.error(
+                    t.span.clone(),
+                    &t.field("provisioning"),
+                    "enrollment and dps_transport only apply to provisioning = \"dps\"",
+                );
+            }
+            Provisioning::ConnectionString
+        }
+        _ => Provisioning::Dps { individual, transport: dps_transport },
+    };
+    let keys_file = t.str(doc, "keys_file").map(|k| path.parent().unwrap_or(Path::new(".")).join(k));
+    let own = behaviour(doc, &mut t);
+    let mut modules = Vec::new();
+    let mut module_ids = HashSet::new();
+    for mut m in t.tables(doc, "modules") {
+        let mid = m.req_str(doc, "id").unwrap_or_default();
+        if !mid.is_empty() && !valid_identity_id(&mid) {
+            doc.error(m.span.clone(), &m.field("id"), format!("\"{mid}\" is not a valid module id"));
+        }
+        if !module_ids.insert(mid.clone()) {
+            doc.error(m.span.clone(), &m.field("id"), format!("module \"{mid}\" appears twice"));
+        }
+        if let Some(b) = behaviour(doc, &mut m) {
+            modules.push(ModuleTemplate { id: mid, behaviour: b });
+        }
+        m.finish(doc);
+    }
+    t.finish(doc);
+    if doc.diags.len() != before {
+        return None;
+    }
+    Some(DeviceTemplate {
+        file: path.to_owned(),
+        name,
+        count,
+        first,
+        id: id?,
+        model_id,
+        transport,
+        provisioning,
+        keys_file,
+        behaviour: own?,
+        modules,
+    })
+}
+
+fn report_map(
+    doc: &mut Doc,
+    c: &mut Compiler,
+    t: &mut Table<'_>,
+    key: &str,
+    vars: &[&str],
+) -> Vec<(String, ValueSpec)> {
+    let Some(mut r) = t.table(doc, key) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in r.rest() {
+        if let Some(v) = c.value(doc, &e.node, &format!("{}.{}", r.path, e.key), vars) {
+            out.push((e.key.clone(), v));
+        }
+    }
+    r.finish(doc);
+    out
+}
+
+fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
+    let before = doc.diags.len();
+    let mut c = Compiler::default();
+    let reported = report_map(doc, &mut c, t, "reported", REPORT_VARS);
+
+    let mut writable = Vec::new();
+    let mut writable_names = HashSet::new();
+    for mut w in t.tables(doc, "writable") {
+        let name = w.req_str(doc, "name").unwrap_or_default();
+        let component = w.str(doc, "component");
+        if !writable_names.insert((component.clone(), name.clone())) {
+            doc.error(w.span.clone(), &w.field("name"), format!("writable property \"{name}\" appears twice"));
+        }
+        let ack =
+            if w.choice(doc, "ack", &["pnp", "legacy"]) == Some("legacy") { AckStyle::Legacy } else { AckStyle::Pnp };
+        let kind = w.choice(doc, "type", JsonType::NAMES).map_or(JsonType::Any, JsonType::from_name);
+        let (min, max) = (w.f64(doc, "min"), w.f64(doc, "max"));
+        if let (Some(a), Some(b)) = (min, max)
+            && a > b
+        {
+            doc.error(w.span.clone(), &w.field("min"), format!("min ({a}) is above max ({b})"));
+        }
+        let default = w.get("default").map(|n| c.value(doc, n, &format!("{}.default", w.path), &[]));
+        let default = match default {
+            Some(Some(ValueSpec::Const(v))) => Some(v),
+            Some(Some(_)) => {
+                doc.error(w.span.clone(), &w.field("default"), "must be a plain value, not a generator");
+                None
+            }
+            _ => None,
+        };
+        writable.push(WritableSpec {
+            name,
+            component,
+            ack,
+            delay: w.duration(doc, "delay").unwrap_or_default(),
+            kind,
+            min,
+            max,
+            default,
+        });
+        w.finish(doc);
+    }
+    let declared: HashSet<&str> = writable.iter().filter(|w| w.component.is_none()).map(|w| w.name.as_str()).collect();
+
+    let mut telemetry = Vec::new();
+    for mut s in t.tables(doc, "telemetry") {
+        let interval = s.duration(doc, "interval").unwrap_or(Duration::from_secs(10));
+        if interval.is_zero() {
+            doc.error(s.span_of("interval"), &s.field("interval"), "must be longer than zero");
+        }
+        let jitter = s.f64(doc, "jitter").unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&jitter) {
+            doc.error(s.span_of("jitter"), &s.field("jitter"), "is a fraction of the interval, between 0 and 1");
+        }
+        let interval_property = s.str(doc, "interval_property");
+        if let Some(p) = &interval_property
+            && !declared.contains(p.as_str())
+        {
+            doc.error(
+                s.span_of("interval_property"),
+                &s.field("interval_property"),
+                format!("\"{p}\" is not a writable property of this identity"),
+            );
+        }
+        let fields_path = s.field("fields");
+        let fields = match s.get("fields") {
+            Some(n) if matches!(n.value, crate::tomlread::Val::Table(_)) => {
+                c.value(doc, n, &fields_path, TELEMETRY_VARS)
+            }
+            Some(n) => {
+                doc.error(n.span.clone(), &fields_path, "expected a table of fields");
+                None
+            }
+            None => {
+                s.missing(doc, "fields");
+                None
+            }
+        };
+        let properties = report_map(doc, &mut c, &mut s, "properties", TELEMETRY_VARS);
+        let send_if = s.table(doc, "send_if").and_then(|mut g| {
+            let field = g.req_str(doc, "field");
+            let above = g.req_str(doc, "above");
+            if let Some(a) = &above
+                && !declared.contains(a.as_str())
+            {
+                doc.error(
+                    g.span_of("above"),
+                    &g.field("above"),
+                    format!("\"{a}\" is not a writable property of this identity"),
+                );
+            }
+            g.finish(doc);
+            Some(SendIf { field: field?.split('.').map(str::to_owned).collect(), above: above? })
+        });
+        let spec = TelemetrySpec {
+            interval,
+            jitter,
+            interval_property,
+            fields: fields.unwrap_or(ValueSpec::Object(Vec::new())),
+            properties,
+            content_type: s.str(doc, "content_type").unwrap_or_else(|| "application/json".into()),
+            content_encoding: s.str(doc, "content_encoding").unwrap_or_else(|| "utf-8".into()),
+            component: s.str(doc, "component"),
+            output: s.str(doc, "output"),
+            send_if,
+        };
+        s.finish(doc);
+        telemetry.push(spec);
+    }
+
+    let mut commands = Vec::new();
+    let mut command_names = HashSet::new();
+    for mut m in t.tables(doc, "commands") {
+        let name = m.req_str(doc, "name").unwrap_or_default();
+        let component = m.str(doc, "component");
+        let status = m.u64(doc, "status").unwrap_or(200);
+        if !(100..=599).contains(&status) {
+            doc.error(m.span_of("status"), &m.field("status"), "must be an HTTP-like status, 100 to 599");
+        }
+        let response = m.get("response").and_then(|n| c.value(doc, n, &format!("{}.response", m.path), ALL_VARS));
+        let report = report_map(doc, &mut c, &mut m, "report", REPORT_VARS);
+        let complete = m.table(doc, "complete").map(|mut k| {
+            let after = k.duration(doc, "after").unwrap_or_default();
+            let report = report_map(doc, &mut c, &mut k, "report", REPORT_VARS);
+            if report.is_empty() {
+                k.missing(doc, "report");
+            }
+            k.finish(doc);
+            Completion { after, report }
+        });
+        let reboot = m.table(doc, "reboot").map(|mut r| {
+            let downtime = r.duration(doc, "downtime").unwrap_or(Duration::from_secs(5));
+            let answer_first = r.choice(doc, "answer", &["before", "after"]) != Some("after");
+            let report = report_map(doc, &mut c, &mut r, "report", REPORT_VARS);
+            r.finish(doc);
+            RebootSpec { downtime, answer_first, report }
+        });
+        let spec = CommandSpec {
+            name,
+            component,
+            status: status as u16,
+            request: m.choice(doc, "request", JsonType::NAMES).map_or(JsonType::Any, JsonType::from_name),
+            response,
+            delay: m.duration(doc, "delay").unwrap_or_default(),
+            report,
+            complete,
+            reboot,
+        };
+        if !command_names.insert(spec.method_name()) {
+            doc.error(m.span.clone(), &m.field("name"), format!("command \"{}\" appears twice", spec.method_name()));
+        }
+        m.finish(doc);
+        commands.push(spec);
+    }
+    let c2d_commands = t.table(doc, "c2d").map_or(true, |mut k| {
+        let v = k.bool(doc, "commands").unwrap_or(true);
+        k.finish(doc);
+        v
+    });
+    (doc.diags.len() == before).then(|| Behaviour {
+        telemetry,
+        reported,
+        commands,
+        writable,
+        c2d_commands,
+        initial_state: c.initial_state(),
+    })
+}
+
+/// Device ids must be unique across every template of every file.
+fn check_unique_ids(templates: &[DeviceTemplate], diags: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<String, (&Path, &str)> = HashMap::new();
+    for t in templates {
+        for n in t.first..t.first + t.count {
+            let id = t.device_id(n);
+            if let Some((file, name)) = seen.insert(id.clone(), (&t.file, &t.name)) {
+                diags.push(Diagnostic {
+                    file: t.file.display().to_string(),
+                    line: 1,
+                    column: 1,
+                    field: format!("devices \"{}\".id", t.name),
+                    message: format!("device id \"{id}\" is also produced by \"{name}\" in {}", file.display()),
+                });
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> (Vec<DeviceTemplate>, Vec<String>) {
+        let (t, d) = load_text(Path::new("s.toml"), text.to_owned());
+        (t, d.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn a_full_template_compiles() {
+        let (t, errs) = load_str(
+            r#"
+[[devices]]
+count = 3
+id = "env-sensor-{n:04}"
+model_id = "dtmi:com:example:EnvironmentalSensor;1"
+dps_transport = "mqtt"
+[devices.telemetry]
+interval = "2s"
+jitter = 0.1
+interval_property = "telemetryInterval"
+fields = { temp = { kind = "uniform", min = 1, max = 75 }, humid = { kind = "uniform", min = 30, max = 99 } }
+[devices.reported]
+state = true
+[[devices.writable]]
+name = "telemetryInterval"
+type = "number"
+min = 1
+[[devices.commands]]
+name = "rundiagnostics"
+status = 202
+complete = { after = "6s", report = { rundiagnostics = { value = "Diagnostics run complete at {now}." } } }
+[[devices.modules]]
+id = "myFirstModule"
+[[devices.modules.telemetry]]
+fields = { x = 1 }
+"#,
+        );
+        assert!(errs.is_empty(), "{errs:#?}");
+        let d = &t[0];
+        assert_eq!((d.device_id(7).as_str(), d.count), ("env-sensor-0007", 3));
+        assert_eq!(d.provisioning, Provisioning::Dps { individual: false, transport: DpsTransport::Mqtt });
+        assert_eq!(d.behaviour.commands[0].complete.as_ref().unwrap().after, Duration::from_secs(6));
+        assert_eq!(d.modules[0].id, "myFirstModule");
+        assert_eq!(d.behaviour.telemetry[0].interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported_with_its_position() {
+        let (t, errs) = load_str(
+            r#"
+[[devices]]
+count = 5
+id = "same-id"
+transport = "carrier-pigeon"
+[devices.telemetry]
+interval = "soon"
+interval_property = "undeclared"
+fields = { t = { kind = "uniform", min = 1 } }
+[[devices.commands]]
+status = 200
+[[devices.commands]]
+name = "blink"
+response = "every {paylod} seconds"
+colour = "red"
+"#,
+        );
+        assert!(t.is_empty());
+        let expect = [
+            "s.toml:4:6: devices[0].id: \"same-id\" has no {n}, so 5 devices would share one id",
+            "s.toml:5:13: devices[0].transport: expected one of \"mqtt\", \"websockets\"",
+            "s.toml:7:12: devices[0].telemetry.interval: expected a duration",
+            "s.toml:8:21: devices[0].telemetry.interval_property: \"undeclared\" is not a writable property",
+            "devices[0].telemetry.fields.t.max: is required",
+            "s.toml:10:1: devices[0].commands[0].name: is required",
+            "s.toml:14:12: devices[0].commands[1].response: unknown placeholder `{paylod}`",
+            "s.toml:15:1: devices[0].commands[1].colour: unknown field",
+        ];
+        for e in expect {
+            assert!(errs.iter().any(|x| x.contains(e)), "missing {e:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn ids_must_be_unique_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::fs::write(&a, "[[devices]]\ncount = 3\nid = \"d-{n}\"\n").unwrap();
+        std::fs::write(&b, "[[devices]]\ncount = 1\nfirst = 2\nid = \"d-{n}\"\n").unwrap();
+        let err = load(&[a, b]).unwrap_err().to_string();
+        assert!(err.contains("device id \"d-2\" is also produced by"), "{err}");
+    }
+}

@@ -1,0 +1,426 @@
+//! Reading TOML the way a user needs to be told about mistakes: every problem in a file at once,
+//! each with its file, line, column and field path. serde stops at the first error, so documents
+//! are parsed into an owned tree that keeps spans, and schemas are checked by walking it.
+
+use std::fmt;
+use std::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+
+/// One problem, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending field, e.g. `devices[0].telemetry.interval`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.field, self.message)
+        }
+    }
+}
+
+/// Every diagnostic of a load, printed one per line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// A value with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub span: Range<usize>,
+    pub value: Val,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Datetime(String),
+    Array(Vec<Node>),
+    Table(Vec<Entry>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub key: String,
+    pub key_span: Range<usize>,
+    pub node: Node,
+}
+
+impl Val {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Val::Str(_) => "a string",
+            Val::Int(_) => "an integer",
+            Val::Float(_) => "a float",
+            Val::Bool(_) => "a boolean",
+            Val::Datetime(_) => "a date-time",
+            Val::Array(_) => "an array",
+            Val::Table(_) => "a table",
+        }
+    }
+}
+
+/// One file being read: its text (for positions) and the problems found so far.
+pub struct Doc {
+    pub file: String,
+    text: String,
+    pub diags: Vec<Diagnostic>,
+}
+
+fn convert(v: &toml::Spanned<DeValue<'_>>, doc: &mut Doc) -> Node {
+    let span = v.span();
+    let value = match v.get_ref() {
+        DeValue::String(s) => Val::Str(s.to_string()),
+        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) => Val::Int(n),
+            Err(_) => {
+                doc.error(span.clone(), "", "integer out of range");
+                Val::Int(0)
+            }
+        },
+        DeValue::Float(f) => Val::Float(f.as_str().replace('_', "").parse().unwrap_or(f64::NAN)),
+        DeValue::Boolean(b) => Val::Bool(*b),
+        DeValue::Datetime(d) => Val::Datetime(d.to_string()),
+        DeValue::Array(a) => Val::Array(a.iter().map(|x| convert(x, doc)).collect()),
+        DeValue::Table(t) => Val::Table(convert_table(t, doc)),
+    };
+    Node { span, value }
+}
+
+fn convert_table(t: &DeTable<'_>, doc: &mut Doc) -> Vec<Entry> {
+    t.iter().map(|(k, v)| Entry { key: k.get_ref().to_string(), key_span: k.span(), node: convert(v, doc) }).collect()
+}
+
+impl Doc {
+    /// Parses a document, recording syntax errors; the tree holds whatever could be read.
+    pub fn parse(file: impl Into<String>, text: String) -> (Doc, Node) {
+        let mut doc = Doc { file: file.into(), text: String::new(), diags: Vec::new() };
+        let (root, errors) = DeTable::parse_recoverable(&text);
+        doc.text = text.clone();
+        for e in errors {
+            let span = e.span().unwrap_or(0..0);
+            doc.error(span, "", e.message().trim().to_owned());
+        }
+        let span = root.span();
+        let entries = convert_table(root.get_ref(), &mut doc);
+        (doc, Node { span, value: Val::Table(entries) })
+    }
+
+    pub fn error(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
+        let (line, column) = line_col(&self.text, span.start);
+        self.diags.push(Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    pub fn ok(&self) -> bool {
+        self.diags.is_empty()
+    }
+
+    /// Opens a table node for reading, or records that it is not one.
+    pub fn table<'n>(&mut self, node: &'n Node, path: &str) -> Option<Table<'n>> {
+        match &node.value {
+            Val::Table(entries) => Some(Table {
+                entries,
+                path: path.to_owned(),
+                span: node.span.clone(),
+                used: vec![false; entries.len()],
+            }),
+            other => {
+                self.error(node.span.clone(), path, format!("expected a table, found {}", other.kind()));
+                None
+            }
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Reading one table: typed getters that record what is wrong and mark what was read, so that
+/// `finish` can name every key the schema does not know.
+pub struct Table<'n> {
+    entries: &'n [Entry],
+    pub path: String,
+    pub span: Range<usize>,
+    used: Vec<bool>,
+}
+
+impl<'n> Table<'n> {
+    pub fn field(&self, key: &str) -> String {
+        if self.path.is_empty() { key.to_owned() } else { format!("{}.{key}", self.path) }
+    }
+
+    /// Where a key's value is, or the table itself when the key is absent: for errors about it.
+    pub fn span_of(&self, key: &str) -> Range<usize> {
+        self.entries.iter().find(|e| e.key == key).map_or(self.span.clone(), |e| e.node.span.clone())
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.entries.iter().any(|e| e.key == key)
+    }
+
+    pub fn get(&mut self, key: &str) -> Option<&'n Node> {
+        let i = self.entries.iter().position(|e| e.key == key)?;
+        self.used[i] = true;
+        Some(&self.entries[i].node)
+    }
+
+    /// All entries not yet read, marking them read (for free-form maps).
+    pub fn rest(&mut self) -> Vec<&'n Entry> {
+        let mut out = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            if !self.used[i] {
+                self.used[i] = true;
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Reports keys nobody read.
+    pub fn finish(self, doc: &mut Doc) {
+        for (i, e) in self.entries.iter().enumerate() {
+            if !self.used[i] {
+                doc.error(e.key_span.clone(), &self.field(&e.key), "unknown field");
+            }
+        }
+    }
+
+    fn wrong(&self, doc: &mut Doc, key: &str, node: &Node, want: &str) {
+        doc.error(node.span.clone(), &self.field(key), format!("expected {want}, found {}", node.value.kind()));
+    }
+
+    pub fn missing(&self, doc: &mut Doc, key: &str) {
+        doc.error(self.span.clone(), &self.field(key), "is required");
+    }
+
+    pub fn str(&mut self, doc: &mut Doc, key: &str) -> Option<String> {
+        let node = self.get(key)?;
+        match &node.value {
+            Val::Str(s) => Some(s.clone()),
+            _ => {
+                self.wrong(doc, key, node, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn req_str(&mut self, doc: &mut Doc, key: &str) -> Option<String> {
+        if !self.has(key) {
+            self.missing(doc, key);
+            return None;
+        }
+        self.str(doc, key)
+    }
+
+    pub fn f64(&mut self, doc: &mut Doc, key: &str) -> Option<f64> {
+        let node = self.get(key)?;
+        match node.value {
+            Val::Int(i) => Some(i as f64),
+            Val::Float(f) if f.is_finite() => Some(f),
+            _ => {
+                self.wrong(doc, key, node, "a number");
+                None
+            }
+        }
+    }
+
+    pub fn u64(&mut self, doc: &mut Doc, key: &str) -> Option<u64> {
+        let node = self.get(key)?;
+        match node.value {
+            Val::Int(i) if i >= 0 => Some(i as u64),
+            _ => {
+                self.wrong(doc, key, node, "a non-negative integer");
+                None
+            }
+        }
+    }
+
+    pub fn bool(&mut self, doc: &mut Doc, key: &str) -> Option<bool> {
+        let node = self.get(key)?;
+        match node.value {
+            Val::Bool(b) => Some(b),
+            _ => {
+                self.wrong(doc, key, node, "true or false");
+                None
+            }
+        }
+    }
+
+    /// A duration: `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, or a number of seconds.
+    pub fn duration(&mut self, doc: &mut Doc, key: &str) -> Option<std::time::Duration> {
+        let node = self.get(key)?;
+        let parsed = match &node.value {
+            Val::Int(i) if *i >= 0 => Some(std::time::Duration::from_secs(*i as u64)),
+            Val::Float(f) if *f >= 0.0 && f.is_finite() => Some(std::time::Duration::from_secs_f64(*f)),
+            Val::Str(s) => parse_duration(s),
+            _ => None,
+        };
+        if parsed.is_none() {
+            doc.error(
+                node.span.clone(),
+                &self.field(key),
+                "expected a duration such as \"2s\", \"500ms\", \"1.5m\" or a number of seconds",
+            );
+        }
+        parsed
+    }
+
+    /// One of a fixed set of strings.
+    pub fn choice(&mut self, doc: &mut Doc, key: &str, allowed: &[&'static str]) -> Option<&'static str> {
+        let node = self.get(key)?;
+        if let Val::Str(s) = &node.value
+            && let Some(a) = allowed.iter().find(|a| **a == s)
+        {
+            return Some(a);
+        }
+        doc.error(
+            node.span.clone(),
+            &self.field(key),
+            format!("expected one of {}", allowed.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")),
+        );
+        None
+    }
+
+    pub fn table(&mut self, doc: &mut Doc, key: &str) -> Option<Table<'n>> {
+        let path = self.field(key);
+        let node = self.get(key)?;
+        doc.table(node, &path)
+    }
+
+    /// An array of tables (`[[key]]`), each opened for reading; a single table is accepted too.
+    pub fn tables(&mut self, doc: &mut Doc, key: &str) -> Vec<Table<'n>> {
+        let path = self.field(key);
+        let Some(node) = self.get(key) else { return Vec::new() };
+        match &node.value {
+            Val::Array(items) => {
+                items.iter().enumerate().filter_map(|(i, n)| doc.table(n, &format!("{path}[{i}]"))).collect()
+            }
+            Val::Table(_) => doc.table(node, &path).into_iter().collect(),
+            other => {
+                doc.error(node.span.clone(), &path, format!("expected an array of tables, found {}", other.kind()));
+                Vec::new()
+            }
+        }
+    }
+
+    pub fn strings(&mut self, doc: &mut Doc, key: &str) -> Option<Vec<String>> {
+        let path = self.field(key);
+        let node = self.get(key)?;
+        let Val::Array(items) = &node.value else {
+            doc.error(node.span.clone(), &path, format!("expected an array of strings, found {}", node.value.kind()));
+            return None;
+        };
+        let mut out = Vec::new();
+        for (i, n) in items.iter().enumerate() {
+            match &n.value {
+                Val::Str(s) => out.push(s.clone()),
+                other => doc.error(
+                    n.span.clone(),
+                    &format!("{path}[{i}]"),
+                    format!("expected a string, found {}", other.kind()),
+                ),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, `"0"`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem_with_positions() {
+        let text = "name = 3\ncount = \"x\"\n[inner]\nok = true\nstray = 1\n".to_owned();
+        let (mut doc, root) = Doc::parse("f.toml", text);
+        let mut t = doc.table(&root, "").unwrap();
+        assert_eq!(t.str(&mut doc, "name"), None);
+        assert_eq!(t.u64(&mut doc, "count"), None);
+        let mut inner = t.table(&mut doc, "inner").unwrap();
+        assert_eq!(inner.bool(&mut doc, "ok"), Some(true));
+        inner.finish(&mut doc);
+        t.missing(&mut doc, "needed");
+        t.finish(&mut doc);
+        let shown: Vec<String> = doc.diags.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "f.toml:1:8: name: expected a string, found an integer",
+                "f.toml:2:9: count: expected a non-negative integer, found a string",
+                "f.toml:5:1: inner.stray: unknown field",
+                "f.toml:1:1: needed: is required",
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_located_too() {
+        let (doc, _) = Doc::parse("bad.toml", "a = 1\nb = \n".to_owned());
+        assert_eq!(doc.diags.len(), 1);
+        assert_eq!((doc.diags[0].line, doc.diags[0].file.as_str()), (2, "bad.toml"));
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5m"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2 weeks"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}
