@@ -24,8 +24,31 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a fleet of simulated devices (with the embedded emulator unless configured otherwise).
+    Run(RunArgs),
+    /// Validate a daemon config and scenario files, reporting every problem; exit 64 if any.
+    Check(CheckArgs),
     /// Run the local IoT Hub + DPS emulator.
     Hub(HubArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The daemon config (see config.example.toml).
+    #[arg(long, default_value = "config.example.toml")]
+    pub config: PathBuf,
+    /// Run only shard `i` of `n` (devices whose ordinal is i mod n), e.g. 0/4.
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A daemon config to check (its scenarios are checked too).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Scenario files to check.
+    pub scenarios: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

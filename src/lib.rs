@@ -4,8 +4,13 @@
 //! See ARCHITECTURE.md for where each flow lives.
 
 pub mod cli;
+pub mod config;
+pub mod device;
+pub mod fleet;
 pub mod hub;
 pub mod iot;
+pub mod metrics;
+pub mod provision;
 pub mod scenario;
 pub mod sys;
 pub mod tomlread;

@@ -4,9 +4,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsim::cli::{Cli, Command};
+use fleetsim::cli::{CheckArgs, Cli, Command, RunArgs};
+use fleetsim::config::{DaemonConfig, HubMode};
+use fleetsim::fleet::{self, ConfigProblems, expand::Shard};
 use fleetsim::hub;
 use fleetsim::hub::config::HubConfig;
+use fleetsim::scenario::schema;
 use tracing_subscriber::EnvFilter;
 
 /// EX_USAGE from sysexits.h: bad configuration or arguments.
@@ -21,6 +24,8 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run_fleet(args).await,
+            Command::Check(args) => check(args),
             Command::Hub(args) => run_hub(args).await,
         }
     })
@@ -78,6 +83,89 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
     println!("  https {}  (service API, DPS, {})", running.info.https_addr, running.info.websocket_url);
     if let Some(m) = &running.info.metrics_url {
         println!("  metrics {m}");
+    }
+    fleetsim::sys::shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Loads the daemon config and its scenarios, printing every problem; `None` means exit 64.
+fn load_all(
+    config: &std::path::Path,
+    extra: &[std::path::PathBuf],
+) -> Option<(DaemonConfig, Vec<fleetsim::scenario::model::DeviceTemplate>)> {
+    let cfg = match DaemonConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return None;
+        }
+    };
+    let mut files = cfg.scenarios.clone();
+    files.extend(extra.iter().cloned());
+    match schema::load(&files) {
+        Ok(t) => Some((cfg, t)),
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let result = match &args.config {
+        Some(c) => load_all(c, &args.scenarios).map(|(_, t)| t),
+        None => match schema::load(&args.scenarios) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{e}");
+                None
+            }
+        },
+    };
+    match result {
+        Some(templates) => {
+            let devices: u64 = templates.iter().map(|t| t.count).sum();
+            let modules: u64 = templates.iter().map(|t| t.count * t.modules.len() as u64).sum();
+            println!("ok: {} templates, {devices} devices, {modules} modules", templates.len());
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+async fn run_fleet(args: RunArgs) -> ExitCode {
+    let shard: Shard = match args.shard.parse() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: --shard: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some((cfg, templates)) = load_all(&args.config, &[]) else { return ExitCode::from(EXIT_CONFIG) };
+    let running = match fleet::start(&cfg, templates, shard).await {
+        Ok(r) => r,
+        Err(e) if e.downcast_ref::<ConfigProblems>().is_some() => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("fleetsim: {} identities (shard {}/{})", running.identities, shard.index, shard.count);
+    if let (Some(info), HubMode::Embedded { .. }) = (&running.hub_info, &cfg.hub) {
+        println!("  embedded hub: {}", info.mqtt_addr);
+        println!(
+            "  hub.json:     {}",
+            running.hub.as_ref().map(|h| h.info_path.display().to_string()).unwrap_or_default()
+        );
+        println!("  service API:  https://{}  (credentials in hub.json)", info.https_addr);
+    }
+    if let Some(a) = running.metrics_addr {
+        println!("  metrics:      http://{a}/metrics  (health: /healthz, /readyz)");
     }
     fleetsim::sys::shutdown_signal().await;
     tracing::info!("shutting down");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 
 use super::registry::{Record, Registry, RegistryError};
+pub use crate::iot::dps::valid_registration_id;
 use crate::iot::dps::{OperationStatus, RegistrationRequest, RegistrationState};
 use crate::iot::sas::{Key, SasError, SasToken, derive_device_key};
 use crate::iot::time::iso8601;
@@ -108,15 +109,6 @@ pub struct Dps {
 /// Registration ids are case-insensitive in DPS; the map key folds case, the HMAC does not.
 fn fold(id: &str) -> String {
     id.to_ascii_lowercase()
-}
-
-/// A registration id DPS accepts: alphanumerics and `-._:`, at most 128, ending in one of
-/// alphanumeric or `-`.
-pub fn valid_registration_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
-        && id.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 impl Dps {

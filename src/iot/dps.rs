@@ -5,6 +5,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Body of a register request. `payload` may be absent or null (the Python SDK sends null).
+/// A registration id DPS accepts: alphanumerics and `-._:`, at most 128, ending in an
+/// alphanumeric or `-` (protocol.md §3.1). Also a valid IoT Hub device id.
+pub fn valid_registration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+        && id.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationRequest {

@@ -20,7 +20,7 @@ const MAX_COUNT: u64 = 10_000_000;
 
 /// Ids that are valid both as DPS registration ids and as IoT Hub device ids.
 fn valid_identity_id(id: &str) -> bool {
-    crate::hub::dps::valid_registration_id(id)
+    crate::iot::dps::valid_registration_id(id)
 }
 
 /// Reads scenario files; all templates, or every problem found.
@@ -333,7 +333,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
         m.finish(doc);
         commands.push(spec);
     }
-    let c2d_commands = t.table(doc, "c2d").map_or(true, |mut k| {
+    let c2d_commands = t.table(doc, "c2d").is_none_or(|mut k| {
         let v = k.bool(doc, "commands").unwrap_or(true);
         k.finish(doc);
         v

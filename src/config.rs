@@ -1,0 +1,369 @@
+//! The daemon's configuration (`config.example.toml`): which hub (embedded emulator, an emulator
+//! elsewhere via its hub.json, or Azure), which scenarios, the connection ramp, metrics and device
+//! runtime knobs. Checked as a whole before anything starts; every problem is reported at once.
+//! Secrets may be inline, `{ env = "VAR" }` or `{ file = "path" }`, and are never echoed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::device::ramp::Schedule;
+use crate::device::runtime::Settings;
+use crate::tomlread::{Diagnostics, Doc, Node, Table, Val};
+
+/// A secret's value. `Debug` shows only where it came from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub value: String,
+    origin: String,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(from {})", self.origin)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum HubMode {
+    /// The emulator in this process.
+    Embedded {
+        data_dir: PathBuf,
+        mqtt_addr: SocketAddr,
+        https_addr: SocketAddr,
+        hub_config: Option<PathBuf>,
+    },
+    /// An emulator running elsewhere, found through its hub.json.
+    External {
+        hub_json: PathBuf,
+    },
+    Azure(AzureTarget),
+}
+
+#[derive(Debug, Clone)]
+pub struct AzureTarget {
+    pub dps_host: String,
+    pub id_scope: Option<String>,
+    pub group_key: Option<Secret>,
+    pub service_connection_string: Option<Secret>,
+    pub dps_service_connection_string: Option<Secret>,
+    pub hub_host: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub gateway_host: Option<String>,
+    pub mqtt_port: u16,
+    pub https_port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub file: PathBuf,
+    pub scenarios: Vec<PathBuf>,
+    pub hub: HubMode,
+    pub ramp: Schedule,
+    pub metrics_addr: Option<SocketAddr>,
+    pub settings: Settings,
+    pub progress_interval: Duration,
+}
+
+fn secret(doc: &mut Doc, t: &mut Table<'_>, key: &str, base: &Path) -> Option<Secret> {
+    let field = t.field(key);
+    let node: &Node = t.get(key)?;
+    match &node.value {
+        Val::Str(s) => Some(Secret { value: s.clone(), origin: "the config file".into() }),
+        Val::Table(_) => {
+            let mut st = doc.table(node, &field)?;
+            let result = match (st.str(doc, "env"), st.str(doc, "file")) {
+                (Some(var), None) => match std::env::var(&var) {
+                    Ok(v) if !v.trim().is_empty() => {
+                        Some(Secret { value: v.trim().to_owned(), origin: format!("${var}") })
+                    }
+                    _ => {
+                        doc.error(node.span.clone(), &field, format!("environment variable {var} is not set"));
+                        None
+                    }
+                },
+                (None, Some(f)) => {
+                    let path = base.join(&f);
+                    match std::fs::read_to_string(&path) {
+                        Ok(v) => Some(Secret { value: v.trim().to_owned(), origin: path.display().to_string() }),
+                        Err(e) => {
+                            doc.error(
+                                node.span.clone(),
+                                &field,
+                                format!("cannot read {}: {}", path.display(), e.kind()),
+                            );
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    doc.error(node.span.clone(), &field, "give exactly one of env = \"VAR\" or file = \"path\"");
+                    None
+                }
+            };
+            st.finish(doc);
+            result
+        }
+        other => {
+            doc.error(
+                node.span.clone(),
+                &field,
+                format!("expected a string or {{ env = .. }} / {{ file = .. }}, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+fn addr(doc: &mut Doc, t: &mut Table<'_>, key: &str, default: &str) -> SocketAddr {
+    let span = t.span_of(key);
+    let field = t.field(key);
+    let text = t.str(doc, key).unwrap_or_else(|| default.to_owned());
+    text.parse().unwrap_or_else(|_| {
+        doc.error(span, &field, format!("\"{text}\" is not an address like 127.0.0.1:8883"));
+        default.parse().expect("default address")
+    })
+}
+
+/// Expands `dir/*.toml`-style patterns (a `*` in the file name only) relative to `base`.
+fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let path = base.join(pattern);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if !name.contains('*') {
+        return Ok(vec![path]);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let (prefix, suffix) = name.split_once('*').expect("contains *");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list {}: {}", dir.display(), e.kind()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, Diagnostics> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics(vec![crate::tomlread::Diagnostic {
+                file: path.display().to_string(),
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::parse(path, text)
+    }
+
+    pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Diagnostics> {
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let (mut doc, root) = Doc::parse(path.display().to_string(), text);
+        let mut cfg = None;
+        if let Some(mut top) = doc.table(&root, "") {
+            let mut scenarios = Vec::new();
+            let span = top.span_of("scenarios");
+            for pattern in top.strings(&mut doc, "scenarios").unwrap_or_default() {
+                match expand_glob(&base, &pattern) {
+                    Ok(found) if found.is_empty() => {
+                        doc.error(span.clone(), "scenarios", format!("\"{pattern}\" matches no file"))
+                    }
+                    Ok(found) => scenarios.extend(found),
+                    Err(e) => doc.error(span.clone(), "scenarios", e),
+                }
+            }
+            let hub = hub_mode(&mut doc, &mut top, &base);
+            let ramp = ramp(&mut doc, &mut top);
+            let metrics_addr = match top.table(&mut doc, "metrics") {
+                Some(mut m) => {
+                    let enabled = m.bool(&mut doc, "enabled").unwrap_or(true);
+                    let a = addr(&mut doc, &mut m, "addr", "127.0.0.1:9100");
+                    m.finish(&mut doc);
+                    enabled.then_some(a)
+                }
+                None => Some("127.0.0.1:9100".parse().expect("default")),
+            };
+            let (settings, progress_interval) = settings(&mut doc, &mut top);
+            top.finish(&mut doc);
+            cfg = Some(DaemonConfig {
+                file: path.to_owned(),
+                scenarios,
+                hub,
+                ramp,
+                metrics_addr,
+                settings,
+                progress_interval,
+            });
+        }
+        if doc.ok() { Ok(cfg.expect("parsed when there are no errors")) } else { Err(Diagnostics(doc.diags)) }
+    }
+}
+
+fn hub_mode(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> HubMode {
+    let embedded_default = || HubMode::Embedded {
+        data_dir: base.join(".fleetsim/hub"),
+        mqtt_addr: "127.0.0.1:8883".parse().expect("default"),
+        https_addr: "127.0.0.1:8443".parse().expect("default"),
+        hub_config: None,
+    };
+    let Some(mut h) = top.table(doc, "hub") else { return embedded_default() };
+    let mode = h.choice(doc, "mode", &["embedded", "external", "azure"]).unwrap_or("embedded");
+    let result = match mode {
+        "external" => {
+            let p = h.req_str(doc, "hub_json").unwrap_or_default();
+            HubMode::External { hub_json: base.join(p) }
+        }
+        "azure" => {
+            let a = AzureTarget {
+                dps_host: h.str(doc, "dps_host").unwrap_or_else(|| "global.azure-devices-provisioning.net".into()),
+                id_scope: h.str(doc, "id_scope"),
+                group_key: secret(doc, &mut h, "group_key", base),
+                service_connection_string: secret(doc, &mut h, "service_connection_string", base),
+                dps_service_connection_string: secret(doc, &mut h, "dps_service_connection_string", base),
+                hub_host: h.str(doc, "hub_host"),
+                ca_file: h.str(doc, "ca_file").map(|f| base.join(f)),
+                gateway_host: h.str(doc, "gateway_host"),
+                mqtt_port: h.u64(doc, "mqtt_port").map_or(8883, |p| p as u16),
+                https_port: h.u64(doc, "https_port").map_or(443, |p| p as u16),
+            };
+            if let Some(k) = &a.group_key
+                && crate::iot::sas::Key::from_base64(&k.value).is_err()
+            {
+                doc.error(h.span_of("group_key"), &h.field("group_key"), "is not a base64 key");
+            }
+            for (key, cs) in [
+                ("service_connection_string", &a.service_connection_string),
+                ("dps_service_connection_string", &a.dps_service_connection_string),
+            ] {
+                if let Some(cs) = cs
+                    && let Err(e) = cs.value.parse::<crate::iot::connection_string::ConnectionString>()
+                {
+                    doc.error(h.span_of(key), &h.field(key), e.to_string());
+                }
+            }
+            HubMode::Azure(a)
+        }
+        _ => {
+            let HubMode::Embedded { data_dir, .. } = embedded_default() else { unreachable!() };
+            HubMode::Embedded {
+                data_dir: h.str(doc, "data_dir").map_or(data_dir, |d| base.join(d)),
+                mqtt_addr: addr(doc, &mut h, "mqtt_addr", "127.0.0.1:8883"),
+                https_addr: addr(doc, &mut h, "https_addr", "127.0.0.1:8443"),
+                hub_config: h.str(doc, "config").map(|c| base.join(c)),
+            }
+        }
+    };
+    h.finish(doc);
+    result
+}
+
+fn ramp(doc: &mut Doc, top: &mut Table<'_>) -> Schedule {
+    let Some(mut r) = top.table(doc, "ramp") else { return Schedule::constant(200.0) };
+    let rate = r.f64(doc, "rate").unwrap_or(200.0);
+    if rate <= 0.0 {
+        doc.error(r.span_of("rate"), &r.field("rate"), "connections per second must be above zero");
+    }
+    let mut steps = vec![(Duration::ZERO, rate)];
+    for mut s in r.tables(doc, "schedule") {
+        let after = s.duration(doc, "after");
+        let rate = s.f64(doc, "rate");
+        match (after, rate) {
+            (Some(a), Some(x)) if x > 0.0 => steps.push((a, x)),
+            (_, Some(_)) => doc.error(s.span_of("rate"), &s.field("rate"), "connections per second must be above zero"),
+            _ => {
+                for k in ["after", "rate"] {
+                    if !s.has(k) {
+                        s.missing(doc, k);
+                    }
+                }
+            }
+        }
+        s.finish(doc);
+    }
+    if steps.windows(2).any(|w| w[1].0 <= w[0].0 && w[1].0 != Duration::ZERO) {
+        doc.error(r.span.clone(), &r.field("schedule"), "steps must come in increasing `after` order");
+    }
+    r.finish(doc);
+    Schedule(steps)
+}
+
+fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
+    let d = Settings::default();
+    let mut progress = Duration::from_secs(10);
+    let Some(mut t) = top.table(doc, "device") else { return (d, progress) };
+    let mut s = Settings {
+        token_ttl: t.duration(doc, "token_ttl").unwrap_or(d.token_ttl),
+        renew_at: t.f64(doc, "renew_at").unwrap_or(d.renew_at),
+        keep_alive: t.duration(doc, "keep_alive").map_or(d.keep_alive, |k| k.as_secs().min(1177) as u16),
+        backoff_base: t.duration(doc, "backoff_base").unwrap_or(d.backoff_base),
+        backoff_cap: t.duration(doc, "backoff_cap").unwrap_or(d.backoff_cap),
+        connect_timeout: t.duration(doc, "connect_timeout").unwrap_or(d.connect_timeout),
+        shutdown_grace: t.duration(doc, "shutdown_grace").unwrap_or(d.shutdown_grace),
+        max_inflight: t.u64(doc, "max_inflight").map_or(d.max_inflight, |m| m as usize),
+    };
+    if !(0.1..=0.99).contains(&s.renew_at) {
+        doc.error(
+            t.span_of("renew_at"),
+            &t.field("renew_at"),
+            "is a fraction of the token's life, between 0.1 and 0.99",
+        );
+    }
+    if s.token_ttl < Duration::from_secs(60) {
+        doc.error(t.span_of("token_ttl"), &t.field("token_ttl"), "must be at least 60s");
+    }
+    if s.max_inflight == 0 {
+        doc.error(t.span_of("max_inflight"), &t.field("max_inflight"), "must be at least 1");
+        s.max_inflight = 1;
+    }
+    if let Some(p) = t.duration(doc, "progress_interval") {
+        progress = p.max(Duration::from_secs(1));
+    }
+    t.finish(doc);
+    (s, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let c = DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c.hub, HubMode::Embedded { .. }));
+        assert_eq!(c.scenarios.len(), 4, "{:?}", c.scenarios);
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_secrets_stay_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+scenarios = ["nothing-*.toml"]
+[hub]
+mode = "azure"
+id_scope = "0ne00000000"
+group_key = { env = "FLEETSIM_TEST_UNSET_VARIABLE" }
+service_connection_string = "HostName=h;SharedAccessKeyName=p;SharedAccessKey=c2VjcmV0LXNlcnZpY2Uta2V5"
+bogus = 1
+[ramp]
+rate = 0
+[device]
+renew_at = 2.0
+"#;
+        let err = DaemonConfig::parse(&dir.path().join("c.toml"), text.to_owned()).unwrap_err().to_string();
+        for want in [
+            "c.toml:2:13: scenarios: \"nothing-*.toml\" matches no file",
+            "hub.group_key: environment variable FLEETSIM_TEST_UNSET_VARIABLE is not set",
+            "c.toml:8:1: hub.bogus: unknown field",
+            "c.toml:10:8: ramp.rate: connections per second must be above zero",
+            "device.renew_at: is a fraction",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        assert!(!err.contains("c2VjcmV0"), "a secret leaked into:\n{err}");
+    }
+}

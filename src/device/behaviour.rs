@@ -1,0 +1,362 @@
+//! One identity's simulated behaviour as a state machine without I/O: it is told what arrived
+//! (a method request, a desired patch, a C2D message, a twin) and what time it is, and answers
+//! with what to send. The runtime owns the connection; this owns the device's mind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::time::Instant;
+
+use crate::iot::property_bag::PropertyBag;
+use crate::scenario::model::{AckStyle, Behaviour, CommandSpec, JsonType, TelemetrySpec, WritableSpec};
+use crate::scenario::value::{Ctx, GenState, ValueSpec};
+
+/// Something to send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    Telemetry {
+        properties: PropertyBag,
+        body: Bytes,
+    },
+    /// A reported-properties patch.
+    Report(Value),
+    MethodResponse {
+        rid: String,
+        status: u16,
+        payload: Bytes,
+    },
+    /// Go down for `downtime`, then come back: report the command's reboot properties and, when
+    /// the command answers after the reboot, send `answer`.
+    Reboot {
+        downtime: Duration,
+        method: String,
+        answer: Option<Box<Out>>,
+    },
+    /// A command ran (for metrics): method name and the status it answered.
+    CommandRan {
+        name: String,
+        status: u16,
+    },
+    /// A writable property was acknowledged, `latency` after its desired patch arrived.
+    Acked {
+        status: u16,
+        latency: Duration,
+    },
+    /// A telemetry message was not sent because its `send_if` condition was false.
+    Filtered,
+}
+
+#[derive(Debug)]
+enum Timer {
+    Send(Out),
+    Ack { writable: usize, value: Value, version: u64, received: Instant },
+}
+
+pub struct Agent {
+    spec: Arc<Behaviour>,
+    device_id: Arc<str>,
+    module_id: Option<Arc<str>>,
+    n: u64,
+    state: GenState,
+    started: Instant,
+    seq: u64,
+    /// Current writable values, by index into `spec.writable`.
+    values: Vec<Option<Value>>,
+    /// Highest desired `$version` already handled.
+    desired_version: u64,
+    defaults_reported: bool,
+    next_send: Vec<Instant>,
+    timers: Vec<(Instant, Timer)>,
+}
+
+/// The value at a dotted path in a JSON object.
+fn at_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |cur, k| cur.get(k))
+}
+
+fn payload_json(bytes: &[u8]) -> Result<Value, ()> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(Value::Null)
+    } else {
+        serde_json::from_slice(bytes).map_err(|_| ())
+    }
+}
+
+impl Agent {
+    pub fn new(spec: Arc<Behaviour>, device_id: Arc<str>, module_id: Option<Arc<str>>, n: u64, now: Instant) -> Agent {
+        let values = spec.writable.iter().map(|w| w.default.clone()).collect();
+        let state = spec.initial_state.clone();
+        Agent {
+            next_send: vec![now; spec.telemetry.len()],
+            spec,
+            device_id,
+            module_id,
+            n,
+            state,
+            started: now,
+            seq: 0,
+            values,
+            desired_version: 0,
+            defaults_reported: false,
+            timers: Vec::new(),
+        }
+    }
+
+    /// Evaluates a scenario value for this identity (generator state advances).
+    fn eval(&mut self, v: &ValueSpec, payload: Option<&Value>) -> Value {
+        let (device_id, module_id) = (self.device_id.clone(), self.module_id.clone());
+        let ctx = Ctx {
+            device_id: &device_id,
+            n: self.n,
+            module_id: module_id.as_deref(),
+            payload,
+            seq: self.seq,
+            ..Default::default()
+        };
+        v.eval(&ctx, &mut self.state, self.started.elapsed(), &mut rand::rng())
+    }
+
+    fn render_report(&mut self, items: &[(String, ValueSpec)], payload: Option<&Value>) -> Value {
+        let mut m = Map::new();
+        for (k, v) in items {
+            let value = self.eval(v, payload);
+            m.insert(k.clone(), value);
+        }
+        Value::Object(m)
+    }
+
+    /// Spreads the first sends over one interval so a fleet that connects together does not send
+    /// together.
+    pub fn on_connected(&mut self, now: Instant) {
+        for (i, t) in self.spec.telemetry.iter().enumerate() {
+            let first = self.interval(t).mul_f64(rand::random::<f64>());
+            self.next_send[i] = self.next_send[i].max(now + first);
+        }
+    }
+
+    /// What to report once connected: start-up properties.
+    pub fn startup(&mut self) -> Vec<Out> {
+        let spec = self.spec.clone();
+        if spec.reported.is_empty() {
+            return Vec::new();
+        }
+        vec![Out::Report(self.render_report(&spec.reported, None))]
+    }
+
+    fn writable_value(&self, name: &str) -> Option<&Value> {
+        let i = self.spec.writable.iter().position(|w| w.component.is_none() && w.name == name)?;
+        self.values[i].as_ref()
+    }
+
+    fn interval(&self, t: &TelemetrySpec) -> Duration {
+        t.interval_property
+            .as_deref()
+            .and_then(|p| self.writable_value(p)?.as_f64())
+            .filter(|s| *s > 0.0 && s.is_finite())
+            .map_or(t.interval, Duration::from_secs_f64)
+    }
+
+    /// The next time something is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.next_send.iter().copied().chain(self.timers.iter().map(|(at, _)| *at)).min()
+    }
+
+    /// Everything due by `now`: telemetry and timers.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Out> {
+        let mut out = Vec::new();
+        let spec = self.spec.clone();
+        for (i, t) in spec.telemetry.iter().enumerate() {
+            if self.next_send[i] > now {
+                continue;
+            }
+            let interval = self.interval(t);
+            let jitter = if t.jitter > 0.0 { 1.0 + t.jitter * (2.0 * rand::random::<f64>() - 1.0) } else { 1.0 };
+            // Anchored to the schedule, not to `now`, so a late wake-up does not drift the rate.
+            self.next_send[i] = (self.next_send[i] + interval.mul_f64(jitter)).max(now);
+            out.push(self.telemetry(t));
+        }
+        let mut i = 0;
+        while i < self.timers.len() {
+            if self.timers[i].0 <= now {
+                let (_, timer) = self.timers.swap_remove(i);
+                match timer {
+                    Timer::Send(o) => out.push(o),
+                    Timer::Ack { writable, value, version, received } => {
+                        out.extend(self.apply_and_ack(writable, value, version, received, now))
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn telemetry(&mut self, t: &TelemetrySpec) -> Out {
+        self.seq += 1;
+        let body = self.eval(&t.fields, None);
+        if let Some(cond) = &t.send_if {
+            let threshold = self.writable_value(&cond.above).and_then(Value::as_f64).unwrap_or(f64::NEG_INFINITY);
+            if !at_path(&body, &cond.field).and_then(Value::as_f64).is_some_and(|x| x > threshold) {
+                return Out::Filtered;
+            }
+        }
+        let mut bag = PropertyBag::default();
+        bag.push("$.ct", t.content_type.clone());
+        bag.push("$.ce", t.content_encoding.clone());
+        if let Some(c) = &t.component {
+            bag.push("$.sub", c.clone());
+        }
+        if let Some(o) = &t.output {
+            bag.push("$.on", o.clone());
+        }
+        for (k, v) in &t.properties {
+            let val = self.eval(v, None);
+            bag.push(k.clone(), val.as_str().map_or_else(|| val.to_string(), str::to_owned));
+        }
+        Out::Telemetry { properties: bag, body: Bytes::from(body.to_string()) }
+    }
+
+    fn command(&self, method: &str) -> Option<&CommandSpec> {
+        self.spec.commands.iter().find(|c| c.method_name() == method)
+    }
+
+    /// A direct method request. `rid: None` is a C2D offline command: run it, answer nobody.
+    pub fn on_method(&mut self, method: &str, rid: Option<&str>, payload: &[u8], now: Instant) -> Vec<Out> {
+        let respond = |status: u16, body: Value| {
+            rid.map(|r| Out::MethodResponse { rid: r.to_owned(), status, payload: Bytes::from(body.to_string()) })
+        };
+        let Some(cmd) = self.command(method).cloned() else {
+            return respond(404, json!({"message": format!("unknown command {method}")}))
+                .into_iter()
+                .chain([Out::CommandRan { name: "unknown".into(), status: 404 }])
+                .collect();
+        };
+        let request = match payload_json(payload) {
+            Ok(v) if cmd.request.matches(&v) || (cmd.request == JsonType::None && v.is_null()) => v,
+            Ok(_) | Err(_) => {
+                let msg = format!("{method} expects a {:?} payload", cmd.request).to_lowercase();
+                return respond(400, json!({"message": msg}))
+                    .into_iter()
+                    .chain([Out::CommandRan { name: cmd.method_name(), status: 400 }])
+                    .collect();
+            }
+        };
+        let mut out = vec![Out::CommandRan { name: cmd.method_name(), status: cmd.status }];
+        if !cmd.report.is_empty() {
+            out.push(Out::Report(self.render_report(&cmd.report, Some(&request))));
+        }
+        let response = match &cmd.response {
+            Some(r) => self.eval(r, Some(&request)),
+            None => Value::Null,
+        };
+        let answer = respond(cmd.status, response);
+        if let Some(c) = &cmd.complete {
+            let report = self.render_report(&c.report, Some(&request));
+            self.timers.push((now + c.after, Timer::Send(Out::Report(report))));
+        }
+        if let Some(r) = &cmd.reboot {
+            let (now_answer, later) = if r.answer_first { (answer, None) } else { (None, answer) };
+            out.extend(now_answer);
+            out.push(Out::Reboot { downtime: r.downtime, method: cmd.method_name(), answer: later.map(Box::new) });
+            return out;
+        }
+        match answer {
+            Some(a) if !cmd.delay.is_zero() => self.timers.push((now + cmd.delay, Timer::Send(a))),
+            Some(a) => out.push(a),
+            None => {}
+        }
+        out
+    }
+
+    /// The reboot report, rendered when the device is back (so `{now}` is the time it came back).
+    pub fn after_reboot(&mut self, method: &str) -> Option<Out> {
+        let cmd = self.command(method)?.clone();
+        let r = cmd.reboot.as_ref()?;
+        (!r.report.is_empty()).then(|| Out::Report(self.render_report(&r.report, None)))
+    }
+
+    /// A full twin (from GET) or a desired patch. Values newer than what was handled are applied
+    /// and acknowledged after their delay; at first connect, writable defaults are reported.
+    pub fn on_desired(&mut self, desired: &Value, version: u64, now: Instant, from_get: bool) -> Vec<Out> {
+        let mut out = Vec::new();
+        if version > self.desired_version {
+            self.desired_version = version;
+            for (i, w) in self.spec.writable.clone().iter().enumerate() {
+                let section = match &w.component {
+                    Some(c) => desired.get(c),
+                    None => Some(desired),
+                };
+                let Some(raw) = section.and_then(|s| s.get(&w.name)) else { continue };
+                if raw.is_null() {
+                    continue;
+                }
+                // Pre-PnP IoT Central wraps desired values as {"value": x}.
+                let value = match (w.ack, raw.get("value")) {
+                    (AckStyle::Legacy, Some(v)) => v.clone(),
+                    _ => raw.clone(),
+                };
+                self.timers.push((now + w.delay, Timer::Ack { writable: i, value, version, received: now }));
+            }
+        }
+        if from_get && !self.defaults_reported {
+            self.defaults_reported = true;
+            for w in &self.spec.writable {
+                let present = match &w.component {
+                    Some(c) => desired.get(c).and_then(|s| s.get(&w.name)).is_some(),
+                    None => desired.get(&w.name).is_some(),
+                };
+                if let (false, Some(d)) = (present, &w.default) {
+                    out.push(Out::Report(ack_body(w, d.clone(), 203, 0, "initialize")));
+                }
+            }
+        }
+        out
+    }
+
+    fn apply_and_ack(&mut self, i: usize, value: Value, version: u64, received: Instant, now: Instant) -> Vec<Out> {
+        let w = &self.spec.writable[i];
+        let valid = w.kind.matches(&value)
+            && value.as_f64().is_none_or(|x| w.min.is_none_or(|m| x >= m) && w.max.is_none_or(|m| x <= m));
+        let latency = now.saturating_duration_since(received);
+        if valid {
+            self.values[i] = Some(value.clone());
+            vec![Out::Report(ack_body(w, value, 200, version, "completed")), Out::Acked { status: 200, latency }]
+        } else {
+            let current = self.values[i].clone().unwrap_or(Value::Null);
+            vec![Out::Report(ack_body(w, current, 400, version, "invalid value")), Out::Acked { status: 400, latency }]
+        }
+    }
+
+    /// A C2D message: IoT Central's offline commands carry `method-name`.
+    pub fn on_c2d(&mut self, properties: &PropertyBag, body: &[u8], now: Instant) -> Vec<Out> {
+        match properties.get("method-name") {
+            Some(name) if self.spec.c2d_commands => {
+                let name = name.to_owned();
+                self.on_method(&name, None, body, now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The highest desired version handled: GETs and patches at or below it are old news.
+    pub fn desired_version(&self) -> u64 {
+        self.desired_version
+    }
+}
+
+/// A writable-property acknowledgement in the identity's convention.
+pub fn ack_body(w: &WritableSpec, value: Value, code: u16, version: u64, description: &str) -> Value {
+    let inner = match w.ack {
+        AckStyle::Pnp => json!({"value": value, "ac": code, "av": version, "ad": description}),
+        AckStyle::Legacy => {
+            json!({"value": value, "status": if code < 300 { "completed" } else { "failed" }, "desiredVersion": version})
+        }
+    };
+    match &w.component {
+        Some(c) => json!({ c.as_str(): { "__t": "c", w.name.as_str(): inner } }),
+        None => json!({ w.name.as_str(): inner }),
+    }
+}

@@ -1,0 +1,8 @@
+//! A simulated identity's life: open a transport, speak MQTT, behave as its scenario says.
+//! `behaviour` is the device's mind (no I/O), `runtime` its body (connection, timers, retries).
+
+pub mod behaviour;
+pub mod mqtt;
+pub mod ramp;
+pub mod runtime;
+pub mod transport;

@@ -1,0 +1,612 @@
+//! One identity's task: get credentials (DPS, or the registry), wait for a ramp slot, connect,
+//! run the session (subscribe, fetch the twin, acknowledge writable properties, report, send
+//! telemetry, answer commands) until something ends it, then come back: at once to renew the
+//! token, after the downtime for a reboot, after exponential backoff with full jitter otherwise.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Subscribe, SubscribeFilter, SubscribeReasonCode};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::behaviour::{Agent, Out};
+use super::mqtt::{ConnectError, MqttConn};
+use super::ramp::Ramp;
+use super::transport::{self, Endpoint};
+use crate::iot::sas::{Key, sign_token};
+use crate::iot::time::unix_secs;
+use crate::iot::topic::{self, CloudPublish, Filter};
+use crate::iot::username::hub_username;
+use crate::metrics::{DeviceState, FleetMetrics};
+use crate::provision::dps::{self, DpsEndpoint, ProvisionError};
+use crate::provision::registry::ServiceClient;
+use crate::scenario::model::{Behaviour, DpsTransport, Transport};
+
+/// Where the fleet connects.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The hub's host name for identities that do not go through DPS.
+    pub hub_host: Option<String>,
+    /// Dial this instead of the hub (an Edge gateway, an emulator elsewhere); names stay the hub's.
+    pub gateway_host: Option<String>,
+    pub mqtt_port: u16,
+    pub ws_port: u16,
+    pub dps: Option<DpsEndpoint>,
+}
+
+/// Per-identity runtime knobs, from the daemon config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub token_ttl: Duration,
+    /// Fraction of the token's life after which it is renewed (less up to 10 % jitter).
+    pub renew_at: f64,
+    pub keep_alive: u16,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Telemetry messages awaiting PUBACK per identity before new ones are refused (and counted).
+    pub max_inflight: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            token_ttl: Duration::from_secs(3600),
+            renew_at: 0.85,
+            keep_alive: 60,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            max_inflight: 16,
+        }
+    }
+}
+
+/// What every identity task shares.
+pub struct Shared {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub http: reqwest::Client,
+    pub target: Target,
+    pub ramp: Ramp,
+    pub metrics: Arc<FleetMetrics>,
+    pub shutdown: CancellationToken,
+    pub settings: Settings,
+    /// Creates devices and modules that do not go through DPS.
+    pub service: Option<ServiceClient>,
+    /// Creates individual DPS enrollments.
+    pub dps_service: Option<ServiceClient>,
+}
+
+/// How an identity gets onto the hub.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    Dps {
+        key: Key,
+        individual: bool,
+        transport: DpsTransport,
+        payload: Option<Value>,
+    },
+    /// Straight to the hub with the identity's key; `parent_key` is set for modules, whose device
+    /// must exist first.
+    Direct {
+        key: Key,
+        parent_key: Option<Key>,
+    },
+}
+
+/// One identity to simulate.
+#[derive(Debug, Clone)]
+pub struct IdentitySpec {
+    pub device_id: Arc<str>,
+    pub module_id: Option<Arc<str>>,
+    pub n: u64,
+    pub model_id: Option<Arc<str>>,
+    pub transport: Transport,
+    pub behaviour: Arc<Behaviour>,
+    pub credentials: Credentials,
+}
+
+impl IdentitySpec {
+    fn key(&self) -> &Key {
+        match &self.credentials {
+            Credentials::Dps { key, .. } | Credentials::Direct { key, .. } => key,
+        }
+    }
+}
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    Renew,
+    Reboot { downtime: Duration, method: String, answer: Option<Box<Out>> },
+    Lost(&'static str),
+}
+
+fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+/// Sleeps unless the fleet is stopping; false when it is.
+async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
+struct StateTracker<'a> {
+    metrics: &'a FleetMetrics,
+    current: DeviceState,
+}
+
+impl StateTracker<'_> {
+    fn to(&mut self, s: DeviceState) {
+        if s != self.current {
+            self.metrics.transition(Some(self.current), s);
+            self.current = s;
+        }
+    }
+}
+
+/// Runs one identity until the fleet shuts down.
+pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
+    let m = &shared.metrics;
+    m.transition(None, DeviceState::Provisioning);
+    let mut state = StateTracker { metrics: m, current: DeviceState::Provisioning };
+    let mut agent =
+        Agent::new(spec.behaviour.clone(), spec.device_id.clone(), spec.module_id.clone(), spec.n, Instant::now());
+    let mut hub: Option<(String, String)> = None;
+    let mut ensured = false;
+    let mut failures = 0u32;
+    let mut auth_failures = 0u32;
+    let mut ever_connected = false;
+    let mut after_connect: Vec<Out> = Vec::new();
+    let cancel = &shared.shutdown;
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if hub.is_none() {
+            state.to(DeviceState::Provisioning);
+            match obtain(&spec, &shared, &mut ensured, failures).await {
+                Ok(h) => hub = Some(h),
+                Err(wait) => {
+                    failures += 1;
+                    state.to(DeviceState::Backoff);
+                    if !pause(wait, cancel).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
+        state.to(DeviceState::Connecting);
+        if !shared.ramp.acquire(cancel).await {
+            break;
+        }
+        let (host, device_id) = hub.clone().expect("set above");
+        let t0 = Instant::now();
+        let ttl = shared.settings.token_ttl;
+        let expiry = unix_secs(SystemTime::now()) + ttl.as_secs();
+        let renew_at = t0 + ttl.mul_f64(shared.settings.renew_at * (1.0 - 0.1 * rand::random::<f64>()));
+        match connect(&spec, &shared, &host, &device_id, expiry).await {
+            Ok(conn) => {
+                m.connect_attempt("ok");
+                m.connect_seconds.observe(t0.elapsed().as_secs_f64());
+                failures = 0;
+                auth_failures = 0;
+                if !ever_connected {
+                    ever_connected = true;
+                    m.ever_connected.inc();
+                }
+                state.to(DeviceState::Connected);
+                let end =
+                    session(conn, &spec, &device_id, &shared, &mut agent, renew_at, std::mem::take(&mut after_connect))
+                        .await;
+                match end {
+                    End::Shutdown => break,
+                    End::Renew => m.token_renewals.inc(),
+                    End::Reboot { downtime, method, answer } => {
+                        state.to(DeviceState::Rebooting);
+                        m.reconnect("reboot");
+                        if !pause(downtime, cancel).await {
+                            break;
+                        }
+                        after_connect.extend(answer.map(|a| *a));
+                        after_connect.extend(agent.after_reboot(&method));
+                    }
+                    End::Lost(cause) => {
+                        m.reconnect(cause);
+                        failures = 1;
+                        state.to(DeviceState::Backoff);
+                        if !pause(
+                            full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures),
+                            cancel,
+                        )
+                        .await
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                m.connect_attempt(match &e {
+                    ConnectError::Refused(_) => "refused",
+                    ConnectError::Timeout => "timeout",
+                    ConnectError::Io(_) | ConnectError::Protocol => "error",
+                });
+                tracing::debug!(device = %spec.device_id, error = %e, "connect failed");
+                failures += 1;
+                if e.is_auth() {
+                    auth_failures += 1;
+                    // A hub that no longer takes our key: go back to DPS, as the SDK guidance says.
+                    if matches!(spec.credentials, Credentials::Dps { .. }) && auth_failures >= 2 {
+                        hub = None;
+                        auth_failures = 0;
+                    }
+                }
+                state.to(DeviceState::Backoff);
+                if !pause(full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures), cancel)
+                    .await
+                {
+                    break;
+                }
+            }
+        }
+    }
+    state.to(DeviceState::Stopped);
+}
+
+/// DPS registration, or registry creation; the hub and device id to connect as. The error is how
+/// long to wait before trying again.
+async fn obtain(
+    spec: &IdentitySpec,
+    shared: &Shared,
+    ensured: &mut bool,
+    failures: u32,
+) -> Result<(String, String), Duration> {
+    let m = &shared.metrics;
+    let backoff = || full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures + 1);
+    match &spec.credentials {
+        Credentials::Dps { key, individual, transport, payload } => {
+            if *individual && !*ensured {
+                if let Some(s) = &shared.dps_service {
+                    s.ensure_enrollment(&spec.device_id, key).await.map_err(|e| {
+                        tracing::warn!(device = %spec.device_id, error = %e, "cannot create the DPS enrollment");
+                        backoff()
+                    })?;
+                }
+                *ensured = true;
+            }
+            let ep = shared.target.dps.as_ref().expect("configuration checked that DPS is configured");
+            let t0 = Instant::now();
+            let result = match transport {
+                DpsTransport::Https => {
+                    dps::register_https(&shared.http, ep, &spec.device_id, key, payload.clone()).await
+                }
+                DpsTransport::Mqtt => {
+                    dps::register_mqtt(shared.tls.clone(), ep, &spec.device_id, key, payload.clone()).await
+                }
+            };
+            match result {
+                Ok(a) => {
+                    m.provisioned("assigned");
+                    m.provision_seconds.observe(t0.elapsed().as_secs_f64());
+                    Ok((a.assigned_hub, a.device_id))
+                }
+                Err(ProvisionError::Throttled { retry_after }) => {
+                    m.provisioned("throttled");
+                    Err(retry_after + Duration::from_millis(rand::random::<u64>() % 1000))
+                }
+                Err(e @ ProvisionError::Unauthorized(_)) => {
+                    m.provisioned("unauthorized");
+                    tracing::warn!(device = %spec.device_id, error = %e, "DPS refused the device");
+                    Err(shared.settings.backoff_cap)
+                }
+                Err(e) => {
+                    m.provisioned("error");
+                    tracing::debug!(device = %spec.device_id, error = %e, "provisioning failed");
+                    Err(backoff())
+                }
+            }
+        }
+        Credentials::Direct { key, parent_key } => {
+            if !*ensured {
+                if let Some(s) = &shared.service {
+                    let r = match (&spec.module_id, parent_key) {
+                        (Some(module), Some(parent)) => match s.ensure_device(&spec.device_id, parent).await {
+                            Ok(()) => s.ensure_module(&spec.device_id, module, key).await,
+                            Err(e) => Err(e),
+                        },
+                        _ => s.ensure_device(&spec.device_id, key).await,
+                    };
+                    r.map_err(|e| {
+                        tracing::warn!(device = %spec.device_id, error = %e, "cannot create the identity");
+                        backoff()
+                    })?;
+                }
+                *ensured = true;
+            }
+            let host = shared.target.hub_host.clone().expect("configuration checked that the hub host is known");
+            Ok((host, spec.device_id.to_string()))
+        }
+    }
+}
+
+async fn connect(
+    spec: &IdentitySpec,
+    shared: &Shared,
+    host: &str,
+    device_id: &str,
+    expiry: u64,
+) -> Result<MqttConn, ConnectError> {
+    let websocket = spec.transport == Transport::WebSockets;
+    let t = &shared.target;
+    let ep = Endpoint {
+        host: t.gateway_host.clone().unwrap_or_else(|| host.to_owned()),
+        port: if websocket { t.ws_port } else { t.mqtt_port },
+        websocket,
+    };
+    let timeout = shared.settings.connect_timeout;
+    let io = tokio::time::timeout(timeout, transport::open(&ep, shared.tls.clone()))
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    let module = spec.module_id.as_deref();
+    let (client_id, resource) = match module {
+        Some(m) => (format!("{device_id}/{m}"), format!("{host}/devices/{device_id}/modules/{m}")),
+        None => (device_id.to_owned(), format!("{host}/devices/{device_id}")),
+    };
+    let password = sign_token(&resource, spec.key(), expiry, None);
+    let username = hub_username(host, device_id, module, spec.model_id.as_deref());
+    MqttConn::connect(io, &client_id, &username, &password, shared.settings.keep_alive, timeout).await
+}
+
+/// Telemetry awaiting PUBACK: packet id and when it was sent.
+type Inflight = VecDeque<(u16, Instant)>;
+
+struct Session<'a> {
+    conn: MqttConn,
+    spec: &'a IdentitySpec,
+    device_id: &'a str,
+    shared: &'a Shared,
+    inflight: Inflight,
+    next_rid: u64,
+}
+
+impl Session<'_> {
+    fn report(&mut self, patch: &Value) {
+        self.next_rid += 1;
+        self.conn.publish(
+            topic::twin_patch_reported(&format!("r{}", self.next_rid)),
+            patch.to_string(),
+            QoS::AtLeastOnce,
+        );
+    }
+
+    /// Queues what the agent asked for; a reboot ends the session.
+    fn emit(&mut self, outs: Vec<Out>) -> Option<End> {
+        let m = &self.shared.metrics;
+        for o in outs {
+            match o {
+                Out::Telemetry { properties, body } => {
+                    if self.inflight.len() >= self.shared.settings.max_inflight {
+                        m.telemetry_failed("backpressure", 1);
+                        continue;
+                    }
+                    let topic = topic::telemetry(self.device_id, self.spec.module_id.as_deref(), &properties);
+                    let pkid = self.conn.publish(topic, body, QoS::AtLeastOnce);
+                    self.inflight.push_back((pkid, Instant::now()));
+                    m.telemetry_sent.inc();
+                }
+                Out::Report(patch) => self.report(&patch),
+                Out::MethodResponse { rid, status, payload } => {
+                    self.conn.publish(topic::method_response(status, &rid), payload, QoS::AtLeastOnce);
+                }
+                Out::CommandRan { name, status } => m.command(&name, status),
+                Out::Acked { status, latency } => {
+                    m.writable_ack(status);
+                    m.writable_ack_seconds.observe(latency.as_secs_f64());
+                }
+                Out::Filtered => m.telemetry_filtered.inc(),
+                Out::Reboot { downtime, method, answer } => return Some(End::Reboot { downtime, method, answer }),
+            }
+        }
+        None
+    }
+
+    fn on_packet(&mut self, p: Packet, agent: &mut Agent) -> Option<End> {
+        let m = &self.shared.metrics;
+        let now = Instant::now();
+        match p {
+            Packet::PubAck(a) => {
+                if let Some(i) = self.inflight.iter().position(|(id, _)| *id == a.pkid) {
+                    let (_, sent) = self.inflight.remove(i).expect("found");
+                    m.telemetry_acked.inc();
+                    m.puback_seconds.observe(sent.elapsed().as_secs_f64());
+                }
+                None
+            }
+            Packet::SubAck(a) => {
+                if a.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    tracing::warn!(device = %self.device_id, "the hub refused a subscription");
+                }
+                None
+            }
+            Packet::Publish(p) => {
+                if p.qos == QoS::AtLeastOnce {
+                    self.conn.queue(Packet::PubAck(PubAck::new(p.pkid)));
+                }
+                let outs = match CloudPublish::parse(&p.topic) {
+                    Ok(CloudPublish::TwinResponse { status, rid, .. }) if rid == "get" => {
+                        m.twin("get", status);
+                        match serde_json::from_slice::<Value>(&p.payload) {
+                            Ok(twin) if status == 200 => {
+                                let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
+                                let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
+                                agent.on_desired(&desired, version, now, true)
+                            }
+                            _ => Vec::new(),
+                        }
+                    }
+                    Ok(CloudPublish::TwinResponse { status, .. }) => {
+                        m.twin("patch_reported", status);
+                        Vec::new()
+                    }
+                    Ok(CloudPublish::DesiredPatch { version }) => {
+                        m.desired_patches.inc();
+                        match serde_json::from_slice::<Value>(&p.payload) {
+                            Ok(patch) => {
+                                let v = version.or_else(|| patch.get("$version").and_then(Value::as_u64)).unwrap_or(0);
+                                agent.on_desired(&patch, v, now, false)
+                            }
+                            Err(_) => Vec::new(),
+                        }
+                    }
+                    Ok(CloudPublish::MethodRequest { name, rid }) => {
+                        agent.on_method(&name, Some(&rid), &p.payload, now)
+                    }
+                    Ok(CloudPublish::C2d { properties, .. }) => {
+                        m.c2d_received.inc();
+                        agent.on_c2d(&properties, &p.payload, now)
+                    }
+                    _ => Vec::new(),
+                };
+                self.emit(outs)
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits up to the grace period for outstanding PUBACKs.
+    async fn drain(&mut self, agent: &mut Agent) {
+        let deadline = Instant::now() + self.shared.settings.shutdown_grace;
+        while !self.inflight.is_empty() {
+            while let Ok(Some(p)) = self.conn.next_packet() {
+                if let Packet::PubAck(_) = p {
+                    self.on_packet(p, agent);
+                }
+            }
+            if self.inflight.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.conn.fill()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn fail_inflight(&mut self, reason: &str) {
+        if !self.inflight.is_empty() {
+            self.shared.metrics.telemetry_failed(reason, self.inflight.len() as u64);
+            self.inflight.clear();
+        }
+    }
+}
+
+async fn session(
+    conn: MqttConn,
+    spec: &IdentitySpec,
+    device_id: &str,
+    shared: &Shared,
+    agent: &mut Agent,
+    renew_at: Instant,
+    after_connect: Vec<Out>,
+) -> End {
+    let mut s = Session { conn, spec, device_id, shared, inflight: VecDeque::new(), next_rid: 0 };
+    let module = spec.module_id.as_deref();
+    let mut filters = vec![Filter::Methods, Filter::TwinResponses, Filter::TwinDesired];
+    if module.is_none() {
+        filters.push(Filter::C2d);
+    }
+    let mut sub =
+        Subscribe::new_many(filters.iter().map(|f| SubscribeFilter::new(f.text(device_id, module), QoS::AtLeastOnce)));
+    sub.pkid = s.conn.pkid();
+    s.conn.queue(Packet::Subscribe(sub));
+    s.conn.publish(topic::twin_get("get"), " ", QoS::AtLeastOnce);
+    let startup = agent.startup();
+    if let Some(end) = s.emit(startup).or_else(|| s.emit(after_connect)) {
+        return end;
+    }
+    agent.on_connected(Instant::now());
+    let keep_alive = Duration::from_secs(shared.settings.keep_alive.max(1) as u64);
+    let mut next_ping = Instant::now() + keep_alive;
+    loop {
+        let now = Instant::now();
+        if let Some(end) = s.emit(agent.on_tick(now)) {
+            let _ = s.conn.flush().await;
+            s.fail_inflight("disconnected");
+            s.conn.disconnect().await;
+            return end;
+        }
+        if now >= renew_at {
+            s.drain(agent).await;
+            s.fail_inflight("disconnected");
+            s.conn.disconnect().await;
+            return End::Renew;
+        }
+        if now >= next_ping {
+            s.conn.queue(Packet::PingReq);
+            next_ping = now + keep_alive;
+        }
+        if s.conn.flush().await.is_err() {
+            s.fail_inflight("disconnected");
+            return End::Lost("connection_lost");
+        }
+        let deadline = agent.next_deadline().map_or(next_ping, |d| d.min(next_ping)).min(renew_at);
+        tokio::select! {
+            r = s.conn.fill() => match r {
+                Ok(0) | Err(_) => {
+                    s.fail_inflight("disconnected");
+                    return End::Lost("connection_lost");
+                }
+                Ok(_) => loop {
+                    match s.conn.next_packet() {
+                        Ok(Some(p)) => {
+                            if let Some(end) = s.on_packet(p, agent) {
+                                let _ = s.conn.flush().await;
+                                s.fail_inflight("disconnected");
+                                s.conn.disconnect().await;
+                                return end;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            s.fail_inflight("disconnected");
+                            return End::Lost("protocol_error");
+                        }
+                    }
+                },
+            },
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shared.shutdown.cancelled() => {
+                s.drain(agent).await;
+                s.fail_inflight("shutdown");
+                s.conn.disconnect().await;
+                return End::Shutdown;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_cap() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in 0..30 {
+            let d = full_jitter(base, cap, attempt);
+            assert!(d <= cap.min(base * 2u32.pow(attempt.min(6))), "{attempt}: {d:?}");
+        }
+    }
+}

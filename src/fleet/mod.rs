@@ -1,0 +1,383 @@
+//! `fleetsim run`: starts the embedded emulator (or finds the hub), turns the scenarios into
+//! identities, runs one task per identity behind the connection ramp, serves metrics and health,
+//! logs progress while ramping, and shuts everything down within the grace period.
+
+pub mod expand;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DaemonConfig, HubMode};
+use crate::device::ramp::Ramp;
+use crate::device::runtime::{self, Shared, Target};
+use crate::device::transport;
+use crate::hub::info::HubInfo;
+use crate::hub::{self, RunningHub};
+use crate::iot::connection_string::ConnectionString;
+use crate::iot::sas::Key;
+use crate::metrics::{DeviceState, FleetMetrics};
+use crate::provision::dps::DpsEndpoint;
+use crate::provision::registry::ServiceClient;
+use crate::scenario::model::{DeviceTemplate, Provisioning};
+use expand::{KeyPlan, Shard};
+
+pub struct RunningFleet {
+    /// The embedded emulator, when the config asks for one.
+    pub hub: Option<RunningHub>,
+    /// The emulator's hub.json (embedded or external mode).
+    pub hub_info: Option<HubInfo>,
+    pub shared: Arc<Shared>,
+    pub identities: usize,
+    pub metrics_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    aux: Vec<JoinHandle<()>>,
+    stop_aux: CancellationToken,
+}
+
+impl RunningFleet {
+    /// Stops every identity (each drains its in-flight telemetry, then disconnects), then the
+    /// embedded hub.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        let grace = self.shared.settings.shutdown_grace + Duration::from_secs(5);
+        let all = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("some identities did not stop within the grace period");
+        }
+        self.stop_aux.cancel();
+        for t in self.aux {
+            let _ = t.await;
+        }
+        if let Some(h) = self.hub {
+            h.shutdown().await;
+        }
+    }
+
+    /// Identities that have connected at least once.
+    pub fn connected_once(&self) -> i64 {
+        self.shared.metrics.ever_connected.get()
+    }
+}
+
+/// The parts of a start-up that depend on where the hub is.
+struct Wiring {
+    tls: Arc<rustls::ClientConfig>,
+    target: Target,
+    service: Option<ConnectionString>,
+    dps_service: Option<ConnectionString>,
+    group: Option<Key>,
+    seed: Key,
+}
+
+fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
+    let group = Key::from_base64(&info.group_key).map_err(|_| anyhow!("hub.json: group_key is not base64"))?;
+    Ok(Wiring {
+        tls: transport::client_config(Some(&info.ca_file))?,
+        target: Target {
+            hub_host: Some(info.hostname.clone()),
+            gateway_host: None,
+            mqtt_port: info.mqtt_port,
+            ws_port: info.https_port,
+            dps: Some(DpsEndpoint {
+                host: info.dps_host.clone(),
+                https_port: info.https_port,
+                mqtt_port: info.mqtt_port,
+                id_scope: info.id_scope.clone(),
+            }),
+        },
+        service: Some(info.service_connection_string.parse().map_err(|e| anyhow!("hub.json: {e}"))?),
+        dps_service: Some(info.dps_service_connection_string.parse().map_err(|e| anyhow!("hub.json: {e}"))?),
+        seed: group.clone(),
+        group: Some(group),
+    })
+}
+
+/// Checks that the hub configuration can serve every template; all problems at once.
+fn check_wiring(
+    w: &Wiring,
+    templates: &[DeviceTemplate],
+    keys_files: &HashMap<std::path::PathBuf, HashMap<String, Key>>,
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for t in templates {
+        let name = format!("{} ({})", t.name, t.file.display());
+        match t.provisioning {
+            Provisioning::Dps { individual, .. } => {
+                if w.target.dps.is_none() {
+                    problems.push(format!("{name}: DPS provisioning needs hub.id_scope"));
+                }
+                if !individual && w.group.is_none() {
+                    problems.push(format!("{name}: group enrollment needs hub.group_key"));
+                }
+                if individual && w.dps_service.is_none() && t.keys_file.is_none() {
+                    problems.push(format!(
+                        "{name}: individual enrollments need keys_file or hub.dps_service_connection_string"
+                    ));
+                }
+            }
+            Provisioning::ConnectionString => {
+                if w.target.hub_host.is_none() {
+                    problems.push(format!(
+                        "{name}: connection-string devices need hub.hub_host or hub.service_connection_string"
+                    ));
+                }
+                if w.service.is_none() && t.keys_file.is_none() {
+                    problems.push(format!(
+                        "{name}: connection-string devices need keys_file or hub.service_connection_string"
+                    ));
+                }
+            }
+        }
+        if !t.modules.is_empty() && w.service.is_none() && t.keys_file.is_none() {
+            problems.push(format!(
+                "{name}: modules need keys_file or hub.service_connection_string (they are not provisioned by DPS)"
+            ));
+        }
+        if !t.modules.is_empty() && w.target.hub_host.is_none() {
+            problems.push(format!("{name}: modules need hub.hub_host or hub.service_connection_string"));
+        }
+        if let Some(f) = &t.keys_file
+            && !keys_files.contains_key(f)
+        {
+            problems.push(format!("{name}: keys_file {} was not loaded", f.display()));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(anyhow!(ConfigProblems(problems))) }
+}
+
+/// The configuration and the scenarios do not fit together (exit status 64 material).
+#[derive(Debug)]
+pub struct ConfigProblems(pub Vec<String>);
+
+impl std::fmt::Display for ConfigProblems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigProblems {}
+
+pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Shard) -> anyhow::Result<RunningFleet> {
+    let mut keys_files = HashMap::new();
+    let mut file_problems = Vec::new();
+    for f in templates.iter().filter_map(|t| t.keys_file.clone()) {
+        match expand::load_keys_file(&f) {
+            Ok(k) => {
+                keys_files.insert(f, k);
+            }
+            Err(e) => file_problems.push(e),
+        }
+    }
+    if !file_problems.is_empty() {
+        return Err(anyhow!(ConfigProblems(file_problems)));
+    }
+
+    let (hub, hub_info, wiring) = match &cfg.hub {
+        HubMode::Embedded { data_dir, mqtt_addr, https_addr, hub_config } => {
+            let mut hc = match hub_config {
+                Some(p) => hub::config::HubConfig::load(p)?,
+                None => hub::config::HubConfig::default(),
+            };
+            hc.data_dir = data_dir.clone();
+            hc.mqtt_addr = *mqtt_addr;
+            hc.https_addr = *https_addr;
+            // The fleet's own endpoint serves the embedded hub's metrics too.
+            hc.metrics_addr = None;
+            let running = hub::start(hc).await.context("cannot start the embedded hub")?;
+            let info = running.info.clone();
+            let w = from_emulator(&info)?;
+            (Some(running), Some(info), w)
+        }
+        HubMode::External { hub_json } => {
+            let info = HubInfo::load(hub_json)?;
+            let w = from_emulator(&info)?;
+            (None, Some(info), w)
+        }
+        HubMode::Azure(a) => {
+            let service: Option<ConnectionString> = a
+                .service_connection_string
+                .as_ref()
+                .map(|s| s.value.parse())
+                .transpose()
+                .map_err(|e| anyhow!("hub.service_connection_string: {e}"))?;
+            let dps_service: Option<ConnectionString> = a
+                .dps_service_connection_string
+                .as_ref()
+                .map(|s| s.value.parse())
+                .transpose()
+                .map_err(|e| anyhow!("hub.dps_service_connection_string: {e}"))?;
+            let group = a
+                .group_key
+                .as_ref()
+                .map(|k| Key::from_base64(&k.value))
+                .transpose()
+                .map_err(|_| anyhow!("hub.group_key is not base64"))?;
+            let seed = group
+                .clone()
+                .or_else(|| service.as_ref().and_then(|s| Key::from_base64(s.shared_access_key.as_deref()?).ok()))
+                .unwrap_or_else(Key::generate);
+            let hub_host = a
+                .hub_host
+                .clone()
+                .or_else(|| service.as_ref().map(|s| s.host_name.split(':').next().unwrap_or_default().to_owned()));
+            let w = Wiring {
+                tls: transport::client_config(a.ca_file.as_deref())?,
+                target: Target {
+                    hub_host,
+                    gateway_host: a.gateway_host.clone(),
+                    mqtt_port: a.mqtt_port,
+                    ws_port: a.https_port,
+                    dps: a.id_scope.clone().map(|id_scope| DpsEndpoint {
+                        host: a.dps_host.clone(),
+                        https_port: a.https_port,
+                        mqtt_port: a.mqtt_port,
+                        id_scope,
+                    }),
+                },
+                service,
+                dps_service,
+                group,
+                seed,
+            };
+            (None, None, w)
+        }
+    };
+    if let Err(e) = check_wiring(&wiring, &templates, &keys_files) {
+        if let Some(h) = hub {
+            h.shutdown().await;
+        }
+        return Err(e);
+    }
+
+    let mut http_tls = rustls::ClientConfig::clone(&wiring.tls);
+    http_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(http_tls)
+        .pool_max_idle_per_host(32)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("cannot build the HTTP client")?;
+    let service = wiring
+        .service
+        .as_ref()
+        .map(|cs| ServiceClient::new(http.clone(), cs))
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let dps_service = wiring
+        .dps_service
+        .as_ref()
+        .map(|cs| ServiceClient::new(http.clone(), cs))
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let metrics = Arc::new(FleetMetrics::default());
+    let shared = Arc::new(Shared {
+        tls: wiring.tls.clone(),
+        http,
+        target: wiring.target.clone(),
+        ramp: Ramp::new(cfg.ramp.clone()),
+        metrics: metrics.clone(),
+        shutdown: CancellationToken::new(),
+        settings: cfg.settings.clone(),
+        service,
+        dps_service,
+    });
+    let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
+    let specs = expand::expand(&templates, shard, &keys);
+    let identities = specs.len();
+    let tasks: Vec<_> = specs.into_iter().map(|s| tokio::spawn(runtime::run(s, shared.clone()))).collect();
+
+    let stop_aux = CancellationToken::new();
+    let mut aux = vec![tokio::spawn(progress(metrics.clone(), identities, cfg.progress_interval, stop_aux.clone()))];
+    let mut metrics_addr = None;
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        metrics_addr = Some(listener.local_addr()?);
+        let state = MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), identities };
+        aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
+    }
+    tracing::info!(identities, shard = %format!("{}/{}", shard.index, shard.count), "fleet started");
+    Ok(RunningFleet { hub, hub_info, shared, identities, metrics_addr, tasks, aux, stop_aux })
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    fleet: Arc<FleetMetrics>,
+    hub: Option<hub::state::Hub>,
+    identities: usize,
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, stop: CancellationToken) {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<MetricsState>| async move {
+                let mut text = s.fleet.render();
+                if let Some(h) = &s.hub {
+                    text.push_str(&h.metrics.render());
+                }
+                text
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<MetricsState>| async move {
+                let once = s.fleet.ever_connected.get() as usize;
+                let status = if once >= s.identities { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (status, format!("{once}/{} identities have connected\n", s.identities))
+            }),
+        )
+        .with_state(state);
+    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+}
+
+/// One line per interval while the fleet ramps up, then one when it is all connected.
+async fn progress(m: Arc<FleetMetrics>, total: usize, every: Duration, stop: CancellationToken) {
+    let started = tokio::time::Instant::now();
+    let mut announced = false;
+    let mut last = 0i64;
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let once = m.ever_connected.get();
+        let connected = m.state_count(DeviceState::Connected);
+        if once as usize >= total {
+            if !announced {
+                announced = true;
+                tracing::info!(
+                    identities = total,
+                    secs = started.elapsed().as_secs_f64(),
+                    "every identity has connected"
+                );
+            }
+            continue;
+        }
+        tracing::info!(
+            connected,
+            of = total,
+            per_sec = (once - last) as f64 / every.as_secs_f64(),
+            provisioning = m.state_count(DeviceState::Provisioning),
+            backoff = m.state_count(DeviceState::Backoff),
+            telemetry_acked = m.telemetry_acked.get(),
+            telemetry_failed = m.failed_count(),
+            "ramping"
+        );
+        last = once;
+    }
+}

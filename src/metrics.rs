@@ -1,0 +1,196 @@
+//! The fleet's Prometheus metrics. Hot-path handles (telemetry counters, the PUBACK histogram)
+//! are resolved once; labels are bounded by the scenario (command names, states, causes), never
+//! by device.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Where an identity is in its life; the `state` label of `fleetsim_devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    Provisioning,
+    Connecting,
+    Connected,
+    Backoff,
+    Rebooting,
+    Stopped,
+}
+
+impl DeviceState {
+    pub const ALL: [DeviceState; 6] = [
+        DeviceState::Provisioning,
+        DeviceState::Connecting,
+        DeviceState::Connected,
+        DeviceState::Backoff,
+        DeviceState::Rebooting,
+        DeviceState::Stopped,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DeviceState::Provisioning => "provisioning",
+            DeviceState::Connecting => "connecting",
+            DeviceState::Connected => "connected",
+            DeviceState::Backoff => "backoff",
+            DeviceState::Rebooting => "rebooting",
+            DeviceState::Stopped => "stopped",
+        }
+    }
+}
+
+fn buckets_seconds() -> Vec<f64> {
+    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+}
+
+pub struct FleetMetrics {
+    registry: Registry,
+    devices: IntGaugeVec,
+    state_handles: Vec<IntGauge>,
+    pub ever_connected: IntGauge,
+    provision: IntCounterVec,
+    pub provision_seconds: Histogram,
+    connects: IntCounterVec,
+    pub connect_seconds: Histogram,
+    pub telemetry_sent: IntCounter,
+    pub telemetry_acked: IntCounter,
+    telemetry_failed: IntCounterVec,
+    pub telemetry_filtered: IntCounter,
+    pub puback_seconds: Histogram,
+    commands: IntCounterVec,
+    pub desired_patches: IntCounter,
+    writable_acks: IntCounterVec,
+    pub writable_ack_seconds: Histogram,
+    reconnects: IntCounterVec,
+    pub token_renewals: IntCounter,
+    pub c2d_received: IntCounter,
+    twin: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Default for FleetMetrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        let devices = reg(
+            &r,
+            IntGaugeVec::new(Opts::new("fleetsim_devices", "Simulated identities by state"), &["state"]).unwrap(),
+        );
+        let state_handles = DeviceState::ALL.iter().map(|s| devices.with_label_values(&[s.label()])).collect();
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            reg(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+        };
+        let c = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).unwrap());
+        let h = |name: &str, help: &str| {
+            reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets_seconds())).unwrap())
+        };
+        FleetMetrics {
+            ever_connected: reg(
+                &r,
+                IntGauge::new("fleetsim_devices_connected_once", "Identities that have connected at least once")
+                    .unwrap(),
+            ),
+            provision: cv("fleetsim_provision_attempts_total", "DPS registrations by outcome", &["outcome"]),
+            provision_seconds: h("fleetsim_provision_duration_seconds", "Time to a DPS assignment"),
+            connects: cv("fleetsim_connect_attempts_total", "MQTT connection attempts by outcome", &["outcome"]),
+            connect_seconds: h("fleetsim_connect_duration_seconds", "TCP, TLS and CONNECT to CONNACK"),
+            telemetry_sent: c("fleetsim_telemetry_sent_total", "Telemetry messages published (QoS 1)"),
+            telemetry_acked: c("fleetsim_telemetry_acked_total", "Telemetry messages the hub acknowledged"),
+            telemetry_failed: cv(
+                "fleetsim_telemetry_failed_total",
+                "Telemetry messages not acknowledged, by reason",
+                &["reason"],
+            ),
+            telemetry_filtered: c("fleetsim_telemetry_filtered_total", "Readings a send_if condition held back"),
+            puback_seconds: h("fleetsim_telemetry_puback_seconds", "Publish to PUBACK"),
+            commands: cv(
+                "fleetsim_commands_total",
+                "Commands handled by name and answered status",
+                &["command", "status"],
+            ),
+            desired_patches: c("fleetsim_desired_patches_total", "Desired-property patches received"),
+            writable_acks: cv(
+                "fleetsim_writable_acks_total",
+                "Writable-property acknowledgements by status",
+                &["status"],
+            ),
+            writable_ack_seconds: h("fleetsim_writable_ack_seconds", "Desired patch received to acknowledgement sent"),
+            reconnects: cv("fleetsim_reconnects_total", "Connections lost and re-made, by cause", &["cause"]),
+            token_renewals: c("fleetsim_token_renewals_total", "SAS renewals (reconnects with a fresh token)"),
+            c2d_received: c("fleetsim_c2d_received_total", "Cloud-to-device messages received"),
+            twin: cv(
+                "fleetsim_twin_requests_total",
+                "Twin GET and reported PATCH answers by status class",
+                &["op", "status"],
+            ),
+            devices,
+            state_handles,
+            registry: r,
+        }
+    }
+}
+
+impl FleetMetrics {
+    /// Moves one identity from one state to another (`None`: it is new).
+    pub fn transition(&self, from: Option<DeviceState>, to: DeviceState) {
+        if let Some(f) = from {
+            self.state_handles[DeviceState::ALL.iter().position(|s| *s == f).expect("known state")].dec();
+        }
+        self.state_handles[DeviceState::ALL.iter().position(|s| *s == to).expect("known state")].inc();
+    }
+
+    pub fn state_count(&self, s: DeviceState) -> i64 {
+        self.devices.with_label_values(&[s.label()]).get()
+    }
+
+    pub fn provisioned(&self, outcome: &str) {
+        self.provision.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn connect_attempt(&self, outcome: &str) {
+        self.connects.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn telemetry_failed(&self, reason: &str, n: u64) {
+        self.telemetry_failed.with_label_values(&[reason]).inc_by(n);
+    }
+
+    pub fn failed_count(&self) -> u64 {
+        ["disconnected", "backpressure", "shutdown"]
+            .iter()
+            .map(|r| self.telemetry_failed.with_label_values(&[r]).get())
+            .sum()
+    }
+
+    pub fn command(&self, name: &str, status: u16) {
+        self.commands.with_label_values(&[name, &status.to_string()]).inc();
+    }
+
+    pub fn writable_ack(&self, status: u16) {
+        self.writable_acks.with_label_values(&[&status.to_string()]).inc();
+    }
+
+    pub fn reconnect(&self, cause: &str) {
+        self.reconnects.with_label_values(&[cause]).inc();
+    }
+
+    pub fn twin(&self, op: &str, status: u16) {
+        let class = if status < 300 {
+            "2xx"
+        } else if status < 500 {
+            "4xx"
+        } else {
+            "5xx"
+        };
+        self.twin.with_label_values(&[op, class]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
