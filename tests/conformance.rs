@@ -11,6 +11,11 @@ fn root() -> PathBuf {
 }
 
 fn run(interpreter: &Path, script: &str) {
+    run_with(interpreter, script, None);
+}
+
+/// Runs a script against a fresh hub, or against `fleetsim run` with the given scenarios.
+fn run_with(interpreter: &Path, script: &str, fleet_scenarios: Option<&[&str]>) {
     let root = root();
     assert!(
         interpreter.exists(),
@@ -19,7 +24,19 @@ fn run(interpreter: &Path, script: &str) {
     );
     let dir = tempfile::tempdir().unwrap();
     let script_path = root.join("tests/conformance").join(script);
-    let out = Command::new(root.join("tests/conformance/run-in-netns.sh"))
+    let mut cmd = Command::new(root.join("tests/conformance/run-in-netns.sh"));
+    if let Some(scenarios) = fleet_scenarios {
+        let list: Vec<String> = scenarios.iter().map(|s| format!("{:?}", root.join(s).display().to_string())).collect();
+        let config = format!(
+            "scenarios = [{}]\n[hub]\nmode = \"embedded\"\ndata_dir = {:?}\nmqtt_addr = \"127.0.0.1:8883\"\nhttps_addr = \"127.0.0.1:443\"\n[ramp]\nrate = 500\n",
+            list.join(", "),
+            dir.path().display().to_string()
+        );
+        let path = dir.path().join("fleet.toml");
+        std::fs::write(&path, config).unwrap();
+        cmd.env("FLEETSIM_RUN_CONFIG", path);
+    }
+    let out = cmd
         .arg(env!("CARGO_BIN_EXE_fleetsim"))
         .arg(dir.path())
         .arg(interpreter)
@@ -62,6 +79,12 @@ fn python_provisioning_then_hub() {
 #[test]
 fn python_registry_manager() {
     python("registry_manager.py");
+}
+
+#[test]
+fn python_service_sdk_drives_fleetsim_devices() {
+    let scenarios = ["scenarios/environmental-sensor.toml", "scenarios/rebootable-device.toml"];
+    run_with(&root().join(".venv/bin/python"), "python/fleet_service.py", Some(&scenarios));
 }
 
 #[test]

@@ -198,7 +198,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
         if let (Some(a), Some(b)) = (min, max)
             && a > b
         {
-            doc.error(w.span.clone(), &w.field("min"), format!("min ({a}) is above max ({b})"));
+            doc.error(w.span_of("min"), &w.field("min"), format!("min ({a}) is above max ({b})"));
         }
         let default = w.get("default").map(|n| c.value(doc, n, &format!("{}.default", w.path), &[]));
         let default = match default {

@@ -28,12 +28,26 @@ use tokio_rustls::client::TlsStream;
 /// How long any single wait may take before the test fails as hung.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-pub struct TestHub {
-    pub hub: Option<RunningHub>,
+/// Everything a test needs to talk to a running emulator, found through its hub.json.
+pub struct Api {
     pub info: HubInfo,
-    pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     pub tls: Arc<rustls::ClientConfig>,
+    /// keys.json beside hub.json: every policy's keys.
+    keys: Value,
+}
+
+pub struct TestHub {
+    pub hub: Option<RunningHub>,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestHub {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 pub fn install_crypto() {
@@ -65,19 +79,8 @@ impl TestHub {
         };
         adjust(&mut config);
         let hub = hub::start(config).await.expect("hub starts");
-        let info = hub.info.clone();
-        let ca = std::fs::read(&info.ca_file).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
-            .resolve("localhost", info.https_addr)
-            .build()
-            .unwrap();
-        TestHub { hub: Some(hub), info, dir, http, tls }
+        let api = Api::new(hub.info.clone());
+        TestHub { hub: Some(hub), api, dir }
     }
 
     pub async fn stop(&mut self) {
@@ -89,9 +92,28 @@ impl TestHub {
     pub fn state(&self) -> &fleetsim::hub::state::HubState {
         &self.hub.as_ref().unwrap().state
     }
+}
+
+impl Api {
+    pub fn new(info: HubInfo) -> Api {
+        install_crypto();
+        let ca = std::fs::read(&info.ca_file).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+            .resolve("localhost", info.https_addr)
+            .build()
+            .unwrap();
+        let keys = serde_json::from_slice(&std::fs::read(info.ca_file.with_file_name("keys.json")).unwrap()).unwrap();
+        Api { info, http, tls, keys }
+    }
 
     pub fn policy_key(&self, policy: &str) -> Key {
-        Key::from_base64(&self.state().secrets.policies[policy].primary).unwrap()
+        Key::from_base64(self.keys["policies"][policy]["primary"].as_str().unwrap()).unwrap()
     }
 
     pub fn service_token(&self, policy: &str) -> String {
@@ -348,5 +370,142 @@ impl MqttClient {
     pub async fn closed(&mut self) -> bool {
         while self.recv().await.is_some() {}
         true
+    }
+}
+
+/// A fleet with its embedded emulator, started in-process from scenario files.
+pub struct FleetUnderTest {
+    pub fleet: Option<fleetsim::fleet::RunningFleet>,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for FleetUnderTest {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// A path under the repository.
+pub fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+impl FleetUnderTest {
+    /// Starts the scenarios (paths) with `extra` appended to the daemon config, and waits until
+    /// every identity has connected.
+    pub async fn start(scenarios: &[std::path::PathBuf], extra: &str) -> FleetUnderTest {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<String> = scenarios.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+        let text = format!(
+            "scenarios = [{}]\n[hub]\nmode = \"embedded\"\ndata_dir = {:?}\nmqtt_addr = \"127.0.0.1:0\"\nhttps_addr = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n[ramp]\nrate = 2000\n{extra}",
+            list.join(", "),
+            dir.path().join("hub").display().to_string()
+        );
+        let path = dir.path().join("fleet.toml");
+        std::fs::write(&path, &text).unwrap();
+        let cfg = fleetsim::config::DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let templates = fleetsim::scenario::schema::load(&cfg.scenarios).unwrap_or_else(|e| panic!("{e}"));
+        let fleet = fleetsim::fleet::start(&cfg, templates, Default::default()).await.expect("fleet starts");
+        let api = Api::new(fleet.hub_info.clone().unwrap());
+        let f = FleetUnderTest { fleet: Some(fleet), api, dir };
+        let total = f.fleet().identities as i64;
+        f.wait_for("every identity to connect", || async { f.fleet().connected_once() == total }).await;
+        f
+    }
+
+    pub fn fleet(&self) -> &fleetsim::fleet::RunningFleet {
+        self.fleet.as_ref().unwrap()
+    }
+
+    pub fn metrics(&self) -> &fleetsim::metrics::FleetMetrics {
+        &self.fleet().shared.metrics
+    }
+
+    pub fn hub_state(&self) -> &fleetsim::hub::state::HubState {
+        &self.fleet().hub.as_ref().unwrap().state
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(f) = self.fleet.take() {
+            f.shutdown().await;
+        }
+    }
+
+    /// Polls `check` until it holds, failing the test after `WAIT`.
+    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn twin_path(device: &str, module: Option<&str>) -> String {
+        match module {
+            Some(m) => format!("/twins/{device}/modules/{m}"),
+            None => format!("/twins/{device}"),
+        }
+    }
+
+    /// Invokes a direct method; returns the HTTP status and the body.
+    pub async fn invoke(&self, device: &str, module: Option<&str>, method: &str, payload: Value) -> (u16, Value) {
+        let path = format!("{}/methods", Self::twin_path(device, module));
+        let (status, _, body) = self
+            .rest(
+                "POST",
+                &path,
+                Some(serde_json::json!({"methodName": method, "payload": payload, "responseTimeoutInSeconds": 10})),
+            )
+            .await;
+        (status, body)
+    }
+
+    pub async fn twin(&self, device: &str, module: Option<&str>) -> Value {
+        let (status, _, body) = self.rest("GET", &Self::twin_path(device, module), None).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Patches desired properties; returns the new desired `$version`.
+    pub async fn set_desired(&self, device: &str, module: Option<&str>, desired: Value) -> u64 {
+        let (status, _, body) = self
+            .rest(
+                "PATCH",
+                &Self::twin_path(device, module),
+                Some(serde_json::json!({"properties": {"desired": desired}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["properties"]["desired"]["$version"].as_u64().unwrap()
+    }
+
+    /// Waits until a reported property satisfies `check`, and returns it.
+    pub async fn reported_until(
+        &self,
+        device: &str,
+        module: Option<&str>,
+        name: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let twin = self.twin(device, module).await;
+            let last = twin["properties"]["reported"][name].clone();
+            if check(&last) {
+                return last;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reported {name} of {device} never satisfied the check; last: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -2,6 +2,8 @@
 # Runs a command against a fresh `fleetsim hub` inside a private network namespace, where the fixed
 # ports Microsoft's clients dial (8883, 443) are free; so conformance tests can run in parallel.
 # usage: run-in-netns.sh FLEETSIM DATA_DIR COMMAND [ARGS...]
+# With FLEETSIM_RUN_CONFIG set, `fleetsim run --config $FLEETSIM_RUN_CONFIG` (a fleet with its
+# embedded hub, whose data_dir must be DATA_DIR) is started instead of `fleetsim hub`.
 set -euo pipefail
 fleetsim=$1
 dir=$2
@@ -10,8 +12,12 @@ exec unshare --net -- bash -c '
     set -u
     fleetsim=$1; dir=$2; shift 2
     ip link set lo up
-    "$fleetsim" hub --data-dir "$dir" --mqtt-addr 127.0.0.1:8883 --https-addr 127.0.0.1:443 \
-        --metrics-addr 127.0.0.1:9464 >"$dir/hub.log" 2>&1 &
+    if [ -n "${FLEETSIM_RUN_CONFIG:-}" ]; then
+        "$fleetsim" run --config "$FLEETSIM_RUN_CONFIG" >"$dir/hub.log" 2>&1 &
+    else
+        "$fleetsim" hub --data-dir "$dir" --mqtt-addr 127.0.0.1:8883 --https-addr 127.0.0.1:443 \
+            --metrics-addr 127.0.0.1:9464 >"$dir/hub.log" 2>&1 &
+    fi
     hub=$!
     for _ in $(seq 1 200); do
         [ -s "$dir/hub.json" ] && break
