@@ -396,11 +396,29 @@ impl FleetUnderTest {
     /// Starts the scenarios (paths) with `extra` appended to the daemon config, and waits until
     /// every identity has connected.
     pub async fn start(scenarios: &[std::path::PathBuf], extra: &str) -> FleetUnderTest {
+        Self::start_inner(scenarios, extra, None).await
+    }
+
+    /// Like `start`, with the embedded emulator configured by a hub TOML file.
+    pub async fn start_with_hub_config(
+        scenarios: &[std::path::PathBuf],
+        extra: &str,
+        hub_config: &std::path::Path,
+    ) -> FleetUnderTest {
+        Self::start_inner(scenarios, extra, Some(hub_config)).await
+    }
+
+    async fn start_inner(
+        scenarios: &[std::path::PathBuf],
+        extra: &str,
+        hub_config: Option<&std::path::Path>,
+    ) -> FleetUnderTest {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
+        let hub_line = hub_config.map(|p| format!("config = {:?}\n", p.display().to_string())).unwrap_or_default();
         let list: Vec<String> = scenarios.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
         let text = format!(
-            "scenarios = [{}]\n[hub]\nmode = \"embedded\"\ndata_dir = {:?}\nmqtt_addr = \"127.0.0.1:0\"\nhttps_addr = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n[ramp]\nrate = 2000\n{extra}",
+            "scenarios = [{}]\n[hub]\nmode = \"embedded\"\ndata_dir = {:?}\nmqtt_addr = \"127.0.0.1:0\"\nhttps_addr = \"127.0.0.1:0\"\n{hub_line}[metrics]\nenabled = false\n[ramp]\nrate = 2000\n{extra}",
             list.join(", "),
             dir.path().join("hub").display().to_string()
         );
