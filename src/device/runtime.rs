@@ -485,9 +485,13 @@ impl Session<'_> {
         }
     }
 
-    /// Waits up to the grace period for outstanding PUBACKs.
+    /// Sends what is queued, then waits up to the grace period for outstanding PUBACKs.
     async fn drain(&mut self, agent: &mut Agent) {
         let deadline = Instant::now() + self.shared.settings.shutdown_grace;
+        // Messages queued in this very tick have not been written yet; no PUBACK can come for them.
+        if tokio::time::timeout_at(deadline, self.conn.flush()).await.map_or(true, |r| r.is_err()) {
+            return;
+        }
         while !self.inflight.is_empty() {
             while let Ok(Some(p)) = self.conn.next_packet() {
                 if let Packet::PubAck(_) = p {
