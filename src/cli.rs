@@ -30,6 +30,22 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the local IoT Hub + DPS emulator.
     Hub(HubArgs),
+    /// Print a service SAS token for an emulator (for curl and other HTTP clients).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The emulator's hub.json.
+    #[arg(long, default_value = ".fleetsim/hub/hub.json")]
+    pub hub_json: PathBuf,
+    /// The shared access policy: iothubowner, service, registryRead, registryReadWrite, device or
+    /// provisioningserviceowner.
+    #[arg(long, default_value = "iothubowner")]
+    pub policy: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
 }
 
 #[derive(Debug, Args)]

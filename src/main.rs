@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsim::cli::{CheckArgs, Cli, Command, RunArgs};
+use fleetsim::cli::{CheckArgs, Cli, Command, RunArgs, TokenArgs};
 use fleetsim::config::{DaemonConfig, HubMode};
 use fleetsim::fleet::{self, ConfigProblems, expand::Shard};
 use fleetsim::hub;
@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run_fleet(args).await,
             Command::Check(args) => check(args),
             Command::Hub(args) => run_hub(args).await,
+            Command::Token(args) => token(args),
         }
     })
 }
@@ -171,4 +172,32 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     tracing::info!("shutting down");
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Signs a policy token with the key the emulator keeps beside its hub.json.
+fn token(args: TokenArgs) -> ExitCode {
+    let result = (|| -> anyhow::Result<String> {
+        let info = fleetsim::hub::info::HubInfo::load(&args.hub_json)?;
+        let keys_path = args.hub_json.with_file_name("keys.json");
+        let keys: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&keys_path).map_err(|e| anyhow::anyhow!("{}: {e}", keys_path.display()))?,
+        )?;
+        let key = keys["policies"][&args.policy]["primary"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no policy named {}", args.policy))?;
+        let key =
+            fleetsim::iot::sas::Key::from_base64(key).map_err(|e| anyhow::anyhow!("{}: {e}", keys_path.display()))?;
+        let expiry = fleetsim::iot::time::unix_secs(std::time::SystemTime::now()) + args.ttl;
+        Ok(fleetsim::iot::sas::sign_token(&info.hostname, &key, expiry, Some(&args.policy)))
+    })();
+    match result {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
