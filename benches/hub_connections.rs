@@ -21,8 +21,6 @@ use fleetsim::iot::time::unix_secs;
 use fleetsim::iot::username::hub_username;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
@@ -154,12 +152,7 @@ fn main() {
 }
 
 async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
-    let ca = std::fs::read(&info.ca_file).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+    let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
         .resolve("localhost", info.https_addr)

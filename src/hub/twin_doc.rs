@@ -11,6 +11,9 @@ use serde_json::{Map, Value, json};
 use crate::iot::time::iso8601;
 use crate::iot::twin::{self, TwinError};
 
+/// One twin section's values.
+type Section = Map<String, Value>;
+
 /// When each member last changed, mirroring the shape of a section.
 #[derive(Debug, Clone)]
 struct Meta {
@@ -123,6 +126,24 @@ impl TwinDoc {
         Ok(self.reported_version)
     }
 
+    /// Tags and desired as they would be after a service update (merged onto the current ones, or
+    /// onto nothing for a replace), every part checked before anything changes.
+    fn staged(
+        &self,
+        tags: Option<&Value>,
+        desired: Option<&Value>,
+        replace: bool,
+    ) -> Result<(Section, Section), TwinError> {
+        let (mut t, mut d) = if replace { (Map::new(), Map::new()) } else { (self.tags.clone(), self.desired.clone()) };
+        if let Some(p) = tags {
+            twin::apply_patch(&mut t, p, twin::TAGS)?;
+        }
+        if let Some(p) = desired {
+            twin::apply_patch(&mut d, p, twin::DESIRED)?;
+        }
+        Ok((t, d))
+    }
+
     /// A service PATCH: merges tags and desired. All parts are checked before any is applied.
     pub fn patch_service(
         &mut self,
@@ -130,14 +151,7 @@ impl TwinDoc {
         desired: Option<&Value>,
         at: SystemTime,
     ) -> Result<Option<DesiredChange>, TwinError> {
-        let mut new_tags = self.tags.clone();
-        let mut new_desired = self.desired.clone();
-        if let Some(t) = tags {
-            twin::apply_patch(&mut new_tags, t, twin::TAGS)?;
-        }
-        if let Some(d) = desired {
-            twin::apply_patch(&mut new_desired, d, twin::DESIRED)?;
-        }
+        let (new_tags, new_desired) = self.staged(tags, desired, false)?;
         self.tags = new_tags;
         self.version += 1;
         let Some(d) = desired else { return Ok(None) };
@@ -152,14 +166,7 @@ impl TwinDoc {
         desired: Option<&Value>,
         at: SystemTime,
     ) -> Result<Option<DesiredChange>, TwinError> {
-        let mut new_tags = Map::new();
-        let mut new_desired = Map::new();
-        if let Some(t) = tags {
-            twin::apply_patch(&mut new_tags, t, twin::TAGS)?;
-        }
-        if let Some(d) = desired {
-            twin::apply_patch(&mut new_desired, d, twin::DESIRED)?;
-        }
+        let (new_tags, new_desired) = self.staged(tags, desired, true)?;
         self.tags = new_tags;
         self.version += 1;
         let mut diff = Map::new();

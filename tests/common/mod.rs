@@ -17,8 +17,6 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -97,12 +95,7 @@ impl TestHub {
 impl Api {
     pub fn new(info: HubInfo) -> Api {
         install_crypto();
-        let ca = std::fs::read(&info.ca_file).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
             .resolve("localhost", info.https_addr)

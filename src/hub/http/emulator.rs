@@ -98,24 +98,14 @@ fn events(hub: &HubState, device: &str, module: Option<&str>, after: u64) -> Api
     Ok(Json(json!({"received": st.telemetry.received, "messages": messages})).into_response())
 }
 
-pub async fn device_events(
+pub async fn events_route(
     State(hub): State<Hub>,
-    Path(d): Path<String>,
+    t: super::service::Target,
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
     auth::service(&hub, &headers, Permissions::SERVICE_CONNECT)?;
-    events(&hub, &d, None, q.after.unwrap_or(0))
-}
-
-pub async fn module_events(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    Query(q): Query<EventsQuery>,
-    headers: HeaderMap,
-) -> ApiResult {
-    auth::service(&hub, &headers, Permissions::SERVICE_CONNECT)?;
-    events(&hub, &d, Some(&m), q.after.unwrap_or(0))
+    events(&hub, &t.device, t.module.as_deref(), q.after.unwrap_or(0))
 }
 
 pub async fn dps_registration(

@@ -33,24 +33,24 @@ pub fn router(hub: Hub) -> Router {
     Router::new()
         .route("/devices", get(service::devices_list))
         .route("/devices/query", post(service::query))
-        .route("/devices/{id}", get(service::device_get).put(service::device_put).delete(service::device_delete))
+        .route("/devices/{id}", get(service::identity_get).put(service::identity_put).delete(service::identity_delete))
         .route("/devices/{id}/modules", get(service::modules_list))
         .route(
             "/devices/{id}/modules/{mid}",
-            get(service::module_get).put(service::module_put).delete(service::module_delete),
+            get(service::identity_get).put(service::identity_put).delete(service::identity_delete),
         )
         .route("/devices/{id}/commands", axum::routing::delete(service::c2d_purge))
         .route("/statistics/devices", get(service::statistics))
         .route(
             "/twins/{id}",
-            get(service::device_twin_get).patch(service::device_twin_patch).put(service::device_twin_put),
+            get(service::twin_get_route).patch(service::twin_patch_route).put(service::twin_put_route),
         )
-        .route("/twins/{id}/methods", post(service::device_method))
+        .route("/twins/{id}/methods", post(service::method_route))
         .route(
             "/twins/{id}/modules/{mid}",
-            get(service::module_twin_get).patch(service::module_twin_patch).put(service::module_twin_put),
+            get(service::twin_get_route).patch(service::twin_patch_route).put(service::twin_put_route),
         )
-        .route("/twins/{id}/modules/{mid}/methods", post(service::module_method))
+        .route("/twins/{id}/modules/{mid}/methods", post(service::method_route))
         .route("/{scope}/registrations/{reg}/register", put(dps_api::register))
         .route("/{scope}/registrations/{reg}/operations/{op}", get(dps_api::operation))
         .route("/{scope}/registrations/{reg}", post(dps_api::registration_status))
@@ -60,8 +60,8 @@ pub fn router(hub: Hub) -> Router {
         )
         .route("/enrollmentGroups/{id}", put(dps_api::group_put).get(dps_api::group_get).delete(dps_api::group_delete))
         .route("/emulator/devices/{id}/messages/deviceBound", post(emulator::c2d_send))
-        .route("/emulator/devices/{id}/messages/events", get(emulator::device_events))
-        .route("/emulator/devices/{id}/modules/{mid}/messages/events", get(emulator::module_events))
+        .route("/emulator/devices/{id}/messages/events", get(emulator::events_route))
+        .route("/emulator/devices/{id}/modules/{mid}/messages/events", get(emulator::events_route))
         .route("/emulator/registrations/{reg}", get(emulator::dps_registration))
         .route("/$iothub/websocket", get(websocket::upgrade))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -194,56 +194,37 @@ fn delete_identity(hub: &HubState, device: &str, module: Option<&str>, headers: 
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-pub async fn device_put(
-    State(hub): State<Hub>,
-    Path(d): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    put_identity(&hub, &d, None, &headers, &body)
+/// The identity a route names: `{id}`, and `{mid}` on module routes. One handler serves both.
+pub struct Target {
+    pub device: String,
+    pub module: Option<String>,
 }
 
-pub async fn device_get(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(mut params) = Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("bad path: {e}")))?;
+        let device = params.remove("id").ok_or_else(|| ApiError::bad_request("no device id in the path"))?;
+        Ok(Target { device, module: params.remove("mid") })
+    }
+}
+
+pub async fn identity_put(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    put_identity(&hub, &t.device, t.module.as_deref(), &headers, &body)
+}
+
+pub async fn identity_get(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
-    get_identity(&hub, &d, None)
+    get_identity(&hub, &t.device, t.module.as_deref())
 }
 
-pub async fn device_delete(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+pub async fn identity_delete(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    delete_identity(&hub, &d, None, &headers)
-}
-
-pub async fn module_put(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    put_identity(&hub, &d, Some(&m), &headers, &body)
-}
-
-pub async fn module_get(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::REGISTRY_READ)?;
-    get_identity(&hub, &d, Some(&m))
-}
-
-pub async fn module_delete(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    delete_identity(&hub, &d, Some(&m), &headers)
+    delete_identity(&hub, &t.device, t.module.as_deref(), &headers)
 }
 
 #[derive(Deserialize)]
@@ -336,63 +317,25 @@ fn twin_update(
     Ok(Json(twin_json(&identity, &st)).into_response())
 }
 
-pub async fn device_twin_get(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
+pub async fn twin_get_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_get(&hub, &d, None)
+    twin_get(&hub, &t.device, t.module.as_deref())
 }
 
-pub async fn device_twin_patch(
+pub async fn twin_patch_route(
     State(hub): State<Hub>,
-    Path(d): Path<String>,
+    t: Target,
     headers: HeaderMap,
     uri: Uri,
     body: Bytes,
 ) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &d, None, &headers, &body, false)
+    twin_update(&hub, &t.device, t.module.as_deref(), &headers, &body, false)
 }
 
-pub async fn device_twin_put(
-    State(hub): State<Hub>,
-    Path(d): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
+pub async fn twin_put_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &d, None, &headers, &body, true)
-}
-
-pub async fn module_twin_get(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_get(&hub, &d, Some(&m))
-}
-
-pub async fn module_twin_patch(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &d, Some(&m), &headers, &body, false)
-}
-
-pub async fn module_twin_put(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &d, Some(&m), &headers, &body, true)
+    twin_update(&hub, &t.device, t.module.as_deref(), &headers, &body, true)
 }
 
 // Direct methods.
@@ -482,26 +425,9 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
     }
 }
 
-pub async fn device_method(
-    State(hub): State<Hub>,
-    Path(d): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
+pub async fn method_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    invoke(&hub, &d, None, &body).await
-}
-
-pub async fn module_method(
-    State(hub): State<Hub>,
-    Path((d, m)): Path<(String, String)>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
-) -> ApiResult {
-    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    invoke(&hub, &d, Some(&m), &body).await
+    invoke(&hub, &t.device, t.module.as_deref(), &body).await
 }
 
 // Query and C2D purge.
