@@ -101,10 +101,6 @@ impl MqttConn {
         self.next_pkid
     }
 
-    pub fn has_output(&self) -> bool {
-        !self.wbuf.is_empty()
-    }
-
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.io.write_all(&self.wbuf).await?;

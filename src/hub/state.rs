@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -193,10 +193,6 @@ impl HubState {
                 }
             }
         }
-    }
-
-    pub fn now(&self) -> SystemTime {
-        SystemTime::now()
     }
 }
 

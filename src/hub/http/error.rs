@@ -83,10 +83,6 @@ impl ApiError {
     pub fn precondition_failed() -> ApiError {
         ApiError::hub(412, 412001, "PreconditionFailed", "The etag in If-Match does not match the current one")
     }
-
-    pub fn status(&self) -> StatusCode {
-        self.0.status
-    }
 }
 
 impl IntoResponse for ApiError {
