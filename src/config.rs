@@ -304,6 +304,9 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
         connect_timeout: t.duration(doc, "connect_timeout").unwrap_or(d.connect_timeout),
         shutdown_grace: t.duration(doc, "shutdown_grace").unwrap_or(d.shutdown_grace),
         max_inflight: t.u64(doc, "max_inflight").map_or(d.max_inflight, |m| m as usize),
+        provision_concurrency: t
+            .u64(doc, "provision_concurrency")
+            .map_or(d.provision_concurrency, |m| m.max(1) as usize),
     };
     if !(0.1..=0.99).contains(&s.renew_at) {
         doc.error(

@@ -51,6 +51,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Telemetry messages awaiting PUBACK per identity before new ones are refused (and counted).
     pub max_inflight: usize,
+    /// DPS registrations and registry calls in flight at once, fleet-wide: provisioning is part
+    /// of the stampede the connection ramp exists to prevent.
+    pub provision_concurrency: usize,
 }
 
 impl Default for Settings {
@@ -64,6 +67,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_inflight: 16,
+            provision_concurrency: 64,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Shared {
     pub service: Option<ServiceClient>,
     /// Creates individual DPS enrollments.
     pub dps_service: Option<ServiceClient>,
+    /// Bounds provisioning work in flight (`Settings::provision_concurrency` permits).
+    pub provisioning: tokio::sync::Semaphore,
 }
 
 /// How an identity gets onto the hub.

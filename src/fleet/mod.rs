@@ -290,6 +290,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         settings: cfg.settings.clone(),
         service,
         dps_service,
+        provisioning: tokio::sync::Semaphore::new(cfg.settings.provision_concurrency.max(1)),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);
