@@ -21,7 +21,11 @@ fn main() -> ExitCode {
     // Several crates could pull in a crypto provider; pick one explicitly before any TLS use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     fleetsim::sys::raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run_fleet(args).await,
