@@ -1,0 +1,426 @@
+//! The fleet load benchmark: S emulator processes and S fleet processes (`--shard i/S`, each
+//! fleet against its own emulator, since one process holds at most 20,000 files here) on
+//! loopback. It waits until every device is connected, then measures a steady window: memory
+//! (RSS from /proc) and CPU per process, telemetry counts and PUBACK latency from the fleets'
+//! metrics, and direct-method round trips to a sample of devices. Prints a table and JSON.
+//!
+//!     cargo bench --bench fleet_load -- --devices 10000 [--shards N] [--interval 10] [--rate 2000]
+//!                                       [--steady 30] [--methods 200] [--json PATH]
+//!
+//! Under `cargo test` it runs a 40-device, 2-shard smoke pass that fails unless every device
+//! connects and telemetry is acknowledged.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use fleetsim::hub::info::HubInfo;
+use fleetsim::iot::connection_string::ConnectionString;
+use fleetsim::iot::sas::{Key, sign_token};
+use fleetsim::iot::time::unix_secs;
+use serde_json::json;
+
+struct Args {
+    devices: u64,
+    shards: u64,
+    interval: u64,
+    rate: f64,
+    steady: u64,
+    methods: usize,
+    json: Option<PathBuf>,
+    /// Worker threads per process (`--threads`); none: one per core.
+    threads: Option<usize>,
+}
+
+fn args() -> (Args, bool) {
+    let a: Vec<String> = std::env::args().collect();
+    let bench = a.iter().any(|x| x == "--bench");
+    let get = |k: &str| a.iter().position(|x| x == k).and_then(|i| a.get(i + 1)).cloned();
+    let num = |k: &str, d: f64| get(k).map_or(d, |v| v.parse().expect("a number"));
+    let devices = num("--devices", if bench { 10_000.0 } else { 40.0 }) as u64;
+    let shards =
+        get("--shards").map_or(devices.div_ceil(18_000).max(if bench { 1 } else { 2 }), |v| v.parse().unwrap());
+    let args = Args {
+        devices,
+        shards,
+        interval: num("--interval", if bench { 10.0 } else { 1.0 }) as u64,
+        rate: num("--rate", 2000.0),
+        steady: num("--steady", if bench { 30.0 } else { 3.0 }) as u64,
+        methods: num("--methods", if bench { 200.0 } else { 10.0 }) as usize,
+        json: get("--json").map(PathBuf::from),
+        threads: get("--threads").map(|v| v.parse().expect("a number")),
+    };
+    (args, bench)
+}
+
+/// The fleetsim binary with the bench's thread setting.
+fn fleetsim(threads: Option<usize>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetsim"));
+    if let Some(t) = threads {
+        c.args(["--threads", &t.to_string()]);
+    }
+    c
+}
+
+/// RSS in KiB and CPU seconds (user + system) of a process.
+fn proc_stats(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (rss, (field(14) + field(15)) as f64 / 100.0)
+}
+
+/// Sums of every series of a metric family, with buckets kept by `le`.
+#[derive(Default, Clone)]
+struct Scrape {
+    values: HashMap<String, f64>,
+}
+
+impl Scrape {
+    fn get(&self, series: &str) -> f64 {
+        self.values.get(series).copied().unwrap_or(0.0)
+    }
+
+    fn add(&mut self, other: &Scrape) {
+        for (k, v) in &other.values {
+            *self.values.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    fn sum_prefix(&self, prefix: &str) -> f64 {
+        self.values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum()
+    }
+}
+
+fn scrape(url: &str) -> Scrape {
+    let text = reqwest::blocking_get(url);
+    let mut s = Scrape::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some((k, v)) = line.rsplit_once(' ')
+            && let Ok(v) = v.parse::<f64>()
+        {
+            s.values.insert(k.to_owned(), v);
+        }
+    }
+    s
+}
+
+mod reqwest {
+    /// A tiny blocking GET for plain-HTTP metrics, so the bench needs no extra runtime here.
+    pub fn blocking_get(url: &str) -> String {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").expect("plain http");
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let Ok(mut s) = std::net::TcpStream::connect(host) else { return String::new() };
+        let _ = write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+}
+
+/// The quantile of a Prometheus histogram (bucket deltas between two scrapes), by linear
+/// interpolation inside the bucket.
+fn quantile(before: &Scrape, after: &Scrape, family: &str, q: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = after
+        .values
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(&format!("{family}_bucket{{le=\""))?.strip_suffix("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, v - before.get(k)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let target = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= target {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let frac = if count > prev.1 { (target - prev.1) / (count - prev.1) } else { 1.0 };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, count);
+    }
+    None
+}
+
+fn wait_file(p: &Path) {
+    for _ in 0..600 {
+        if p.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never appeared", p.display());
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+struct Fleet {
+    child: Child,
+    metrics: String,
+}
+
+fn main() {
+    let (a, bench) = args();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    fleetsim::sys::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // Emulators. They keep no telemetry for read-back: that ring is for tests and demos, and at
+    // scale it would be most of the emulator's memory.
+    let hub_config = d.join("hub.toml");
+    std::fs::write(&hub_config, "[behaviour]\ntelemetry_buffer = 0\n").unwrap();
+    let mut hubs: Vec<(Child, HubInfo)> = Vec::new();
+    for i in 0..a.shards {
+        let data = d.join(format!("hub-{i}"));
+        let child = fleetsim(a.threads)
+            .args(["hub", "--config"])
+            .arg(&hub_config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--https-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start a hub");
+        wait_file(&data.join("hub.json"));
+        std::thread::sleep(Duration::from_millis(50));
+        hubs.push((child, HubInfo::load(&data.join("hub.json")).unwrap()));
+    }
+
+    // The scenario: connection-string devices (created in each emulator's registry by the fleet).
+    let scenario = d.join("load.toml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "[[devices]]\nname = \"load\"\ncount = {}\nid = \"load-{{n:06}}\"\nprovisioning = \"connection_string\"\n\
+             [devices.telemetry]\ninterval = \"{}s\"\njitter = 0.1\n\
+             fields = {{ temp = {{ kind = \"walk\", start = 20, step = 0.5, min = 0, max = 40, decimals = 2 }}, seq = {{ kind = \"counter\" }} }}\n\
+             [[devices.commands]]\nname = \"ping\"\nresponse = {{ pong = \"{{now}}\" }}\n",
+            a.devices, a.interval
+        ),
+    )
+    .unwrap();
+
+    // Fleets, one per emulator.
+    let started = Instant::now();
+    let mut fleets = Vec::new();
+    for (i, (_, info)) in hubs.iter().enumerate() {
+        let cfg = d.join(format!("fleet-{i}.toml"));
+        let hub_json = info.ca_file.with_file_name("hub.json");
+        std::fs::write(
+            &cfg,
+            format!(
+                "scenarios = [{:?}]\n[hub]\nmode = \"external\"\nhub_json = {:?}\n[ramp]\nrate = {}\n[metrics]\naddr = \"127.0.0.1:0\"\n[device]\nprogress_interval = \"5s\"\n",
+                scenario.display().to_string(),
+                hub_json.display().to_string(),
+                a.rate / a.shards as f64
+            ),
+        )
+        .unwrap();
+        let mut child = fleetsim(a.threads)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .args(["--shard", &format!("{i}/{}", a.shards), "--log", "warn"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a fleet");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let metrics = out
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("metrics:").map(|(_, r)| r.split_whitespace().next().unwrap().to_owned()))
+            .expect("the fleet prints its metrics address");
+        fleets.push(Fleet { child, metrics });
+    }
+
+    let fleet_scrape = |fleets: &[Fleet]| {
+        let mut s = Scrape::default();
+        for f in fleets {
+            s.add(&scrape(&f.metrics));
+        }
+        s
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(a.devices as f64 / a.rate * 4.0 + 120.0);
+    let mut connected = 0.0;
+    while Instant::now() < deadline {
+        connected = fleet_scrape(&fleets).get("fleetsim_devices_connected_once");
+        if connected as u64 >= a.devices {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+
+    // Steady state.
+    std::thread::sleep(Duration::from_secs(2));
+    let pids = |v: &[u32]| v.iter().map(|p| proc_stats(*p)).fold((0u64, 0.0f64), |acc, x| (acc.0 + x.0, acc.1 + x.1));
+    let fleet_pids: Vec<u32> = fleets.iter().map(|f| f.child.id()).collect();
+    let hub_pids: Vec<u32> = hubs.iter().map(|h| h.0.id()).collect();
+    let s0 = fleet_scrape(&fleets);
+    let (_, fleet_cpu0) = pids(&fleet_pids);
+    let (_, hub_cpu0) = pids(&hub_pids);
+    let rtts = invoke_methods(&hubs, a.devices, a.shards, a.methods, Duration::from_secs(a.steady));
+    let s1 = fleet_scrape(&fleets);
+    let (fleet_rss, fleet_cpu1) = pids(&fleet_pids);
+    let (hub_rss, hub_cpu1) = pids(&hub_pids);
+    let window_acked = s1.get("fleetsim_telemetry_acked_total") - s0.get("fleetsim_telemetry_acked_total");
+
+    for f in &fleets {
+        let _ = Command::new("kill").arg("-TERM").arg(f.child.id().to_string()).status();
+    }
+    for mut f in fleets {
+        let _ = f.child.wait();
+    }
+    for (child, _) in &hubs {
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    }
+    for (mut child, _) in hubs {
+        let _ = child.wait();
+    }
+
+    let n = connected.max(1.0);
+    let mut rtt = rtts.clone();
+    rtt.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let failed = s1.sum_prefix("fleetsim_telemetry_failed_total");
+    let report = json!({
+        "date": fleetsim::iot::time::iso8601(SystemTime::now()),
+        "devices": a.devices, "shards": a.shards, "telemetry_interval_secs": a.interval, "ramp_rate": a.rate,
+        "connected": connected, "connect_secs": connect_secs, "connect_rate": connected / connect_secs,
+        "fleet_rss_kib_per_device": fleet_rss as f64 / n, "hub_rss_kib_per_device": hub_rss as f64 / n,
+        "fleet_rss_mib": fleet_rss / 1024, "hub_rss_mib": hub_rss / 1024,
+        "steady_secs": a.steady, "steady_acked": window_acked, "steady_msgs_per_sec": window_acked / a.steady as f64,
+        "fleet_cpu_us_per_acked": (fleet_cpu1 - fleet_cpu0) * 1e6 / window_acked.max(1.0),
+        "hub_cpu_us_per_acked": (hub_cpu1 - hub_cpu0) * 1e6 / window_acked.max(1.0),
+        "fleet_cpu_cores": (fleet_cpu1 - fleet_cpu0) / a.steady as f64, "hub_cpu_cores": (hub_cpu1 - hub_cpu0) / a.steady as f64,
+        "telemetry_sent": s1.get("fleetsim_telemetry_sent_total"), "telemetry_acked": s1.get("fleetsim_telemetry_acked_total"), "telemetry_failed": failed,
+        "puback_p50_ms": quantile(&s0, &s1, "fleetsim_telemetry_puback_seconds", 0.5).map(|x| x * 1e3),
+        "puback_p99_ms": quantile(&s0, &s1, "fleetsim_telemetry_puback_seconds", 0.99).map(|x| x * 1e3),
+        "methods": rtt.len(), "method_p50_ms": percentile(&rtt, 0.5), "method_p99_ms": percentile(&rtt, 0.99),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" }, "threads_per_process": a.threads,
+    });
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| devices connected (shards) | {connected} of {} ({} fleet + {} hub processes) |",
+        a.devices, a.shards, a.shards
+    );
+    println!(
+        "| time to connect all, rate | {connect_secs:.1} s, {:.0} devices/s (ramp {} /s) |",
+        connected / connect_secs,
+        a.rate
+    );
+    println!(
+        "| RSS per device: fleet / emulator | {:.1} / {:.1} KiB ({} / {} MiB in all) |",
+        fleet_rss as f64 / n,
+        hub_rss as f64 / n,
+        fleet_rss / 1024,
+        hub_rss / 1024
+    );
+    println!("| steady telemetry ({} s window) | {:.0} msg/s acknowledged |", a.steady, window_acked / a.steady as f64);
+    println!(
+        "| CPU per acknowledged message: fleet / emulator | {:.1} / {:.1} µs |",
+        report["fleet_cpu_us_per_acked"].as_f64().unwrap(),
+        report["hub_cpu_us_per_acked"].as_f64().unwrap()
+    );
+    println!(
+        "| telemetry sent / acked / failed | {} / {} / {failed} |",
+        s1.get("fleetsim_telemetry_sent_total"),
+        s1.get("fleetsim_telemetry_acked_total")
+    );
+    println!(
+        "| PUBACK latency p50 / p99 | {:.2} / {:.2} ms |",
+        report["puback_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        report["puback_p99_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "| method round trip p50 / p99 ({} calls) | {:.2} / {:.2} ms |",
+        rtt.len(),
+        percentile(&rtt, 0.5),
+        percentile(&rtt, 0.99)
+    );
+    println!("{report}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    }
+    if !bench {
+        assert_eq!(connected as u64, a.devices, "smoke: every device connects");
+        assert!(window_acked > 0.0 && failed == 0.0, "smoke: telemetry flows without loss");
+        assert_eq!(rtt.len(), a.methods, "smoke: every sampled method answered");
+        println!("fleet_load smoke: ok");
+    }
+}
+
+/// Invokes `ping` on sampled devices, spread over `window`; returns round trips in ms.
+fn invoke_methods(hubs: &[(Child, HubInfo)], devices: u64, shards: u64, count: usize, window: Duration) -> Vec<f64> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for (_, info) in hubs {
+            let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
+            let http = ::reqwest::Client::builder()
+                .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+                .resolve("localhost", info.https_addr)
+                .build()
+                .unwrap();
+            let cs: ConnectionString = info.service_connection_string.parse().unwrap();
+            let token = sign_token(
+                &info.hostname,
+                &Key::from_base64(cs.shared_access_key.as_deref().unwrap()).unwrap(),
+                unix_secs(SystemTime::now()) + 3600,
+                Some("iothubowner"),
+            );
+            clients.push((http, token, info.https_port));
+        }
+        let start = tokio::time::Instant::now();
+        let mut rtts = Vec::new();
+        for i in 0..count {
+            tokio::time::sleep_until(start + window.mul_f64(i as f64 / count.max(1) as f64)).await;
+            // Devices are numbered from 1; ordinal n-1 decides the shard.
+            let n = 1 + (i as u64 * 7919) % devices;
+            let (http, token, port) = &clients[((n - 1) % shards) as usize];
+            let url = format!("https://localhost:{port}/twins/load-{n:06}/methods?api-version=2021-04-12");
+            let t = tokio::time::Instant::now();
+            let r = http
+                .post(url)
+                .header("authorization", token)
+                .json(&json!({"methodName": "ping", "responseTimeoutInSeconds": 10}))
+                .send()
+                .await;
+            if matches!(r, Ok(ref resp) if resp.status().is_success()) {
+                rtts.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        tokio::time::sleep_until(start + window).await;
+        rtts
+    })
+}
