@@ -181,7 +181,9 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
         }
         if hub.is_none() {
             state.to(DeviceState::Provisioning);
-            match obtain(&spec, &shared, &mut ensured, failures).await {
+            // Boxed: provisioning futures (HTTP clients, DPS over MQTT) are large and short-lived;
+            // inline they would size every idle device's task (measured: 11.6 KB per device).
+            match Box::pin(obtain(&spec, &shared, &mut ensured, failures)).await {
                 Ok(h) => hub = Some(h),
                 Err(wait) => {
                     failures += 1;
@@ -202,7 +204,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
         let ttl = shared.settings.token_ttl;
         let expiry = unix_secs(SystemTime::now()) + ttl.as_secs();
         let renew_at = t0 + ttl.mul_f64(shared.settings.renew_at * (1.0 - 0.1 * rand::random::<f64>()));
-        match connect(&spec, &shared, &host, &device_id, expiry).await {
+        match Box::pin(connect(&spec, &shared, &host, &device_id, expiry)).await {
             Ok(conn) => {
                 m.connect_attempt("ok");
                 m.connect_seconds.observe(t0.elapsed().as_secs_f64());
