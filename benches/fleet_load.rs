@@ -328,6 +328,7 @@ fn main() {
         "puback_p99_ms": quantile(&s0, &s1, "fleetsim_telemetry_puback_seconds", 0.99).map(|x| x * 1e3),
         "methods": rtt.len(), "method_p50_ms": percentile(&rtt, 0.5), "method_p99_ms": percentile(&rtt, 0.99),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" }, "threads_per_process": a.threads,
+        "scenario": std::fs::read_to_string(&scenario).unwrap_or_default(),
     });
     println!("| measure | value |\n|---|---|");
     println!(
