@@ -12,14 +12,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+mod support;
+
 use fleetsim::hub::info::HubInfo;
-use fleetsim::iot::connection_string::ConnectionString;
-use fleetsim::iot::sas::{Key, sign_token};
-use fleetsim::iot::time::unix_secs;
 use serde_json::json;
 
 struct Args {
@@ -159,16 +158,6 @@ fn quantile(before: &Scrape, after: &Scrape, family: &str, q: f64) -> Option<f64
     None
 }
 
-fn wait_file(p: &Path) {
-    for _ in 0..600 {
-        if p.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{} never appeared", p.display());
-}
-
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -195,27 +184,7 @@ fn main() {
     let mut hubs: Vec<(Child, HubInfo)> = Vec::new();
     for i in 0..a.shards {
         let data = d.join(format!("hub-{i}"));
-        let child = fleetsim(a.threads)
-            .args(["hub", "--config"])
-            .arg(&hub_config)
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--mqtt-addr",
-                "127.0.0.1:0",
-                "--https-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start a hub");
-        wait_file(&data.join("hub.json"));
-        std::thread::sleep(Duration::from_millis(50));
-        hubs.push((child, HubInfo::load(&data.join("hub.json")).unwrap()));
+        hubs.push(support::spawn_hub(&data, a.threads, Some(&hub_config)));
     }
 
     // The scenario: connection-string devices (created in each emulator's registry by the fleet).
@@ -387,19 +356,7 @@ fn invoke_methods(hubs: &[(Child, HubInfo)], devices: u64, shards: u64, count: u
     rt.block_on(async {
         let mut clients = Vec::new();
         for (_, info) in hubs {
-            let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
-            let http = ::reqwest::Client::builder()
-                .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
-                .resolve("localhost", info.https_addr)
-                .build()
-                .unwrap();
-            let cs: ConnectionString = info.service_connection_string.parse().unwrap();
-            let token = sign_token(
-                &info.hostname,
-                &Key::from_base64(cs.shared_access_key.as_deref().unwrap()).unwrap(),
-                unix_secs(SystemTime::now()) + 3600,
-                Some("iothubowner"),
-            );
+            let (http, token) = support::service_client(info);
             clients.push((http, token, info.https_port));
         }
         let start = tokio::time::Instant::now();

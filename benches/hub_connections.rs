@@ -8,11 +8,12 @@
 //!
 //! Under `cargo test` it runs a 50-device smoke pass and fails if any device did not connect.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+
+mod support;
 
 use bytes::BytesMut;
 use fleetsim::hub::info::HubInfo;
@@ -65,16 +66,6 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn wait_for_file(path: &Path) {
-    for _ in 0..400 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("the hub did not write {}", path.display());
-}
-
 async fn connect_one(
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
@@ -120,25 +111,7 @@ fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     fleetsim::sys::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
-    let mut hub = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
-        .args(["hub", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--https-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the hub");
-    wait_for_file(&dir.path().join("hub.json"));
-    std::thread::sleep(Duration::from_millis(100));
-    let info = HubInfo::load(&dir.path().join("hub.json")).unwrap();
+    let (mut hub, info) = support::spawn_hub(dir.path(), None, None);
     let pid = hub.id();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let result = rt.block_on(run(&opts, &info, pid));
@@ -153,18 +126,7 @@ fn main() {
 
 async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
     let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
-        .resolve("localhost", info.https_addr)
-        .build()
-        .unwrap();
-    let service: fleetsim::iot::connection_string::ConnectionString = info.service_connection_string.parse().unwrap();
-    let token = sign_token(
-        "localhost",
-        &Key::from_base64(service.shared_access_key.as_deref().unwrap()).unwrap(),
-        unix_secs(SystemTime::now()) + 7200,
-        Some("iothubowner"),
-    );
+    let (http, token) = support::service_client(info);
     let key = Key::generate();
     let rss_start = rss_kib(pid);
 
