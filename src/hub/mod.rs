@@ -52,6 +52,47 @@ impl RunningHub {
     }
 }
 
+/// A TLS connection, established and handed to its listener's handler.
+pub type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts TCP connections until shutdown, gives each a TLS handshake bounded by the connect
+/// timeout (failures are counted), then runs `handle` on it in its own task. Both listeners use it.
+pub(crate) async fn tls_accept_loop<F, Fut>(
+    hub: Hub,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Hub, TlsConn) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake_timeout = std::time::Duration::from_secs(hub.behaviour.connect_timeout_secs);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off rather than spin.
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (hub, acceptor, handle) = (hub.clone(), acceptor.clone(), handle.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => handle(hub, tls).await,
+                _ => hub.metrics.refused(metrics::Refusal::TlsHandshake),
+            }
+        });
+    }
+}
+
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }

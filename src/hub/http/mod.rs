@@ -10,7 +10,6 @@ mod service;
 mod websocket;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -21,9 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
-use super::metrics::Refusal;
 use super::state::Hub;
 
 /// Largest request body: a 128 KB method payload or a 32 KB twin, with room for JSON overhead.
@@ -77,37 +74,20 @@ async fn count_requests(State(hub): State<Hub>, req: Request, next: Next) -> Res
 
 /// Serves HTTPS (HTTP/1.1 and HTTP/2, with upgrades for WebSockets) until shutdown.
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let acceptor = TlsAcceptor::from(tls);
     let app = router(hub.clone());
-    let handshake_timeout = Duration::from_secs(hub.behaviour.connect_timeout_secs);
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = hub.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (hub, acceptor, app) = (hub.clone(), acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                _ => return hub.metrics.refused(Refusal::TlsHandshake),
-            };
+    super::tls_accept_loop(hub, listener, tls, "https", move |hub, stream| {
+        let app = app.clone();
+        async move {
             let service = TowerToHyperService::new(app);
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = hub.shutdown.cancelled() => {}
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.

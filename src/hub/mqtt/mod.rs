@@ -6,40 +6,12 @@ mod dps_session;
 mod hub_session;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
-use super::metrics::Refusal;
 use super::state::Hub;
 
-/// Accepts TCP connections until shutdown; each gets a TLS handshake (bounded in time) and then
-/// an MQTT connection task.
+/// Serves device connections (hub and DPS) until shutdown.
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let acceptor = TlsAcceptor::from(tls);
-    let handshake_timeout = Duration::from_secs(hub.behaviour.connect_timeout_secs);
-    loop {
-        let (tcp, _peer) = tokio::select! {
-            _ = hub.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors, most likely: back off rather than spin.
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let hub = hub.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => connection::serve(hub, tls).await,
-                _ => hub.metrics.refused(Refusal::TlsHandshake),
-            }
-        });
-    }
+    super::tls_accept_loop(hub, listener, tls, "mqtt", connection::serve).await
 }
