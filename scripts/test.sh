@@ -5,4 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-sdks.sh
-cargo test --locked --all-targets "$@"
+log=$(mktemp)
+set +e
+cargo test --locked --all-targets "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line with the totals, after the benches' smoke output.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
