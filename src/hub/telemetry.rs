@@ -123,11 +123,14 @@ pub struct TelemetryLog {
 }
 
 impl TelemetryLog {
-    pub fn push(&mut self, mut m: StoredMessage, capacity: usize) {
+    /// Counts a message and keeps it, built by `make`, when the ring has room for any: with
+    /// capacity 0 (load tests) nothing is built at all.
+    pub fn record(&mut self, capacity: usize, make: impl FnOnce() -> StoredMessage) {
         self.received += 1;
         if capacity == 0 {
             return;
         }
+        let mut m = make();
         m.seq = self.received;
         if self.kept.len() == capacity {
             self.kept.pop_front();
@@ -168,12 +171,14 @@ mod tests {
         let mut log = TelemetryLog::default();
         let from = Sender { device_id: "d", module_id: None, model_id: None, generation_id: "1" };
         for i in 0..5u8 {
-            log.push(
-                receive(&PropertyBag::default(), Bytes::from(vec![i]), &from, false, false, SystemTime::UNIX_EPOCH),
-                3,
-            );
+            log.record(3, || {
+                receive(&PropertyBag::default(), Bytes::from(vec![i]), &from, false, false, SystemTime::UNIX_EPOCH)
+            });
         }
         assert_eq!(log.received, 5);
+        let mut counting = TelemetryLog::default();
+        counting.record(0, || panic!("nothing is built when nothing is kept"));
+        assert_eq!((counting.received, counting.since(0).count()), (1, 0));
         assert_eq!(log.since(0).map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(log.since(4).count(), 1);
         assert!(log.since(0).next().unwrap().to_json().get("bodyBase64").is_none());

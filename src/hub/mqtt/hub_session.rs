@@ -177,8 +177,8 @@ impl HubSession {
             model_id: self.model_id.as_deref().or(st.record.model_id.as_deref()),
             generation_id: &st.record.generation_id,
         };
-        let message = telemetry::receive(bag, body, &sender, retain, will, wall);
-        st.telemetry.push(message, self.hub.behaviour.telemetry_buffer);
+        st.telemetry
+            .record(self.hub.behaviour.telemetry_buffer, || telemetry::receive(bag, body, &sender, retain, will, wall));
         st.record.last_activity = Some(wall);
         self.hub.metrics.telemetry_received.inc();
         self.hub.metrics.telemetry_bytes.inc_by(len as u64);
