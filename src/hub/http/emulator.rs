@@ -69,7 +69,7 @@ pub async fn c2d_send(State(hub): State<Hub>, Path(d): Path<String>, headers: He
         ttl: req.ttl_seconds.map(Duration::from_secs),
         properties,
     };
-    let identity = hub.registry.get(&d, None).ok_or_else(|| ApiError::device_not_found(&d))?;
+    let identity = super::service::find(&hub, &d, None)?;
     let mut st = identity.lock();
     let b = &hub.behaviour;
     let id = st
@@ -89,10 +89,7 @@ pub struct EventsQuery {
 }
 
 fn events(hub: &HubState, device: &str, module: Option<&str>, after: u64) -> ApiResult {
-    let identity = hub.registry.get(device, module).ok_or_else(|| match module {
-        Some(m) => ApiError::module_not_found(device, m),
-        None => ApiError::device_not_found(device),
-    })?;
+    let identity = super::service::find(hub, device, module)?;
     let st = identity.lock();
     let messages: Vec<Value> = st.telemetry.since(after).map(|m| m.to_json()).collect();
     Ok(Json(json!({"received": st.telemetry.received, "messages": messages})).into_response())

@@ -29,9 +29,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
         .map_err(|e| ApiError::hub(400, 400012, "DeserializationError", format!("the request body is not valid: {e}")))
 }
 
-fn find(hub: &HubState, device: &str, module: Option<&str>) -> Result<Arc<Identity>, ApiError> {
+/// The identity a route names, or the hub's not-found error for it.
+pub(super) fn find(hub: &HubState, device: &str, module: Option<&str>) -> Result<Arc<Identity>, ApiError> {
     hub.registry.get(device, module).ok_or_else(|| match module {
-        Some(m) if hub.registry.get(device, None).is_some() => ApiError::module_not_found(device, m),
         Some(m) => ApiError::module_not_found(device, m),
         None => ApiError::device_not_found(device),
     })

@@ -24,9 +24,7 @@ pub async fn upgrade(State(hub): State<Hub>, ws: WebSocketUpgrade) -> Response {
     else {
         return (StatusCode::BAD_REQUEST, "the WebSocket subprotocol must be mqtt").into_response();
     };
-    ws.protocols([proto])
-        .max_message_size(hub.behaviour.max_message_bytes + 64 * 1024)
-        .on_upgrade(move |socket| bridge(hub, socket))
+    ws.protocols([proto]).max_message_size(connection::max_packet(&hub)).on_upgrade(move |socket| bridge(hub, socket))
 }
 
 async fn bridge(hub: Hub, socket: WebSocket) {

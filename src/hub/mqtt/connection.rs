@@ -19,7 +19,7 @@ use crate::hub::state::Hub;
 use crate::iot::username::Username;
 
 /// Room for the largest telemetry message plus its topic and headers.
-fn max_packet(hub: &Hub) -> usize {
+pub fn max_packet(hub: &Hub) -> usize {
     hub.behaviour.max_message_bytes + 64 * 1024
 }
 
