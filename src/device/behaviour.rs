@@ -340,11 +340,6 @@ impl Agent {
             _ => Vec::new(),
         }
     }
-
-    /// The highest desired version handled: GETs and patches at or below it are old news.
-    pub fn desired_version(&self) -> u64 {
-        self.desired_version
-    }
 }
 
 /// A writable-property acknowledgement in the identity's convention.
