@@ -27,6 +27,8 @@ pub struct HubConfig {
     /// Enrollments to create at start, besides the default symmetric-key group.
     pub enrollments: Vec<EnrollmentSpec>,
     pub behaviour: Behaviour,
+    /// Failures to inject (all off by default); changeable at run time through `/emulator/faults`.
+    pub faults: super::faults::FaultConfig,
 }
 
 /// User-supplied TLS material; when absent the emulator makes and keeps its own.
@@ -140,6 +142,7 @@ impl Default for HubConfig {
             keys: KeyOverrides::default(),
             enrollments: Vec::new(),
             behaviour: Behaviour::default(),
+            faults: Default::default(),
         }
     }
 }
@@ -197,6 +200,9 @@ impl HubConfig {
             if id.is_empty() || id.len() > 128 {
                 problems.push(format!("enrollments[{i}]: the id must be 1 to 128 characters"));
             }
+        }
+        if let Err(e) = self.faults.validate() {
+            problems.extend(e.lines().map(str::to_owned));
         }
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.join("\n"))) }
     }

@@ -99,7 +99,8 @@ pub struct Dps {
     pub id_scope: String,
     hub_host: String,
     retry_after: u64,
-    assignment_delay: Duration,
+    /// Milliseconds; the fault injector may change it at run time (slow assignments).
+    assignment_delay_ms: std::sync::atomic::AtomicU64,
     skew_secs: u64,
     individual: RwLock<HashMap<String, IndividualEnrollment>>,
     groups: RwLock<Vec<GroupEnrollment>>,
@@ -123,7 +124,7 @@ impl Dps {
             id_scope,
             hub_host,
             retry_after,
-            assignment_delay,
+            assignment_delay_ms: std::sync::atomic::AtomicU64::new(assignment_delay.as_millis() as u64),
             skew_secs,
             individual: RwLock::default(),
             groups: RwLock::default(),
@@ -234,10 +235,16 @@ impl Dps {
             created: wall,
         });
         entry.operation_id = operation_id.clone();
-        entry.ready_at = now + self.assignment_delay;
+        entry.ready_at =
+            now + Duration::from_millis(self.assignment_delay_ms.load(std::sync::atomic::Ordering::Relaxed));
         entry.model_id = req.model_id();
         entry.payload = req.payload.clone();
         Ok(OperationStatus { operation_id, status: "assigning".into(), registration_state: None })
+    }
+
+    /// How long assignments take from now on.
+    pub fn set_assignment_delay(&self, d: Duration) {
+        self.assignment_delay_ms.store(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reports on an operation, completing the assignment once its delay has passed.

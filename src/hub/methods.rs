@@ -62,6 +62,7 @@ impl Methods {
         payload: Bytes,
         connect_timeout: Duration,
         response_timeout: Duration,
+        deliver: bool,
     ) -> Result<MethodResponse, MethodError> {
         let rid = format!("{:x}", self.next_rid.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = oneshot::channel();
@@ -81,12 +82,14 @@ impl Methods {
                 let st = identity.lock();
                 if let Some(s) = st.session.as_ref().filter(|_| !st.removed)
                     && s.subs.methods.is_some()
-                    && s.send(Outbound::Publish {
+                    // An injected drop: the device looks online, the request never reaches it.
+                    && (!deliver
+                        || s.send(Outbound::Publish {
                         topic: topic.clone(),
                         payload: payload.clone(),
                         qos: QoS::AtMostOnce,
                         c2d_id: None,
-                    })
+                    }))
                 {
                     break;
                 }

@@ -19,6 +19,10 @@ pub enum Refusal {
     UnsupportedProtocol,
     TlsHandshake,
     NoConnect,
+    /// An injected outage (CONNACK 3).
+    Outage,
+    /// Over the injected connects-per-second limit (CONNACK 3).
+    Throttled,
 }
 
 impl Refusal {
@@ -33,10 +37,12 @@ impl Refusal {
             Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::TlsHandshake => "tls_handshake",
             Refusal::NoConnect => "no_connect",
+            Refusal::Outage => "outage",
+            Refusal::Throttled => "throttled",
         }
     }
 
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 11] = [
         Refusal::BadCredentials,
         Refusal::ExpiredToken,
         Refusal::UnknownIdentity,
@@ -46,6 +52,8 @@ impl Refusal {
         Refusal::UnsupportedProtocol,
         Refusal::TlsHandshake,
         Refusal::NoConnect,
+        Refusal::Outage,
+        Refusal::Throttled,
     ];
 }
 
@@ -67,6 +75,10 @@ pub struct HubMetrics {
     c2d: IntCounterVec,
     rest_requests: IntCounterVec,
     pub identities: IntGaugeVec,
+    /// Faults injected, by kind.
+    pub faults_injected: IntCounterVec,
+    /// Sequence-numbered telemetry: first arrivals, duplicates and numbers skipped.
+    pub sequence: IntCounterVec,
 }
 
 fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -167,6 +179,18 @@ impl Default for HubMetrics {
                 &["status"],
             ),
             identities,
+            faults_injected: counter_vec(
+                &reg,
+                "fleetsim_hub_faults_injected_total",
+                "Faults injected, by kind",
+                &["kind"],
+            ),
+            sequence: counter_vec(
+                &reg,
+                "fleetsim_hub_telemetry_sequence_total",
+                "Sequence-numbered telemetry: unique, duplicate, skipped (a higher number came first), late (a skipped one arrived)",
+                &["kind"],
+            ),
             registry: reg,
         }
     }

@@ -8,6 +8,7 @@
 pub mod c2d;
 pub mod config;
 pub mod dps;
+pub mod faults;
 mod fsutil;
 pub mod http;
 pub mod info;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod registry;
 pub mod secrets;
+pub mod sequence;
 pub mod session;
 pub mod state;
 pub mod telemetry;
@@ -126,6 +128,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
     if let Some(m) = metrics {
         tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));
     }
+    tasks.push(tokio::spawn(state::fault_schedule(hub.clone())));
     hub.refresh_identity_gauges();
 
     let rest_host = if https_addr.port() == 443 {

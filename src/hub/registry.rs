@@ -79,6 +79,8 @@ pub struct IdentityState {
     /// Subscriptions of a CleanSession=0 session while it is offline.
     pub saved_subs: Option<Subscriptions>,
     pub telemetry: TelemetryLog,
+    /// Sequence numbers seen in this identity's telemetry (only for fleets that stamp them).
+    pub sequence: Option<Box<crate::hub::sequence::Tracker>>,
     pub c2d: C2dQueue,
     /// Set when the identity is deleted, so late holders of the `Arc` stop using it.
     pub removed: bool,
@@ -181,6 +183,7 @@ impl Registry {
                 session: None,
                 saved_subs: None,
                 telemetry: TelemetryLog::default(),
+                sequence: None,
                 c2d: C2dQueue::default(),
                 removed: false,
             }),

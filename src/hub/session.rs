@@ -22,6 +22,8 @@ pub enum CloseReason {
     ProtocolViolation,
     /// The connection could not keep up with what the hub had to send it.
     SlowConsumer,
+    /// The fault injector dropped it.
+    FaultInjected,
     Shutdown,
 }
 
@@ -36,11 +38,12 @@ impl CloseReason {
             CloseReason::IdentityRemoved => "identity_removed",
             CloseReason::ProtocolViolation => "protocol_violation",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::FaultInjected => "fault_injected",
             CloseReason::Shutdown => "shutdown",
         }
     }
 
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientDisconnect,
         CloseReason::ConnectionLost,
         CloseReason::KeepAliveTimeout,
@@ -49,6 +52,7 @@ impl CloseReason {
         CloseReason::IdentityRemoved,
         CloseReason::ProtocolViolation,
         CloseReason::SlowConsumer,
+        CloseReason::FaultInjected,
         CloseReason::Shutdown,
     ];
 }
@@ -63,6 +67,8 @@ pub enum Outbound {
         qos: QoS,
         c2d_id: Option<u64>,
     },
+    /// A telemetry acknowledgement the fault injector held back.
+    PubAck(u16),
     Close(CloseReason),
 }
 

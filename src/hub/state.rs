@@ -40,6 +40,9 @@ pub struct HubState {
     pub methods: Methods,
     pub metrics: HubMetrics,
     pub secrets: Secrets,
+    pub faults: super::faults::Faults,
+    /// The DPS assignment delay the configuration set, restored when a fault override is lifted.
+    configured_assignment_delay: Duration,
     next_conn_id: AtomicU64,
     /// Cancelled when the hub stops; connection tasks close with `Shutdown`.
     pub shutdown: CancellationToken,
@@ -95,7 +98,7 @@ impl HubState {
                 }),
             }
         }
-        Ok(HubState {
+        let state = HubState {
             hostname: config.hostname.clone(),
             hostnames: config.all_hostnames(),
             behaviour: config.behaviour.clone(),
@@ -105,9 +108,38 @@ impl HubState {
             methods: Methods::default(),
             metrics: HubMetrics::default(),
             secrets,
+            faults: super::faults::Faults::new(config.faults.clone()),
+            configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
-        })
+        };
+        state.set_faults(config.faults.clone());
+        Ok(state)
+    }
+
+    /// Replaces the fault settings, applying the ones other parts hold (the DPS delay).
+    pub fn set_faults(&self, c: super::faults::FaultConfig) {
+        self.dps.set_assignment_delay(
+            c.dps_assignment_delay_ms.map_or(self.configured_assignment_delay, Duration::from_millis),
+        );
+        self.faults.set(c);
+    }
+
+    /// Closes about `fraction` of the live device and module connections (all of them at 1.0),
+    /// as an injected fault. Returns how many were told to close.
+    pub fn drop_connections(&self, fraction: f64) -> usize {
+        let mut n = 0;
+        for identity in self.registry.all() {
+            let st = identity.lock();
+            if let Some(s) = &st.session
+                && (fraction >= 1.0 || rand::random::<f64>() < fraction)
+                && s.send(Outbound::Close(CloseReason::FaultInjected))
+            {
+                n += 1;
+            }
+        }
+        self.metrics.faults_injected.with_label_values(&["drop"]).inc_by(n as u64);
+        n
     }
 
     pub fn policy(&self, name: &str) -> Option<&Policy> {
@@ -198,3 +230,35 @@ impl HubState {
 
 /// Convenience for handlers holding an `Arc`.
 pub type Hub = Arc<HubState>;
+
+/// Fires the scheduled faults (drops, storms, outages) once a second until the hub stops.
+pub async fn fault_schedule(hub: Hub) {
+    use super::faults::{Scheduled, due};
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut elapsed = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hub.shutdown.cancelled() => return,
+        }
+        for action in due(&hub.faults.get(), elapsed) {
+            match action {
+                Scheduled::Drop(fraction) => {
+                    let n = hub.drop_connections(fraction);
+                    tracing::info!(connections = n, "fault: dropped connections");
+                }
+                Scheduled::Storm => {
+                    let n = hub.drop_connections(1.0);
+                    tracing::info!(connections = n, "fault: reconnect storm");
+                }
+                Scheduled::Outage(d) => {
+                    hub.faults.start_outage(d);
+                    hub.metrics.faults_injected.with_label_values(&["outage"]).inc();
+                    tracing::info!(seconds = d.as_secs(), "fault: refusing connections");
+                }
+            }
+        }
+        elapsed += 1;
+    }
+}

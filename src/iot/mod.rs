@@ -10,6 +10,7 @@ pub mod dps;
 pub mod encoding;
 pub mod property_bag;
 pub mod sas;
+pub mod sequence;
 pub mod time;
 pub mod topic;
 pub mod twin;

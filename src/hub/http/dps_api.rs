@@ -44,6 +44,17 @@ fn with_retry_after(mut resp: Response, secs: u64) -> Response {
     resp
 }
 
+/// A 429 with Retry-After when the fault injector says so.
+fn injected_throttle(hub: &Hub) -> Result<(), ApiError> {
+    match hub.faults.dps_throttle() {
+        Some(wait) => {
+            hub.metrics.faults_injected.with_label_values(&["dps_throttle"]).inc();
+            Err(ApiError::dps(429, 429001, "throttled (injected fault)").with_retry_after(wait))
+        }
+        None => Ok(()),
+    }
+}
+
 pub async fn register(
     State(hub): State<Hub>,
     Path((scope, reg)): Path<(String, String)>,
@@ -52,6 +63,7 @@ pub async fn register(
     body: Bytes,
 ) -> ApiResult {
     let att = device_auth(&hub, &scope, &reg, &headers, &uri)?;
+    injected_throttle(&hub)?;
     let req: RegistrationRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RegistrationRequest::default()
     } else {
@@ -75,6 +87,7 @@ pub async fn operation(
     uri: Uri,
 ) -> ApiResult {
     let att = device_auth(&hub, &scope, &reg, &headers, &uri)?;
+    injected_throttle(&hub)?;
     match hub.dps.poll(&att, &op, &hub.registry, Instant::now(), SystemTime::now()) {
         Ok(Progress::Assigning { status, retry_after }) => {
             Ok(with_retry_after((StatusCode::ACCEPTED, Json(status)).into_response(), retry_after))

@@ -1,6 +1,7 @@
 //! Routes only the emulator has, under `/emulator/`: sending a C2D message (Azure's services use
-//! AMQP for that), reading back the telemetry an identity sent, and a DPS registration's recorded
-//! request. They take a service token with ServiceConnect, like the rest of the service API.
+//! AMQP for that), reading back the telemetry an identity sent and its sequence-number summary, a
+//! DPS registration's recorded request, and the fault injector's controls. They take a service
+//! token like the rest of the service API: ServiceConnect to read, RegistryWrite for faults.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use serde_json::{Map, Value, json};
 use super::auth;
 use super::error::ApiError;
 use crate::hub::c2d::{C2dError, NewC2d};
+use crate::hub::faults::FaultConfig;
 use crate::hub::secrets::Permissions;
 use crate::hub::state::{Hub, HubState};
 
@@ -118,4 +120,121 @@ pub async fn dps_registration(
         return Err(ApiError::dps(404, 404201, "the device has not registered"));
     }
     Ok(Json(json!({"registrationState": state, "requestPayload": payload})).into_response())
+}
+
+fn faults_body(hub: &HubState) -> Response {
+    let outage = hub.faults.outage_left().map_or(0, |d| d.as_secs().max(1));
+    let mut v = serde_json::to_value(hub.faults.get()).expect("serializable");
+    v["outageSecondsLeft"] = json!(outage);
+    Json(v).into_response()
+}
+
+fn parse_faults(v: Value) -> Result<FaultConfig, ApiError> {
+    let c: FaultConfig = serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("bad faults: {e}")))?;
+    c.validate().map_err(ApiError::bad_request)?;
+    Ok(c)
+}
+
+pub async fn faults_get(State(hub): State<Hub>, headers: HeaderMap) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::SERVICE_CONNECT.union(Permissions::REGISTRY_WRITE))?;
+    Ok(faults_body(&hub))
+}
+
+/// Replaces the fault settings; fields left out go back to their defaults (off).
+pub async fn faults_put(State(hub): State<Hub>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::REGISTRY_WRITE)?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))?;
+    hub.set_faults(parse_faults(v)?);
+    tracing::info!(faults = ?hub.faults.get(), "fault settings replaced");
+    Ok(faults_body(&hub))
+}
+
+/// Changes only the fields given.
+pub async fn faults_patch(State(hub): State<Hub>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::REGISTRY_WRITE)?;
+    let patch: Map<String, Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("not a JSON object: {e}")))?;
+    let mut v = serde_json::to_value(hub.faults.get()).expect("serializable");
+    for (k, x) in patch {
+        v[k] = x;
+    }
+    hub.set_faults(parse_faults(v)?);
+    tracing::info!(faults = ?hub.faults.get(), "fault settings changed");
+    Ok(faults_body(&hub))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DropBody {
+    fraction: Option<f64>,
+}
+
+/// Drops a fraction of live connections now (all of them, a reconnect storm, by default).
+pub async fn faults_drop(State(hub): State<Hub>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::REGISTRY_WRITE)?;
+    let req: DropBody = if body.is_empty() {
+        DropBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad drop request: {e}")))?
+    };
+    let fraction = req.fraction.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(ApiError::bad_request("fraction must be between 0 and 1"));
+    }
+    let n = hub.drop_connections(fraction);
+    tracing::info!(connections = n, "fault: dropped connections on request");
+    Ok(Json(json!({"dropped": n})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutageBody {
+    seconds: u64,
+}
+
+/// Refuses new connections (CONNACK 3) for the given seconds; 0 ends an outage.
+pub async fn faults_outage(State(hub): State<Hub>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::REGISTRY_WRITE)?;
+    let req: OutageBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad outage request: {e}")))?;
+    hub.faults.start_outage(Duration::from_secs(req.seconds));
+    hub.metrics.faults_injected.with_label_values(&["outage"]).inc();
+    Ok(faults_body(&hub))
+}
+
+#[derive(Deserialize)]
+pub struct SequenceQuery {
+    run: String,
+}
+
+/// Totals over every identity whose latest stamped run is `run`, and the identities with gaps.
+pub async fn sequence_summary(State(hub): State<Hub>, Query(q): Query<SequenceQuery>, headers: HeaderMap) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::SERVICE_CONNECT)?;
+    let (mut identities, mut unique, mut duplicates, mut gaps) = (0u64, 0u64, 0u64, 0u64);
+    let mut with_gaps = Vec::new();
+    for identity in hub.registry.all() {
+        let st = identity.lock();
+        let Some(t) = st.sequence.as_ref().filter(|t| t.run == q.run) else { continue };
+        identities += 1;
+        unique += t.unique;
+        duplicates += t.duplicates;
+        gaps += t.gaps();
+        if t.gaps() > 0 && with_gaps.len() < 100 {
+            with_gaps.push(json!({
+                "deviceId": identity.device_id,
+                "moduleId": identity.module_id,
+                "gaps": t.gaps(),
+                "highest": t.highest,
+            }));
+        }
+    }
+    Ok(Json(json!({
+        "run": q.run,
+        "identities": identities,
+        "unique": unique,
+        "duplicates": duplicates,
+        "gaps": gaps,
+        "withGaps": with_gaps,
+    }))
+    .into_response())
 }

@@ -376,6 +376,10 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
     let identity = find(hub, device, module)?;
     let payload = Bytes::from(body.payload.to_string());
     let started = tokio::time::Instant::now();
+    let deliver = !hub.faults.drop_method();
+    if !deliver {
+        hub.metrics.faults_injected.with_label_values(&["method_drop"]).inc();
+    }
     let result = hub
         .methods
         .invoke(
@@ -384,6 +388,7 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
             payload,
             Duration::from_secs(connect_timeout),
             Duration::from_secs(response_timeout),
+            deliver,
         )
         .await;
     match result {

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::dps_session::DpsSession;
 use super::hub_session::HubSession;
+use crate::hub::faults::{DropMode, Refuse};
 use crate::hub::metrics::Refusal;
 use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY, Outbound};
 use crate::hub::state::Hub;
@@ -95,11 +96,24 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     };
     let keep_alive = effective_keepalive(connect.keep_alive, hub.behaviour.keepalive_cap_secs);
     let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let mut forced_expiry = None;
     let (mut session, token_expiry): (Box<dyn Session + Send>, Option<u64>) = match Username::parse(&username) {
-        Ok(Username::Hub(u)) => match HubSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
-            Ok((s, expiry)) => (Box::new(s), Some(expiry)),
-            Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
-        },
+        Ok(Username::Hub(u)) => {
+            if let Err(why) = hub.faults.admit_connect() {
+                let r = match why {
+                    Refuse::Outage => Refusal::Outage,
+                    Refuse::Throttled => Refusal::Throttled,
+                };
+                return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::ServiceUnavailable, r).await;
+            }
+            match HubSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
+                Ok((s, expiry)) => {
+                    forced_expiry = hub.faults.token_deadline();
+                    (Box::new(s), Some(expiry))
+                }
+                Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
+            }
+        }
         Ok(Username::Dps(u)) => match DpsSession::connect(&hub, &u, &connect, &password, &mut wire) {
             Ok((s, expiry)) => (Box::new(s), Some(expiry)),
             Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
@@ -114,6 +128,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
             + Duration::from_secs(se.saturating_add(hub.behaviour.sas_skew_secs).saturating_sub(now))
             + Duration::from_millis(500)
     });
+    let token_deadline = match (token_deadline, forced_expiry) {
+        (Some(t), Some(f)) => Some(t.min(f)),
+        (t, f) => t.or(f),
+    };
     let mut ka_deadline = Instant::now() + keep_alive;
     let reason = 'conn: loop {
         // Handle every complete packet already buffered.
@@ -155,6 +173,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
         }
     };
     session.on_close(reason, &mut wire);
+    if reason == CloseReason::FaultInjected && hub.faults.drop_mode() == DropMode::Silent {
+        // Hold the socket and say nothing, as a dead NAT mapping would, until the device's own
+        // keep-alive has had time to notice; then let it go without a FIN it could read early.
+        tokio::select! {
+            _ = tokio::time::sleep(keep_alive) => {}
+            _ = hub.shutdown.cancelled() => {}
+        }
+        hub.metrics.disconnected(reason);
+        return;
+    }
     if !wire.out.is_empty() {
         let _ = flush(&mut stream, &mut wire.out).await;
     }

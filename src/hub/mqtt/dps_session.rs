@@ -84,6 +84,14 @@ impl DpsSession {
             wire.write(Packet::PubAck(PubAck::new(p.pkid)));
         }
         let retry = self.hub.behaviour.dps_retry_after_secs;
+        if let Some(wait) = self.hub.faults.dps_throttle() {
+            let (DevicePublish::DpsRegister { rid } | DevicePublish::DpsPollStatus { rid, .. }) = &parsed else {
+                unreachable!("filtered above")
+            };
+            self.hub.metrics.faults_injected.with_label_values(&["dps_throttle"]).inc();
+            self.reply(wire, 429, rid, Some(wait), error_body(429001, "throttled (injected fault)"));
+            return Step::Continue;
+        }
         match parsed {
             DevicePublish::DpsRegister { rid } => {
                 let req = if p.payload.iter().all(u8::is_ascii_whitespace) {
@@ -178,7 +186,7 @@ impl ConnSession for DpsSession {
     fn on_outbound(&mut self, o: Outbound, _wire: &mut Wire) -> Step {
         match o {
             Outbound::Close(r) => Step::Close(r),
-            Outbound::Publish { .. } => Step::Continue,
+            Outbound::Publish { .. } | Outbound::PubAck(_) => Step::Continue,
         }
     }
 

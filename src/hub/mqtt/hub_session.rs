@@ -21,6 +21,7 @@ use crate::hub::methods::MethodResponse;
 use crate::hub::metrics::Refusal;
 use crate::hub::registry::{Identity, IdentityState};
 use crate::hub::secrets::Permissions;
+use crate::hub::sequence;
 use crate::hub::session::{CloseReason, Outbound, Session, Subscriptions, cap_qos};
 use crate::hub::state::Hub;
 use crate::hub::telemetry::{self, Sender};
@@ -42,6 +43,8 @@ pub struct HubSession {
     c2d_inflight: Vec<(u16, u64)>,
     will: Option<LastWill>,
     model_id: Option<String>,
+    /// This connection's own queue, for acknowledgements the fault injector delays.
+    tx: mpsc::Sender<Box<Outbound>>,
 }
 
 impl HubSession {
@@ -102,7 +105,7 @@ impl HubSession {
         } else {
             st.saved_subs.take().unwrap_or_default()
         };
-        st.session = Some(Session { conn_id, tx, subs, persistent: !connect.clean_session });
+        st.session = Some(Session { conn_id, tx: tx.clone(), subs, persistent: !connect.clean_session });
         let wall = SystemTime::now();
         st.record.connection_state_updated = Some(wall);
         st.record.last_activity = Some(wall);
@@ -125,6 +128,7 @@ impl HubSession {
             c2d_inflight: Vec::new(),
             will: connect.last_will.clone(),
             model_id: u.model_id.clone(),
+            tx,
         };
         for m in redeliver {
             session.send_c2d(m, wire);
@@ -180,6 +184,24 @@ impl HubSession {
         st.telemetry
             .record(self.hub.behaviour.telemetry_buffer, || telemetry::receive(bag, body, &sender, retain, will, wall));
         st.record.last_activity = Some(wall);
+        if let Some((run, n)) = bag.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
+            let tracker = match &mut st.sequence {
+                Some(t) if t.run == run => t,
+                slot => slot.insert(Box::new(sequence::Tracker::new(run))),
+            };
+            let m = &self.hub.metrics.sequence;
+            match tracker.record(n) {
+                sequence::Arrival::New { skipped } => {
+                    m.with_label_values(&["unique"]).inc();
+                    m.with_label_values(&["skipped"]).inc_by(skipped);
+                }
+                sequence::Arrival::Filled => {
+                    m.with_label_values(&["unique"]).inc();
+                    m.with_label_values(&["late"]).inc();
+                }
+                sequence::Arrival::Duplicate => m.with_label_values(&["duplicate"]).inc(),
+            }
+        }
         self.hub.metrics.telemetry_received.inc();
         self.hub.metrics.telemetry_bytes.inc_by(len as u64);
     }
@@ -199,7 +221,27 @@ impl HubSession {
             }
         }
         if p.qos == QoS::AtLeastOnce {
-            wire.write(Packet::PubAck(PubAck::new(p.pkid)));
+            match self.hub.faults.puback_delay().filter(|_| matches!(parsed, DevicePublish::Telemetry { .. })) {
+                Some(delay) => {
+                    let (tx, pkid) = (self.tx.clone(), p.pkid);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Box::new(Outbound::PubAck(pkid))).await;
+                    });
+                }
+                None => wire.write(Packet::PubAck(PubAck::new(p.pkid))),
+            }
+        }
+        if matches!(parsed, DevicePublish::TwinGet { .. } | DevicePublish::TwinPatchReported { .. })
+            && let Some(status) = self.hub.faults.twin_error()
+        {
+            let (DevicePublish::TwinGet { rid } | DevicePublish::TwinPatchReported { rid }) = &parsed else {
+                unreachable!("matched above")
+            };
+            self.hub.metrics.faults_injected.with_label_values(&["twin_error"]).inc();
+            let body = json!({"errorCode": status as u32 * 1000 + 1, "message": "injected fault"});
+            self.twin_response(wire, status, rid, None, Bytes::from(body.to_string()));
+            return Step::Continue;
         }
         match parsed {
             DevicePublish::Telemetry { properties, .. } => {
@@ -338,6 +380,10 @@ impl ConnSession for HubSession {
                 if let Some(id) = c2d_id.filter(|_| qos == QoS::AtLeastOnce) {
                     self.c2d_inflight.push((pkid, id));
                 }
+                Step::Continue
+            }
+            Outbound::PubAck(pkid) => {
+                wire.write(Packet::PubAck(PubAck::new(pkid)));
                 Step::Continue
             }
             Outbound::Close(r) => Step::Close(r),
