@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
 use crate::device::runtime::Settings;
 use crate::tomlread::{Diagnostics, Doc, Node, Table, Val};
@@ -304,6 +305,13 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
         connect_timeout: t.duration(doc, "connect_timeout").unwrap_or(d.connect_timeout),
         shutdown_grace: t.duration(doc, "shutdown_grace").unwrap_or(d.shutdown_grace),
         max_inflight: t.u64(doc, "max_inflight").map_or(d.max_inflight, |m| m as usize),
+        buffer: t.u64(doc, "buffer").map_or(d.buffer, |b| b as usize),
+        offline_policy: match t.choice(doc, "offline", &["drop_oldest", "pause"]) {
+            Some("pause") => OfflinePolicy::Pause,
+            Some(_) => OfflinePolicy::DropOldest,
+            None => d.offline_policy,
+        },
+        sequence_numbers: t.bool(doc, "sequence_numbers").unwrap_or(d.sequence_numbers),
         provision_concurrency: t
             .u64(doc, "provision_concurrency")
             .map_or(d.provision_concurrency, |m| m.max(1) as usize),
@@ -321,6 +329,13 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
     if s.max_inflight == 0 {
         doc.error(t.span_of("max_inflight"), &t.field("max_inflight"), "must be at least 1");
         s.max_inflight = 1;
+    }
+    if s.buffer <= s.max_inflight {
+        doc.error(
+            t.span_of("buffer"),
+            &t.field("buffer"),
+            format!("must be larger than max_inflight ({}), so unwritten messages have room", s.max_inflight),
+        );
     }
     if let Some(p) = t.duration(doc, "progress_interval") {
         progress = p.max(Duration::from_secs(1));

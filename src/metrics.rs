@@ -52,9 +52,13 @@ pub struct FleetMetrics {
     pub provision_seconds: Histogram,
     connects: IntCounterVec,
     pub connect_seconds: Histogram,
+    pub telemetry_generated: IntCounter,
     pub telemetry_sent: IntCounter,
+    pub telemetry_retransmits: IntCounter,
     pub telemetry_acked: IntCounter,
-    telemetry_failed: IntCounterVec,
+    telemetry_dropped: IntCounterVec,
+    pub telemetry_queued: IntGauge,
+    pub telemetry_paused: IntCounter,
     pub telemetry_filtered: IntCounter,
     pub puback_seconds: Histogram,
     commands: IntCounterVec,
@@ -87,7 +91,7 @@ impl Default for FleetMetrics {
         let h = |name: &str, help: &str| {
             reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets_seconds())).unwrap())
         };
-        FleetMetrics {
+        let m = FleetMetrics {
             ever_connected: reg(
                 &r,
                 IntGauge::new("fleetsim_devices_connected_once", "Identities that have connected at least once")
@@ -97,12 +101,33 @@ impl Default for FleetMetrics {
             provision_seconds: h("fleetsim_provision_duration_seconds", "Time to a DPS assignment"),
             connects: cv("fleetsim_connect_attempts_total", "MQTT connection attempts by outcome", &["outcome"]),
             connect_seconds: h("fleetsim_connect_duration_seconds", "TCP, TLS and CONNECT to CONNACK"),
-            telemetry_sent: c("fleetsim_telemetry_sent_total", "Telemetry messages published (QoS 1)"),
+            telemetry_generated: c(
+                "fleetsim_telemetry_generated_total",
+                "Telemetry messages created (each gets a sequence number)",
+            ),
+            telemetry_sent: c(
+                "fleetsim_telemetry_sent_total",
+                "Telemetry PUBLISH packets written (QoS 1), resends included",
+            ),
+            telemetry_retransmits: c(
+                "fleetsim_telemetry_retransmits_total",
+                "Messages written again after the connection they were in flight on was lost",
+            ),
             telemetry_acked: c("fleetsim_telemetry_acked_total", "Telemetry messages the hub acknowledged"),
-            telemetry_failed: cv(
-                "fleetsim_telemetry_failed_total",
-                "Telemetry messages not acknowledged, by reason",
+            telemetry_dropped: cv(
+                "fleetsim_telemetry_dropped_total",
+                "Telemetry messages given up, by reason: buffer_full and shutdown were never written; \
+                 unacked_at_shutdown were written and may be at the hub",
                 &["reason"],
+            ),
+            telemetry_queued: reg(
+                &r,
+                IntGauge::new("fleetsim_telemetry_queued", "Telemetry messages buffered: unwritten or awaiting PUBACK")
+                    .unwrap(),
+            ),
+            telemetry_paused: c(
+                "fleetsim_telemetry_paused_total",
+                "Readings not generated because the buffer was full (offline policy pause)",
             ),
             telemetry_filtered: c("fleetsim_telemetry_filtered_total", "Readings a send_if condition held back"),
             puback_seconds: h("fleetsim_telemetry_puback_seconds", "Publish to PUBACK"),
@@ -129,7 +154,11 @@ impl Default for FleetMetrics {
             devices,
             state_handles,
             registry: r,
+        };
+        for reason in Self::DROP_REASONS {
+            m.telemetry_dropped.with_label_values(&[reason]);
         }
+        m
     }
 }
 
@@ -154,15 +183,22 @@ impl FleetMetrics {
         self.connects.with_label_values(&[outcome]).inc();
     }
 
-    pub fn telemetry_failed(&self, reason: &str, n: u64) {
-        self.telemetry_failed.with_label_values(&[reason]).inc_by(n);
+    /// Reasons a message can be dropped; the first two were never written.
+    pub const DROP_REASONS: [&'static str; 3] = ["buffer_full", "shutdown", "unacked_at_shutdown"];
+
+    pub fn telemetry_dropped(&self, reason: &'static str, n: u64) {
+        debug_assert!(Self::DROP_REASONS.contains(&reason));
+        if n > 0 {
+            self.telemetry_dropped.with_label_values(&[reason]).inc_by(n);
+        }
     }
 
-    pub fn failed_count(&self) -> u64 {
-        ["disconnected", "backpressure", "shutdown"]
-            .iter()
-            .map(|r| self.telemetry_failed.with_label_values(&[r]).get())
-            .sum()
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.telemetry_dropped.with_label_values(&[reason]).get()
+    }
+
+    pub fn dropped_count(&self) -> u64 {
+        Self::DROP_REASONS.iter().map(|r| self.dropped(r)).sum()
     }
 
     pub fn command(&self, name: &str, status: u16) {

@@ -72,7 +72,7 @@ async fn environmental_sensor_commands_properties_and_telemetry() {
         "the DPS payload carried the model id"
     );
     let m = f.metrics();
-    assert!(m.telemetry_acked.get() > 0 && m.failed_count() == 0);
+    assert!(m.telemetry_acked.get() > 0 && m.dropped_count() == 0);
 }
 
 #[tokio::test]
@@ -280,10 +280,11 @@ async fn shutdown_drains_and_disconnects_cleanly() {
     f.stop().await;
     assert_eq!(metrics.state_count(fleetsim::metrics::DeviceState::Stopped), 5);
     assert_eq!(
-        metrics.telemetry_sent.get(),
-        metrics.telemetry_acked.get() + metrics.failed_count(),
+        metrics.telemetry_generated.get(),
+        metrics.telemetry_acked.get() + metrics.dropped_count(),
         "every message is accounted for"
     );
+    assert_eq!(metrics.telemetry_queued.get(), 0, "nothing is left in a buffer");
     assert!(
         hub.metrics.render().contains("fleetsim_hub_disconnects_total{reason=\"client_disconnect\"} 5"),
         "devices said DISCONNECT"

@@ -3,6 +3,7 @@
 
 pub mod behaviour;
 pub mod mqtt;
+pub mod outbox;
 pub mod ramp;
 pub mod runtime;
 pub mod transport;

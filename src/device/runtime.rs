@@ -2,8 +2,9 @@
 //! run the session (subscribe, fetch the twin, acknowledge writable properties, report, send
 //! telemetry, answer commands) until something ends it, then come back: at once to renew the
 //! token, after the downtime for a reboot, after exponential backoff with full jitter otherwise.
+//! Telemetry goes through the identity's `Outbox`, which outlives connections: nothing is lost
+//! silently, and with the `drop_oldest` policy readings keep being generated while offline.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{Agent, Out};
 use super::mqtt::{ConnectError, MqttConn};
+use super::outbox::{OfflinePolicy, Outbox, Pushed};
 use super::ramp::Ramp;
 use super::transport::{self, Endpoint};
 use crate::iot::sas::{Key, sign_token};
@@ -49,8 +51,14 @@ pub struct Settings {
     pub backoff_cap: Duration,
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
-    /// Telemetry messages awaiting PUBACK per identity before new ones are refused (and counted).
+    /// Telemetry messages awaiting PUBACK per identity; more wait in the outbox.
     pub max_inflight: usize,
+    /// Telemetry messages an identity holds (unwritten plus awaiting PUBACK), and what it does
+    /// when that is full or it is offline.
+    pub buffer: usize,
+    pub offline_policy: OfflinePolicy,
+    /// Stamp each message with `fleetsim-seq` so the hub can count loss end to end.
+    pub sequence_numbers: bool,
     /// DPS registrations and registry calls in flight at once, fleet-wide: provisioning is part
     /// of the stampede the connection ramp exists to prevent.
     pub provision_concurrency: usize,
@@ -67,6 +75,9 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_inflight: 16,
+            buffer: 256,
+            offline_policy: OfflinePolicy::DropOldest,
+            sequence_numbers: true,
             provision_concurrency: 64,
         }
     }
@@ -87,6 +98,8 @@ pub struct Shared {
     pub dps_service: Option<ServiceClient>,
     /// Bounds provisioning work in flight (`Settings::provision_concurrency` permits).
     pub provisioning: tokio::sync::Semaphore,
+    /// This fleet run's id, the `RUN` of every sequence stamp.
+    pub run_id: Arc<str>,
 }
 
 /// How an identity gets onto the hub.
@@ -161,6 +174,88 @@ impl StateTracker<'_> {
     }
 }
 
+/// Where an identity's telemetry and unconfirmed reports live between sessions.
+struct Carry {
+    outbox: Outbox,
+    /// Reported-property patches the hub has not confirmed (204); sent again on the next session.
+    reports: Vec<Value>,
+    /// What the agent produced while offline, to send once connected.
+    after_connect: Vec<Out>,
+}
+
+impl Carry {
+    /// Numbers and buffers one reading, counting what the buffer policy did with it.
+    fn enqueue(&mut self, shared: &Shared, properties: crate::iot::property_bag::PropertyBag, body: bytes::Bytes) {
+        let m = &shared.metrics;
+        let run = shared.settings.sequence_numbers.then_some(&*shared.run_id);
+        let pushed = self.outbox.push(properties, body, |bag, n| {
+            if let Some(run) = run {
+                bag.push(crate::iot::sequence::PROPERTY, crate::iot::sequence::stamp(run, n));
+            }
+        });
+        match pushed {
+            Pushed::Queued => {
+                m.telemetry_generated.inc();
+                m.telemetry_queued.inc();
+            }
+            Pushed::DroppedOldest => {
+                m.telemetry_generated.inc();
+                m.telemetry_dropped("buffer_full", 1);
+            }
+            Pushed::Paused => m.telemetry_paused.inc(),
+        }
+    }
+
+    /// Gives up what is still buffered (the fleet is stopping).
+    fn abandon(&mut self, m: &FleetMetrics) {
+        let (unwritten, in_doubt) = self.outbox.abandon();
+        m.telemetry_dropped("shutdown", unwritten);
+        m.telemetry_dropped("unacked_at_shutdown", in_doubt);
+        m.telemetry_queued.sub((unwritten + in_doubt) as i64);
+    }
+}
+
+/// Runs `fut` (a backoff, a ramp slot, a connect) while the identity is offline. Under the
+/// `drop_oldest` policy the device keeps taking readings on its schedule meanwhile, into the
+/// outbox; reports wait for the connection; command completions are counted.
+async fn offline<F: std::future::Future>(
+    fut: F,
+    generate: bool,
+    agent: &mut Agent,
+    carry: &mut Carry,
+    shared: &Shared,
+) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    if !generate {
+        return fut.await;
+    }
+    loop {
+        let next = agent.next_deadline();
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = sleep_until_opt(next) => {
+                for o in agent.on_tick(Instant::now()) {
+                    match o {
+                        Out::Telemetry { properties, body } => carry.enqueue(shared, properties, body),
+                        Out::Filtered => shared.metrics.telemetry_filtered.inc(),
+                        Out::CommandRan { name, status } => shared.metrics.command(&name, status),
+                        r @ Out::Report(_) => carry.after_connect.push(r),
+                        // Answers to requests from a connection that is gone have no one to go to.
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one identity until the fleet shuts down.
 pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
     let m = &shared.metrics;
@@ -168,27 +263,42 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
     let mut state = StateTracker { metrics: m, current: DeviceState::Provisioning };
     let mut agent =
         Agent::new(spec.behaviour.clone(), spec.device_id.clone(), spec.module_id.clone(), spec.n, Instant::now());
+    let mut carry = Carry {
+        outbox: Outbox::new(shared.settings.offline_policy, shared.settings.buffer),
+        reports: Vec::new(),
+        after_connect: Vec::new(),
+    };
     let mut hub: Option<(String, String)> = None;
     let mut ensured = false;
     let mut failures = 0u32;
     let mut auth_failures = 0u32;
     let mut ever_connected = false;
-    let mut after_connect: Vec<Out> = Vec::new();
     let cancel = &shared.shutdown;
+    // Readings continue offline only once the device has been up (its schedule has started).
+    let generate_offline = |ever: bool| ever && shared.settings.offline_policy == OfflinePolicy::DropOldest;
     loop {
         if cancel.is_cancelled() {
             break;
         }
+        let gen_off = generate_offline(ever_connected);
         if hub.is_none() {
             state.to(DeviceState::Provisioning);
             // Boxed: provisioning futures (HTTP clients, DPS over MQTT) are large and short-lived;
             // inline they would size every idle device's task (measured: 11.6 KB per device).
-            match Box::pin(obtain(&spec, &shared, &mut ensured, failures)).await {
+            let obtained = offline(
+                Box::pin(obtain(&spec, &shared, &mut ensured, failures)),
+                gen_off,
+                &mut agent,
+                &mut carry,
+                &shared,
+            )
+            .await;
+            match obtained {
                 Ok(h) => hub = Some(h),
                 Err(wait) => {
                     failures += 1;
                     state.to(DeviceState::Backoff);
-                    if !pause(wait, cancel).await {
+                    if !offline(pause(wait, cancel), gen_off, &mut agent, &mut carry, &shared).await {
                         break;
                     }
                     continue;
@@ -196,7 +306,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
             }
         }
         state.to(DeviceState::Connecting);
-        if !shared.ramp.acquire(cancel).await {
+        if !offline(shared.ramp.acquire(cancel), gen_off, &mut agent, &mut carry, &shared).await {
             break;
         }
         let (host, device_id) = hub.clone().expect("set above");
@@ -204,7 +314,15 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
         let ttl = shared.settings.token_ttl;
         let expiry = unix_secs(SystemTime::now()) + ttl.as_secs();
         let renew_at = t0 + ttl.mul_f64(shared.settings.renew_at * (1.0 - 0.1 * rand::random::<f64>()));
-        match Box::pin(connect(&spec, &shared, &host, &device_id, expiry)).await {
+        let connected = offline(
+            Box::pin(connect(&spec, &shared, &host, &device_id, expiry)),
+            gen_off,
+            &mut agent,
+            &mut carry,
+            &shared,
+        )
+        .await;
+        let wait = match connected {
             Ok(conn) => {
                 m.connect_attempt("ok");
                 m.connect_seconds.observe(t0.elapsed().as_secs_f64());
@@ -215,33 +333,27 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
                     m.ever_connected.inc();
                 }
                 state.to(DeviceState::Connected);
-                let end =
-                    session(conn, &spec, &device_id, &shared, &mut agent, renew_at, std::mem::take(&mut after_connect))
-                        .await;
-                match end {
+                match session(conn, &spec, &device_id, &shared, &mut agent, renew_at, &mut carry).await {
                     End::Shutdown => break,
-                    End::Renew => m.token_renewals.inc(),
+                    End::Renew => {
+                        m.token_renewals.inc();
+                        continue;
+                    }
                     End::Reboot { downtime, method, answer } => {
                         state.to(DeviceState::Rebooting);
                         m.reconnect("reboot");
+                        // A rebooting device takes no readings.
                         if !pause(downtime, cancel).await {
                             break;
                         }
-                        after_connect.extend(answer.map(|a| *a));
-                        after_connect.extend(agent.after_reboot(&method));
+                        carry.after_connect.extend(answer.map(|a| *a));
+                        carry.after_connect.extend(agent.after_reboot(&method));
+                        continue;
                     }
                     End::Lost(cause) => {
                         m.reconnect(cause);
                         failures = 1;
-                        state.to(DeviceState::Backoff);
-                        if !pause(
-                            full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures),
-                            cancel,
-                        )
-                        .await
-                        {
-                            break;
-                        }
+                        full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures)
                     }
                 }
             }
@@ -261,15 +373,15 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
                         auth_failures = 0;
                     }
                 }
-                state.to(DeviceState::Backoff);
-                if !pause(full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures), cancel)
-                    .await
-                {
-                    break;
-                }
+                full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures)
             }
+        };
+        state.to(DeviceState::Backoff);
+        if !offline(pause(wait, cancel), generate_offline(ever_connected), &mut agent, &mut carry, &shared).await {
+            break;
         }
     }
+    carry.abandon(m);
     state.to(DeviceState::Stopped);
 }
 
@@ -377,44 +489,59 @@ async fn connect(
     MqttConn::connect(io, &client_id, &username, &password, shared.settings.keep_alive, timeout).await
 }
 
-/// Telemetry awaiting PUBACK: packet id and when it was sent.
-type Inflight = VecDeque<(u16, Instant)>;
-
 struct Session<'a> {
     conn: MqttConn,
     spec: &'a IdentitySpec,
     device_id: &'a str,
     shared: &'a Shared,
-    inflight: Inflight,
     next_rid: u64,
+    /// Reported patches awaiting the hub's answer, by request id.
+    reports: std::collections::HashMap<String, Value>,
+    /// Reported patches the hub throttled or failed, to send again at the given time.
+    report_retries: Vec<(Instant, Value)>,
+    /// When to ask for the twin again after the hub failed the last GET.
+    twin_retry: Option<Instant>,
+    twin_failures: u32,
+    /// Last time anything arrived: a silent hub is a dead connection.
+    last_heard: Instant,
 }
 
 impl Session<'_> {
-    fn report(&mut self, patch: &Value) {
+    fn report(&mut self, patch: Value) {
         self.next_rid += 1;
-        self.conn.publish(
-            topic::twin_patch_reported(&format!("r{}", self.next_rid)),
-            patch.to_string(),
-            QoS::AtLeastOnce,
-        );
+        let rid = format!("r{}", self.next_rid);
+        self.conn.publish(topic::twin_patch_reported(&rid), patch.to_string(), QoS::AtLeastOnce);
+        self.reports.insert(rid, patch);
+    }
+
+    /// A retry delay for a throttled or failed twin request: full jitter, at least 100 ms.
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        let s = &self.shared.settings;
+        full_jitter(s.backoff_base, s.backoff_cap, attempt).max(Duration::from_millis(100))
+    }
+
+    /// Writes buffered telemetry while the in-flight window has room.
+    fn pump(&mut self, carry: &mut Carry) {
+        let m = &self.shared.metrics;
+        let now = Instant::now();
+        while let Some(msg) = carry.outbox.next_to_write(self.shared.settings.max_inflight) {
+            let topic = topic::telemetry(self.device_id, self.spec.module_id.as_deref(), &msg.properties);
+            let pkid = self.conn.publish(topic, msg.body.clone(), QoS::AtLeastOnce);
+            if msg.written {
+                m.telemetry_retransmits.inc();
+            }
+            m.telemetry_sent.inc();
+            carry.outbox.written(pkid, msg, now);
+        }
     }
 
     /// Queues what the agent asked for; a reboot ends the session.
-    fn emit(&mut self, outs: Vec<Out>) -> Option<End> {
+    fn emit(&mut self, outs: Vec<Out>, carry: &mut Carry) -> Option<End> {
         let m = &self.shared.metrics;
         for o in outs {
             match o {
-                Out::Telemetry { properties, body } => {
-                    if self.inflight.len() >= self.shared.settings.max_inflight {
-                        m.telemetry_failed("backpressure", 1);
-                        continue;
-                    }
-                    let topic = topic::telemetry(self.device_id, self.spec.module_id.as_deref(), &properties);
-                    let pkid = self.conn.publish(topic, body, QoS::AtLeastOnce);
-                    self.inflight.push_back((pkid, Instant::now()));
-                    m.telemetry_sent.inc();
-                }
-                Out::Report(patch) => self.report(&patch),
+                Out::Telemetry { properties, body } => carry.enqueue(self.shared, properties, body),
+                Out::Report(patch) => self.report(patch),
                 Out::MethodResponse { rid, status, payload } => {
                     self.conn.publish(topic::method_response(status, &rid), payload, QoS::AtLeastOnce);
                 }
@@ -427,18 +554,20 @@ impl Session<'_> {
                 Out::Reboot { downtime, method, answer } => return Some(End::Reboot { downtime, method, answer }),
             }
         }
+        self.pump(carry);
         None
     }
 
-    fn on_packet(&mut self, p: Packet, agent: &mut Agent) -> Option<End> {
+    fn on_packet(&mut self, p: Packet, agent: &mut Agent, carry: &mut Carry) -> Option<End> {
         let m = &self.shared.metrics;
         let now = Instant::now();
         match p {
             Packet::PubAck(a) => {
-                if let Some(i) = self.inflight.iter().position(|(id, _)| *id == a.pkid) {
-                    let (_, sent) = self.inflight.remove(i).expect("found");
+                if let Some(sent) = carry.outbox.acked(a.pkid) {
                     m.telemetry_acked.inc();
+                    m.telemetry_queued.dec();
                     m.puback_seconds.observe(sent.elapsed().as_secs_f64());
+                    self.pump(carry);
                 }
                 None
             }
@@ -457,15 +586,27 @@ impl Session<'_> {
                         m.twin("get", status);
                         match serde_json::from_slice::<Value>(&p.payload) {
                             Ok(twin) if status == 200 => {
+                                self.twin_failures = 0;
                                 let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
                                 let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
                                 agent.on_desired(&desired, version, now, true)
                             }
-                            _ => Vec::new(),
+                            _ => {
+                                // Without its twin the device cannot catch up on desired properties.
+                                self.twin_failures += 1;
+                                self.twin_retry = Some(now + self.retry_delay(self.twin_failures));
+                                Vec::new()
+                            }
                         }
                     }
-                    Ok(CloudPublish::TwinResponse { status, .. }) => {
+                    Ok(CloudPublish::TwinResponse { status, rid, .. }) => {
                         m.twin("patch_reported", status);
+                        if let Some(patch) = self.reports.remove(&rid)
+                            && (status == 429 || status >= 500)
+                        {
+                            let at = now + self.retry_delay(1);
+                            self.report_retries.push((at, patch));
+                        }
                         Vec::new()
                     }
                     Ok(CloudPublish::DesiredPatch { version }) => {
@@ -487,26 +628,26 @@ impl Session<'_> {
                     }
                     _ => Vec::new(),
                 };
-                self.emit(outs)
+                self.emit(outs, carry)
             }
             _ => None,
         }
     }
 
     /// Sends what is queued, then waits up to the grace period for outstanding PUBACKs.
-    async fn drain(&mut self, agent: &mut Agent) {
+    async fn drain(&mut self, agent: &mut Agent, carry: &mut Carry) {
         let deadline = Instant::now() + self.shared.settings.shutdown_grace;
-        // Messages queued in this very tick have not been written yet; no PUBACK can come for them.
-        if tokio::time::timeout_at(deadline, self.conn.flush()).await.map_or(true, |r| r.is_err()) {
-            return;
-        }
-        while !self.inflight.is_empty() {
+        while !carry.outbox.is_empty() {
+            self.pump(carry);
+            if tokio::time::timeout_at(deadline, self.conn.flush()).await.map_or(true, |r| r.is_err()) {
+                return;
+            }
             while let Ok(Some(p)) = self.conn.next_packet() {
                 if let Packet::PubAck(_) = p {
-                    self.on_packet(p, agent);
+                    self.on_packet(p, agent, carry);
                 }
             }
-            if self.inflight.is_empty() {
+            if carry.outbox.is_empty() {
                 break;
             }
             match tokio::time::timeout_at(deadline, self.conn.fill()).await {
@@ -516,11 +657,11 @@ impl Session<'_> {
         }
     }
 
-    fn fail_inflight(&mut self, reason: &str) {
-        if !self.inflight.is_empty() {
-            self.shared.metrics.telemetry_failed(reason, self.inflight.len() as u64);
-            self.inflight.clear();
-        }
+    /// Hands what must outlive this connection back to the identity.
+    fn close(&mut self, carry: &mut Carry) {
+        carry.outbox.connection_lost();
+        carry.reports.extend(self.reports.drain().map(|(_, p)| p));
+        carry.reports.extend(self.report_retries.drain(..).map(|(_, p)| p));
     }
 }
 
@@ -531,9 +672,20 @@ async fn session(
     shared: &Shared,
     agent: &mut Agent,
     renew_at: Instant,
-    after_connect: Vec<Out>,
+    carry: &mut Carry,
 ) -> End {
-    let mut s = Session { conn, spec, device_id, shared, inflight: VecDeque::new(), next_rid: 0 };
+    let mut s = Session {
+        conn,
+        spec,
+        device_id,
+        shared,
+        next_rid: 0,
+        reports: Default::default(),
+        report_retries: Vec::new(),
+        twin_retry: None,
+        twin_failures: 0,
+        last_heard: Instant::now(),
+    };
     let module = spec.module_id.as_deref();
     let mut filters = vec![Filter::Methods, Filter::TwinResponses, Filter::TwinDesired];
     if module.is_none() {
@@ -544,69 +696,101 @@ async fn session(
     sub.pkid = s.conn.pkid();
     s.conn.queue(Packet::Subscribe(sub));
     s.conn.publish(topic::twin_get("get"), " ", QoS::AtLeastOnce);
+    for patch in std::mem::take(&mut carry.reports) {
+        s.report(patch);
+    }
     let startup = agent.startup();
-    if let Some(end) = s.emit(startup).or_else(|| s.emit(after_connect)) {
+    let held = std::mem::take(&mut carry.after_connect);
+    if let Some(end) = s.emit(startup, carry).or_else(|| s.emit(held, carry)) {
+        s.close(carry);
         return end;
     }
     agent.on_connected(Instant::now());
     let keep_alive = Duration::from_secs(shared.settings.keep_alive.max(1) as u64);
     let mut next_ping = Instant::now() + keep_alive;
-    loop {
+    let (end, polite) = loop {
         let now = Instant::now();
-        if let Some(end) = s.emit(agent.on_tick(now)) {
+        if let Some(end) = s.emit(agent.on_tick(now), carry) {
             let _ = s.conn.flush().await;
-            s.fail_inflight("disconnected");
-            s.conn.disconnect().await;
-            return end;
+            break (end, true);
         }
         if now >= renew_at {
-            s.drain(agent).await;
-            s.fail_inflight("disconnected");
-            s.conn.disconnect().await;
-            return End::Renew;
+            s.drain(agent, carry).await;
+            break (End::Renew, true);
         }
         if now >= next_ping {
             s.conn.queue(Packet::PingReq);
             next_ping = now + keep_alive;
         }
-        if s.conn.flush().await.is_err() {
-            s.fail_inflight("disconnected");
-            return End::Lost("connection_lost");
+        // The hub answers every PINGREQ; this long without a byte means the connection is dead.
+        if now >= s.last_heard + keep_alive * 3 / 2 {
+            break (End::Lost("keepalive_timeout"), false);
         }
-        let deadline = agent.next_deadline().map_or(next_ping, |d| d.min(next_ping)).min(renew_at);
+        if s.twin_retry.is_some_and(|at| now >= at) {
+            s.twin_retry = None;
+            s.conn.publish(topic::twin_get("get"), " ", QoS::AtLeastOnce);
+        }
+        if s.report_retries.iter().any(|(at, _)| now >= *at) {
+            let (due, later): (Vec<_>, Vec<_>) = s.report_retries.drain(..).partition(|(at, _)| now >= *at);
+            s.report_retries = later;
+            for (_, patch) in due {
+                s.report(patch);
+            }
+        }
+        if s.conn.flush().await.is_err() {
+            break (End::Lost("connection_lost"), false);
+        }
+        let deadline = [
+            agent.next_deadline(),
+            Some(next_ping),
+            Some(renew_at),
+            Some(s.last_heard + keep_alive * 3 / 2),
+            s.twin_retry,
+            s.report_retries.iter().map(|(at, _)| *at).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the ping deadline is always there");
         tokio::select! {
             r = s.conn.fill() => match r {
-                Ok(0) | Err(_) => {
-                    s.fail_inflight("disconnected");
-                    return End::Lost("connection_lost");
-                }
-                Ok(_) => loop {
-                    match s.conn.next_packet() {
-                        Ok(Some(p)) => {
-                            if let Some(end) = s.on_packet(p, agent) {
-                                let _ = s.conn.flush().await;
-                                s.fail_inflight("disconnected");
-                                s.conn.disconnect().await;
-                                return end;
+                Ok(0) | Err(_) => break (End::Lost("connection_lost"), false),
+                Ok(_) => {
+                    s.last_heard = Instant::now();
+                    let mut ended = None;
+                    loop {
+                        match s.conn.next_packet() {
+                            Ok(Some(p)) => {
+                                if let Some(end) = s.on_packet(p, agent, carry) {
+                                    let _ = s.conn.flush().await;
+                                    ended = Some((end, true));
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(_) => {
+                                ended = Some((End::Lost("protocol_error"), false));
+                                break;
                             }
                         }
-                        Ok(None) => break,
-                        Err(_) => {
-                            s.fail_inflight("disconnected");
-                            return End::Lost("protocol_error");
-                        }
                     }
-                },
+                    if let Some(end) = ended {
+                        break end;
+                    }
+                }
             },
             _ = tokio::time::sleep_until(deadline) => {}
             _ = shared.shutdown.cancelled() => {
-                s.drain(agent).await;
-                s.fail_inflight("shutdown");
-                s.conn.disconnect().await;
-                return End::Shutdown;
+                s.drain(agent, carry).await;
+                break (End::Shutdown, true);
             }
         }
+    };
+    s.close(carry);
+    if polite {
+        s.conn.disconnect().await;
     }
+    end
 }
 
 #[cfg(test)]

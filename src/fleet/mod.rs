@@ -291,6 +291,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         service,
         dps_service,
         provisioning: tokio::sync::Semaphore::new(cfg.settings.provision_concurrency.max(1)),
+        run_id: format!("{:08x}", rand::random::<u32>()).into(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);
@@ -376,7 +377,7 @@ async fn progress(m: Arc<FleetMetrics>, total: usize, every: Duration, stop: Can
             provisioning = m.state_count(DeviceState::Provisioning),
             backoff = m.state_count(DeviceState::Backoff),
             telemetry_acked = m.telemetry_acked.get(),
-            telemetry_failed = m.failed_count(),
+            telemetry_dropped = m.dropped_count(),
             "ramping"
         );
         last = once;
