@@ -60,6 +60,13 @@ pub struct RunArgs {
     /// Run only shard `i` of `n` (devices whose ordinal is i mod n), e.g. 0/4.
     #[arg(long, default_value = "0/1")]
     pub shard: String,
+    /// CI mode: run this long (e.g. 10m), then print a JSON report and exit 0 (pass) or 1 (fail).
+    /// Overrides `[ci] duration`.
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// CI mode: also write the JSON report here. Overrides `[ci] report`.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

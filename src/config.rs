@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
 use crate::device::runtime::Settings;
+use crate::fleet::ci::{CiConfig, Probe, Thresholds};
 use crate::tomlread::{Diagnostics, Doc, Node, Table, Val};
 
 /// A secret's value. `Debug` shows only where it came from.
@@ -64,6 +65,8 @@ pub struct DaemonConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub settings: Settings,
     pub progress_interval: Duration,
+    /// `[ci]`: run for a fixed time, then exit with a verdict.
+    pub ci: Option<CiConfig>,
 }
 
 fn secret(doc: &mut Doc, t: &mut Table<'_>, key: &str, base: &Path) -> Option<Secret> {
@@ -189,6 +192,7 @@ impl DaemonConfig {
                 None => Some("127.0.0.1:9100".parse().expect("default")),
             };
             let (settings, progress_interval) = settings(&mut doc, &mut top);
+            let ci = ci(&mut doc, &mut top, &base);
             top.finish(&mut doc);
             cfg = Some(DaemonConfig {
                 file: path.to_owned(),
@@ -198,6 +202,7 @@ impl DaemonConfig {
                 metrics_addr,
                 settings,
                 progress_interval,
+                ci,
             });
         }
         if doc.ok() { Ok(cfg.expect("parsed when there are no errors")) } else { Err(Diagnostics(doc.diags)) }
@@ -342,6 +347,70 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
     }
     t.finish(doc);
     (s, progress)
+}
+
+fn ci(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<CiConfig> {
+    let mut t = top.table(doc, "ci")?;
+    let d = CiConfig::default();
+    let duration = match t.duration(doc, "duration") {
+        Some(x) if x.is_zero() => {
+            doc.error(t.span_of("duration"), &t.field("duration"), "must be above zero");
+            d.duration
+        }
+        Some(x) => x,
+        None => {
+            t.missing(doc, "duration");
+            d.duration
+        }
+    };
+    let mut thresholds = Thresholds::default();
+    if let Some(mut th) = t.table(doc, "thresholds") {
+        // A threshold set to -1 is switched off (TOML has no null).
+        let mut limit = |doc: &mut Doc, key: &str, default: Option<u64>| match th.f64(doc, key) {
+            Some(v) if v < 0.0 => None,
+            Some(v) => Some(v as u64),
+            None => default,
+        };
+        thresholds.max_lost = limit(doc, "max_lost", thresholds.max_lost);
+        thresholds.max_unaccounted = limit(doc, "max_unaccounted", thresholds.max_unaccounted);
+        thresholds.max_dropped = limit(doc, "max_dropped", thresholds.max_dropped);
+        thresholds.max_stuck = limit(doc, "max_stuck", thresholds.max_stuck);
+        thresholds.all_connected_within = th.duration(doc, "all_connected_within");
+        thresholds.method_p99 = th.duration(doc, "method_p99");
+        thresholds.max_error_rate = th.f64(doc, "max_error_rate");
+        if thresholds.max_error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+            doc.error(th.span_of("max_error_rate"), &th.field("max_error_rate"), "is a fraction between 0 and 1");
+        }
+        th.finish(doc);
+    }
+    let probe = t.table(doc, "probe").map(|mut p| {
+        let method = p.req_str(doc, "method").unwrap_or_default();
+        let payload = match p.str(doc, "payload") {
+            Some(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                doc.error(p.span_of("payload"), &p.field("payload"), format!("is not JSON: {e}"));
+                serde_json::Value::Null
+            }),
+            None => serde_json::Value::Null,
+        };
+        let probe = Probe {
+            method,
+            payload,
+            every: p.duration(doc, "every").unwrap_or(Duration::from_secs(1)).max(Duration::from_millis(10)),
+            response_timeout: p.duration(doc, "response_timeout").unwrap_or(Duration::from_secs(10)),
+        };
+        p.finish(doc);
+        probe
+    });
+    let cfg = CiConfig {
+        duration,
+        settle: t.duration(doc, "settle").unwrap_or(d.settle),
+        report: t.str(doc, "report").map(|r| base.join(r)),
+        lift_faults: t.bool(doc, "lift_faults").unwrap_or(d.lift_faults),
+        thresholds,
+        probe,
+    };
+    t.finish(doc);
+    Some(cfg)
 }
 
 #[cfg(test)]

@@ -12,5 +12,6 @@ pub mod iot;
 pub mod metrics;
 pub mod provision;
 pub mod scenario;
+pub mod service;
 pub mod sys;
 pub mod tomlread;

@@ -154,7 +154,22 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let Some((cfg, templates)) = load_all(&args.config, &[]) else { return ExitCode::from(EXIT_CONFIG) };
+    let Some((mut cfg, templates)) = load_all(&args.config, &[]) else { return ExitCode::from(EXIT_CONFIG) };
+    if args.duration.is_some() || args.report.is_some() {
+        let ci = cfg.ci.get_or_insert_with(Default::default);
+        if let Some(d) = &args.duration {
+            match fleetsim::tomlread::parse_duration(d).filter(|d| !d.is_zero()) {
+                Some(d) => ci.duration = d,
+                None => {
+                    eprintln!("error: --duration: \"{d}\" is not a duration such as 90s, 10m or 1h");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        if let Some(r) = &args.report {
+            ci.report = Some(r.clone());
+        }
+    }
     let running = match fleet::start(&cfg, templates, shard).await {
         Ok(r) => r,
         Err(e) if e.downcast_ref::<ConfigProblems>().is_some() => {
@@ -178,10 +193,30 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if let Some(a) = running.metrics_addr {
         println!("  metrics:      http://{a}/metrics  (health: /healthz, /readyz)");
     }
+    if let Some(ci) = &cfg.ci {
+        return run_ci(running, ci).await;
+    }
     fleetsim::sys::shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// CI mode: the report on stdout (and in a file), the verdict in the exit status.
+async fn run_ci(mut running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitCode {
+    tracing::info!(secs = ci.duration.as_secs_f64(), "CI mode: running, then judging");
+    let ids = std::mem::take(&mut running.ids);
+    let outcome = fleet::ci::run(running, ci, ids, fleetsim::sys::shutdown_signal()).await;
+    let text = serde_json::to_string_pretty(&outcome.report).expect("a JSON value serializes");
+    println!("{text}");
+    if let Some(path) = &ci.report
+        && let Err(e) = std::fs::write(path, format!("{text}\n"))
+    {
+        eprintln!("error: cannot write the report to {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("fleetsim: {}", if outcome.pass { "PASS" } else { "FAIL" });
+    if outcome.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 /// Signs a policy token with the key the emulator keeps beside its hub.json.

@@ -209,6 +209,19 @@ impl FleetMetrics {
         self.writable_acks.with_label_values(&[&status.to_string()]).inc();
     }
 
+    /// Reconnects so far, by cause.
+    pub fn reconnect_counts(&self) -> serde_json::Map<String, serde_json::Value> {
+        use prometheus::core::Collector;
+        let mut out = serde_json::Map::new();
+        for family in self.reconnects.collect() {
+            for metric in family.get_metric() {
+                let cause = metric.get_label().first().map(|l| l.value().to_owned()).unwrap_or_default();
+                out.insert(cause, serde_json::json!(metric.get_counter().get_value() as u64));
+            }
+        }
+        out
+    }
+
     pub fn reconnect(&self, cause: &str) {
         self.reconnects.with_label_values(&[cause]).inc();
     }

@@ -2,6 +2,7 @@
 //! identities, runs one task per identity behind the connection ramp, serves metrics and health,
 //! logs progress while ramping, and shuts everything down within the grace period.
 
+pub mod ci;
 pub mod expand;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub struct RunningFleet {
     pub hub_info: Option<HubInfo>,
     pub shared: Arc<Shared>,
     pub identities: usize,
+    /// Every identity this fleet runs: device id, module id, and the commands it answers.
+    pub ids: Vec<ci::ProbeTarget>,
     pub metrics_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     aux: Vec<JoinHandle<()>>,
@@ -47,19 +50,25 @@ pub struct RunningFleet {
 impl RunningFleet {
     /// Stops every identity (each drains its in-flight telemetry, then disconnects), then the
     /// embedded hub.
-    pub async fn shutdown(self) {
-        self.shared.shutdown.cancel();
-        let grace = self.shared.settings.shutdown_grace + Duration::from_secs(5);
-        let all = futures_util::future::join_all(self.tasks);
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!("some identities did not stop within the grace period");
-        }
+    pub async fn shutdown(mut self) {
+        self.stop_identities().await;
         self.stop_aux.cancel();
         for t in self.aux {
             let _ = t.await;
         }
         if let Some(h) = self.hub {
             h.shutdown().await;
+        }
+    }
+
+    /// Stops every identity (each drains its buffered telemetry, then disconnects); the hub,
+    /// metrics and health endpoints stay up.
+    pub async fn stop_identities(&mut self) {
+        self.shared.shutdown.cancel();
+        let grace = self.shared.settings.shutdown_grace + Duration::from_secs(5);
+        let all = futures_util::future::join_all(std::mem::take(&mut self.tasks));
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("some identities did not stop within the grace period");
         }
     }
 
@@ -296,6 +305,14 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);
     let identities = specs.len();
+    let ids = specs
+        .iter()
+        .map(|s| ci::ProbeTarget {
+            device_id: s.device_id.clone(),
+            module_id: s.module_id.clone(),
+            behaviour: s.behaviour.clone(),
+        })
+        .collect();
     let tasks: Vec<_> = specs.into_iter().map(|s| tokio::spawn(runtime::run(s, shared.clone()))).collect();
 
     let stop_aux = CancellationToken::new();
@@ -310,7 +327,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
     }
     tracing::info!(identities, shard = %format!("{}/{}", shard.index, shard.count), "fleet started");
-    Ok(RunningFleet { hub, hub_info, shared, identities, metrics_addr, tasks, aux, stop_aux })
+    Ok(RunningFleet { hub, hub_info, shared, identities, ids, metrics_addr, tasks, aux, stop_aux })
 }
 
 #[derive(Clone)]

@@ -201,6 +201,30 @@ impl HubMetrics {
         self.refused.with_label_values(&[r.label()]).inc();
     }
 
+    /// What the fault injector did: injections by kind, the connects it refused, the
+    /// connections it expired early.
+    pub fn faults_summary(&self) -> serde_json::Map<String, serde_json::Value> {
+        use prometheus::core::Collector;
+        let mut out = serde_json::Map::new();
+        for family in self.faults_injected.collect() {
+            for m in family.get_metric() {
+                let kind = m.get_label().first().map(|l| l.value().to_owned()).unwrap_or_default();
+                out.insert(kind, serde_json::json!(m.get_counter().get_value() as u64));
+            }
+        }
+        for r in [Refusal::Outage, Refusal::Throttled] {
+            let n = self.refused.with_label_values(&[r.label()]).get();
+            out.insert(format!("refused_{}", r.label()), serde_json::json!(n));
+        }
+        for r in [CloseReason::TokenExpired, CloseReason::FaultInjected] {
+            out.insert(
+                format!("closed_{}", r.label()),
+                serde_json::json!(self.disconnects.with_label_values(&[r.label()]).get()),
+            );
+        }
+        out
+    }
+
     pub fn disconnected(&self, r: CloseReason) {
         self.disconnects.with_label_values(&[r.label()]).inc();
     }

@@ -348,6 +348,23 @@ impl MqttClient {
         }
     }
 
+    /// True if nothing at all (no packet, no close) arrives for `d`: the hub is silent.
+    pub async fn silent_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, async {
+            loop {
+                if let Ok(p) = Packet::read(&mut self.rbuf, 1 << 20) {
+                    return p;
+                }
+                self.rbuf.reserve(4096);
+                if let Ok(0) | Err(_) = self.stream.read_buf(&mut self.rbuf).await {
+                    return Packet::Disconnect;
+                }
+            }
+        })
+        .await
+        .is_err()
+    }
+
     /// Waits for the PUBACK of `pkid`, skipping other packets.
     pub async fn puback(&mut self, pkid: u16) {
         loop {

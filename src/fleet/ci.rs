@@ -1,0 +1,365 @@
+//! CI mode: run the fleet for a fixed time, then judge it. While it runs, a watcher notes when
+//! every identity first connected and an optional probe invokes a direct method on random
+//! identities from the service side (its latency is what a back end sees). At the end the
+//! embedded hub's faults are lifted, the fleet gets a settle period to reconnect, the devices stop
+//! (draining their buffers), the hub is asked which sequence numbers arrived, and every threshold
+//! is checked. The JSON report goes to stdout (and a file); the exit status is the verdict.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::RunningFleet;
+use crate::metrics::{DeviceState, FleetMetrics};
+use crate::service::ServiceClient;
+
+/// `[ci]` in the daemon config.
+#[derive(Debug, Clone)]
+pub struct CiConfig {
+    pub duration: Duration,
+    /// After `duration`, how long the fleet may take to be all connected again.
+    pub settle: Duration,
+    pub report: Option<std::path::PathBuf>,
+    /// Turn an external emulator's faults off before the settle period (the embedded one's
+    /// always are: they are this run's own).
+    pub lift_faults: bool,
+    pub thresholds: Thresholds,
+    pub probe: Option<Probe>,
+}
+
+/// Pass/fail limits. `None` means not checked.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    /// Messages that should be at the hub and are not (needs the emulator's sequence counts).
+    pub max_lost: Option<u64>,
+    /// Messages the fleet's own books cannot place (generated, yet not acked, dropped or queued).
+    pub max_unaccounted: Option<u64>,
+    /// Messages dropped by the buffer policy or at shutdown.
+    pub max_dropped: Option<u64>,
+    /// Identities not connected at the end of the settle period.
+    pub max_stuck: Option<u64>,
+    /// Every identity connected at least once within this long of the start.
+    pub all_connected_within: Option<Duration>,
+    pub method_p99: Option<Duration>,
+    /// (dropped telemetry + failed method probes) / (generated telemetry + method probes).
+    pub max_error_rate: Option<f64>,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_lost: Some(0),
+            max_unaccounted: Some(0),
+            max_dropped: None,
+            max_stuck: Some(0),
+            all_connected_within: None,
+            method_p99: None,
+            max_error_rate: None,
+        }
+    }
+}
+
+/// A direct method invoked on a random identity every `every`.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub method: String,
+    pub payload: Value,
+    pub every: Duration,
+    pub response_timeout: Duration,
+}
+
+impl Default for CiConfig {
+    fn default() -> Self {
+        CiConfig {
+            duration: Duration::from_secs(60),
+            settle: Duration::from_secs(60),
+            report: None,
+            lift_faults: true,
+            thresholds: Thresholds::default(),
+            probe: None,
+        }
+    }
+}
+
+/// An identity the method probe may call.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    pub device_id: Arc<str>,
+    pub module_id: Option<Arc<str>>,
+    pub behaviour: Arc<crate::scenario::model::Behaviour>,
+}
+
+#[derive(Default)]
+struct ProbeStats {
+    ok_ms: Vec<f64>,
+    failures: std::collections::BTreeMap<String, u64>,
+}
+
+/// The verdict and the report.
+pub struct Outcome {
+    pub pass: bool,
+    pub report: Value,
+}
+
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[i])
+}
+
+async fn watch_connected(m: Arc<FleetMetrics>, total: usize, stop: CancellationToken) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if m.ever_connected.get() as usize >= total {
+            return Some(t0.elapsed());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.cancelled() => return None,
+        }
+    }
+}
+
+async fn run_probe(
+    client: ServiceClient,
+    probe: Probe,
+    ids: Arc<Vec<ProbeTarget>>,
+    stats: Arc<Mutex<ProbeStats>>,
+    stop: CancellationToken,
+) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tick = tokio::time::interval(probe.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        if ids.is_empty() {
+            continue;
+        }
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            stats.lock().unwrap_or_else(|p| p.into_inner()).failures.entry("skipped_busy".into()).or_default();
+            continue;
+        };
+        let target = ids[rand::random_range(0..ids.len())].clone();
+        let (device, module) = (target.device_id, target.module_id);
+        let (client, probe, stats) = (client.clone(), probe.clone(), stats.clone());
+        calls.spawn(async move {
+            let t0 = Instant::now();
+            let r = client
+                .invoke(
+                    &device,
+                    module.as_deref(),
+                    &probe.method,
+                    &probe.payload,
+                    probe.response_timeout,
+                    Duration::ZERO,
+                )
+                .await;
+            let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
+                Ok(res) if (200..300).contains(&res.status) => s.ok_ms.push(t0.elapsed().as_secs_f64() * 1e3),
+                Ok(res) => *s.failures.entry(format!("device_{}", res.status)).or_default() += 1,
+                Err(e) => *s.failures.entry(format!("hub_{}", e.status())).or_default() += 1,
+            }
+            drop(permit);
+        });
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+struct Check {
+    name: &'static str,
+    value: Value,
+    limit: Value,
+    pass: Option<bool>,
+}
+
+/// Runs the fleet for the configured time, then stops it and judges it. `interrupted` ends the
+/// run early (the report says so, and it fails).
+pub async fn run(
+    mut fleet: RunningFleet,
+    ci: &CiConfig,
+    ids: Vec<ProbeTarget>,
+    interrupted: impl std::future::Future<Output = ()>,
+) -> Outcome {
+    let m = fleet.shared.metrics.clone();
+    let total = fleet.identities;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let watcher = tokio::spawn(watch_connected(m.clone(), total, stop.clone()));
+    let stats = Arc::new(Mutex::new(ProbeStats::default()));
+    let probe = match (&ci.probe, fleet.shared.service.clone()) {
+        (Some(p), Some(client)) => {
+            // Only identities whose scenario answers the method: the probe measures the path, not
+            // how often an unknown command is refused.
+            let targets: Vec<ProbeTarget> =
+                ids.into_iter().filter(|t| t.behaviour.commands.iter().any(|c| c.name == p.method)).collect();
+            if targets.is_empty() {
+                tracing::warn!(method = %p.method, "no identity answers the probe's method");
+            }
+            Some(tokio::spawn(run_probe(client, p.clone(), Arc::new(targets), stats.clone(), stop.clone())))
+        }
+        (Some(_), None) => {
+            tracing::warn!("no service connection string: the method probe is off");
+            None
+        }
+        _ => None,
+    };
+    let finished = tokio::select! {
+        _ = tokio::time::sleep(ci.duration) => true,
+        _ = interrupted => false,
+    };
+    stop.cancel();
+    if let Some(p) = probe {
+        let _ = p.await;
+    }
+    let all_connected_after = watcher.await.ok().flatten();
+
+    // Lift the faults, then give the fleet its settle period.
+    if let Some(h) = &fleet.hub {
+        h.state.set_faults(Default::default());
+        h.state.faults.start_outage(Duration::ZERO);
+    } else if let (true, Some(c)) = (ci.lift_faults, &fleet.shared.service) {
+        // An emulator elsewhere; a real hub answers 404, which is fine.
+        let _ = c.request(reqwest::Method::PUT, "/emulator/faults", Some(&json!({})), &[]).await;
+        let _ = c.request(reqwest::Method::POST, "/emulator/faults/outage", Some(&json!({"seconds": 0})), &[]).await;
+    }
+    let settle_start = Instant::now();
+    while finished && (m.state_count(DeviceState::Connected) as usize) < total && settle_start.elapsed() < ci.settle {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let connected_at_end = m.state_count(DeviceState::Connected).max(0) as u64;
+    let settled_in = settle_start.elapsed();
+    fleet.stop_identities().await;
+
+    let generated = m.telemetry_generated.get();
+    let acked = m.telemetry_acked.get();
+    let queued = m.telemetry_queued.get().max(0) as u64;
+    let never_written = m.dropped("buffer_full") + m.dropped("shutdown");
+    let dropped = m.dropped_count();
+    let unaccounted = generated.saturating_sub(acked + dropped + queued);
+    let hub_side = match &fleet.shared.service {
+        Some(c) => c.sequence_summary(&fleet.shared.run_id).await.ok(),
+        None => None,
+    };
+    let hub_unique = hub_side.as_ref().and_then(|h| h["unique"].as_u64());
+    let lost = hub_unique.map(|u| generated.saturating_sub(never_written).saturating_sub(u));
+
+    let (p50, p99, probes_ok, probe_failures) = {
+        let s = stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = s.ok_ms.clone();
+        v.sort_by(f64::total_cmp);
+        (quantile(&v, 0.5), quantile(&v, 0.99), v.len() as u64, s.failures.clone())
+    };
+    let probes_failed: u64 = probe_failures.iter().filter(|(k, _)| *k != "skipped_busy").map(|(_, n)| n).sum();
+    let operations = generated + probes_ok + probes_failed;
+    let error_rate =
+        if operations == 0 { 0.0 } else { (m.dropped("buffer_full") + probes_failed) as f64 / operations as f64 };
+    let stuck = (total as u64).saturating_sub(connected_at_end);
+
+    let t = &ci.thresholds;
+    let le = |v: Option<f64>, limit: Option<f64>| match (v, limit) {
+        (_, None) => None,
+        (None, Some(_)) => Some(false),
+        (Some(v), Some(l)) => Some(v <= l),
+    };
+    let checks = [
+        Check { name: "finished", value: json!(finished), limit: json!(true), pass: Some(finished) },
+        Check {
+            name: "lost",
+            value: json!(lost),
+            limit: json!(t.max_lost),
+            // Only an emulator can count arrivals; against Azure this check cannot be made.
+            pass: t.max_lost.and_then(|l| lost.map(|x| x <= l)),
+        },
+        Check {
+            name: "unaccounted",
+            value: json!(unaccounted),
+            limit: json!(t.max_unaccounted),
+            pass: t.max_unaccounted.map(|l| unaccounted <= l),
+        },
+        Check {
+            name: "dropped",
+            value: json!(dropped),
+            limit: json!(t.max_dropped),
+            pass: t.max_dropped.map(|l| dropped <= l),
+        },
+        Check { name: "stuck", value: json!(stuck), limit: json!(t.max_stuck), pass: t.max_stuck.map(|l| stuck <= l) },
+        Check {
+            name: "all_connected_secs",
+            value: json!(all_connected_after.map(|d| d.as_secs_f64())),
+            limit: json!(t.all_connected_within.map(|d| d.as_secs_f64())),
+            pass: le(all_connected_after.map(|d| d.as_secs_f64()), t.all_connected_within.map(|d| d.as_secs_f64())),
+        },
+        Check {
+            name: "method_p99_ms",
+            value: json!(p99),
+            limit: json!(t.method_p99.map(|d| d.as_secs_f64() * 1e3)),
+            pass: le(p99, t.method_p99.map(|d| d.as_secs_f64() * 1e3)),
+        },
+        Check {
+            name: "error_rate",
+            value: json!(error_rate),
+            limit: json!(t.max_error_rate),
+            pass: t.max_error_rate.map(|l| error_rate <= l),
+        },
+    ];
+    let pass = checks.iter().all(|c| c.pass != Some(false));
+    let report = json!({
+        "pass": pass,
+        "run_id": &*fleet.shared.run_id,
+        "duration_secs": started.elapsed().as_secs_f64(),
+        "identities": total,
+        "connected_at_end": connected_at_end,
+        "settled_secs": settled_in.as_secs_f64(),
+        "telemetry": {
+            "generated": generated,
+            "acked": acked,
+            "sent": m.telemetry_sent.get(),
+            "retransmits": m.telemetry_retransmits.get(),
+            "queued": queued,
+            "paused": m.telemetry_paused.get(),
+            "dropped": FleetMetrics::DROP_REASONS.iter().map(|r| (r.to_string(), json!(m.dropped(r)))).collect::<serde_json::Map<_, _>>(),
+            "hub": hub_side.map(|h| json!({
+                "unique": h["unique"], "duplicates": h["duplicates"], "gaps": h["gaps"], "identities": h["identities"],
+            })),
+            "lost": lost,
+        },
+        "methods": {
+            "probes_ok": probes_ok,
+            "failures": probe_failures,
+            "p50_ms": p50,
+            "p99_ms": p99,
+        },
+        "reconnects": m.reconnect_counts(),
+        "hub_faults": fleet.hub.as_ref().map(|h| h.state.metrics.faults_summary()),
+        "checks": checks.iter().map(|c| json!({
+            "name": c.name, "value": c.value, "limit": c.limit,
+            "result": match c.pass { Some(true) => "pass", Some(false) => "fail", None => "not checked" },
+        })).collect::<Vec<_>>(),
+    });
+    fleet.shutdown().await;
+    Outcome { pass, report }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), Some(50.0));
+        assert_eq!(quantile(&v, 0.99), Some(99.0));
+        assert_eq!(quantile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+}
