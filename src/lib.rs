@@ -7,6 +7,8 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod iot;
 pub mod metrics;

@@ -196,10 +196,54 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if let Some(ci) = &cfg.ci {
         return run_ci(running, ci).await;
     }
-    fleetsim::sys::shutdown_signal().await;
+    let mut running = running;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("a SIGHUP handler");
+    let stop = fleetsim::sys::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup.recv() => reload(&args.config, &cfg, &mut running).await,
+        }
+    }
     tracing::info!("shutting down");
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the config's scenarios and applies them; any problem is logged with its
+/// position and the running fleet is left exactly as it was.
+async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: &mut fleet::RunningFleet) {
+    tracing::info!(config = %config.display(), "reloading scenarios");
+    let refuse = |problems: Vec<String>| {
+        for p in &problems {
+            tracing::error!(problem = %p, "reload refused");
+        }
+        tracing::warn!(problems = problems.len(), "reload refused: the fleet keeps its previous scenarios");
+    };
+    let cfg = match DaemonConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
+    };
+    let templates = match schema::load(&cfg.scenarios) {
+        Ok(t) => t,
+        Err(e) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
+    };
+    let daemon_part = |c: &DaemonConfig| format!("{:?}", (&c.hub, &c.ramp, &c.settings, c.metrics_addr));
+    if daemon_part(&cfg) != daemon_part(started_with) {
+        tracing::warn!("changes to [hub], [ramp], [metrics] or [device] take effect only after a restart");
+    }
+    match running.reload(templates).await {
+        Ok(s) => tracing::info!(
+            added = s.added,
+            removed = s.removed,
+            changed = s.changed,
+            unchanged = s.unchanged,
+            identities = running.identities,
+            "reloaded"
+        ),
+        Err(e) => refuse(e.0),
+    }
 }
 
 /// CI mode: the report on stdout (and in a file), the verdict in the exit status.

@@ -171,6 +171,11 @@ impl FleetMetrics {
         self.state_handles[DeviceState::ALL.iter().position(|s| *s == to).expect("known state")].inc();
     }
 
+    /// An identity leaves the fleet (a reload removed it).
+    pub fn remove(&self, from: DeviceState) {
+        self.state_handles[DeviceState::ALL.iter().position(|s| *s == from).expect("known state")].dec();
+    }
+
     pub fn state_count(&self, s: DeviceState) -> i64 {
         self.devices.with_label_values(&[s.label()]).get()
     }

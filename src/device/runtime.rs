@@ -256,8 +256,8 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Runs one identity until the fleet shuts down.
-pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
+/// Runs one identity until `cancel` fires (the fleet stops, or a reload removes the identity).
+pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationToken) {
     let m = &shared.metrics;
     m.transition(None, DeviceState::Provisioning);
     let mut state = StateTracker { metrics: m, current: DeviceState::Provisioning };
@@ -273,7 +273,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
     let mut failures = 0u32;
     let mut auth_failures = 0u32;
     let mut ever_connected = false;
-    let cancel = &shared.shutdown;
+    let cancel = &cancel;
     // Readings continue offline only once the device has been up (its schedule has started).
     let generate_offline = |ever: bool| ever && shared.settings.offline_policy == OfflinePolicy::DropOldest;
     loop {
@@ -333,7 +333,9 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
                     m.ever_connected.inc();
                 }
                 state.to(DeviceState::Connected);
-                match session(conn, &spec, &device_id, &shared, &mut agent, renew_at, &mut carry).await {
+                match session(conn, &spec, &device_id, &shared, &mut agent, &mut carry, Until { renew_at, cancel })
+                    .await
+                {
                     End::Shutdown => break,
                     End::Renew => {
                         m.token_renewals.inc();
@@ -382,7 +384,15 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>) {
         }
     }
     carry.abandon(m);
-    state.to(DeviceState::Stopped);
+    if shared.shutdown.is_cancelled() {
+        state.to(DeviceState::Stopped);
+    } else {
+        // A reload removed this identity: it leaves the fleet's gauges altogether.
+        m.remove(state.current);
+        if ever_connected {
+            m.ever_connected.dec();
+        }
+    }
 }
 
 /// DPS registration, or registry creation; the hub and device id to connect as. The error is how
@@ -665,15 +675,22 @@ impl Session<'_> {
     }
 }
 
+/// When a session must end: at token renewal, or when the identity is told to stop.
+struct Until<'a> {
+    renew_at: Instant,
+    cancel: &'a CancellationToken,
+}
+
 async fn session(
     conn: MqttConn,
     spec: &IdentitySpec,
     device_id: &str,
     shared: &Shared,
     agent: &mut Agent,
-    renew_at: Instant,
     carry: &mut Carry,
+    until: Until<'_>,
 ) -> End {
+    let Until { renew_at, cancel } = until;
     let mut s = Session {
         conn,
         spec,
@@ -780,7 +797,7 @@ async fn session(
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = shared.shutdown.cancelled() => {
+            _ = cancel.cancelled() => {
                 s.drain(agent, carry).await;
                 break (End::Shutdown, true);
             }

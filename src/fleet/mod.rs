@@ -4,6 +4,9 @@
 
 pub mod ci;
 pub mod expand;
+mod reload;
+
+pub use reload::ReloadSummary;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,9 +45,39 @@ pub struct RunningFleet {
     /// Every identity this fleet runs: device id, module id, and the commands it answers.
     pub ids: Vec<ci::ProbeTarget>,
     pub metrics_addr: Option<SocketAddr>,
-    tasks: Vec<JoinHandle<()>>,
+    /// One task per identity, by `device[/module]`.
+    tasks: HashMap<String, IdentityTask>,
+    /// How many identities the fleet runs now (the health and progress tasks read it).
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    /// What a reload needs to expand scenarios the way `start` did.
+    wiring: Wiring,
+    shard: Shard,
     aux: Vec<JoinHandle<()>>,
     stop_aux: CancellationToken,
+}
+
+/// A running identity: its own stop signal (a child of the fleet's) and what it was made from.
+struct IdentityTask {
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+    /// The identity's full definition, to tell a changed scenario from an unchanged one.
+    fingerprint: String,
+}
+
+fn spawn_identity(spec: runtime::IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
+    let key = match &spec.module_id {
+        Some(m) => format!("{}/{m}", spec.device_id),
+        None => spec.device_id.to_string(),
+    };
+    // Key's Debug shows no key material, so the fingerprint is safe to keep.
+    let fingerprint = format!("{spec:?}");
+    let cancel = shared.shutdown.child_token();
+    let handle = tokio::spawn(runtime::run(spec, shared.clone(), cancel.clone()));
+    (key, IdentityTask { cancel, handle, fingerprint })
+}
+
+fn probe_target(s: &runtime::IdentitySpec) -> ci::ProbeTarget {
+    ci::ProbeTarget { device_id: s.device_id.clone(), module_id: s.module_id.clone(), behaviour: s.behaviour.clone() }
 }
 
 impl RunningFleet {
@@ -66,7 +99,7 @@ impl RunningFleet {
     pub async fn stop_identities(&mut self) {
         self.shared.shutdown.cancel();
         let grace = self.shared.settings.shutdown_grace + Duration::from_secs(5);
-        let all = futures_util::future::join_all(std::mem::take(&mut self.tasks));
+        let all = futures_util::future::join_all(std::mem::take(&mut self.tasks).into_values().map(|t| t.handle));
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("some identities did not stop within the grace period");
         }
@@ -79,6 +112,7 @@ impl RunningFleet {
 }
 
 /// The parts of a start-up that depend on where the hub is.
+#[derive(Clone)]
 struct Wiring {
     tls: Arc<rustls::ClientConfig>,
     target: Target,
@@ -112,11 +146,7 @@ fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
 }
 
 /// Checks that the hub configuration can serve every template; all problems at once.
-fn check_wiring(
-    w: &Wiring,
-    templates: &[DeviceTemplate],
-    keys_files: &HashMap<std::path::PathBuf, HashMap<String, Key>>,
-) -> anyhow::Result<()> {
+fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for t in templates {
         let name = format!("{} ({})", t.name, t.file.display());
@@ -176,20 +206,25 @@ impl std::fmt::Display for ConfigProblems {
 
 impl std::error::Error for ConfigProblems {}
 
-pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Shard) -> anyhow::Result<RunningFleet> {
-    let mut keys_files = HashMap::new();
-    let mut file_problems = Vec::new();
+type KeyFiles = HashMap<std::path::PathBuf, HashMap<String, Key>>;
+
+/// The `keys_file`s the templates name, loaded; every unreadable one reported.
+fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigProblems> {
+    let mut files = HashMap::new();
+    let mut problems = Vec::new();
     for f in templates.iter().filter_map(|t| t.keys_file.clone()) {
         match expand::load_keys_file(&f) {
             Ok(k) => {
-                keys_files.insert(f, k);
+                files.insert(f, k);
             }
-            Err(e) => file_problems.push(e),
+            Err(e) => problems.push(e),
         }
     }
-    if !file_problems.is_empty() {
-        return Err(anyhow!(ConfigProblems(file_problems)));
-    }
+    if problems.is_empty() { Ok(files) } else { Err(ConfigProblems(problems)) }
+}
+
+pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Shard) -> anyhow::Result<RunningFleet> {
+    let keys_files = load_key_files(&templates)?;
 
     let (hub, hub_info, wiring) = match &cfg.hub {
         HubMode::Embedded { data_dir, mqtt_addr, https_addr, hub_config } => {
@@ -303,38 +338,47 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         run_id: format!("{:08x}", rand::random::<u32>()).into(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
+    let shard_copy = shard;
     let specs = expand::expand(&templates, shard, &keys);
     let identities = specs.len();
-    let ids = specs
-        .iter()
-        .map(|s| ci::ProbeTarget {
-            device_id: s.device_id.clone(),
-            module_id: s.module_id.clone(),
-            behaviour: s.behaviour.clone(),
-        })
-        .collect();
-    let tasks: Vec<_> = specs.into_iter().map(|s| tokio::spawn(runtime::run(s, shared.clone()))).collect();
+    let ids = specs.iter().map(probe_target).collect();
+    let tasks: HashMap<_, _> = specs.into_iter().map(|s| spawn_identity(s, &shared)).collect();
+    let total = Arc::new(std::sync::atomic::AtomicUsize::new(identities));
 
     let stop_aux = CancellationToken::new();
-    let mut aux = vec![tokio::spawn(progress(metrics.clone(), identities, cfg.progress_interval, stop_aux.clone()))];
+    let mut aux = vec![tokio::spawn(progress(metrics.clone(), total.clone(), cfg.progress_interval, stop_aux.clone()))];
     let mut metrics_addr = None;
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         metrics_addr = Some(listener.local_addr()?);
-        let state = MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), identities };
+        let state =
+            MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), total: total.clone() };
         aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
     }
     tracing::info!(identities, shard = %format!("{}/{}", shard.index, shard.count), "fleet started");
-    Ok(RunningFleet { hub, hub_info, shared, identities, ids, metrics_addr, tasks, aux, stop_aux })
+    Ok(RunningFleet {
+        hub,
+        hub_info,
+        shared,
+        identities,
+        ids,
+        metrics_addr,
+        tasks,
+        total,
+        wiring,
+        shard: shard_copy,
+        aux,
+        stop_aux,
+    })
 }
 
 #[derive(Clone)]
 struct MetricsState {
     fleet: Arc<FleetMetrics>,
     hub: Option<hub::state::Hub>,
-    identities: usize,
+    total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, stop: CancellationToken) {
@@ -354,8 +398,9 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
             "/readyz",
             get(|State(s): State<MetricsState>| async move {
                 let once = s.fleet.ever_connected.get() as usize;
-                let status = if once >= s.identities { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                (status, format!("{once}/{} identities have connected\n", s.identities))
+                let total = s.total.load(std::sync::atomic::Ordering::Relaxed);
+                let status = if once >= total { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (status, format!("{once}/{total} identities have connected\n"))
             }),
         )
         .with_state(state);
@@ -363,7 +408,12 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
 }
 
 /// One line per interval while the fleet ramps up, then one when it is all connected.
-async fn progress(m: Arc<FleetMetrics>, total: usize, every: Duration, stop: CancellationToken) {
+async fn progress(
+    m: Arc<FleetMetrics>,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let started = tokio::time::Instant::now();
     let mut announced = false;
     let mut last = 0i64;
@@ -374,6 +424,7 @@ async fn progress(m: Arc<FleetMetrics>, total: usize, every: Duration, stop: Can
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        let total = total.load(std::sync::atomic::Ordering::Relaxed);
         let once = m.ever_connected.get();
         let connected = m.state_count(DeviceState::Connected);
         if once as usize >= total {

@@ -1,0 +1,132 @@
+//! Entry points for the fuzz targets in `fuzz/` and for `tests/fuzz_corpus.rs`, which replays the
+//! kept corpus on every test run. Each takes arbitrary bytes and must neither panic nor hang; where
+//! a parser has an inverse, the round trip is checked too. Not part of the product's API.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use crate::hub::config::HubConfig;
+use crate::hub::state::{Hub, HubState};
+use crate::iot::sas::{Key, sign_token};
+
+fn text(data: &[u8]) -> String {
+    String::from_utf8_lossy(data).into_owned()
+}
+
+/// Topic, filter, property-bag, username and sequence-stamp parsers.
+pub fn topics(data: &[u8]) {
+    use crate::iot::property_bag::PropertyBag;
+    use crate::iot::topic::{CloudPublish, DevicePublish, Filter};
+    let s = text(data);
+    let _ = DevicePublish::parse(&s);
+    let _ = CloudPublish::parse(&s);
+    let _ = Filter::parse(&s, "dev", Some("mod"));
+    let _ = Filter::parse(&s, "dev", None);
+    let _ = crate::iot::username::Username::parse(&s);
+    if let Some((run, n)) = crate::iot::sequence::parse(&s) {
+        assert_eq!(crate::iot::sequence::parse(&crate::iot::sequence::stamp(run, n)), Some((run, n)));
+    }
+    if let Ok(bag) = PropertyBag::parse(&s) {
+        let again = PropertyBag::parse(&bag.encode()).expect("an encoded bag parses");
+        assert_eq!(again, bag, "property bags survive a round trip");
+    }
+}
+
+/// SAS tokens and connection strings.
+pub fn credentials(data: &[u8]) {
+    let s = text(data);
+    if let Ok(t) = crate::iot::sas::SasToken::parse(&s) {
+        let key = Key::from_bytes(b"fuzz-key".to_vec());
+        let _ = t.verify(&t.resource, &[key.clone(), key], 0, 0);
+    }
+    if let Ok(cs) = s.parse::<crate::iot::connection_string::ConnectionString>() {
+        let again: crate::iot::connection_string::ConnectionString =
+            cs.to_string().parse().expect("a printed connection string parses");
+        assert_eq!(again.to_string(), cs.to_string());
+    }
+    let _ = crate::iot::sas::Key::from_base64(&s);
+}
+
+/// The scenario loader and the daemon config reader: errors, never panics.
+pub fn scenario(data: &[u8]) {
+    let path = std::path::Path::new("fuzz.toml");
+    let _ = crate::scenario::schema::load_text(path, text(data));
+    let _ = crate::config::DaemonConfig::parse(path, text(data));
+}
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    hub: Hub,
+    connect_hub: Vec<u8>,
+    connect_dps: Vec<u8>,
+}
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| {
+        // The keys file is all the hub writes; one small directory per fuzzing process.
+        let dir = std::env::temp_dir().join(format!("fleetsim-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let config = HubConfig { data_dir: dir.clone(), ..Default::default() };
+        let secrets = crate::hub::secrets::Secrets::load_or_create(&dir, &config.keys).expect("keys");
+        let hub: Hub = Arc::new(HubState::new(&config, secrets).expect("hub state"));
+        let key = Key::from_bytes(b"fuzz-device-key".to_vec());
+        let record = crate::hub::registry::Record::new(key.clone(), key.clone());
+        hub.registry.create("fuzz", None, record, SystemTime::now()).expect("the device is new");
+        let expiry = crate::iot::time::unix_secs(SystemTime::now()) + 10 * 365 * 24 * 3600;
+        let connect = |client: &str, user: String, password: String| {
+            let mut c = rumqttc::mqttbytes::v4::Connect::new(client);
+            c.set_login(user, password);
+            let mut buf = bytes::BytesMut::new();
+            rumqttc::mqttbytes::v4::Packet::Connect(c).write(&mut buf, usize::MAX).expect("CONNECT encodes");
+            buf.to_vec()
+        };
+        let connect_hub = connect(
+            "fuzz",
+            crate::iot::username::hub_username("localhost", "fuzz", None, None),
+            sign_token("localhost/devices/fuzz", &key, expiry, None),
+        );
+        let group = Key::from_base64(&hub.secrets.default_group.primary).expect("group key");
+        let dps_key = crate::iot::sas::derive_device_key(&group, "fuzz-dps");
+        let scope = hub.dps.id_scope.clone();
+        let connect_dps = connect(
+            "fuzz-dps",
+            crate::iot::username::dps_username(&scope, "fuzz-dps"),
+            sign_token(&format!("{scope}/registrations/fuzz-dps"), &dps_key, expiry, Some("registration")),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        Harness { rt, hub, connect_hub, connect_dps }
+    })
+}
+
+/// Telemetry messages the fuzzing hub has accepted, so the corpus test can tell that its seeds
+/// get past CONNECT.
+pub fn mqtt_telemetry_received() -> u64 {
+    harness().hub.metrics.telemetry_received.get()
+}
+
+/// The emulator's MQTT connection handling, fed arbitrary bytes. The first byte picks what comes
+/// before them: nothing (the CONNECT itself is fuzzed), an authenticated hub CONNECT, or an
+/// authenticated DPS CONNECT, so the fuzzer reaches the topic routers too.
+pub fn mqtt_session(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let h = harness();
+    let mut input = match mode % 3 {
+        0 => Vec::new(),
+        1 => h.connect_hub.clone(),
+        _ => h.connect_dps.clone(),
+    };
+    input.extend_from_slice(rest);
+    h.rt.block_on(async {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let serve = tokio::spawn(crate::hub::mqtt::connection::serve(h.hub.clone(), server));
+        let _ = client.write_all(&input).await;
+        let _ = client.shutdown().await;
+        let mut sink = Vec::new();
+        // End of input closes the connection; the bound only catches a hang, which is a finding.
+        let drained = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut sink)).await;
+        assert!(drained.is_ok(), "the connection did not end after its input did");
+        let _ = serve.await;
+    });
+}

@@ -1,0 +1,120 @@
+//! SIGHUP reloads the scenarios of a running daemon: a broken file is refused with its position
+//! and the fleet is untouched; a good one adds what is new and leaves the rest connected.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SENSOR: &str = r#"
+[[devices]]
+name = "first"
+count = 3
+id = "keep-{n}"
+provisioning = "dps"
+enrollment = "group"
+[devices.telemetry]
+interval = "1s"
+fields = { t = { kind = "uniform", min = 0, max = 1 } }
+"#;
+
+const MORE: &str = r#"
+[[devices]]
+name = "second"
+count = 2
+id = "new-{n}"
+provisioning = "dps"
+enrollment = "group"
+[devices.telemetry]
+interval = "1s"
+fields = { t = { kind = "uniform", min = 0, max = 1 } }
+"#;
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+fn scrape(url: &str) -> String {
+    let out = Command::new("curl").args(["-sS", url]).output().expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` (bounded) until it holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn hup(pid: u32) {
+    assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn a_bad_reload_changes_nothing_and_a_good_one_adds_without_disturbing() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("sensors.toml");
+    std::fs::write(&scenario, SENSOR).unwrap();
+    // Not *.toml: the scenario pattern would take it for a scenario.
+    let config = dir.path().join("fleet.conf");
+    std::fs::write(
+        &config,
+        "scenarios = [\"*.toml\"]\n[hub]\nmode = \"embedded\"\ndata_dir = \"hub\"\nmqtt_addr = \"127.0.0.1:0\"\nhttps_addr = \"127.0.0.1:0\"\n[metrics]\naddr = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let log_path = dir.path().join("fleet.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let metrics_url = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.trim().strip_prefix("metrics:").map(|r| r.split_whitespace().next().unwrap().to_owned()))
+        .expect("the daemon prints its metrics address");
+    let connected = |m: &str| metric(m, "fleetsim_devices{state=\"connected\"}");
+    let accepted = |m: &str| metric(m, "fleetsim_hub_connections_accepted_total{kind=\"hub\"}");
+    eventually("three connected devices", || connected(&scrape(&metrics_url)) == 3.0);
+    let before = accepted(&scrape(&metrics_url));
+
+    // A broken file: refused with its position, nothing changes.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[[devices]]\nname = \"x\"\ncount = \"many\"\n").unwrap();
+    hup(pid);
+    eventually("the refusal in the log", || {
+        std::fs::read_to_string(&log_path).unwrap().contains("reload refused: the fleet keeps")
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("broken.toml:3:9"), "the error names file, line and column:\n{log}");
+    let m = scrape(&metrics_url);
+    assert_eq!((connected(&m), accepted(&m)), (3.0, before), "the fleet was untouched");
+
+    // Fixed, plus two new devices: only those connect.
+    std::fs::remove_file(&broken).unwrap();
+    std::fs::write(dir.path().join("more.toml"), MORE).unwrap();
+    hup(pid);
+    eventually("five connected devices", || connected(&scrape(&metrics_url)) == 5.0);
+    let m = scrape(&metrics_url);
+    assert_eq!(accepted(&m), before + 2.0, "the three unchanged devices kept their connections");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("reloaded") && log.contains("added") && log.contains("unchanged"), "{log}");
+
+    // Removing a file stops its devices.
+    std::fs::remove_file(dir.path().join("more.toml")).unwrap();
+    hup(pid);
+    eventually("three devices again", || {
+        let m = scrape(&metrics_url);
+        connected(&m) == 3.0 && m.contains("fleetsim_devices{state=\"stopped\"} 0")
+    });
+
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
