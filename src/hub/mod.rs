@@ -15,6 +15,7 @@ pub mod info;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod query;
 pub mod registry;
 pub mod secrets;
 pub mod sequence;

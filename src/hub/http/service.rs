@@ -442,32 +442,30 @@ struct QueryBody {
     query: String,
 }
 
-/// `SELECT * FROM devices` and `SELECT * FROM devices.modules`, paged with `x-ms-max-item-count`
-/// and `x-ms-continuation`. WHERE clauses are not emulated and say so.
+/// Twin queries (`hub::query`), paged with `x-ms-max-item-count` and `x-ms-continuation`.
 pub async fn query(State(hub): State<Hub>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT.union(Permissions::REGISTRY_READ))?;
     let q: QueryBody = parse_json(&body)?;
-    let normalized = q.query.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
-    let modules = match normalized.as_str() {
-        "select * from devices" => false,
-        "select * from devices.modules" => true,
-        _ => {
-            return Err(ApiError::bad_request(
-                "the emulator answers only SELECT * FROM devices and SELECT * FROM devices.modules",
-            ));
-        }
-    };
+    let query = crate::hub::query::Query::parse(&q.query).map_err(ApiError::bad_request)?;
     let page = headers
         .get("x-ms-max-item-count")
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .unwrap_or(100)
         .clamp(1, 1000);
     let start = headers.get("x-ms-continuation").and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).unwrap_or(0);
-    let all: Vec<_> = hub.registry.all().into_iter().filter(|i| i.module_id.is_some() == modules).collect();
-    let items: Vec<Value> = all.iter().skip(start).take(page).map(|i| twin_json(i, &i.lock())).collect();
+    // The continuation is a position in the filtered list: stable while the registry is.
+    let mut matched = hub
+        .registry
+        .all()
+        .into_iter()
+        .filter(|i| i.module_id.is_some() == query.modules)
+        .map(|i| twin_json(&i, &i.lock()))
+        .filter(|twin| query.matches(twin));
+    let items: Vec<Value> = matched.by_ref().skip(start).take(page).collect();
+    let more = matched.next().is_some();
     let mut resp = Json(items).into_response();
     resp.headers_mut().insert("x-ms-item-type", "Twin".parse().expect("static header"));
-    if start + page < all.len() {
+    if more {
         resp.headers_mut().insert("x-ms-continuation", (start + page).to_string().parse().expect("digits"));
     }
     Ok(resp)
