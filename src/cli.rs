@@ -36,6 +36,104 @@ pub enum Command {
     Hub(HubArgs),
     /// Print a service SAS token for an emulator (for curl and other HTTP clients).
     Token(TokenArgs),
+    /// List devices (or modules) with their connection state, from the emulator or IoT Hub.
+    Devices(DevicesArgs),
+    /// Show a twin, or patch its desired properties; on many devices at once with a selector.
+    Twin(TwinArgs),
+    /// Invoke a direct method on one identity, or on many at once (a method storm) with a selector.
+    Invoke(InvokeArgs),
+}
+
+/// Where the service API is and how to sign for it.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceOpts {
+    /// An emulator's hub.json (the default when no connection string is given).
+    #[arg(long)]
+    pub hub_json: Option<PathBuf>,
+    /// A service (policy) connection string. Prefer the environment variable
+    /// FLEETSIM_SERVICE_CONNECTION_STRING: arguments are visible to other local users.
+    #[arg(long, env = "FLEETSIM_SERVICE_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: Option<String>,
+    /// Extra CA to trust (PEM), e.g. for an emulator reached by connection string.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which identities a fan-out command acts on. Without one, the command takes a single target.
+#[derive(Debug, Clone, Args)]
+pub struct Selector {
+    /// Every device whose id starts with this.
+    #[arg(long, conflicts_with = "query")]
+    pub prefix: Option<String>,
+    /// Every device a twin query selects, e.g. "SELECT * FROM devices WHERE tags.site = 'oslo'".
+    #[arg(long)]
+    pub query: Option<String>,
+    /// Act on this module of each selected device instead of the device itself.
+    #[arg(long)]
+    pub module: Option<String>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Select at most this many identities.
+    #[arg(long, default_value_t = 100_000)]
+    pub limit: usize,
+}
+
+impl Selector {
+    pub fn is_fan_out(&self) -> bool {
+        self.prefix.is_some() || self.query.is_some()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    /// Only devices whose id starts with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// A twin query instead of every device.
+    #[arg(long, conflicts_with = "prefix")]
+    pub query: Option<String>,
+    /// List modules instead of devices.
+    #[arg(long)]
+    pub modules: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TwinArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    #[command(flatten)]
+    pub select: Selector,
+    /// DEVICE or DEVICE/MODULE (omit with --prefix or --query).
+    pub target: Option<String>,
+    /// Merge this JSON object into the desired properties.
+    #[arg(long)]
+    pub desired: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    #[command(flatten)]
+    pub select: Selector,
+    /// DEVICE[/MODULE] METHOD, or only METHOD with --prefix or --query.
+    #[arg(required = true, num_args = 1..=2)]
+    pub args: Vec<String>,
+    /// The request payload (JSON).
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    /// Seconds to wait for the device's answer.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Seconds to wait for the device to come online.
+    #[arg(long, default_value_t = 0)]
+    pub connect_timeout: u64,
 }
 
 #[derive(Debug, Args)]

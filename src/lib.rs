@@ -17,3 +17,4 @@ pub mod scenario;
 pub mod service;
 pub mod sys;
 pub mod tomlread;
+pub mod tools;

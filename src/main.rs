@@ -38,6 +38,9 @@ fn main() -> ExitCode {
             Command::Check(args) => check(args),
             Command::Hub(args) => run_hub(args).await,
             Command::Token(args) => token(args),
+            Command::Devices(args) => ExitCode::from(fleetsim::tools::devices::run(args).await),
+            Command::Twin(args) => ExitCode::from(fleetsim::tools::twin::run(args).await),
+            Command::Invoke(args) => ExitCode::from(fleetsim::tools::invoke::run(args).await),
         }
     })
 }

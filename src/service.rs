@@ -197,6 +197,18 @@ impl ServiceClient {
     }
 }
 
+/// An HTTPS client for the service API trusting `tls`'s roots (HTTP/2 where offered).
+pub fn https_client(tls: &std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<reqwest::Client> {
+    let mut cfg = rustls::ClientConfig::clone(tls);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(cfg)
+        .pool_max_idle_per_host(32)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))
+}
+
 /// Percent-encodes everything but unreserved characters (ids may hold `:`, `#`, `%`...).
 pub fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -303,14 +303,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         return Err(e);
     }
 
-    let mut http_tls = rustls::ClientConfig::clone(&wiring.tls);
-    http_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(http_tls)
-        .pool_max_idle_per_host(32)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .context("cannot build the HTTP client")?;
+    let http = crate::service::https_client(&wiring.tls)?;
     let service = wiring
         .service
         .as_ref()

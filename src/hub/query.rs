@@ -322,7 +322,10 @@ mod tests {
         assert!(hit("SELECT * FROM devices WHERE NOT (tags.site = 'bergen') AND connectionState = 'Connected'"));
         assert!(hit("SELECT * FROM devices WHERE STARTSWITH(deviceId, 'env-') AND IS_DEFINED(properties.reported.fw)"));
         assert!(!hit("SELECT * FROM devices WHERE IS_DEFINED(tags.missing)"));
-        assert!(!hit("SELECT * FROM devices WHERE tags.missing != 'x'"), "a missing value compares false, even unequal");
+        assert!(
+            !hit("SELECT * FROM devices WHERE tags.missing != 'x'"),
+            "a missing value compares false, even unequal"
+        );
         assert!(!hit("SELECT * FROM devices WHERE tags.missing = 'x'"));
         assert!(hit("SELECT * FROM devices WHERE ENDSWITH(deviceId, '0001') and tags.site <> 'x'"));
         assert!(Query::parse("SELECT * FROM devices.modules").unwrap().modules);

@@ -1,0 +1,125 @@
+//! The operator commands (`devices`, `twin`, `invoke`): the service side of a load test, against
+//! the emulator (through its hub.json) or a real IoT Hub (through a service connection string).
+//! Each prints text or JSON and returns its exit status: 0 when every call succeeded, 1 when any
+//! failed, 64 for bad arguments or credentials.
+
+pub mod devices;
+pub mod fanout;
+pub mod invoke;
+pub mod twin;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+use crate::cli::{Selector, ServiceOpts};
+use crate::service::ServiceClient;
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 64;
+
+/// Where an emulator started from this directory keeps its hub.json.
+const DEFAULT_HUB_JSON: &str = ".fleetsim/hub/hub.json";
+
+/// The service client the options describe: a connection string (flag or environment) first,
+/// else a hub.json. The connection string's key never reaches an error message.
+pub fn client(opts: &ServiceOpts) -> anyhow::Result<ServiceClient> {
+    let (cs_text, ca): (String, Option<PathBuf>) = match (&opts.connection_string, &opts.hub_json) {
+        (Some(cs), None) => (cs.clone(), opts.ca_file.clone()),
+        (_, hub_json) => {
+            let path = hub_json.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_HUB_JSON));
+            let info = crate::hub::info::HubInfo::load(&path).with_context(|| {
+                format!("no connection string given and no emulator at {} (see --hub-json)", path.display())
+            })?;
+            (info.service_connection_string, Some(opts.ca_file.clone().unwrap_or(info.ca_file)))
+        }
+    };
+    let cs: crate::iot::connection_string::ConnectionString =
+        cs_text.parse().map_err(|e| anyhow!("the service connection string: {e}"))?;
+    let tls = crate::device::transport::client_config(ca.as_deref())?;
+    let http = crate::service::https_client(&tls)?;
+    ServiceClient::new(http, &cs).map_err(|e| anyhow!("{e}"))
+}
+
+/// `DEVICE` or `DEVICE/MODULE`.
+pub fn parse_target(text: &str) -> Result<(String, Option<String>), u8> {
+    let (d, m) = match text.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (text, None),
+    };
+    if d.is_empty() || m.is_some_and(|m| m.is_empty() || m.contains('/')) {
+        return Err(stop(EXIT_USAGE, format!("`{text}` is not DEVICE or DEVICE/MODULE")));
+    }
+    Ok((d.to_owned(), m.map(str::to_owned)))
+}
+
+/// The identities a selector names: twins from a query (or every device, filtered by prefix),
+/// each the device itself or its `--module`.
+pub async fn select(client: &ServiceClient, s: &Selector) -> Result<Vec<(String, Option<String>)>, u8> {
+    let sql = s.query.clone().unwrap_or_else(|| "SELECT * FROM devices".to_owned());
+    let twins =
+        client.query(&sql, usize::MAX).await.map_err(|e| stop(EXIT_FAILED, format!("the query failed: {e}")))?;
+    let mut out: Vec<(String, Option<String>)> = twins
+        .iter()
+        .filter_map(|t| {
+            let d = t["deviceId"].as_str()?;
+            if s.prefix.as_deref().is_some_and(|p| !d.starts_with(p)) {
+                return None;
+            }
+            // A query over devices.modules names modules itself.
+            let m = t["moduleId"].as_str().map(str::to_owned).or_else(|| s.module.clone());
+            Some((d.to_owned(), m))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(s.limit);
+    Ok(out)
+}
+
+/// A command's early exit: the message is printed, the status returned.
+pub fn stop(code: u8, message: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {message}");
+    code
+}
+
+/// `client`, or exit 64 with the reason.
+pub fn connect(opts: &ServiceOpts) -> Result<ServiceClient, u8> {
+    client(opts).map_err(|e| stop(EXIT_USAGE, format!("{e:#}")))
+}
+
+pub fn parse_json(what: &str, text: &str) -> Result<Value, u8> {
+    serde_json::from_str(text).map_err(|e| stop(EXIT_USAGE, format!("{what} is not JSON: {e}")))
+}
+
+/// Prints a fan-out summary; the status says whether every call succeeded.
+pub fn report(summary: &fanout::Summary, json: bool, title: &str) -> u8 {
+    if json {
+        println!("{}", summary.to_json());
+    } else {
+        println!("{title}{}", summary.to_text());
+    }
+    if summary.failed() == 0 && summary.calls > 0 { 0 } else { EXIT_FAILED }
+}
+
+pub fn show(name: &(String, Option<String>)) -> String {
+    match &name.1 {
+        Some(m) => format!("{}/{m}", name.0),
+        None => name.0.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_device_or_device_slash_module() {
+        assert_eq!(parse_target("d1").unwrap(), ("d1".into(), None));
+        assert_eq!(parse_target("d1/m").unwrap(), ("d1".into(), Some("m".into())));
+        for bad in ["", "/m", "d/", "d/m/x"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+}
