@@ -155,7 +155,8 @@ pub struct RunArgs {
     /// The daemon config (see config.example.toml).
     #[arg(long, default_value = "config.example.toml")]
     pub config: PathBuf,
-    /// Run only shard `i` of `n` (devices whose ordinal is i mod n), e.g. 0/4.
+    /// Run only shard `i` of `n` (devices whose ordinal is i mod n), e.g. 0/4. `i` may be a
+    /// StatefulSet pod name, whose ordinal is taken: `--shard fleetsim-3/8`.
     #[arg(long, default_value = "0/1")]
     pub shard: String,
     /// CI mode: run this long (e.g. 10m), then print a JSON report and exit 0 (pass) or 1 (fail).

@@ -29,12 +29,17 @@ impl Default for Shard {
 impl std::str::FromStr for Shard {
     type Err = String;
 
+    /// `INDEX/COUNT`, where INDEX may also be a StatefulSet pod name (`fleetsim-7`): its ordinal
+    /// is the index, so `--shard $(POD_NAME)/8` in a manifest needs no script.
     fn from_str(s: &str) -> Result<Shard, String> {
-        let (i, n) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a shard like 0/4"))?;
-        let (index, count) = (
-            i.trim().parse::<u64>().map_err(|_| format!("`{i}` is not a number"))?,
-            n.trim().parse::<u64>().map_err(|_| format!("`{n}` is not a number"))?,
-        );
+        let (i, n) = s.rsplit_once('/').ok_or_else(|| format!("`{s}` is not a shard like 0/4 or pod-0/4"))?;
+        let i = i.trim();
+        let ordinal = i.rsplit_once('-').map_or(i, |(_, o)| o);
+        let index = i
+            .parse::<u64>()
+            .or_else(|_| ordinal.parse::<u64>())
+            .map_err(|_| format!("`{i}` is neither a number nor a pod name ending in -N"))?;
+        let count = n.trim().parse::<u64>().map_err(|_| format!("`{n}` is not a number"))?;
         if count == 0 || index >= count {
             return Err(format!("shard {index}/{count}: the index must be below the count"));
         }
@@ -168,6 +173,9 @@ mod tests {
         assert_eq!(seen.len(), 10 * 2 + 5);
         assert_eq!("2/3".parse::<Shard>().unwrap(), Shard { index: 2, count: 3 });
         assert!("3/3".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
+        assert_eq!("fleetsim-7/8".parse::<Shard>().unwrap(), Shard { index: 7, count: 8 });
+        assert_eq!("load-test-fleet-0/2".parse::<Shard>().unwrap(), Shard { index: 0, count: 2 });
+        assert!("fleetsim-8/8".parse::<Shard>().is_err() && "fleetsim/8".parse::<Shard>().is_err());
     }
 
     #[test]
