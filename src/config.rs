@@ -440,6 +440,14 @@ bogus = 1
 rate = 0
 [device]
 renew_at = 2.0
+buffer = 4
+offline = "sometimes"
+[ci]
+settle = "1m"
+[ci.thresholds]
+max_error_rate = 2
+[ci.probe]
+payload = "{not json"
 "#;
         let err = DaemonConfig::parse(&dir.path().join("c.toml"), text.to_owned()).unwrap_err().to_string();
         for want in [
@@ -448,6 +456,12 @@ renew_at = 2.0
             "c.toml:8:1: hub.bogus: unknown field",
             "c.toml:10:8: ramp.rate: connections per second must be above zero",
             "device.renew_at: is a fraction",
+            "device.buffer: must be larger than max_inflight (16)",
+            "device.offline: expected one of \"drop_oldest\", \"pause\"",
+            "c.toml:15:1: ci.duration: is required",
+            "ci.thresholds.max_error_rate: is a fraction between 0 and 1",
+            "ci.probe.method: is required",
+            "ci.probe.payload: is not JSON",
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
