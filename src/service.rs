@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use crate::iot::connection_string::ConnectionString;
+use crate::iot::encoding::url_encode;
 use crate::iot::sas::{Key, sign_token};
 use crate::iot::time::unix_secs;
 
@@ -207,28 +208,4 @@ pub fn https_client(tls: &std::sync::Arc<rustls::ClientConfig>) -> anyhow::Resul
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))
-}
-
-/// Percent-encodes everything but unreserved characters (ids may hold `:`, `#`, `%`...).
-pub fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_ids_for_paths() {
-        assert_eq!(url_encode("dev-1_a.b~"), "dev-1_a.b~");
-        assert_eq!(url_encode("a b/c#%"), "a%20b%2Fc%23%25");
-    }
 }

@@ -5,29 +5,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SENSOR: &str = r#"
-[[devices]]
-name = "first"
-count = 3
-id = "keep-{n}"
-provisioning = "dps"
-enrollment = "group"
-[devices.telemetry]
-interval = "1s"
-fields = { t = { kind = "uniform", min = 0, max = 1 } }
-"#;
-
-const MORE: &str = r#"
-[[devices]]
-name = "second"
-count = 2
-id = "new-{n}"
-provisioning = "dps"
-enrollment = "group"
-[devices.telemetry]
-interval = "1s"
-fields = { t = { kind = "uniform", min = 0, max = 1 } }
-"#;
+/// A template of one-second sensors.
+fn sensors(name: &str, count: u32, id: &str) -> String {
+    format!(
+        "[[devices]]\nname = \"{name}\"\ncount = {count}\nid = \"{id}\"\nprovisioning = \"dps\"\nenrollment = \"group\"\n\
+         [devices.telemetry]\ninterval = \"1s\"\nfields = {{ t = {{ kind = \"uniform\", min = 0, max = 1 }} }}\n"
+    )
+}
 
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
@@ -57,7 +41,7 @@ fn hup(pid: u32) {
 fn a_bad_reload_changes_nothing_and_a_good_one_adds_without_disturbing() {
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("sensors.toml");
-    std::fs::write(&scenario, SENSOR).unwrap();
+    std::fs::write(&scenario, sensors("first", 3, "keep-{n}")).unwrap();
     // Not *.toml: the scenario pattern would take it for a scenario.
     let config = dir.path().join("fleet.conf");
     std::fs::write(
@@ -98,7 +82,7 @@ fn a_bad_reload_changes_nothing_and_a_good_one_adds_without_disturbing() {
 
     // Fixed, plus two new devices: only those connect.
     std::fs::remove_file(&broken).unwrap();
-    std::fs::write(dir.path().join("more.toml"), MORE).unwrap();
+    std::fs::write(dir.path().join("more.toml"), sensors("second", 2, "new-{n}")).unwrap();
     hup(pid);
     eventually("five connected devices", || connected(&scrape(&metrics_url)) == 5.0);
     let m = scrape(&metrics_url);

@@ -1,7 +1,7 @@
 //! The suite's soak run: the real binary in CI mode (`soak/soak.toml`: the shipped scenarios plus
 //! forty one-second sensors) against its embedded emulator with every fault kind on. Half-way the
-//! test also drives the fault control route: silent drops (only keep-alive can notice them) and a
-//! hand-made drop of 30 % of connections; and it sets writable properties that must all end acknowledged.
+//! test also drives the fault control route: an outage met by a hand-made drop of 30 % of
+//! connections, then silent drops (only keep-alive can notice them); and it sets writable properties that must all end acknowledged.
 //! The verdict is the binary's own, and the report is checked for the
 //! things the issue names: nothing lost, nobody stuck, every fault actually fired.
 
@@ -75,16 +75,23 @@ fn the_fleet_rides_out_every_fault_and_loses_nothing() {
             assert_eq!(status, 200, "{twin}");
         }
         tokio::time::sleep(Duration::from_secs(20)).await;
+        // An outage, then 30 % dropped: their reconnects (within a second) meet CONNACK 3.
+        let (status, _, _) = api.rest("POST", "/emulator/faults/outage", Some(json!({"seconds": 8}))).await;
+        assert_eq!(status, 200);
+        let (status, _, dropped) = api.rest("POST", "/emulator/faults/drop", Some(json!({"fraction": 0.3}))).await;
+        assert_eq!(status, 200, "{dropped}");
+        assert!(dropped["dropped"].as_u64().unwrap() > 0, "{dropped}");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Silent drops: the hub holds the sockets and says nothing; keep-alive must notice.
         let (status, _, faults) = api.rest("PATCH", "/emulator/faults", Some(json!({"drop_mode": "silent"}))).await;
         assert_eq!(status, 200, "{faults}");
         assert_eq!(faults["drop_mode"], "silent");
         let (status, _, dropped) = api.rest("POST", "/emulator/faults/drop", Some(json!({"fraction": 0.3}))).await;
         assert_eq!(status, 200, "{dropped}");
-        assert!(dropped["dropped"].as_u64().unwrap() > 0, "{dropped}");
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(25)).await;
         let (status, _, _) = api.rest("PATCH", "/emulator/faults", Some(json!({"drop_mode": "close"}))).await;
         assert_eq!(status, 200);
-        tokio::time::sleep(Duration::from_secs(25)).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
         for n in 1..=10 {
             let (_, _, twin) = api.rest("GET", &format!("/twins/soak-{n:05}"), None).await;
             let ack = &twin["properties"]["reported"]["label"];

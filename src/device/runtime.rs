@@ -509,6 +509,8 @@ struct Session<'a> {
     reports: std::collections::HashMap<String, Value>,
     /// Reported patches the hub throttled or failed, to send again at the given time.
     report_retries: Vec<(Instant, Value)>,
+    /// Reported patches failed in a row: the backoff's exponent.
+    report_failures: u32,
     /// When to ask for the twin again after the hub failed the last GET.
     twin_retry: Option<Instant>,
     twin_failures: u32,
@@ -611,11 +613,15 @@ impl Session<'_> {
                     }
                     Ok(CloudPublish::TwinResponse { status, rid, .. }) => {
                         m.twin("patch_reported", status);
-                        if let Some(patch) = self.reports.remove(&rid)
-                            && (status == 429 || status >= 500)
-                        {
-                            let at = now + self.retry_delay(1);
-                            self.report_retries.push((at, patch));
+                        match self.reports.remove(&rid) {
+                            Some(patch) if status == 429 || status >= 500 => {
+                                self.report_failures += 1;
+                                let at = now + self.retry_delay(self.report_failures);
+                                self.report_retries.push((at, patch));
+                            }
+                            // Accepted, or refused for good (a 4xx other than 429: retrying cannot help).
+                            Some(_) => self.report_failures = 0,
+                            None => {}
                         }
                         Vec::new()
                     }
@@ -699,6 +705,7 @@ async fn session(
         next_rid: 0,
         reports: Default::default(),
         report_retries: Vec::new(),
+        report_failures: 0,
         twin_retry: None,
         twin_failures: 0,
         last_heard: Instant::now(),
