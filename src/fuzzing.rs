@@ -13,7 +13,7 @@ fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// Topic, filter, property-bag, username and sequence-stamp parsers.
+/// Topic, filter, property-bag, username and sequence-stamp parsers, and the twin query language.
 pub fn topics(data: &[u8]) {
     use crate::iot::property_bag::PropertyBag;
     use crate::iot::topic::{CloudPublish, DevicePublish, Filter};
@@ -23,6 +23,9 @@ pub fn topics(data: &[u8]) {
     let _ = Filter::parse(&s, "dev", Some("mod"));
     let _ = Filter::parse(&s, "dev", None);
     let _ = crate::iot::username::Username::parse(&s);
+    if let Ok(q) = crate::hub::query::Query::parse(&s) {
+        q.matches(&serde_json::json!({"deviceId": "d", "tags": {"a": 1}, "properties": {"reported": {"b": "x"}}}));
+    }
     if let Some((run, n)) = crate::iot::sequence::parse(&s) {
         assert_eq!(crate::iot::sequence::parse(&crate::iot::sequence::stamp(run, n)), Some((run, n)));
     }
