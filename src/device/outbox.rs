@@ -41,6 +41,9 @@ pub enum Pushed {
     Paused,
 }
 
+/// Queue capacity an idle identity keeps.
+const SMALL: usize = 4;
+
 #[derive(Debug)]
 pub struct Outbox {
     policy: OfflinePolicy,
@@ -114,7 +117,14 @@ impl Outbox {
     /// A PUBACK: when its message was written, if it was ours.
     pub fn acked(&mut self, pkid: u16) -> Option<Instant> {
         let i = self.inflight.iter().position(|(id, _, _)| *id == pkid)?;
-        self.inflight.remove(i).map(|(_, at, _)| at)
+        let at = self.inflight.remove(i).map(|(_, at, _)| at);
+        // A backlog (after a storm, say) leaves large queues behind; an idle device should not
+        // keep them. Small ones stay, so the steady one-message cycle does not reallocate.
+        if self.is_empty() && self.pending.capacity() + self.inflight.capacity() > 2 * SMALL {
+            self.pending.shrink_to(SMALL);
+            self.inflight.shrink_to(SMALL);
+        }
+        at
     }
 
     /// The connection is gone: what was in flight goes back to the front, in order, to be written
@@ -188,6 +198,22 @@ mod tests {
         o.next_to_write(1);
         assert_eq!(push(&mut o), Pushed::Queued);
         assert_eq!(o.pending.back().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn a_drained_backlog_gives_its_memory_back() {
+        let mut o = Outbox::new(OfflinePolicy::DropOldest, 256);
+        for _ in 0..200 {
+            push(&mut o);
+        }
+        let mut pkid = 0;
+        while let Some(m) = o.next_to_write(16) {
+            pkid += 1;
+            o.written(pkid, m, Instant::now());
+            o.acked(pkid);
+        }
+        assert!(o.is_empty());
+        assert!(o.pending.capacity() + o.inflight.capacity() <= 2 * SMALL + 8, "{}", o.pending.capacity());
     }
 
     #[test]
