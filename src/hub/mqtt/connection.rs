@@ -174,8 +174,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     };
     session.on_close(reason, &mut wire);
     if reason == CloseReason::FaultInjected && hub.faults.drop_mode() == DropMode::Silent {
-        // Hold the socket and say nothing, as a dead NAT mapping would, until the device's own
-        // keep-alive has had time to notice; then let it go without a FIN it could read early.
+        // Hold the socket, unread and silent, as a dead NAT mapping would, until the device's own
+        // keep-alive has had time to notice; only then is it dropped. What the device wrote
+        // meanwhile was never read, so it is not acknowledged and the device sends it again.
         tokio::select! {
             _ = tokio::time::sleep(keep_alive) => {}
             _ = hub.shutdown.cancelled() => {}
