@@ -100,6 +100,8 @@ pub struct Shared {
     pub provisioning: tokio::sync::Semaphore,
     /// This fleet run's id, the `RUN` of every sequence stamp.
     pub run_id: Arc<str>,
+    /// Set at the end of a CI run: devices take no more readings, so what is buffered can drain.
+    pub quiesce: std::sync::atomic::AtomicBool,
 }
 
 /// How an identity gets onto the hub.
@@ -186,6 +188,9 @@ struct Carry {
 impl Carry {
     /// Numbers and buffers one reading, counting what the buffer policy did with it.
     fn enqueue(&mut self, shared: &Shared, properties: crate::iot::property_bag::PropertyBag, body: bytes::Bytes) {
+        if shared.quiesce.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let m = &shared.metrics;
         let run = shared.settings.sequence_numbers.then_some(&*shared.run_id);
         let pushed = self.outbox.push(properties, body, |bag, n| {

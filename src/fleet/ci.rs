@@ -1,9 +1,10 @@
 //! CI mode: run the fleet for a fixed time, then judge it. While it runs, a watcher notes when
 //! every identity first connected and an optional probe invokes a direct method on random
-//! identities from the service side (its latency is what a back end sees). At the end the
-//! embedded hub's faults are lifted, the fleet gets a settle period to reconnect, the devices stop
-//! (draining their buffers), the hub is asked which sequence numbers arrived, and every threshold
-//! is checked. The JSON report goes to stdout (and a file); the exit status is the verdict.
+//! identities from the service side (its latency is what a back end sees). At the end the faults
+//! are lifted, devices stop taking readings, and the fleet gets a settle period to reconnect and
+//! drain its buffers; then the devices stop, the hub is asked which sequence numbers arrived, and
+//! every threshold is checked. The JSON report goes to stdout (and a file); the exit status is
+//! the verdict.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,8 @@ use crate::service::ServiceClient;
 #[derive(Debug, Clone)]
 pub struct CiConfig {
     pub duration: Duration,
-    /// After `duration`, how long the fleet may take to be all connected again.
+    /// After `duration`, how long the fleet may take to be all connected again with every
+    /// buffered message acknowledged.
     pub settle: Duration,
     pub report: Option<std::path::PathBuf>,
     /// Turn an external emulator's faults off before the settle period (the embedded one's
@@ -232,10 +234,18 @@ pub async fn run(
         let _ = c.request(reqwest::Method::PUT, "/emulator/faults", Some(&json!({})), &[]).await;
         let _ = c.request(reqwest::Method::POST, "/emulator/faults/outage", Some(&json!({"seconds": 0})), &[]).await;
     }
+    // Settle: no more readings; wait until every identity is connected and every buffered
+    // message acknowledged. A connection the hub dropped silently still looks connected to its
+    // device until keep-alive notices, but its messages stay unacknowledged, so an empty outbox
+    // everywhere is what proves the fleet recovered.
+    fleet.shared.quiesce.store(true, std::sync::atomic::Ordering::Relaxed);
     let settle_start = Instant::now();
-    while finished && (m.state_count(DeviceState::Connected) as usize) < total && settle_start.elapsed() < ci.settle {
+    let settled =
+        |m: &FleetMetrics| m.state_count(DeviceState::Connected) as usize >= total && m.telemetry_queued.get() == 0;
+    while finished && !settled(&m) && settle_start.elapsed() < ci.settle {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let drained = settled(&m);
     let connected_at_end = m.state_count(DeviceState::Connected).max(0) as u64;
     let settled_in = settle_start.elapsed();
     fleet.stop_identities().await;
@@ -320,6 +330,7 @@ pub async fn run(
         "identities": total,
         "connected_at_end": connected_at_end,
         "settled_secs": settled_in.as_secs_f64(),
+        "settled": drained,
         "telemetry": {
             "generated": generated,
             "acked": acked,

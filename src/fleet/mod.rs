@@ -329,6 +329,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         dps_service,
         provisioning: tokio::sync::Semaphore::new(cfg.settings.provision_concurrency.max(1)),
         run_id: format!("{:08x}", rand::random::<u32>()).into(),
+        quiesce: Default::default(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let shard_copy = shard;
