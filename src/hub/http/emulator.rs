@@ -198,7 +198,9 @@ pub async fn faults_outage(State(hub): State<Hub>, headers: HeaderMap, body: Byt
     let req: OutageBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad outage request: {e}")))?;
     hub.faults.start_outage(Duration::from_secs(req.seconds));
-    hub.metrics.faults_injected.with_label_values(&["outage"]).inc();
+    if req.seconds > 0 {
+        hub.metrics.faults_injected.with_label_values(&["outage"]).inc();
+    }
     Ok(faults_body(&hub))
 }
 
