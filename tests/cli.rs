@@ -21,6 +21,13 @@ fn the_shipped_config_and_scenarios_check_clean() {
     let (code, out, err) = fleetsim(&["check", "--config", "config.example.toml"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "ok: 4 templates, 12 devices, 6 modules");
+    for (config, want) in [
+        ("soak/soak.toml", "ok: 5 templates, 52 devices, 6 modules"),
+        ("soak/soak-10k.toml", "ok: 1 templates, 10000 devices, 0 modules"),
+    ] {
+        let (code, out, err) = fleetsim(&["check", "--config", config]);
+        assert_eq!((code, out.trim()), (0, want), "{config}: {err}");
+    }
 }
 
 #[test]
