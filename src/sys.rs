@@ -1,4 +1,5 @@
-//! Process-level plumbing: the open-files limit and termination signals.
+//! Process-level plumbing: the open-files limit and termination signals; and a timer that may
+//! be unset, which the hub's connections and the fleet's devices both wait on.
 
 /// Raises the soft open-files limit to the hard limit: every connection is a descriptor.
 pub fn raise_fd_limit() {
@@ -25,4 +26,12 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

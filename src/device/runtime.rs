@@ -238,7 +238,7 @@ async fn offline<F: std::future::Future>(
         let next = agent.next_deadline();
         tokio::select! {
             r = &mut fut => return r,
-            _ = sleep_until_opt(next) => {
+            _ = crate::sys::sleep_until_opt(next) => {
                 for o in agent.on_tick(Instant::now()) {
                     match o {
                         Out::Telemetry { properties, body } => carry.enqueue(shared, properties, body),
@@ -251,13 +251,6 @@ async fn offline<F: std::future::Future>(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -168,7 +168,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 }
             }
             _ = tokio::time::sleep_until(ka_deadline) => break CloseReason::KeepAliveTimeout,
-            _ = sleep_until_opt(token_deadline) => break CloseReason::TokenExpired,
+            _ = crate::sys::sleep_until_opt(token_deadline) => break CloseReason::TokenExpired,
             _ = hub.shutdown.cancelled() => break CloseReason::Shutdown,
         }
     };
@@ -195,13 +195,6 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
 fn effective_keepalive(client_secs: u16, cap_secs: u64) -> Duration {
     let cap = Duration::from_secs(cap_secs);
     if client_secs == 0 { cap } else { (Duration::from_secs(client_secs as u64) * 3 / 2).min(cap) }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> std::io::Result<()> {
