@@ -147,7 +147,7 @@ async fn run_probe(
             continue;
         }
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            stats.lock().unwrap_or_else(|p| p.into_inner()).failures.entry("skipped_busy".into()).or_default();
+            *stats.lock().unwrap_or_else(|p| p.into_inner()).failures.entry("skipped_busy".into()).or_default() += 1;
             continue;
         };
         let target = ids[rand::random_range(0..ids.len())].clone();
