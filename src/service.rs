@@ -52,6 +52,16 @@ pub struct MethodResult {
     pub payload: Value,
 }
 
+/// How a load test counts a method call: `Ok` for a 2xx answer from the device; otherwise a label
+/// by who failed it, `device_<status>` or `hub_<status>` (`hub_0`: no answer at all).
+pub fn method_outcome(r: &Result<MethodResult, ServiceError>) -> Result<(), String> {
+    match r {
+        Ok(res) if (200..300).contains(&res.status) => Ok(()),
+        Ok(res) => Err(format!("device_{}", res.status)),
+        Err(e) => Err(format!("hub_{}", e.status())),
+    }
+}
+
 impl ServiceClient {
     pub fn new(http: reqwest::Client, cs: &ConnectionString) -> Result<ServiceClient, ServiceError> {
         let (Some(policy), Some(key)) = (&cs.shared_access_key_name, &cs.shared_access_key) else {
@@ -60,11 +70,6 @@ impl ServiceClient {
         let key = Key::from_base64(key).map_err(|_| ServiceError::NotService)?;
         let host = cs.host_name.split(':').next().unwrap_or_default().to_owned();
         Ok(ServiceClient { http, base: cs.host_name.clone(), host, policy: policy.clone(), key })
-    }
-
-    /// The hub's host name (no port).
-    pub fn host(&self) -> &str {
-        &self.host
     }
 
     fn token(&self) -> String {
@@ -79,6 +84,17 @@ impl ServiceClient {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, Value), ServiceError> {
+        self.exchange(method, path, body, headers).await.map(|(status, _, value)| (status, value))
+    }
+
+    /// `request`, also returning the `x-ms-continuation` header (query pages).
+    async fn exchange(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Option<String>, Value), ServiceError> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let mut req = self
             .http
@@ -92,7 +108,8 @@ impl ServiceClient {
         }
         let resp = req.send().await.map_err(|e| ServiceError::Unreachable(e.without_url().to_string()))?;
         let status = resp.status().as_u16();
-        let error_code = resp.headers().get("iothub-errorcode").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let (error_code, continuation) = (header("iothub-errorcode").unwrap_or_default(), header("x-ms-continuation"));
         let bytes = resp.bytes().await.map_err(|e| ServiceError::Unreachable(e.without_url().to_string()))?;
         let value = if bytes.is_empty() {
             Value::Null
@@ -100,7 +117,7 @@ impl ServiceClient {
             serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         if (200..300).contains(&status) {
-            return Ok((status, value));
+            return Ok((status, continuation, value));
         }
         let message = value
             .get("Message")
@@ -112,10 +129,9 @@ impl ServiceClient {
     }
 
     fn path(device: &str, module: Option<&str>) -> String {
-        let enc = |s: &str| url_encode(s);
         match module {
-            Some(m) => format!("/twins/{}/modules/{}", enc(device), enc(m)),
-            None => format!("/twins/{}", enc(device)),
+            Some(m) => format!("/twins/{}/modules/{}", url_encode(device), url_encode(m)),
+            None => format!("/twins/{}", url_encode(device)),
         }
     }
 
@@ -165,22 +181,8 @@ impl ServiceClient {
             if let Some(c) = &continuation {
                 headers.push(("x-ms-continuation", c.as_str()));
             }
-            let req = self
-                .http
-                .post(format!("https://{}/devices/query?api-version={API_VERSION}", self.base))
-                .header("authorization", self.token())
-                .json(&json!({"query": sql}));
-            let req = headers.iter().fold(req, |r, (k, v)| r.header(*k, *v));
-            let resp = req.send().await.map_err(|e| ServiceError::Unreachable(e.without_url().to_string()))?;
-            let status = resp.status().as_u16();
-            let next = resp.headers().get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let error_code =
-                resp.headers().get("iothub-errorcode").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let v: Value = resp.json().await.unwrap_or(Value::Null);
-            if !(200..300).contains(&status) {
-                let message = v["Message"].as_str().unwrap_or_default().to_owned();
-                return Err(ServiceError::Status { status, error_code, message });
-            }
+            let body = json!({"query": sql});
+            let (_, next, v) = self.exchange(reqwest::Method::POST, "/devices/query", Some(&body), &headers).await?;
             out.extend(v.as_array().cloned().unwrap_or_default());
             match next {
                 Some(c) if !c.is_empty() && out.len() < limit => continuation = Some(c),

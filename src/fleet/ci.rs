@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::RunningFleet;
-use crate::metrics::{DeviceState, FleetMetrics};
-use crate::service::ServiceClient;
+use crate::metrics::{DeviceState, FleetMetrics, nearest_rank};
+use crate::service::{ServiceClient, method_outcome};
 
 /// `[ci]` in the daemon config.
 #[derive(Debug, Clone)]
@@ -106,14 +106,6 @@ pub struct Outcome {
     pub report: Value,
 }
 
-fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    Some(sorted[i])
-}
-
 async fn watch_connected(m: Arc<FleetMetrics>, total: usize, stop: CancellationToken) -> Option<Duration> {
     let t0 = Instant::now();
     loop {
@@ -166,10 +158,9 @@ async fn run_probe(
                 )
                 .await;
             let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-            match r {
-                Ok(res) if (200..300).contains(&res.status) => s.ok_ms.push(t0.elapsed().as_secs_f64() * 1e3),
-                Ok(res) => *s.failures.entry(format!("device_{}", res.status)).or_default() += 1,
-                Err(e) => *s.failures.entry(format!("hub_{}", e.status())).or_default() += 1,
+            match method_outcome(&r) {
+                Ok(()) => s.ok_ms.push(t0.elapsed().as_secs_f64() * 1e3),
+                Err(label) => *s.failures.entry(label).or_default() += 1,
             }
             drop(permit);
         });
@@ -267,7 +258,7 @@ pub async fn run(
         let s = stats.lock().unwrap_or_else(|p| p.into_inner());
         let mut v = s.ok_ms.clone();
         v.sort_by(f64::total_cmp);
-        (quantile(&v, 0.5), quantile(&v, 0.99), v.len() as u64, s.failures.clone())
+        (nearest_rank(&v, 0.5), nearest_rank(&v, 0.99), v.len() as u64, s.failures.clone())
     };
     let probes_failed: u64 = probe_failures.iter().filter(|(k, _)| *k != "skipped_busy").map(|(_, n)| n).sum();
     let operations = generated + probes_ok + probes_failed;
@@ -359,18 +350,4 @@ pub async fn run(
     });
     fleet.shutdown().await;
     Outcome { pass, report }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&v, 0.5), Some(50.0));
-        assert_eq!(quantile(&v, 0.99), Some(99.0));
-        assert_eq!(quantile(&[7.0], 0.99), Some(7.0));
-        assert_eq!(quantile(&[], 0.5), None);
-    }
 }

@@ -22,12 +22,7 @@ pub struct Summary {
 
 impl Summary {
     fn quantile(&self, q: f64) -> Option<f64> {
-        let v = &self.latencies_ms;
-        if v.is_empty() {
-            return None;
-        }
-        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
-        Some(v[i])
+        crate::metrics::nearest_rank(&self.latencies_ms, q)
     }
 
     pub fn failed(&self) -> usize {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{EXIT_FAILED, EXIT_USAGE, connect, fanout, parse_json, parse_target, report, select, show, stop};
 use crate::cli::InvokeArgs;
-use crate::service::{MethodResult, ServiceClient, ServiceError};
+use crate::service::{MethodResult, ServiceClient, ServiceError, method_outcome};
 
 async fn call(
     client: &ServiceClient,
@@ -34,13 +34,7 @@ async fn inner(args: InvokeArgs) -> Result<u8, u8> {
         let targets = select(&client, &args.select).await?;
         let summary = fanout::run(targets, args.select.concurrency, |t| {
             let (client, payload, args) = (&client, &payload, &args);
-            async move {
-                match call(client, &t, method, payload, args).await {
-                    Ok(r) if (200..300).contains(&r.status) => Ok(()),
-                    Ok(r) => Err(format!("device_{}", r.status)),
-                    Err(e) => Err(format!("hub_{}", e.status())),
-                }
-            }
+            async move { method_outcome(&call(client, &t, method, payload, args).await) }
         })
         .await;
         return Ok(report(&summary, args.service.json, &format!("{method}: ")));
