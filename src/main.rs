@@ -173,7 +173,7 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             ci.report = Some(r.clone());
         }
     }
-    let running = match fleet::start(&cfg, templates, shard).await {
+    let mut running = match fleet::start(&cfg, templates, shard).await {
         Ok(r) => r,
         Err(e) if e.downcast_ref::<ConfigProblems>().is_some() => {
             eprintln!("{e}");
@@ -184,7 +184,7 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("fleetsim: {} identities (shard {}/{})", running.identities, shard.index, shard.count);
+    println!("fleetsim: {} identities (shard {}/{})", running.identities(), shard.index, shard.count);
     if let (Some(info), HubMode::Embedded { .. }) = (&running.hub_info, &cfg.hub) {
         println!("  embedded hub: {}", info.mqtt_addr);
         println!(
@@ -199,7 +199,6 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if let Some(ci) = &cfg.ci {
         return run_ci(running, ci).await;
     }
-    let mut running = running;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("a SIGHUP handler");
     let stop = fleetsim::sys::shutdown_signal();
     tokio::pin!(stop);
@@ -242,7 +241,7 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
             removed = s.removed,
             changed = s.changed,
             unchanged = s.unchanged,
-            identities = running.identities,
+            identities = running.identities(),
             "reloaded"
         ),
         Err(e) => refuse(e.0),
@@ -250,10 +249,9 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
 }
 
 /// CI mode: the report on stdout (and in a file), the verdict in the exit status.
-async fn run_ci(mut running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitCode {
+async fn run_ci(running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitCode {
     tracing::info!(secs = ci.duration.as_secs_f64(), "CI mode: running, then judging");
-    let ids = std::mem::take(&mut running.ids);
-    let outcome = fleet::ci::run(running, ci, ids, fleetsim::sys::shutdown_signal()).await;
+    let outcome = fleet::ci::run(running, ci, fleetsim::sys::shutdown_signal()).await;
     let text = serde_json::to_string_pretty(&outcome.report).expect("a JSON value serializes");
     println!("{text}");
     if let Some(path) = &ci.report

@@ -16,7 +16,7 @@ fn is_ack(v: &Value, value: Value, ac: u64, av: u64) -> bool {
 #[tokio::test]
 async fn environmental_sensor_commands_properties_and_telemetry() {
     let f = FleetUnderTest::start(&[repo("scenarios/environmental-sensor.toml")], "").await;
-    assert_eq!(f.fleet().identities, 5);
+    assert_eq!(f.fleet().identities(), 5);
     let dev = "env-sensor-0003";
 
     let (status, body) = f.invoke(dev, None, "blink", json!(3)).await;
@@ -134,7 +134,7 @@ async fn rebootable_device_goes_down_and_comes_back() {
 #[tokio::test]
 async fn a_module_follows_its_desired_telemetry_interval() {
     let f = FleetUnderTest::start(&[repo("scenarios/module-twin.toml")], "").await;
-    assert_eq!(f.fleet().identities, 4);
+    assert_eq!(f.fleet().identities(), 4);
     let (dev, module) = ("module-host-0001", Some("myFirstModule"));
     // The default is reported at start as a device-set value (ac 203, av 0).
     f.reported_until(dev, module, "telemetryInterval", |v| is_ack(v, json!(10), 203, 0)).await;
@@ -153,7 +153,7 @@ async fn a_module_follows_its_desired_telemetry_interval() {
 #[tokio::test]
 async fn the_edge_filter_sends_only_what_is_above_its_threshold() {
     let f = FleetUnderTest::start(&[repo("scenarios/edge-filter.toml")], "").await;
-    assert_eq!(f.fleet().identities, 6);
+    assert_eq!(f.fleet().identities(), 6);
     let dev = "edge-0001";
     let v = f.set_desired(dev, Some("filterModule"), json!({"TemperatureThreshold": 0})).await;
     f.reported_until(dev, Some("filterModule"), "TemperatureThreshold", |r| is_ack(r, json!(0), 200, v)).await;
@@ -251,7 +251,7 @@ fields = { x = 5 }
     )
     .unwrap();
     let f = FleetUnderTest::start(&[scenario], "").await;
-    assert_eq!(f.fleet().identities, 10);
+    assert_eq!(f.fleet().identities(), 10);
     for (dev, x) in [("gh-2", 1), ("gw-1", 2), ("ih-1", 3), ("im-2", 4), ("cs-1", 5)] {
         f.wait_for("telemetry", || async { f.events(dev, None).await["received"].as_u64().unwrap() > 0 }).await;
         let body: Value =

@@ -180,11 +180,10 @@ struct Check {
 pub async fn run(
     mut fleet: RunningFleet,
     ci: &CiConfig,
-    ids: Vec<ProbeTarget>,
     interrupted: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let m = fleet.shared.metrics.clone();
-    let total = fleet.identities;
+    let total = fleet.identities();
     let stop = CancellationToken::new();
     let started = Instant::now();
     let watcher = tokio::spawn(watch_connected(m.clone(), total, stop.clone()));
@@ -193,8 +192,11 @@ pub async fn run(
         (Some(p), Some(client)) => {
             // Only identities whose scenario answers the method: the probe measures the path, not
             // how often an unknown command is refused.
-            let targets: Vec<ProbeTarget> =
-                ids.into_iter().filter(|t| t.behaviour.commands.iter().any(|c| c.name == p.method)).collect();
+            let targets: Vec<ProbeTarget> = fleet
+                .probe_targets()
+                .into_iter()
+                .filter(|t| t.behaviour.commands.iter().any(|c| c.name == p.method))
+                .collect();
             if targets.is_empty() {
                 tracing::warn!(method = %p.method, "no identity answers the probe's method");
             }

@@ -41,9 +41,6 @@ pub struct RunningFleet {
     /// The emulator's hub.json (embedded or external mode).
     pub hub_info: Option<HubInfo>,
     pub shared: Arc<Shared>,
-    pub identities: usize,
-    /// Every identity this fleet runs: device id, module id, and the commands it answers.
-    pub ids: Vec<ci::ProbeTarget>,
     pub metrics_addr: Option<SocketAddr>,
     /// One task per identity, by `device[/module]`.
     tasks: HashMap<String, IdentityTask>,
@@ -62,22 +59,30 @@ struct IdentityTask {
     handle: JoinHandle<()>,
     /// The identity's full definition, to tell a changed scenario from an unchanged one.
     fingerprint: String,
+    /// What the CI method probe needs of it.
+    target: ci::ProbeTarget,
+}
+
+/// `device` or `device/module`: how the fleet tells its identities apart.
+fn identity_key(spec: &runtime::IdentitySpec) -> String {
+    match &spec.module_id {
+        Some(m) => format!("{}/{m}", spec.device_id),
+        None => spec.device_id.to_string(),
+    }
 }
 
 fn spawn_identity(spec: runtime::IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
-    let key = match &spec.module_id {
-        Some(m) => format!("{}/{m}", spec.device_id),
-        None => spec.device_id.to_string(),
-    };
+    let key = identity_key(&spec);
     // Key's Debug shows no key material, so the fingerprint is safe to keep.
     let fingerprint = format!("{spec:?}");
+    let target = ci::ProbeTarget {
+        device_id: spec.device_id.clone(),
+        module_id: spec.module_id.clone(),
+        behaviour: spec.behaviour.clone(),
+    };
     let cancel = shared.shutdown.child_token();
     let handle = tokio::spawn(runtime::run(spec, shared.clone(), cancel.clone()));
-    (key, IdentityTask { cancel, handle, fingerprint })
-}
-
-fn probe_target(s: &runtime::IdentitySpec) -> ci::ProbeTarget {
-    ci::ProbeTarget { device_id: s.device_id.clone(), module_id: s.module_id.clone(), behaviour: s.behaviour.clone() }
+    (key, IdentityTask { cancel, handle, fingerprint, target })
 }
 
 impl RunningFleet {
@@ -105,6 +110,16 @@ impl RunningFleet {
         }
     }
 
+    /// How many identities the fleet runs.
+    pub fn identities(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every identity the fleet runs, as the CI method probe sees it.
+    pub fn probe_targets(&self) -> Vec<ci::ProbeTarget> {
+        self.tasks.values().map(|t| t.target.clone()).collect()
+    }
+
     /// Identities that have connected at least once.
     pub fn connected_once(&self) -> i64 {
         self.shared.metrics.ever_connected.get()
@@ -112,7 +127,6 @@ impl RunningFleet {
 }
 
 /// The parts of a start-up that depend on where the hub is.
-#[derive(Clone)]
 struct Wiring {
     tls: Arc<rustls::ClientConfig>,
     target: Target,
@@ -146,7 +160,7 @@ fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
 }
 
 /// Checks that the hub configuration can serve every template; all problems at once.
-fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> anyhow::Result<()> {
+fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Result<(), ConfigProblems> {
     let mut problems = Vec::new();
     for t in templates {
         let name = format!("{} ({})", t.name, t.file.display());
@@ -191,7 +205,7 @@ fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles)
             problems.push(format!("{name}: keys_file {} was not loaded", f.display()));
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(anyhow!(ConfigProblems(problems))) }
+    if problems.is_empty() { Ok(()) } else { Err(ConfigProblems(problems)) }
 }
 
 /// The configuration and the scenarios do not fit together (exit status 64 material).
@@ -300,7 +314,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         if let Some(h) = hub {
             h.shutdown().await;
         }
-        return Err(e);
+        return Err(e.into());
     }
 
     let http = crate::service::https_client(&wiring.tls)?;
@@ -332,10 +346,8 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         quiesce: Default::default(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
-    let shard_copy = shard;
     let specs = expand::expand(&templates, shard, &keys);
     let identities = specs.len();
-    let ids = specs.iter().map(probe_target).collect();
     let tasks: HashMap<_, _> = specs.into_iter().map(|s| spawn_identity(s, &shared)).collect();
     let total = Arc::new(std::sync::atomic::AtomicUsize::new(identities));
 
@@ -352,20 +364,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
     }
     tracing::info!(identities, shard = %format!("{}/{}", shard.index, shard.count), "fleet started");
-    Ok(RunningFleet {
-        hub,
-        hub_info,
-        shared,
-        identities,
-        ids,
-        metrics_addr,
-        tasks,
-        total,
-        wiring,
-        shard: shard_copy,
-        aux,
-        stop_aux,
-    })
+    Ok(RunningFleet { hub, hub_info, shared, metrics_addr, tasks, total, wiring, shard, aux, stop_aux })
 }
 
 #[derive(Clone)]

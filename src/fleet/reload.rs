@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::expand::{self, KeyPlan};
-use super::{ConfigProblems, RunningFleet, check_wiring, load_key_files, probe_target, spawn_identity};
+use super::{ConfigProblems, RunningFleet, check_wiring, identity_key, load_key_files, spawn_identity};
 use crate::scenario::model::DeviceTemplate;
 
 /// What a reload did.
@@ -24,21 +24,10 @@ impl RunningFleet {
     /// Applies a new set of scenarios. On error nothing has changed.
     pub async fn reload(&mut self, templates: Vec<DeviceTemplate>) -> Result<ReloadSummary, ConfigProblems> {
         let files = load_key_files(&templates)?;
-        check_wiring(&self.wiring, &templates, &files)
-            .map_err(|e| e.downcast::<ConfigProblems>().unwrap_or_else(|e| ConfigProblems(vec![e.to_string()])))?;
+        check_wiring(&self.wiring, &templates, &files)?;
         let keys = KeyPlan { group: self.wiring.group.clone(), seed: self.wiring.seed.clone(), files };
         let specs = expand::expand(&templates, self.shard, &keys);
-        let ids = specs.iter().map(probe_target).collect();
-        let mut next: HashMap<String, _> = specs
-            .into_iter()
-            .map(|s| {
-                let key = match &s.module_id {
-                    Some(m) => format!("{}/{m}", s.device_id),
-                    None => s.device_id.to_string(),
-                };
-                (key, s)
-            })
-            .collect();
+        let mut next: HashMap<String, _> = specs.into_iter().map(|s| (identity_key(&s), s)).collect();
 
         let mut summary = ReloadSummary::default();
         let mut stopping = Vec::new();
@@ -68,9 +57,7 @@ impl RunningFleet {
             let (key, task) = spawn_identity(spec, &self.shared);
             self.tasks.insert(key, task);
         }
-        self.identities = self.tasks.len();
-        self.ids = ids;
-        self.total.store(self.identities, std::sync::atomic::Ordering::Relaxed);
+        self.total.store(self.tasks.len(), std::sync::atomic::Ordering::Relaxed);
         Ok(summary)
     }
 }

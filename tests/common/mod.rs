@@ -439,7 +439,7 @@ impl FleetUnderTest {
         let fleet = fleetsim::fleet::start(&cfg, templates, Default::default()).await.expect("fleet starts");
         let api = Api::new(fleet.hub_info.clone().unwrap());
         let f = FleetUnderTest { fleet: Some(fleet), api, dir };
-        let total = f.fleet().identities as i64;
+        let total = f.fleet().identities() as i64;
         f.wait_for("every identity to connect", || async { f.fleet().connected_once() == total }).await;
         f
     }
