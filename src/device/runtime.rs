@@ -730,7 +730,9 @@ async fn session(
     agent.on_connected(Instant::now());
     let keep_alive = Duration::from_secs(shared.settings.keep_alive.max(1) as u64);
     let mut next_ping = Instant::now() + keep_alive;
-    let (end, polite) = loop {
+    // Silence this long means the connection is dead: the hub answers every PINGREQ.
+    let silence_limit = keep_alive * 3 / 2;
+    let (end, polite) = 'session: loop {
         let now = Instant::now();
         if let Some(end) = s.emit(agent.on_tick(now), carry) {
             let _ = s.conn.flush().await;
@@ -744,8 +746,7 @@ async fn session(
             s.conn.queue(Packet::PingReq);
             next_ping = now + keep_alive;
         }
-        // The hub answers every PINGREQ; this long without a byte means the connection is dead.
-        if now >= s.last_heard + keep_alive * 3 / 2 {
+        if now >= s.last_heard + silence_limit {
             break (End::Lost("keepalive_timeout"), false);
         }
         if s.twin_retry.is_some_and(|at| now >= at) {
@@ -766,7 +767,7 @@ async fn session(
             agent.next_deadline(),
             Some(next_ping),
             Some(renew_at),
-            Some(s.last_heard + keep_alive * 3 / 2),
+            Some(s.last_heard + silence_limit),
             s.twin_retry,
             s.report_retries.iter().map(|(at, _)| *at).min(),
         ]
@@ -779,25 +780,17 @@ async fn session(
                 Ok(0) | Err(_) => break (End::Lost("connection_lost"), false),
                 Ok(_) => {
                     s.last_heard = Instant::now();
-                    let mut ended = None;
                     loop {
                         match s.conn.next_packet() {
                             Ok(Some(p)) => {
                                 if let Some(end) = s.on_packet(p, agent, carry) {
                                     let _ = s.conn.flush().await;
-                                    ended = Some((end, true));
-                                    break;
+                                    break 'session (end, true);
                                 }
                             }
                             Ok(None) => break,
-                            Err(_) => {
-                                ended = Some((End::Lost("protocol_error"), false));
-                                break;
-                            }
+                            Err(_) => break 'session (End::Lost("protocol_error"), false),
                         }
-                    }
-                    if let Some(end) = ended {
-                        break end;
                     }
                 }
             },
