@@ -5,6 +5,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::sequence::Arrival;
 use super::session::CloseReason;
 
 /// Why a connection was refused at CONNECT or before.
@@ -77,8 +78,8 @@ pub struct HubMetrics {
     pub identities: IntGaugeVec,
     /// Faults injected, by kind.
     pub faults_injected: IntCounterVec,
-    /// Sequence-numbered telemetry: first arrivals, duplicates and numbers skipped.
-    pub sequence: IntCounterVec,
+    /// Sequence-numbered telemetry, by kind of arrival (handles resolved once: per-message path).
+    sequence: [IntCounter; 4],
 }
 
 fn counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -185,12 +186,15 @@ impl Default for HubMetrics {
                 "Faults injected, by kind",
                 &["kind"],
             ),
-            sequence: counter_vec(
-                &reg,
-                "fleetsim_hub_telemetry_sequence_total",
-                "Sequence-numbered telemetry: unique, duplicate, skipped (a higher number came first), late (a skipped one arrived)",
-                &["kind"],
-            ),
+            sequence: {
+                let v = counter_vec(
+                    &reg,
+                    "fleetsim_hub_telemetry_sequence_total",
+                    "Sequence-numbered telemetry: unique, duplicate, skipped (a higher number came first), late (a skipped one arrived)",
+                    &["kind"],
+                );
+                ["unique", "duplicate", "skipped", "late"].map(|k| v.with_label_values(&[k]))
+            },
             registry: reg,
         }
     }
@@ -199,6 +203,22 @@ impl Default for HubMetrics {
 impl HubMetrics {
     pub fn refused(&self, r: Refusal) {
         self.refused.with_label_values(&[r.label()]).inc();
+    }
+
+    /// Counts one sequence-stamped message by what it turned out to be.
+    pub fn sequence_arrival(&self, a: Arrival) {
+        let [unique, duplicate, skipped, late] = &self.sequence;
+        match a {
+            Arrival::New { skipped: n } => {
+                unique.inc();
+                skipped.inc_by(n);
+            }
+            Arrival::Filled => {
+                unique.inc();
+                late.inc();
+            }
+            Arrival::Duplicate => duplicate.inc(),
+        }
     }
 
     /// What the fault injector did: injections by kind, the connects it refused, the

@@ -189,18 +189,7 @@ impl HubSession {
                 Some(t) if t.run == run => t,
                 slot => slot.insert(Box::new(sequence::Tracker::new(run))),
             };
-            let m = &self.hub.metrics.sequence;
-            match tracker.record(n) {
-                sequence::Arrival::New { skipped } => {
-                    m.with_label_values(&["unique"]).inc();
-                    m.with_label_values(&["skipped"]).inc_by(skipped);
-                }
-                sequence::Arrival::Filled => {
-                    m.with_label_values(&["unique"]).inc();
-                    m.with_label_values(&["late"]).inc();
-                }
-                sequence::Arrival::Duplicate => m.with_label_values(&["duplicate"]).inc(),
-            }
+            self.hub.metrics.sequence_arrival(tracker.record(n));
         }
         self.hub.metrics.telemetry_received.inc();
         self.hub.metrics.telemetry_bytes.inc_by(len as u64);
