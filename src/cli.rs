@@ -20,8 +20,8 @@ pub struct Cli {
     pub log_json: bool,
     /// Runtime worker threads (default: one per core). At low message rates one thread per
     /// process costs less CPU per message (no cross-thread wake-ups); shard for more cores.
-    #[arg(long, global = true)]
-    pub threads: Option<usize>,
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,12 +74,12 @@ pub struct Selector {
     /// Act on this module of each selected device instead of the device itself.
     #[arg(long)]
     pub module: Option<String>,
-    /// Calls in flight at once.
-    #[arg(long, default_value_t = 32)]
-    pub concurrency: usize,
-    /// Select at most this many identities.
-    #[arg(long, default_value_t = 100_000)]
-    pub limit: usize,
+    /// Calls in flight at once (1 to 10,000).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Select at most this many identities (1 to 10,000,000).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub limit: u32,
 }
 
 impl Selector {
@@ -128,11 +128,11 @@ pub struct InvokeArgs {
     /// The request payload (JSON).
     #[arg(long, default_value = "null")]
     pub payload: String,
-    /// Seconds to wait for the device's answer.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait for the device's answer: 5 to 300, IoT Hub's range.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=300))]
     pub timeout: u64,
-    /// Seconds to wait for the device to come online.
-    #[arg(long, default_value_t = 0)]
+    /// Seconds to wait for the device to come online: 0 to 300, IoT Hub's range.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=300))]
     pub connect_timeout: u64,
 }
 
@@ -145,8 +145,8 @@ pub struct TokenArgs {
     /// provisioningserviceowner.
     #[arg(long, default_value = "iothubowner")]
     pub policy: String,
-    /// Lifetime in seconds.
-    #[arg(long, default_value_t = 3600)]
+    /// Lifetime in seconds: 1 to 315,360,000 (ten years).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub ttl: u64,
 }
 

@@ -11,7 +11,7 @@ use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
 use crate::device::runtime::Settings;
 use crate::fleet::ci::{CiConfig, Probe, Thresholds};
-use crate::tomlread::{Diagnostics, Doc, Node, Table, Val};
+use crate::tomlread::{Diagnostics, Doc, MAX_DURATION, Node, Table, Val, show_duration};
 
 /// A secret's value. `Debug` shows only where it came from.
 #[derive(Clone, PartialEq, Eq)]
@@ -88,14 +88,10 @@ fn secret(doc: &mut Doc, t: &mut Table<'_>, key: &str, base: &Path) -> Option<Se
                 },
                 (None, Some(f)) => {
                     let path = base.join(&f);
-                    match std::fs::read_to_string(&path) {
+                    match crate::fsio::read_text_capped(&path, crate::fsio::MAX_INPUT_FILE) {
                         Ok(v) => Some(Secret { value: v.trim().to_owned(), origin: path.display().to_string() }),
                         Err(e) => {
-                            doc.error(
-                                node.span.clone(),
-                                &field,
-                                format!("cannot read {}: {}", path.display(), e.kind()),
-                            );
+                            doc.error(node.span.clone(), &field, format!("cannot read {}: {e}", path.display()));
                             None
                         }
                     }
@@ -152,7 +148,7 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, Diagnostics> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE).map_err(|e| {
             Diagnostics(vec![crate::tomlread::Diagnostic {
                 file: path.display().to_string(),
                 line: 1,
@@ -233,8 +229,8 @@ fn hub_mode(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> HubMode {
                 hub_host: h.str(doc, "hub_host"),
                 ca_file: h.str(doc, "ca_file").map(|f| base.join(f)),
                 gateway_host: h.str(doc, "gateway_host"),
-                mqtt_port: h.u64(doc, "mqtt_port").map_or(8883, |p| p as u16),
-                https_port: h.u64(doc, "https_port").map_or(443, |p| p as u16),
+                mqtt_port: h.u64_in(doc, "mqtt_port", 1..=65535).map_or(8883, |p| p as u16),
+                https_port: h.u64_in(doc, "https_port", 1..=65535).map_or(443, |p| p as u16),
             };
             if let Some(k) = &a.group_key
                 && crate::iot::sas::Key::from_base64(&k.value).is_err()
@@ -267,19 +263,19 @@ fn hub_mode(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> HubMode {
     result
 }
 
+/// Connections per second a ramp may ask for: slower than one per 1,000 s is a typo, and faster than
+/// a million is beyond any hub's connect throttle (and `1 / rate` must stay a usable `Duration`).
+const RAMP_RATES: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
 fn ramp(doc: &mut Doc, top: &mut Table<'_>) -> Schedule {
     let Some(mut r) = top.table(doc, "ramp") else { return Schedule::constant(200.0) };
-    let rate = r.f64(doc, "rate").unwrap_or(200.0);
-    if rate <= 0.0 {
-        doc.error(r.span_of("rate"), &r.field("rate"), "connections per second must be above zero");
-    }
+    let rate = r.f64_in(doc, "rate", RAMP_RATES).unwrap_or(200.0);
     let mut steps = vec![(Duration::ZERO, rate)];
     for mut s in r.tables(doc, "schedule") {
         let after = s.duration(doc, "after");
-        let rate = s.f64(doc, "rate");
+        let rate = s.f64_in(doc, "rate", RAMP_RATES);
         match (after, rate) {
-            (Some(a), Some(x)) if x > 0.0 => steps.push((a, x)),
-            (_, Some(_)) => doc.error(s.span_of("rate"), &s.field("rate"), "connections per second must be above zero"),
+            (Some(a), Some(x)) => steps.push((a, x)),
             _ => {
                 for k in ["after", "rate"] {
                     if !s.has(k) {
@@ -301,16 +297,21 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
     let d = Settings::default();
     let mut progress = Duration::from_secs(10);
     let Some(mut t) = top.table(doc, "device") else { return (d, progress) };
-    let mut s = Settings {
-        token_ttl: t.duration(doc, "token_ttl").unwrap_or(d.token_ttl),
-        renew_at: t.f64(doc, "renew_at").unwrap_or(d.renew_at),
-        keep_alive: t.duration(doc, "keep_alive").map_or(d.keep_alive, |k| k.as_secs().min(1177) as u16),
-        backoff_base: t.duration(doc, "backoff_base").unwrap_or(d.backoff_base),
-        backoff_cap: t.duration(doc, "backoff_cap").unwrap_or(d.backoff_cap),
-        connect_timeout: t.duration(doc, "connect_timeout").unwrap_or(d.connect_timeout),
-        shutdown_grace: t.duration(doc, "shutdown_grace").unwrap_or(d.shutdown_grace),
-        max_inflight: t.u64(doc, "max_inflight").map_or(d.max_inflight, |m| m as usize),
-        buffer: t.u64(doc, "buffer").map_or(d.buffer, |b| b as usize),
+    let secs = Duration::from_secs;
+    let s = Settings {
+        token_ttl: t.duration_in(doc, "token_ttl", secs(60), MAX_DURATION).unwrap_or(d.token_ttl),
+        renew_at: t.f64_in(doc, "renew_at", 0.1..=0.99).unwrap_or(d.renew_at),
+        // IoT Hub's MQTT keep-alive ceiling: it closes a connection silent for 1.5x, at most 1767 s.
+        keep_alive: t.duration_in(doc, "keep_alive", secs(1), secs(1177)).map_or(d.keep_alive, |k| k.as_secs() as u16),
+        backoff_base: t
+            .duration_in(doc, "backoff_base", Duration::from_millis(1), secs(3600))
+            .unwrap_or(d.backoff_base),
+        backoff_cap: t.duration_in(doc, "backoff_cap", Duration::from_millis(1), secs(86_400)).unwrap_or(d.backoff_cap),
+        connect_timeout: t.duration_in(doc, "connect_timeout", secs(1), secs(600)).unwrap_or(d.connect_timeout),
+        shutdown_grace: t.duration_in(doc, "shutdown_grace", Duration::ZERO, secs(3600)).unwrap_or(d.shutdown_grace),
+        // MQTT packet ids are 16 bits: more in flight than that cannot be told apart.
+        max_inflight: t.u64_in(doc, "max_inflight", 1..=65_535).map_or(d.max_inflight, |m| m as usize),
+        buffer: t.u64_in(doc, "buffer", 2..=10_000_000).map_or(d.buffer, |b| b as usize),
         offline_policy: match t.choice(doc, "offline", &["drop_oldest", "pause"]) {
             Some("pause") => OfflinePolicy::Pause,
             Some(_) => OfflinePolicy::DropOldest,
@@ -318,22 +319,15 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
         },
         sequence_numbers: t.bool(doc, "sequence_numbers").unwrap_or(d.sequence_numbers),
         provision_concurrency: t
-            .u64(doc, "provision_concurrency")
-            .map_or(d.provision_concurrency, |m| m.max(1) as usize),
+            .u64_in(doc, "provision_concurrency", 1..=100_000)
+            .map_or(d.provision_concurrency, |m| m as usize),
     };
-    if !(0.1..=0.99).contains(&s.renew_at) {
+    if s.backoff_cap < s.backoff_base {
         doc.error(
-            t.span_of("renew_at"),
-            &t.field("renew_at"),
-            "is a fraction of the token's life, between 0.1 and 0.99",
+            t.span_of("backoff_cap"),
+            &t.field("backoff_cap"),
+            format!("must not be below backoff_base ({})", show_duration(s.backoff_base)),
         );
-    }
-    if s.token_ttl < Duration::from_secs(60) {
-        doc.error(t.span_of("token_ttl"), &t.field("token_ttl"), "must be at least 60s");
-    }
-    if s.max_inflight == 0 {
-        doc.error(t.span_of("max_inflight"), &t.field("max_inflight"), "must be at least 1");
-        s.max_inflight = 1;
     }
     if s.buffer <= s.max_inflight {
         doc.error(
@@ -342,8 +336,8 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
             format!("must be larger than max_inflight ({}), so unwritten messages have room", s.max_inflight),
         );
     }
-    if let Some(p) = t.duration(doc, "progress_interval") {
-        progress = p.max(Duration::from_secs(1));
+    if let Some(p) = t.duration_in(doc, "progress_interval", secs(1), secs(86_400)) {
+        progress = p;
     }
     t.finish(doc);
     (s, progress)
@@ -395,8 +389,13 @@ fn ci(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<CiConfig> {
         let probe = Probe {
             method,
             payload,
-            every: p.duration(doc, "every").unwrap_or(Duration::from_secs(1)).max(Duration::from_millis(10)),
-            response_timeout: p.duration(doc, "response_timeout").unwrap_or(Duration::from_secs(10)),
+            every: p
+                .duration_in(doc, "every", Duration::from_millis(10), Duration::from_secs(3600))
+                .unwrap_or(Duration::from_secs(1)),
+            // IoT Hub's responseTimeoutInSeconds allows at most 300.
+            response_timeout: p
+                .duration_in(doc, "response_timeout", Duration::from_secs(1), Duration::from_secs(300))
+                .unwrap_or(Duration::from_secs(10)),
         };
         p.finish(doc);
         probe
@@ -454,8 +453,8 @@ payload = "{not json"
             "c.toml:2:13: scenarios: \"nothing-*.toml\" matches no file",
             "hub.group_key: environment variable FLEETSIM_TEST_UNSET_VARIABLE is not set",
             "c.toml:8:1: hub.bogus: unknown field",
-            "c.toml:10:8: ramp.rate: connections per second must be above zero",
-            "device.renew_at: is a fraction",
+            "c.toml:10:8: ramp.rate: must be a number from 0.001 to 1000000",
+            "device.renew_at: must be a number from 0.1 to 0.99",
             "device.buffer: must be larger than max_inflight (16)",
             "device.offline: expected one of \"drop_oldest\", \"pause\"",
             "c.toml:15:1: ci.duration: is required",

@@ -133,3 +133,86 @@ pub fn mqtt_session(data: &[u8]) {
         let _ = serve.await;
     });
 }
+
+struct RestHarness {
+    rt: tokio::runtime::Runtime,
+    router: axum::Router,
+    owner: String,
+    registration: String,
+    scope: String,
+}
+
+/// A hub of its own (so that fault settings the fuzzer makes never reach the MQTT harness) and
+/// its REST router, called in-process.
+fn rest_harness() -> &'static RestHarness {
+    static H: OnceLock<RestHarness> = OnceLock::new();
+    H.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fleetsim-fuzz-rest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let config = HubConfig { data_dir: dir.clone(), ..Default::default() };
+        let secrets = crate::hub::secrets::Secrets::load_or_create(&dir, &config.keys).expect("keys");
+        let hub: Hub = Arc::new(HubState::new(&config, secrets).expect("hub state"));
+        let key = Key::from_bytes(b"fuzz-device-key".to_vec());
+        let record = crate::hub::registry::Record::new(key.clone(), key.clone());
+        hub.registry.create("fuzz", None, record, SystemTime::now()).expect("the device is new");
+        let expiry = crate::iot::time::unix_secs(SystemTime::now()) + 10 * 365 * 24 * 3600;
+        let owner_key = Key::from_base64(&hub.secrets.policies["iothubowner"].primary).expect("owner key");
+        let owner = sign_token("localhost", &owner_key, expiry, Some("iothubowner"));
+        let group = Key::from_base64(&hub.secrets.default_group.primary).expect("group key");
+        let scope = hub.dps.id_scope.clone();
+        let dps_key = crate::iot::sas::derive_device_key(&group, "fuzz-dps");
+        let registration =
+            sign_token(&format!("{scope}/registrations/fuzz-dps"), &dps_key, expiry, Some("registration"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        RestHarness { rt, router: crate::hub::http::router(hub), owner, registration, scope }
+    })
+}
+
+/// The emulator's REST routes that parse a body or a query, fed arbitrary bodies through the real
+/// router (authorization middleware included). The first byte picks the route, the rest is the
+/// body. A panic, a hang or a 500 is a finding; any 4xx is the right answer to bad input.
+pub fn rest(data: &[u8]) {
+    use tower::ServiceExt;
+    const ROUTES: &[(&str, &str)] = &[
+        ("POST", "/devices/query"),
+        ("PUT", "/devices/fuzz-new"),
+        ("PUT", "/devices/fuzz/modules/m1"),
+        ("PATCH", "/twins/fuzz"),
+        ("PUT", "/twins/fuzz"),
+        ("PATCH", "/twins/fuzz/modules/m1"),
+        ("POST", "/twins/nobody/methods"),
+        ("PUT", "/enrollments/e1"),
+        ("PUT", "/enrollmentGroups/g1"),
+        ("PATCH", "/emulator/faults"),
+        ("PUT", "/emulator/faults"),
+        ("POST", "/emulator/faults/outage"),
+        ("POST", "/emulator/faults/drop"),
+        ("POST", "/emulator/devices/fuzz/messages/deviceBound"),
+        ("PUT", "/{scope}/registrations/fuzz-dps/register"),
+    ];
+    let Some((&pick, body)) = data.split_first() else { return };
+    let h = rest_harness();
+    let (method, path) = ROUTES[pick as usize % ROUTES.len()];
+    let (path, token) = if path.starts_with("/{scope}") {
+        (path.replace("{scope}", &h.scope), &h.registration)
+    } else {
+        (path.to_owned(), &h.owner)
+    };
+    if path == "/devices/query"
+        && let Ok(q) = crate::hub::query::Query::parse(&text(body))
+    {
+        q.matches(&serde_json::json!({"deviceId": "d", "tags": {"a": 1}, "properties": {"reported": {"b": "x"}}}));
+    }
+    let req = axum::http::Request::builder()
+        .method(method)
+        .uri(format!("{path}?api-version=2021-04-12"))
+        .header("authorization", token)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_vec()))
+        .expect("a request");
+    h.rt.block_on(async {
+        let resp = tokio::time::timeout(Duration::from_secs(5), h.router.clone().oneshot(req)).await;
+        let resp = resp.expect("the route answered in time").expect("infallible");
+        assert_ne!(resp.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{method} {path}");
+    });
+}

@@ -7,8 +7,10 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod fleet;
+pub mod fsio;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod httpserve;
 pub mod hub;
 pub mod iot;
 pub mod metrics;

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     fleetsim::sys::raise_fd_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
-        builder.worker_threads(n.max(1));
+        builder.worker_threads(usize::from(n));
     }
     let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
@@ -161,10 +161,11 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if args.duration.is_some() || args.report.is_some() {
         let ci = cfg.ci.get_or_insert_with(Default::default);
         if let Some(d) = &args.duration {
-            match fleetsim::tomlread::parse_duration(d).filter(|d| !d.is_zero()) {
+            let max = fleetsim::tomlread::MAX_DURATION;
+            match fleetsim::tomlread::parse_duration(d).filter(|d| !d.is_zero() && *d <= max) {
                 Some(d) => ci.duration = d,
                 None => {
-                    eprintln!("error: --duration: \"{d}\" is not a duration such as 90s, 10m or 1h");
+                    eprintln!("error: --duration: \"{d}\" is not a duration from 1s to 365d such as 90s, 10m or 1h");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             }
@@ -223,13 +224,19 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
         }
         tracing::warn!(problems = problems.len(), "reload refused: the fleet keeps its previous scenarios");
     };
-    let cfg = match DaemonConfig::load(config) {
-        Ok(c) => c,
-        Err(e) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
-    };
-    let templates = match schema::load(&cfg.scenarios) {
-        Ok(t) => t,
-        Err(e) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
+    // Read on a blocking thread: should any input still reach a panic in the loaders, it ends
+    // that thread, not the daemon (the JoinError is reported as a refusal).
+    let path = config.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let cfg = DaemonConfig::load(&path).map_err(|e| e.0)?;
+        let templates = schema::load(&cfg.scenarios).map_err(|e| e.0)?;
+        Ok::<_, Vec<fleetsim::tomlread::Diagnostic>>((cfg, templates))
+    })
+    .await;
+    let (cfg, templates) = match loaded {
+        Ok(Ok(x)) => x,
+        Ok(Err(diags)) => return refuse(diags.iter().map(|d| d.to_string()).collect()),
+        Err(e) => return refuse(vec![format!("reading the scenarios failed unexpectedly: {e}")]),
     };
     let daemon_part = |c: &DaemonConfig| format!("{:?}", (&c.hub, &c.ramp, &c.settings, c.metrics_addr));
     if daemon_part(&cfg) != daemon_part(started_with) {
@@ -255,7 +262,7 @@ async fn run_ci(running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitC
     let text = serde_json::to_string_pretty(&outcome.report).expect("a JSON value serializes");
     println!("{text}");
     if let Some(path) = &ci.report
-        && let Err(e) = std::fs::write(path, format!("{text}\n"))
+        && let Err(e) = fleetsim::fsio::write_atomic(path, format!("{text}\n").as_bytes(), 0o644)
     {
         eprintln!("error: cannot write the report to {}: {e}", path.display());
         return ExitCode::FAILURE;
@@ -270,14 +277,15 @@ fn token(args: TokenArgs) -> ExitCode {
         let info = fleetsim::hub::info::HubInfo::load(&args.hub_json)?;
         let keys_path = args.hub_json.with_file_name("keys.json");
         let keys: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&keys_path).map_err(|e| anyhow::anyhow!("{}: {e}", keys_path.display()))?,
+            &fleetsim::fsio::read_capped(&keys_path, fleetsim::fsio::MAX_INPUT_FILE)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", keys_path.display()))?,
         )?;
         let key = keys["policies"][&args.policy]["primary"]
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("no policy named {}", args.policy))?;
         let key =
             fleetsim::iot::sas::Key::from_base64(key).map_err(|e| anyhow::anyhow!("{}: {e}", keys_path.display()))?;
-        let expiry = fleetsim::iot::time::unix_secs(std::time::SystemTime::now()) + args.ttl;
+        let expiry = fleetsim::iot::time::unix_secs(std::time::SystemTime::now()).saturating_add(args.ttl);
         Ok(fleetsim::iot::sas::sign_token(&info.hostname, &key, expiry, Some(&args.policy)))
     })();
     match result {

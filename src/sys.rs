@@ -13,6 +13,18 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// The soft open-files limit (after `raise_fd_limit`, the hard one); 1,024 where it cannot be read.
+pub fn open_files_limit() -> usize {
+    #[cfg(unix)]
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            return usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+        }
+    }
+    1024
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -26,6 +38,18 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// A deadline later than any run lasts (about 30 years on), for a wait whose real deadline is
+/// past what the clock can count: `Instant + Duration` panics on overflow, this never does.
+pub fn far_future() -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(std::time::Duration::from_secs(30 * 365 * 86_400)).unwrap_or(now)
+}
+
+/// `now + d`, or `None` when that is past what the clock can count (treat it as never).
+pub fn deadline_after(d: std::time::Duration) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::now().checked_add(d)
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.

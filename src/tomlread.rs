@@ -3,7 +3,8 @@
 //! are parsed into an owned tree that keeps spans, and schemas are checked by walking it.
 
 use std::fmt;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
+use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
@@ -283,23 +284,80 @@ impl<'n> Table<'n> {
         }
     }
 
-    /// A duration: `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, or a number of seconds.
-    pub fn duration(&mut self, doc: &mut Doc, key: &str) -> Option<std::time::Duration> {
+    /// A duration: `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, or a number of seconds, at most
+    /// [`MAX_DURATION`] (so that adding it to a clock reading can never overflow).
+    pub fn duration(&mut self, doc: &mut Doc, key: &str) -> Option<Duration> {
+        self.duration_in(doc, key, Duration::ZERO, MAX_DURATION)
+    }
+
+    /// A duration within `min..=max`; outside, an error naming the field and the allowed range.
+    pub fn duration_in(&mut self, doc: &mut Doc, key: &str, min: Duration, max: Duration) -> Option<Duration> {
         let node = self.get(key)?;
         let parsed = match &node.value {
-            Val::Int(i) if *i >= 0 => Some(std::time::Duration::from_secs(*i as u64)),
-            Val::Float(f) if *f >= 0.0 && f.is_finite() => Some(std::time::Duration::from_secs_f64(*f)),
+            Val::Int(i) if *i >= 0 => Some(Duration::from_secs(*i as u64)),
+            Val::Float(f) if *f >= 0.0 && f.is_finite() => Some(saturating_secs(*f)),
             Val::Str(s) => parse_duration(s),
             _ => None,
         };
-        if parsed.is_none() {
+        let Some(d) = parsed else {
             doc.error(
                 node.span.clone(),
                 &self.field(key),
                 "expected a duration such as \"2s\", \"500ms\", \"1.5m\" or a number of seconds",
             );
+            return None;
+        };
+        if d < min || d > max {
+            doc.error(
+                node.span.clone(),
+                &self.field(key),
+                format!("must be between {} and {}", show_duration(min), show_duration(max)),
+            );
+            return None;
         }
-        parsed
+        Some(d)
+    }
+
+    /// A whole number within `range`; outside, an error naming the field and the allowed range.
+    pub fn u64_in(&mut self, doc: &mut Doc, key: &str, range: RangeInclusive<u64>) -> Option<u64> {
+        let node = self.get(key)?;
+        match node.value {
+            Val::Int(i) if i >= 0 && range.contains(&(i as u64)) => Some(i as u64),
+            Val::Int(_) => {
+                doc.error(
+                    node.span.clone(),
+                    &self.field(key),
+                    format!("must be a whole number from {} to {}", range.start(), range.end()),
+                );
+                None
+            }
+            _ => {
+                self.wrong(doc, key, node, &format!("a whole number from {} to {}", range.start(), range.end()));
+                None
+            }
+        }
+    }
+
+    /// A finite number within `range`; outside, an error naming the field and the allowed range.
+    pub fn f64_in(&mut self, doc: &mut Doc, key: &str, range: RangeInclusive<f64>) -> Option<f64> {
+        let node = self.get(key)?;
+        let v = match node.value {
+            Val::Int(i) => i as f64,
+            Val::Float(f) if f.is_finite() => f,
+            _ => {
+                self.wrong(doc, key, node, &format!("a number from {} to {}", range.start(), range.end()));
+                return None;
+            }
+        };
+        if !range.contains(&v) {
+            doc.error(
+                node.span.clone(),
+                &self.field(key),
+                format!("must be a number from {} to {}", range.start(), range.end()),
+            );
+            return None;
+        }
+        Some(v)
     }
 
     /// One of a fixed set of strings.
@@ -362,8 +420,13 @@ impl<'n> Table<'n> {
     }
 }
 
-/// `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, `"0"`.
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+/// The longest duration any setting accepts: one year. Longer ones are refused with a message,
+/// never turned into a clock overflow (issue 10: `interval = 1e20` panicked).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `"2s"`, `"500ms"`, `"1.5m"`, `"1h"`, `"0"`. Values too large for a `Duration` saturate, so the
+/// caller's range check reports them instead of a panic.
+pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -375,7 +438,26 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         "h" => n * 3600.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| std::time::Duration::from_secs_f64(secs))
+    (secs.is_finite() && secs >= 0.0).then(|| saturating_secs(secs))
+}
+
+/// Seconds as a `Duration`, `Duration::MAX` past its range (finite, non-negative input).
+fn saturating_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+}
+
+/// A duration as a user would write it: `500ms`, `90s`, `365d`.
+pub fn show_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() != 0 || s == 0 {
+        format!("{}ms", d.as_millis())
+    } else if s.is_multiple_of(86_400) {
+        format!("{}d", s / 86_400)
+    } else if s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
+    }
 }
 
 #[cfg(test)]
@@ -422,5 +504,59 @@ mod tests {
         assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_duration("2 weeks"), None);
         assert_eq!(parse_duration("-1s"), None);
+        // Too large for a Duration: saturates (for the range check to report), never panics.
+        assert_eq!(parse_duration("5124095576030432h"), Some(Duration::MAX));
+        assert_eq!(parse_duration("1e400"), None);
+    }
+
+    fn one(text: &str, read: impl FnOnce(&mut Table<'_>, &mut Doc)) -> Vec<String> {
+        let (mut doc, root) = Doc::parse("f.toml", text.to_owned());
+        let mut t = doc.table(&root, "").unwrap();
+        read(&mut t, &mut doc);
+        doc.diags.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_field_and_the_range() {
+        // Issue 10: each of these panicked in Duration::from_secs_f64 or wrapped silently.
+        for text in ["interval = 1e20", "interval = \"5124095576030432h\"", "interval = 18446744073709551615.0"] {
+            let shown = one(text, |t, d| assert_eq!(t.duration(d, "interval"), None));
+            assert_eq!(shown, ["f.toml:1:12: interval: must be between 0ms and 365d"], "{text}");
+        }
+        let shown = one("a = \"10ms\"", |t, d| {
+            assert_eq!(t.duration_in(d, "a", Duration::from_secs(1), Duration::from_secs(60)), None)
+        });
+        assert_eq!(shown, ["f.toml:1:5: a: must be between 1s and 60s"]);
+        let shown = one("port = 70000", |t, d| assert_eq!(t.u64_in(d, "port", 1..=65535), None));
+        assert_eq!(shown, ["f.toml:1:8: port: must be a whole number from 1 to 65535"]);
+        let shown = one("port = -1", |t, d| assert_eq!(t.u64_in(d, "port", 1..=65535), None));
+        assert_eq!(shown, ["f.toml:1:8: port: must be a whole number from 1 to 65535"]);
+        let shown = one("x = nan", |t, d| assert_eq!(t.f64_in(d, "x", 0.0..=1.0), None));
+        assert_eq!(shown, ["f.toml:1:5: x: expected a number from 0 to 1, found a float"]);
+        let shown = one("x = -0.5", |t, d| assert_eq!(t.f64_in(d, "x", 0.0..=1.0), None));
+        assert_eq!(shown, ["f.toml:1:5: x: must be a number from 0 to 1"]);
+        assert!(
+            one("x = 0.5\np = 443\nd = \"1h\"", |t, d| {
+                assert_eq!(t.f64_in(d, "x", 0.0..=1.0), Some(0.5));
+                assert_eq!(t.u64_in(d, "p", 1..=65535), Some(443));
+                assert_eq!(t.duration(d, "d"), Some(Duration::from_secs(3600)));
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_a_located_error_not_a_stack_overflow() {
+        // Arrays, inline tables and dotted keys 100,000 deep: the parser's depth limit answers.
+        for text in [
+            format!("a = {}1{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("a = {}1{}", "{b = ".repeat(100_000), "}".repeat(100_000)),
+            format!("{} = 1", vec!["k"; 100_000].join(".")),
+            format!("[{}]", vec!["k"; 100_000].join(".")),
+        ] {
+            let (doc, _) = Doc::parse("deep.toml", text);
+            assert!(!doc.ok(), "a 100,000-deep document must be refused");
+            assert!(doc.diags[0].to_string().starts_with("deep.toml:1:"), "{}", doc.diags[0]);
+        }
     }
 }

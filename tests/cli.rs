@@ -80,3 +80,86 @@ fn a_bad_daemon_config_stops_before_anything_starts() {
     let (code, _, err) = fleetsim(&["run", "--config", "config.example.toml", "--shard", "4/4"]);
     assert_eq!(code, 64, "{err}");
 }
+
+/// Issue 10, kind 2: numbers from outside never panic `check` (exit 101); each is refused with the
+/// field, the allowed range and its position, exit 64.
+#[test]
+fn numbers_out_of_range_exit_64_with_the_field_and_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s.toml");
+    std::fs::write(
+        &s,
+        concat!(
+            "[[devices]]\nid = \"x-{n}\"\ncount = 2\nfirst = 18446744073709551\n",
+            "[[devices.telemetry]]\ninterval = 1e20\njitter = 2\n",
+            "fields = { t = { kind = \"gaussian\", mean = 1, stddev = -3, decimals = 99 }, ",
+            "u = { kind = \"uniform\", min = -1e308, max = 1e308 }, ",
+            "g = { kind = \"gaussian\", mean = 0, stddev = 1, min = 5, max = 1 } }\n",
+            "[[devices.telemetry]]\ninterval = \"5124095576030432h\"\nfields = { a = 1 }\n",
+            "[[devices.commands]]\nname = \"c\"\nstatus = 70000\ndelay = \"99999999h\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = fleetsim(&["check", s.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    for want in [
+        ":4:9: devices[0].first: must be a whole number from 0 to 1000000000000",
+        ":6:12: devices[0].telemetry[0].interval: must be between 1ms and 30d",
+        ":7:10: devices[0].telemetry[0].jitter: must be a number from 0 to 1",
+        "stddev: must not be negative",
+        "decimals: must be a whole number from 0 to 15",
+        ".u.min: must be a number from -1000000000000000 to 1000000000000000",
+        "min (5) is above max (1)",
+        ":10:12: devices[0].telemetry[1].interval: must be between 1ms and 30d",
+        "devices[0].commands[0].status: must be a whole number from 100 to 599",
+        "devices[0].commands[0].delay: must be between 0ms and 1d",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        concat!(
+            "scenarios = []\n[hub]\nmode = \"azure\"\nid_scope = \"0ne\"\nmqtt_port = 70000\nhttps_port = -1\n",
+            "[ramp]\nrate = 1e-300\n[device]\nbackoff_base = \"10s\"\nbackoff_cap = \"1s\"\nkeep_alive = \"2h\"\n",
+            "token_ttl = 1e20\nmax_inflight = 70000\n",
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = fleetsim(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    for want in [
+        ":5:13: hub.mqtt_port: must be a whole number from 1 to 65535",
+        ":6:14: hub.https_port: must be a whole number from 1 to 65535",
+        ":8:8: ramp.rate: must be a number from 0.001 to 1000000",
+        ":11:15: device.backoff_cap: must not be below backoff_base (10s)",
+        ":12:14: device.keep_alive: must be between 1s and 1177s",
+        ":13:13: device.token_ttl: must be between 60s and 365d",
+        ":14:16: device.max_inflight: must be a whole number from 1 to 65535",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let (code, _, err) = fleetsim(&["run", "--config", "config.example.toml", "--duration", "5124095576030432h"]);
+    assert_eq!(code, 64, "{err}");
+    let (code, _, err) = fleetsim(&["token", "--ttl", "18446744073709551615"]);
+    assert_eq!(code, 2, "clap refuses an out-of-range flag: {err}");
+    assert!(err.contains("--ttl"), "{err}");
+}
+
+/// Issue 10, kind 3: a file path naming an endless file is read up to a cap, then refused.
+#[test]
+fn endless_files_are_refused_not_read_forever() {
+    let (code, _, err) = fleetsim(&["check", "/dev/zero"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("/dev/zero:1:1: cannot read: is larger than"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "scenarios = [\"/dev/zero\"]\n").unwrap();
+    let (code, _, err) = fleetsim(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is larger than"), "{err}");
+    let (code, _, err) = fleetsim(&["hub", "--config", "/dev/zero"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is larger than"), "{err}");
+}

@@ -36,3 +36,8 @@ fn mqtt_session_corpus() {
     replay("mqtt_session", fleetsim::fuzzing::mqtt_session);
     assert!(fleetsim::fuzzing::mqtt_telemetry_received() > 0, "the hub seed got through CONNECT to telemetry");
 }
+
+#[test]
+fn rest_corpus() {
+    replay("rest", fleetsim::fuzzing::rest);
+}

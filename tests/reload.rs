@@ -33,6 +33,18 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The log without terminal colour codes.
+fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut rest = log;
+    while let Some(i) = rest.find('\x1b') {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |m| &rest[i + m + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
 fn hup(pid: u32) {
     assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
 }
@@ -80,6 +92,21 @@ fn a_bad_reload_changes_nothing_and_a_good_one_adds_without_disturbing() {
     let m = scrape(&metrics_url);
     assert_eq!((connected(&m), accepted(&m)), (3.0, before), "the fleet was untouched");
 
+    // Issue 10: numbers that overflowed `Duration` killed the daemon on reload. Now they are
+    // refused like any other error, with their position, and the daemon keeps running.
+    for (n, bad) in ["interval = 1e20", "interval = \"5124095576030432h\""].iter().enumerate() {
+        std::fs::write(&broken, sensors("x", 1, "x-{n}").replace("interval = \"1s\"", bad)).unwrap();
+        hup(pid);
+        eventually("the second refusal in the log", || {
+            std::fs::read_to_string(&log_path).unwrap().matches("reload refused: the fleet keeps").count() >= n + 2
+        });
+        assert!(child.try_wait().unwrap().is_none(), "the daemon is still running after {bad}");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("broken.toml:8:12") && log.contains("must be between 1ms and 30d"), "{log}");
+    }
+    let m = scrape(&metrics_url);
+    assert_eq!((connected(&m), accepted(&m)), (3.0, before), "the fleet was untouched");
+
     // Fixed, plus two new devices: only those connect.
     std::fs::remove_file(&broken).unwrap();
     std::fs::write(dir.path().join("more.toml"), sensors("second", 2, "new-{n}")).unwrap();
@@ -97,6 +124,28 @@ fn a_bad_reload_changes_nothing_and_a_good_one_adds_without_disturbing() {
         let m = scrape(&metrics_url);
         connected(&m) == 3.0 && m.contains("fleetsim_devices{state=\"stopped\"} 0")
     });
+
+    // A changed key restarts its identity, although `Debug` (which the comparison used to rely
+    // on) shows no key material.
+    let keys = dir.path().join("keys.csv");
+    let key = |b: u8| fleetsim::iot::sas::Key::from_bytes(vec![b; 32]).to_base64();
+    std::fs::write(&keys, format!("keyed-1,{}\n", key(1))).unwrap();
+    let keyed = sensors("keyed", 1, "keyed-{n}").replace(
+        "provisioning = \"dps\"\nenrollment = \"group\"",
+        "provisioning = \"connection_string\"\nkeys_file = \"keys.csv\"",
+    );
+    std::fs::write(dir.path().join("keyed.toml"), keyed).unwrap();
+    hup(pid);
+    eventually("four connected devices", || connected(&scrape(&metrics_url)) == 4.0);
+    let before = accepted(&scrape(&metrics_url));
+    std::fs::write(&keys, format!("keyed-1,{}\n", key(2))).unwrap();
+    hup(pid);
+    eventually("the keyed device reconnects with its new key", || {
+        let m = scrape(&metrics_url);
+        accepted(&m) == before + 1.0 && connected(&m) == 4.0
+    });
+    let log = plain(&std::fs::read_to_string(&log_path).unwrap());
+    assert!(log.contains("changed=1"), "the key change counts as a change:\n{log}");
 
     assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
     let status = child.wait().unwrap();

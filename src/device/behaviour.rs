@@ -151,11 +151,8 @@ impl Agent {
     }
 
     fn interval(&self, t: &TelemetrySpec) -> Duration {
-        t.interval_property
-            .as_deref()
-            .and_then(|p| self.writable_value(p)?.as_f64())
-            .filter(|s| *s > 0.0 && s.is_finite())
-            .map_or(t.interval, Duration::from_secs_f64)
+        let desired = t.interval_property.as_deref().and_then(|p| self.writable_value(p)?.as_f64());
+        interval_from_property(desired, t.interval)
     }
 
     /// The next time something is due.
@@ -353,5 +350,35 @@ pub fn ack_body(w: &WritableSpec, value: Value, code: u16, version: u64, descrip
     match &w.component {
         Some(c) => json!({ c.as_str(): { "__t": "c", w.name.as_str(): inner } }),
         None => json!({ w.name.as_str(): inner }),
+    }
+}
+
+/// The telemetry interval a writable property asks for, in seconds (a desired value, so any JSON
+/// number a service sends). Non-positive or non-finite values keep the scenario's interval; the
+/// rest are held to 1 ms..365 days, so that neither `Duration::from_secs_f64` nor the schedule's
+/// clock arithmetic can panic and no device can be made to spin (issue 10).
+fn interval_from_property(desired: Option<f64>, scenario: Duration) -> Duration {
+    match desired {
+        Some(s) if s > 0.0 && s.is_finite() => Duration::try_from_secs_f64(s)
+            .unwrap_or(Duration::MAX)
+            .clamp(Duration::from_millis(1), crate::tomlread::MAX_DURATION),
+        _ => scenario,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_desired_interval_is_held_to_a_safe_range() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(interval_from_property(None, ten), ten);
+        assert_eq!(interval_from_property(Some(2.5), ten), Duration::from_millis(2500));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(interval_from_property(Some(bad), ten), ten, "{bad}");
+        }
+        assert_eq!(interval_from_property(Some(1e300), ten), crate::tomlread::MAX_DURATION);
+        assert_eq!(interval_from_property(Some(1e-12), ten), Duration::from_millis(1));
     }
 }

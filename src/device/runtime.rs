@@ -105,7 +105,7 @@ pub struct Shared {
 }
 
 /// How an identity gets onto the hub.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Credentials {
     Dps {
         key: Key,
@@ -121,8 +121,9 @@ pub enum Credentials {
     },
 }
 
-/// One identity to simulate.
-#[derive(Debug, Clone)]
+/// One identity to simulate. Compared by value on reload (keys included), so a changed key
+/// restarts the identity although `Debug` shows no key material.
+#[derive(Debug, Clone, PartialEq)]
 pub struct IdentitySpec {
     pub device_id: Arc<str>,
     pub module_id: Option<Arc<str>>,

@@ -76,7 +76,8 @@ impl KeyPlan {
 
 /// Reads an `id,key` file (one per line; `#` comments). Errors name the file and line.
 pub fn load_keys_file(path: &Path) -> Result<HashMap<String, Key>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {}", path.display(), e.kind()))?;
+    let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();

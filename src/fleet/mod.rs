@@ -57,8 +57,9 @@ pub struct RunningFleet {
 struct IdentityTask {
     cancel: CancellationToken,
     handle: JoinHandle<()>,
-    /// The identity's full definition, to tell a changed scenario from an unchanged one.
-    fingerprint: String,
+    /// The identity's full definition, to tell a changed scenario from an unchanged one by
+    /// value (its behaviour is shared, so keeping it costs a few pointers).
+    spec: runtime::IdentitySpec,
     /// What the CI method probe needs of it.
     target: ci::ProbeTarget,
 }
@@ -73,16 +74,14 @@ fn identity_key(spec: &runtime::IdentitySpec) -> String {
 
 fn spawn_identity(spec: runtime::IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
     let key = identity_key(&spec);
-    // Key's Debug shows no key material, so the fingerprint is safe to keep.
-    let fingerprint = format!("{spec:?}");
     let target = ci::ProbeTarget {
         device_id: spec.device_id.clone(),
         module_id: spec.module_id.clone(),
         behaviour: spec.behaviour.clone(),
     };
     let cancel = shared.shutdown.child_token();
-    let handle = tokio::spawn(runtime::run(spec, shared.clone(), cancel.clone()));
-    (key, IdentityTask { cancel, handle, fingerprint, target })
+    let handle = tokio::spawn(runtime::run(spec.clone(), shared.clone(), cancel.clone()));
+    (key, IdentityTask { cancel, handle, spec, target })
 }
 
 impl RunningFleet {
@@ -397,7 +396,11 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
             }),
         )
         .with_state(state);
-    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    let limits =
+        crate::httpserve::Limits { header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) };
+    // Scrapers and probes are few: a small bound keeps the fleet's descriptors for its devices.
+    let bound = crate::httpserve::ConnectionBound::new(256);
+    crate::httpserve::serve_plain(listener, app, limits, bound, "fleet metrics", stop).await
 }
 
 /// One line per interval while the fleet ramps up, then one when it is all connected.

@@ -33,7 +33,8 @@ impl RunningFleet {
         let mut stopping = Vec::new();
         let current: Vec<String> = self.tasks.keys().cloned().collect();
         for key in current {
-            let same = next.get(&key).is_some_and(|spec| format!("{spec:?}") == self.tasks[&key].fingerprint);
+            // By value: `Debug` redacts keys, so comparing its text read a changed key as unchanged.
+            let same = next.get(&key).is_some_and(|spec| *spec == self.tasks[&key].spec);
             if same {
                 next.remove(&key);
                 summary.unchanged += 1;

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The largest `behaviour.max_message_bytes`: WebSocket frames and MQTT packets are bounded by it.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Everything `fleetsim hub` can be told. Fields left out take the defaults below.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -108,6 +111,16 @@ pub struct Behaviour {
     pub dps_retry_after_secs: u64,
     /// How long an assignment takes; polls before then stay `assigning`.
     pub dps_assignment_delay_ms: u64,
+    /// Open connections allowed across every listener (MQTT, HTTPS, WebSockets). Past it a new
+    /// connection is closed at once and counted (`refused{reason="connection_limit"}`), so the
+    /// process keeps descriptors for the ones it serves. 0 means the open-files limit less 64.
+    pub max_connections: usize,
+    /// How long an HTTPS client may take to send a request's headers (slow or half-sent
+    /// requests are closed after it).
+    pub http_header_timeout_secs: u64,
+    /// How long an HTTPS connection may sit with no request in progress before it is closed.
+    /// WebSocket connections are not affected: MQTT keep-alive governs them.
+    pub http_idle_timeout_secs: u64,
 }
 
 impl Default for Behaviour {
@@ -125,6 +138,9 @@ impl Default for Behaviour {
             c2d_max_delivery_count: 100,
             dps_retry_after_secs: 1,
             dps_assignment_delay_ms: 0,
+            max_connections: 0,
+            http_header_timeout_secs: 10,
+            http_idle_timeout_secs: 120,
         }
     }
 }
@@ -161,7 +177,7 @@ pub enum ConfigError {
 impl HubConfig {
     /// Reads a TOML file; parse errors carry the file, line and column.
     pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         toml::from_str(&text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
@@ -181,11 +197,29 @@ impl HubConfig {
         if self.tls.cert_file.is_some() && self.tls.ca_file.is_none() {
             problems.push("tls.ca_file is needed with tls.cert_file (clients must be told what to trust)".to_owned());
         }
-        if self.behaviour.max_subscriptions == 0 {
-            problems.push("behaviour.max_subscriptions must be at least 1".to_owned());
-        }
-        if self.behaviour.max_message_bytes < 1024 {
-            problems.push("behaviour.max_message_bytes must be at least 1024".to_owned());
+        let b = &self.behaviour;
+        const DAY: u64 = 86_400;
+        // Every number is bounded, so that no setting can overflow a clock or exhaust memory.
+        for (name, v, min, max) in [
+            ("sas_skew_secs", b.sas_skew_secs, 0, DAY),
+            ("max_subscriptions", b.max_subscriptions as u64, 1, 1000),
+            ("max_message_bytes", b.max_message_bytes as u64, 1024, MAX_MESSAGE_BYTES as u64),
+            ("keepalive_cap_secs", b.keepalive_cap_secs, 1, DAY),
+            ("connect_timeout_secs", b.connect_timeout_secs, 1, 3600),
+            ("telemetry_buffer", b.telemetry_buffer as u64, 0, 1_000_000),
+            ("c2d_max_queue", b.c2d_max_queue as u64, 1, 100_000),
+            ("c2d_ttl_secs", b.c2d_ttl_secs, 1, 365 * DAY),
+            // IoT Hub's own range for the maximum delivery count.
+            ("c2d_max_delivery_count", b.c2d_max_delivery_count as u64, 1, 100),
+            ("dps_retry_after_secs", b.dps_retry_after_secs, 0, 3600),
+            ("dps_assignment_delay_ms", b.dps_assignment_delay_ms, 0, 3_600_000),
+            ("max_connections", b.max_connections as u64, 0, 10_000_000),
+            ("http_header_timeout_secs", b.http_header_timeout_secs, 1, 3600),
+            ("http_idle_timeout_secs", b.http_idle_timeout_secs, 1, DAY),
+        ] {
+            if !(min..=max).contains(&v) {
+                problems.push(format!("behaviour.{name} must be from {min} to {max}"));
+            }
         }
         if let Some(scope) = &self.keys.id_scope
             && (scope.is_empty() || !scope.chars().all(|c| c.is_ascii_alphanumeric()))
@@ -250,6 +284,43 @@ mod tests {
         c.behaviour.max_subscriptions = 0;
         let err = c.validate().unwrap_err().to_string();
         assert_eq!(err.lines().count(), 4, "{err}");
+    }
+
+    #[test]
+    fn every_number_is_range_checked() {
+        // Issue 10: 2^64-1 seconds overflowed `Instant + Duration` inside connection tasks.
+        let huge = u64::MAX;
+        let mut c = HubConfig::default();
+        let b = &mut c.behaviour;
+        (b.sas_skew_secs, b.keepalive_cap_secs, b.connect_timeout_secs, b.c2d_ttl_secs) = (huge, huge, huge, huge);
+        (b.dps_retry_after_secs, b.dps_assignment_delay_ms) = (huge, huge);
+        (b.http_header_timeout_secs, b.http_idle_timeout_secs) = (0, huge);
+        (b.max_message_bytes, b.c2d_max_delivery_count, b.c2d_max_queue) = (usize::MAX, 0, 0);
+        c.faults.token_lifetime_secs = huge;
+        c.faults.puback_delay_ms = huge;
+        c.faults.storm_every_secs = huge;
+        c.faults.dps_assignment_delay_ms = Some(huge);
+        let err = c.validate().unwrap_err().to_string();
+        for field in [
+            "behaviour.sas_skew_secs must be from 0 to 86400",
+            "behaviour.keepalive_cap_secs",
+            "behaviour.connect_timeout_secs",
+            "behaviour.c2d_ttl_secs",
+            "behaviour.dps_retry_after_secs",
+            "behaviour.dps_assignment_delay_ms",
+            "behaviour.http_header_timeout_secs must be from 1",
+            "behaviour.http_idle_timeout_secs",
+            "behaviour.max_message_bytes",
+            "behaviour.c2d_max_delivery_count must be from 1 to 100",
+            "behaviour.c2d_max_queue",
+            "faults.token_lifetime_secs must be from 0 to 31536000",
+            "faults.puback_delay_ms",
+            "faults.storm_every_secs",
+            "faults.dps_assignment_delay_ms",
+        ] {
+            assert!(err.contains(field), "{field} missing from:\n{err}");
+        }
+        assert_eq!(err.lines().count(), 15, "{err}");
     }
 
     #[test]

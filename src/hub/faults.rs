@@ -99,9 +99,27 @@ impl FaultConfig {
         if !(self.twin_error_status == 429 || (500..=599).contains(&self.twin_error_status)) {
             problems.push("faults.twin_error_status must be 429 or a 5xx status".to_owned());
         }
+        const DAY: u64 = 86_400;
+        for (name, v, max) in [
+            ("drop_every_secs", self.drop_every_secs, 30 * DAY),
+            ("storm_every_secs", self.storm_every_secs, 30 * DAY),
+            ("outage_every_secs", self.outage_every_secs, 30 * DAY),
+            ("outage_secs", self.outage_secs, MAX_OUTAGE_SECS),
+            ("puback_delay_ms", self.puback_delay_ms, 600_000),
+            ("dps_retry_after_secs", self.dps_retry_after_secs, 3600),
+            ("dps_assignment_delay_ms", self.dps_assignment_delay_ms.unwrap_or(0), 3_600_000),
+            ("token_lifetime_secs", self.token_lifetime_secs, 365 * DAY),
+        ] {
+            if v > max {
+                problems.push(format!("faults.{name} must be from 0 to {max}"));
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
     }
 }
+
+/// The longest outage, scheduled or asked for through `/emulator/faults/outage`: one day.
+pub const MAX_OUTAGE_SECS: u64 = 86_400;
 
 /// A connection the hub turns away before authenticating it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +158,11 @@ impl Faults {
         f(&self.config.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Refuses new connections for `d` from now.
+    /// Refuses new connections for `d` from now (callers bound `d` by [`MAX_OUTAGE_SECS`]; a
+    /// longer one, should it come, lasts as long as the clock can count).
     pub fn start_outage(&self, d: Duration) {
-        *self.outage_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+        let until = Instant::now().checked_add(d).unwrap_or_else(crate::sys::far_future);
+        *self.outage_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
     }
 
     /// Seconds left in the current outage.
@@ -200,7 +220,7 @@ impl Faults {
     /// When a connection made now must end, whatever its token says.
     pub fn token_deadline(&self) -> Option<Instant> {
         let secs = self.with(|c| c.token_lifetime_secs);
-        (secs > 0).then(|| Instant::now() + Duration::from_secs(secs))
+        (secs > 0).then(|| Instant::now().checked_add(Duration::from_secs(secs))).flatten()
     }
 
     pub fn drop_mode(&self) -> DropMode {

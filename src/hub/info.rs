@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::fsutil::write_private;
+use crate::fsio::write_private;
 
 #[derive(Clone, Serialize, Deserialize)]
 pub struct HubInfo {
@@ -47,7 +47,8 @@ impl std::fmt::Debug for HubInfo {
 
 impl HubInfo {
     pub fn load(path: &Path) -> anyhow::Result<HubInfo> {
-        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let bytes = crate::fsio::read_capped(path, crate::fsio::MAX_INPUT_FILE)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a hub.json: {e}", path.display()))
     }
 

@@ -24,6 +24,8 @@ pub enum Refusal {
     Outage,
     /// Over the injected connects-per-second limit (CONNACK 3).
     Throttled,
+    /// Past `behaviour.max_connections`: closed before the TLS handshake.
+    ConnectionLimit,
 }
 
 impl Refusal {
@@ -40,10 +42,11 @@ impl Refusal {
             Refusal::NoConnect => "no_connect",
             Refusal::Outage => "outage",
             Refusal::Throttled => "throttled",
+            Refusal::ConnectionLimit => "connection_limit",
         }
     }
 
-    const ALL: [Refusal; 11] = [
+    const ALL: [Refusal; 12] = [
         Refusal::BadCredentials,
         Refusal::ExpiredToken,
         Refusal::UnknownIdentity,
@@ -55,6 +58,7 @@ impl Refusal {
         Refusal::NoConnect,
         Refusal::Outage,
         Refusal::Throttled,
+        Refusal::ConnectionLimit,
     ];
 }
 

@@ -9,7 +9,6 @@ pub mod c2d;
 pub mod config;
 pub mod dps;
 pub mod faults;
-mod fsutil;
 pub mod http;
 pub mod info;
 pub mod methods;
@@ -45,12 +44,21 @@ pub struct RunningHub {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How long shutdown waits for connection tasks to finish closing (flushing what they hold,
+/// sending a close to WebSocket peers) before it gives up on them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl RunningHub {
-    /// Stops accepting, closes every connection, and waits for the listeners to finish.
+    /// Stops accepting, closes every connection, and waits for the listeners and then for every
+    /// connection task to finish (within a grace period).
     pub async fn shutdown(self) {
         self.state.shutdown.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        self.state.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.state.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.state.tasks.len(), "some connections did not close within the grace period");
         }
     }
 }
@@ -58,8 +66,10 @@ impl RunningHub {
 /// A TLS connection, established and handed to its listener's handler.
 pub type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
-/// Accepts TCP connections until shutdown, gives each a TLS handshake bounded by the connect
-/// timeout (failures are counted), then runs `handle` on it in its own task. Both listeners use it.
+/// Accepts TCP connections until shutdown, within the hub's connection bound (past it they are
+/// closed and counted), gives each a TLS handshake bounded by the connect timeout (failures are
+/// counted), then runs `handle` on it in its own tracked task, with its slot in the bound. Both
+/// listeners use it.
 pub(crate) async fn tls_accept_loop<F, Fut>(
     hub: Hub,
     listener: TcpListener,
@@ -67,29 +77,39 @@ pub(crate) async fn tls_accept_loop<F, Fut>(
     what: &'static str,
     handle: F,
 ) where
-    F: Fn(Hub, TlsConn) -> Fut + Clone + Send + 'static,
+    F: Fn(Hub, TlsConn, crate::httpserve::ConnectionSlot) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake_timeout = std::time::Duration::from_secs(hub.behaviour.connect_timeout_secs);
+    let mut backoff = crate::httpserve::AcceptBackoff::new(what);
     loop {
         let (tcp, _) = tokio::select! {
             _ = hub.shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff.succeeded();
+                    x
+                }
                 Err(e) => {
-                    // Out of file descriptors, most likely: back off rather than spin.
-                    tracing::warn!(error = %e, listener = what, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        // Past the bound the connection is closed at once: the process keeps the descriptors it
+        // needs to serve the connections it has.
+        let Some(slot) = hub.connections.try_acquire() else {
+            hub.metrics.refused(metrics::Refusal::ConnectionLimit);
+            hub.connection_refusals.refused(what, &hub.connections);
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (hub, acceptor, handle) = (hub.clone(), acceptor.clone(), handle.clone());
-        tokio::spawn(async move {
+        hub.tasks.clone().spawn(async move {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => handle(hub, tls).await,
+                Ok(Ok(tls)) => handle(hub, tls, slot).await,
                 _ => hub.metrics.refused(metrics::Refusal::TlsHandshake),
             }
         });

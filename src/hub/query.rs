@@ -4,8 +4,19 @@
 //! and null literals; `AND`, `OR`, `NOT`, parentheses; `IS_DEFINED(path)`, `STARTSWITH(path, 's')`,
 //! `ENDSWITH(path, 's')`. Keywords are case-insensitive, paths are not. A missing path compares
 //! false, as on the hub. Projections, GROUP BY and the jobs collections are not emulated.
+//!
+//! Input is untrusted (any caller with RegistryRead or ServiceConnect), so nothing here recurses
+//! without a bound: `AND`/`OR` chains are flat lists, and parentheses plus `NOT` may nest at most
+//! [`MAX_DEPTH`] levels; deeper queries are refused with a message, never a stack overflow.
 
 use serde_json::Value;
+
+/// How deeply parentheses and `NOT` may nest. Real queries stay in single digits; the bound keeps
+/// parsing, evaluation and dropping of the tree well inside any thread's stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// Largest query text, in bytes, as IoT Hub's own query limit (8 KB of SQL) with room to spare.
+pub const MAX_QUERY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Query {
@@ -20,8 +31,10 @@ pub enum Expr {
     StartsWith(Vec<String>, String),
     EndsWith(Vec<String>, String),
     Not(Box<Expr>),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Every operand holds; a chain `a AND b AND c` is one flat list.
+    And(Vec<Expr>),
+    /// Any operand holds.
+    Or(Vec<Expr>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +124,8 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// Open parentheses and `NOT`s around the current position.
+    depth: usize,
 }
 
 impl Parser {
@@ -141,29 +156,43 @@ impl Parser {
     }
 
     fn or(&mut self) -> Result<Expr, String> {
-        let mut left = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.keyword("OR") {
-            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+            terms.push(self.and()?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 { terms.remove(0) } else { Expr::Or(terms) })
     }
 
     fn and(&mut self) -> Result<Expr, String> {
-        let mut left = self.unary()?;
+        let mut terms = vec![self.unary()?];
         while self.keyword("AND") {
-            left = Expr::And(Box::new(left), Box::new(self.unary()?));
+            terms.push(self.unary()?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 { terms.remove(0) } else { Expr::And(terms) })
+    }
+
+    /// Enters one level of nesting, refusing past [`MAX_DEPTH`].
+    fn nest(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(format!("the WHERE clause nests parentheses and NOT deeper than {MAX_DEPTH} levels"));
+        }
+        Ok(())
     }
 
     fn unary(&mut self) -> Result<Expr, String> {
         if self.keyword("NOT") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.nest()?;
+            let e = Expr::Not(Box::new(self.unary()?));
+            self.depth -= 1;
+            return Ok(e);
         }
         if matches!(self.peek(), Some(Tok::Sym("("))) {
             self.pos += 1;
+            self.nest()?;
             let e = self.or()?;
             self.expect_sym(")")?;
+            self.depth -= 1;
             return Ok(e);
         }
         self.predicate()
@@ -238,7 +267,10 @@ fn describe(t: Option<&Tok>) -> String {
 
 impl Query {
     pub fn parse(text: &str) -> Result<Query, String> {
-        let mut p = Parser { toks: lex(text)?, pos: 0 };
+        if text.len() > MAX_QUERY_BYTES {
+            return Err(format!("the query is longer than {MAX_QUERY_BYTES} bytes"));
+        }
+        let mut p = Parser { toks: lex(text)?, pos: 0, depth: 0 };
         if !(p.keyword("SELECT") && matches!(p.next(), Some(Tok::Sym("*"))) && p.keyword("FROM")) {
             return Err("the emulator answers SELECT * FROM devices [WHERE ...] (and devices.modules)".into());
         }
@@ -291,8 +323,8 @@ fn eval(e: &Expr, twin: &Value) -> bool {
         Expr::StartsWith(path, s) => lookup(twin, path).and_then(Value::as_str).is_some_and(|x| x.starts_with(s)),
         Expr::EndsWith(path, s) => lookup(twin, path).and_then(Value::as_str).is_some_and(|x| x.ends_with(s)),
         Expr::Not(e) => !eval(e, twin),
-        Expr::And(a, b) => eval(a, twin) && eval(b, twin),
-        Expr::Or(a, b) => eval(a, twin) || eval(b, twin),
+        Expr::And(terms) => terms.iter().all(|t| eval(t, twin)),
+        Expr::Or(terms) => terms.iter().any(|t| eval(t, twin)),
     }
 }
 
@@ -340,9 +372,29 @@ mod tests {
             ("SELECT * FROM devices WHERE tags.site = 'x", "not closed"),
             ("SELECT * FROM devices WHERE (tags.a = 1", "expected `)`"),
             ("SELECT * FROM devices WHERE tags.a = 1 tags.b", "unexpected"),
+            // Issue 10: 1,500 nested `(` and 5,000 nested `NOT` overflowed the stack.
+            (
+                &format!("SELECT * FROM devices WHERE {}tags.a = 1{}", "(".repeat(1500), ")".repeat(1500)),
+                "deeper than 64",
+            ),
+            (&format!("SELECT * FROM devices WHERE {}tags.a = 1", "NOT ".repeat(5000)), "deeper than 64"),
+            (&format!("SELECT * FROM devices WHERE {}tags.a = 1", "NOT (".repeat(40)), "deeper than 64"),
+            (&format!("SELECT * FROM devices WHERE tags.a = '{}'", "x".repeat(MAX_QUERY_BYTES)), "longer than"),
         ] {
             let err = Query::parse(q).unwrap_err();
-            assert!(err.contains(want), "{q}: {err}");
+            assert!(err.contains(want), "{}: {err}", &q[..q.len().min(80)]);
         }
+    }
+
+    #[test]
+    fn long_chains_and_the_deepest_allowed_nesting_parse_and_evaluate() {
+        // A flat chain of 3,000 terms adds no depth: parsing, evaluation and drop stay iterative.
+        let chain = vec!["tags.floor = 3"; 3_000].join(" AND ");
+        assert!(hit(&format!("SELECT * FROM devices WHERE {chain}")));
+        let chain = vec!["tags.floor = 4"; 3_000].join(" OR ");
+        assert!(!hit(&format!("SELECT * FROM devices WHERE {chain}")));
+        let deep = format!("SELECT * FROM devices WHERE {}tags.floor = 3{}", "(".repeat(64), ")".repeat(64));
+        assert!(hit(&deep));
+        assert!(hit(&format!("SELECT * FROM devices WHERE {}tags.floor = 3", "NOT NOT ".repeat(32))));
     }
 }

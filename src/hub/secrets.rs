@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::config::KeyOverrides;
-use super::fsutil::write_private;
+use crate::fsio::write_private;
 use crate::iot::sas::Key;
 
 /// What a shared access policy may do (protocol.md §6.1).
@@ -85,7 +85,7 @@ impl Secrets {
     /// Loads keys.json (creating what is missing) and applies config overrides, then saves.
     pub fn load_or_create(data_dir: &Path, overrides: &KeyOverrides) -> anyhow::Result<Secrets> {
         let path = data_dir.join("keys.json");
-        let mut s = match std::fs::read(&path) {
+        let mut s = match crate::fsio::read_capped(&path, crate::fsio::MAX_INPUT_FILE) {
             Ok(bytes) => serde_json::from_slice::<Secrets>(&bytes)
                 .map_err(|e| anyhow::anyhow!("{}: not a fleetsim keys file: {e}", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Secrets {

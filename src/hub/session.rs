@@ -25,6 +25,8 @@ pub enum CloseReason {
     /// The fault injector dropped it.
     FaultInjected,
     Shutdown,
+    /// The connection's task ended without closing it (a bug): the session is removed anyway.
+    Aborted,
 }
 
 impl CloseReason {
@@ -40,6 +42,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::FaultInjected => "fault_injected",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Aborted => "aborted",
         }
     }
 

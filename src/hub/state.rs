@@ -46,6 +46,12 @@ pub struct HubState {
     next_conn_id: AtomicU64,
     /// Cancelled when the hub stops; connection tasks close with `Shutdown`.
     pub shutdown: CancellationToken,
+    /// Every connection task, so that shutdown can wait for them to finish closing.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Open connections across every listener, bounded by `behaviour.max_connections`.
+    pub connections: crate::httpserve::ConnectionBound,
+    /// Rate-limits the warning for connections turned away at that bound.
+    pub connection_refusals: crate::httpserve::RefusalLog,
 }
 
 impl HubState {
@@ -112,6 +118,9 @@ impl HubState {
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            connections: crate::httpserve::ConnectionBound::new(b.max_connections),
+            connection_refusals: Default::default(),
         };
         state.set_faults(config.faults.clone());
         Ok(state)

@@ -15,7 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::config::TlsFiles;
-use super::fsutil::write_private;
+use crate::fsio::{MAX_INPUT_FILE, read_capped, read_text_capped, write_atomic, write_private};
 
 /// Server configs for the two listeners, and the CA clients must trust.
 pub struct TlsMaterial {
@@ -37,13 +37,18 @@ pub fn load_or_create(files: &TlsFiles, data_dir: &Path, hostnames: &[String]) -
         (Some(c), Some(k), Some(ca)) => (c.clone(), k.clone(), ca.clone()),
         _ => ensure_generated(data_dir, hostnames)?,
     };
-    let chain = CertificateDer::pem_file_iter(&chain_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    // Read with a size cap first: the PEM readers would follow an endless file forever.
+    let chain_pem = read_capped(&chain_path, MAX_INPUT_FILE)
+        .with_context(|| format!("{}: cannot read the certificate chain", chain_path.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{}: cannot read the certificate chain", chain_path.display()))?;
     if chain.is_empty() {
         return Err(anyhow!("{}: no certificate in the file", chain_path.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path)
+    let key_pem = read_capped(&key_path, MAX_INPUT_FILE)
+        .with_context(|| format!("{}: cannot read the private key", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .with_context(|| format!("{}: cannot read the private key", key_path.display()))?;
     let ca_file =
         std::fs::canonicalize(&ca_file).with_context(|| format!("{}: the CA file is missing", ca_file.display()))?;
@@ -80,17 +85,17 @@ fn ensure_generated(dir: &Path, hostnames: &[String]) -> anyhow::Result<(PathBuf
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key)?;
         write_private(&ca_key, key.serialize_pem().as_bytes())?;
-        std::fs::write(&ca_cert, cert.pem())?;
+        write_atomic(&ca_cert, cert.pem().as_bytes(), 0o644)?;
         // A new CA invalidates any server certificate signed by an old one.
         let _ = std::fs::remove_file(dir.join(SERVER_NAMES));
     }
     let (server_cert, server_key, names_file) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY), dir.join(SERVER_NAMES));
     let wanted = hostnames.join("\n");
-    let current = std::fs::read_to_string(&names_file).unwrap_or_default();
+    let current = read_text_capped(&names_file, MAX_INPUT_FILE).unwrap_or_default();
     if current != wanted || !server_cert.exists() || !server_key.exists() {
-        let ca_key_pair =
-            KeyPair::from_pem(&std::fs::read_to_string(&ca_key)?).context("the stored CA key is unreadable")?;
-        let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(&ca_cert)?, ca_key_pair)
+        let ca_key_pair = KeyPair::from_pem(&read_text_capped(&ca_key, MAX_INPUT_FILE)?)
+            .context("the stored CA key is unreadable")?;
+        let issuer = Issuer::from_ca_cert_pem(&read_text_capped(&ca_cert, MAX_INPUT_FILE)?, ca_key_pair)
             .context("the stored CA is unreadable")?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(hostnames.to_vec())?;
@@ -100,8 +105,8 @@ fn ensure_generated(dir: &Path, hostnames: &[String]) -> anyhow::Result<(PathBuf
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer)?;
         write_private(&server_key, key.serialize_pem().as_bytes())?;
-        std::fs::write(&server_cert, cert.pem())?;
-        std::fs::write(&names_file, &wanted)?;
+        write_atomic(&server_cert, cert.pem().as_bytes(), 0o644)?;
+        write_atomic(&names_file, wanted.as_bytes(), 0o644)?;
     }
     Ok((server_cert, server_key, ca_cert))
 }

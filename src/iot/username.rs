@@ -40,10 +40,19 @@ pub enum UsernameError {
 
 impl Username {
     pub fn parse(text: &str) -> Result<Username, UsernameError> {
+        // The two grammars differ in where the query starts: DPS puts it straight after the
+        // registration id (`{scope}/registrations/{reg}/api-version=..`, no `?`), the hub after a
+        // `/?`. Telling them apart by that, not by the word `registrations`, lets a device (or a
+        // device's module) be named `registrations` (issue 10).
         let segs: Vec<&str> = text.splitn(4, '/').collect();
-        if segs.len() >= 3 && segs[1] == "registrations" && !segs[0].is_empty() && !segs[2].is_empty() {
-            let query = segs.get(3).copied().unwrap_or("");
-            let query = query.strip_prefix('?').unwrap_or(query);
+        if let [scope, "registrations", reg, query] = segs.as_slice()
+            && !scope.is_empty()
+            && !reg.is_empty()
+            && !reg.contains('?')
+            && !query.starts_with('?')
+            && !query.contains('/')
+            && !query.is_empty()
+        {
             let q = parse_query(query)?;
             return Ok(Username::Dps(DpsUsername {
                 id_scope: segs[0].to_owned(),
@@ -165,7 +174,7 @@ mod tests {
     fn parses_dps_usernames() {
         for text in [
             "0ne00000A0A/registrations/dev1/api-version=2019-03-31&ClientVersion=azure-iot-device%2F2.14.0",
-            "0ne00000A0A/registrations/dev1/?api-version=2019-03-31",
+            "0ne00000A0A/registrations/dev1/api-version=2019-03-31",
         ] {
             match Username::parse(text).unwrap() {
                 Username::Dps(d) => {
@@ -176,5 +185,24 @@ mod tests {
             }
         }
         assert!(matches!(Username::parse(&dps_username("s", "r")).unwrap(), Username::Dps(_)));
+    }
+
+    #[test]
+    fn a_device_or_module_named_registrations_is_a_hub_username() {
+        // Issue 10: `localhost/registrations/?api-version=..` was read as a DPS username.
+        for (text, device, module) in [
+            ("localhost/registrations/?api-version=2021-04-12", "registrations", None),
+            ("localhost/registrations", "registrations", None),
+            ("h.net/registrations/m1/?api-version=2021-04-12", "registrations", Some("m1")),
+            ("h.net/registrations/registrations/?api-version=2021-04-12", "registrations", Some("registrations")),
+            ("h.net/d/registrations/?api-version=2021-04-12", "d", Some("registrations")),
+        ] {
+            let u = hub(text);
+            assert_eq!((u.device_id.as_str(), u.module_id.as_deref()), (device, module), "{text}");
+        }
+        let own = hub(&hub_username("h", "registrations", None, None));
+        assert_eq!(own.device_id, "registrations");
+        let own = hub(&hub_username("h", "registrations", Some("registrations"), None));
+        assert_eq!(own.client_id(), "registrations/registrations");
     }
 }

@@ -17,6 +17,10 @@ const REPORT_VARS: &[&str] = &["id", "n", "module", "now", "payload"];
 
 /// Most devices one template may describe (a fleet is sharded across processes above this).
 const MAX_COUNT: u64 = 10_000_000;
+/// The largest `first` device number: a trillion, far from where `first + count` could overflow.
+const MAX_FIRST: u64 = 1_000_000_000_000;
+/// The longest delay, downtime or completion a command or writable property may ask for.
+const DAY: Duration = Duration::from_secs(86_400);
 
 /// Ids that are valid both as DPS registration ids and as IoT Hub device ids.
 fn valid_identity_id(id: &str) -> bool {
@@ -28,7 +32,7 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Diagnostics> {
     let mut diags = Vec::new();
     let mut templates = Vec::new();
     for f in files {
-        match std::fs::read_to_string(f) {
+        match crate::fsio::read_text_capped(f, crate::fsio::MAX_INPUT_FILE) {
             Ok(text) => {
                 let (t, mut d) = load_text(f, text);
                 templates.extend(t);
@@ -75,7 +79,8 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
     if count == 0 || count > MAX_COUNT {
         doc.error(t.span_of("count"), &t.field("count"), format!("must be between 1 and {MAX_COUNT}"));
     }
-    let first = t.u64(doc, "first").unwrap_or(1);
+    // Ids are `first + i`: bounded so that no sum can overflow.
+    let first = t.u64_in(doc, "first", 0..=MAX_FIRST).unwrap_or(1);
     let id = match t.req_str(doc, "id").map(|s| (Template::parse(&s, ID_VARS), s)) {
         Some((Ok(tpl), s)) => {
             if count > 1 && tpl.is_constant() {
@@ -213,7 +218,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             name,
             component,
             ack,
-            delay: w.duration(doc, "delay").unwrap_or_default(),
+            delay: w.duration_in(doc, "delay", Duration::ZERO, DAY).unwrap_or_default(),
             kind,
             min,
             max,
@@ -225,14 +230,10 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
 
     let mut telemetry = Vec::new();
     for mut s in t.tables(doc, "telemetry") {
-        let interval = s.duration(doc, "interval").unwrap_or(Duration::from_secs(10));
-        if interval.is_zero() {
-            doc.error(s.span_of("interval"), &s.field("interval"), "must be longer than zero");
-        }
-        let jitter = s.f64(doc, "jitter").unwrap_or(0.0);
-        if !(0.0..=1.0).contains(&jitter) {
-            doc.error(s.span_of("jitter"), &s.field("jitter"), "is a fraction of the interval, between 0 and 1");
-        }
+        let interval =
+            s.duration_in(doc, "interval", Duration::from_millis(1), 30 * DAY).unwrap_or(Duration::from_secs(10));
+        // A fraction of the interval.
+        let jitter = s.f64_in(doc, "jitter", 0.0..=1.0).unwrap_or(0.0);
         let interval_property = s.str(doc, "interval_property");
         if let Some(p) = &interval_property
             && !declared.contains(p.as_str())
@@ -294,14 +295,12 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
     for mut m in t.tables(doc, "commands") {
         let name = m.req_str(doc, "name").unwrap_or_default();
         let component = m.str(doc, "component");
-        let status = m.u64(doc, "status").unwrap_or(200);
-        if !(100..=599).contains(&status) {
-            doc.error(m.span_of("status"), &m.field("status"), "must be an HTTP-like status, 100 to 599");
-        }
+        // An HTTP-like status, as IoT Hub passes it through.
+        let status = m.u64_in(doc, "status", 100..=599).unwrap_or(200);
         let response = m.get("response").and_then(|n| c.value(doc, n, &format!("{}.response", m.path), ALL_VARS));
         let report = report_map(doc, &mut c, &mut m, "report", REPORT_VARS);
         let complete = m.table(doc, "complete").map(|mut k| {
-            let after = k.duration(doc, "after").unwrap_or_default();
+            let after = k.duration_in(doc, "after", Duration::ZERO, DAY).unwrap_or_default();
             let report = report_map(doc, &mut c, &mut k, "report", REPORT_VARS);
             if report.is_empty() {
                 k.missing(doc, "report");
@@ -310,7 +309,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             Completion { after, report }
         });
         let reboot = m.table(doc, "reboot").map(|mut r| {
-            let downtime = r.duration(doc, "downtime").unwrap_or(Duration::from_secs(5));
+            let downtime = r.duration_in(doc, "downtime", Duration::ZERO, DAY).unwrap_or(Duration::from_secs(5));
             let answer_first = r.choice(doc, "answer", &["before", "after"]) != Some("after");
             let report = report_map(doc, &mut c, &mut r, "report", REPORT_VARS);
             r.finish(doc);
@@ -322,7 +321,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             status: status as u16,
             request: m.choice(doc, "request", JsonType::NAMES).map_or(JsonType::Any, JsonType::from_name),
             response,
-            delay: m.duration(doc, "delay").unwrap_or_default(),
+            delay: m.duration_in(doc, "delay", Duration::ZERO, DAY).unwrap_or_default(),
             report,
             complete,
             reboot,

@@ -279,12 +279,15 @@ impl Compiler {
     }
 
     fn generator(&mut self, doc: &mut Doc, node: &Node, path: &str, vars: &[&str]) -> Option<ValueSpec> {
+        // Generator numbers stay where f64 arithmetic is exact for integers (2^53 ~ 9e15) and
+        // `max - min` is finite: a range like -1e308..1e308 made `random_range` panic (issue 10).
+        const GENERATOR_NUMBERS: std::ops::RangeInclusive<f64> = -1e15..=1e15;
         const KINDS: &[&str] = &["uniform", "gaussian", "walk", "sine", "counter", "choice", "timestamp", "bool"];
         let mut t = doc.table(node, path)?;
         let kind = t.choice(doc, "kind", KINDS)?;
         let errors_before = doc.diags.len();
         let num = |t: &mut crate::tomlread::Table<'_>, doc: &mut Doc, key: &str, default: Option<f64>| match (
-            t.f64(doc, key),
+            t.f64_in(doc, key, GENERATOR_NUMBERS),
             default,
         ) {
             (Some(v), _) => v,
@@ -301,6 +304,9 @@ impl Compiler {
             "gaussian" => {
                 let mean = num(&mut t, doc, "mean", None);
                 let stddev = num(&mut t, doc, "stddev", None);
+                if stddev < 0.0 {
+                    doc.error(t.span_of("stddev"), &t.field("stddev"), "must not be negative");
+                }
                 Generator::Gaussian {
                     mean,
                     stddev,
@@ -317,10 +323,9 @@ impl Compiler {
             }
             "sine" => {
                 let (min, max) = (num(&mut t, doc, "min", None), num(&mut t, doc, "max", None));
-                let period = t.duration(doc, "period").unwrap_or(Duration::from_secs(60));
-                if period.is_zero() {
-                    doc.error(t.span.clone(), &t.field("period"), "must be longer than zero");
-                }
+                let period = t
+                    .duration_in(doc, "period", Duration::from_millis(1), crate::tomlread::MAX_DURATION)
+                    .unwrap_or(Duration::from_secs(60));
                 Generator::Sine { min, max, period, phase: num(&mut t, doc, "phase", Some(0.0)) }
             }
             "counter" => {
@@ -357,8 +362,11 @@ impl Compiler {
             }
             _ => unreachable!("choice() checked the kind"),
         };
-        if let Generator::Uniform { min, max } | Generator::Sine { min, max, .. } | Generator::Walk { min, max, .. } =
-            generator
+        // `clamp` and `random_range` panic when min > max, so every generator with both is checked.
+        if let Generator::Uniform { min, max }
+        | Generator::Sine { min, max, .. }
+        | Generator::Walk { min, max, .. }
+        | Generator::Gaussian { min, max, .. } = generator
             && doc.diags.len() == errors_before
             && min > max
         {
@@ -367,7 +375,8 @@ impl Compiler {
         let rounding = if t.bool(doc, "integer") == Some(true) {
             Rounding::Integer
         } else {
-            Rounding::Float(t.u64(doc, "decimals").map(|d| d.min(10) as u32))
+            // An f64 carries about 15 significant decimal digits; more decimals are a mistake.
+            Rounding::Float(t.u64_in(doc, "decimals", 0..=15).map(|d| d as u32))
         };
         t.finish(doc);
         (doc.diags.len() == errors_before).then(|| ValueSpec::Gen(Box::new(generator), rounding))

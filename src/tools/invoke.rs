@@ -32,7 +32,7 @@ async fn inner(args: InvokeArgs) -> Result<u8, u8> {
         };
         let client = connect(&args.service)?;
         let targets = select(&client, &args.select).await?;
-        let summary = fanout::run(targets, args.select.concurrency, |t| {
+        let summary = fanout::run(targets, args.select.concurrency as usize, |t| {
             let (client, payload, args) = (&client, &payload, &args);
             async move { method_outcome(&call(client, &t, method, payload, args).await) }
         })

@@ -74,7 +74,7 @@ pub async fn select(client: &ServiceClient, s: &Selector) -> Result<Vec<(String,
         .collect();
     out.sort();
     out.dedup();
-    out.truncate(s.limit);
+    out.truncate(s.limit as usize);
     Ok(out)
 }
 

@@ -19,7 +19,7 @@ async fn inner(args: TwinArgs) -> Result<u8, u8> {
         };
         let client = connect(&args.service)?;
         let targets = select(&client, &args.select).await?;
-        let summary = fanout::run(targets, args.select.concurrency, |t| {
+        let summary = fanout::run(targets, args.select.concurrency as usize, |t| {
             let (client, desired) = (&client, &desired);
             async move {
                 let r = client.patch_desired(&t.0, t.1.as_deref(), desired).await;

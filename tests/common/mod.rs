@@ -136,10 +136,33 @@ impl Api {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut req = self
+        self.rest_with_token(&self.service_token(policy), method, path, body, headers).await
+    }
+
+    /// A REST call as `iothubowner` with a raw body (sent as JSON, whatever it holds); returns
+    /// the status and the body's text.
+    pub async fn http_raw(&self, method: &str, path: &str, body: String) -> (u16, String) {
+        let req = self
             .http
             .request(method.parse().unwrap(), self.url(path))
-            .header("authorization", self.service_token(policy));
+            .header("authorization", self.service_token("iothubowner"))
+            .header("content-type", "application/json")
+            .body(body);
+        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("REST call hung").unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    /// A REST call with the given Authorization header.
+    pub async fn rest_with_token(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), self.url(path)).header("authorization", token);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -383,6 +406,19 @@ impl MqttClient {
     }
 }
 
+/// Polls `check` until it holds, failing the test after `WAIT`.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A fleet with its embedded emulator, started in-process from scenario files.
 pub struct FleetUnderTest {
     pub fleet: Option<fleetsim::fleet::RunningFleet>,
@@ -463,16 +499,12 @@ impl FleetUnderTest {
     }
 
     /// Polls `check` until it holds, failing the test after `WAIT`.
-    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F)
+    pub async fn wait_for<F, Fut>(&self, what: &str, check: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !check().await {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(what, check).await
     }
 
     fn twin_path(device: &str, module: Option<&str>) -> String {

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use super::auth;
 use super::error::ApiError;
 use crate::hub::c2d::{C2dError, NewC2d};
-use crate::hub::faults::FaultConfig;
+use crate::hub::faults::{FaultConfig, MAX_OUTAGE_SECS};
 use crate::hub::secrets::Permissions;
 use crate::hub::state::{Hub, HubState};
 
@@ -197,6 +197,9 @@ pub async fn faults_outage(State(hub): State<Hub>, headers: HeaderMap, body: Byt
     auth::service(&hub, &headers, Permissions::REGISTRY_WRITE)?;
     let req: OutageBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad outage request: {e}")))?;
+    if req.seconds > MAX_OUTAGE_SECS {
+        return Err(ApiError::bad_request(format!("seconds must be from 0 to {MAX_OUTAGE_SECS}")));
+    }
     hub.faults.start_outage(Duration::from_secs(req.seconds));
     if req.seconds > 0 {
         hub.metrics.faults_injected.with_label_values(&["outage"]).inc();

@@ -10,18 +10,17 @@ mod service;
 mod websocket;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post, put};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use super::state::Hub;
+use crate::httpserve::{ConnectionBound, Limits};
 
 /// Largest request body: a 128 KB method payload or a 32 KB twin, with room for JSON overhead.
 const MAX_BODY: usize = 512 * 1024;
@@ -65,6 +64,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/emulator/faults/outage", post(emulator::faults_outage))
         .route("/emulator/telemetry/sequence", get(emulator::sequence_summary))
         .route("/$iothub/websocket", get(websocket::upgrade))
+        .layer(middleware::from_fn_with_state(hub.clone(), auth::scope))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(hub.clone(), count_requests))
         .with_state(hub)
@@ -76,23 +76,28 @@ async fn count_requests(State(hub): State<Hub>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Serves HTTPS (HTTP/1.1 and HTTP/2, with upgrades for WebSockets) until shutdown.
+fn limits(hub: &Hub) -> Limits {
+    Limits {
+        header_timeout: Duration::from_secs(hub.behaviour.http_header_timeout_secs),
+        idle_timeout: Duration::from_secs(hub.behaviour.http_idle_timeout_secs),
+    }
+}
+
+/// Serves HTTPS (HTTP/1.1 and HTTP/2, with upgrades for WebSockets) until shutdown, each
+/// connection within the header and idle timeouts and the hub's connection bound.
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let app = router(hub.clone());
-    super::tls_accept_loop(hub, listener, tls, "https", move |hub, stream| {
+    super::tls_accept_loop(hub, listener, tls, "https", move |hub, stream, slot| {
         let app = app.clone();
         async move {
-            let service = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = hub.shutdown.cancelled() => {}
-            }
+            crate::httpserve::serve_connection(stream, app, limits(&hub), Some(slot), hub.shutdown.clone()).await
         }
     })
     .await
 }
+
+/// Scrapers are few: this many metrics connections at once is plenty, and bounded.
+pub const METRICS_CONNECTIONS: usize = 256;
 
 /// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.
 pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
@@ -100,6 +105,6 @@ pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
         .route("/metrics", get(|State(hub): State<Hub>| async move { hub.metrics.render() }))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(hub.clone());
-    let shutdown = hub.shutdown.clone();
-    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    let bound = ConnectionBound::new(METRICS_CONNECTIONS);
+    crate::httpserve::serve_plain(listener, app, limits(&hub), bound, "metrics", hub.shutdown.clone()).await
 }

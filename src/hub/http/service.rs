@@ -350,6 +350,9 @@ struct MethodBody {
     connect_timeout_in_seconds: Option<u64>,
 }
 
+/// The largest direct-method request payload, as JSON text: 128 KB.
+const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
+
 /// Method names IoT Hub accepts: printable ASCII without separators or spaces.
 fn valid_method_name(name: &str) -> bool {
     !name.is_empty()
@@ -373,8 +376,17 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
     if !(5..=300).contains(&response_timeout) || connect_timeout > 300 {
         return Err(ApiError::bad_request("responseTimeoutInSeconds must be 5-300 and connectTimeoutInSeconds 0-300"));
     }
-    let identity = find(hub, device, module)?;
     let payload = Bytes::from(body.payload.to_string());
+    // IoT Hub refuses a direct-method request payload above 128 KB (the method quotas table).
+    if payload.len() > MAX_METHOD_PAYLOAD {
+        return Err(ApiError::hub(
+            413,
+            413001,
+            "MessageTooLarge",
+            format!("the method payload is {} bytes; IoT Hub allows at most {MAX_METHOD_PAYLOAD}", payload.len()),
+        ));
+    }
+    let identity = find(hub, device, module)?;
     let started = tokio::time::Instant::now();
     let deliver = !hub.faults.drop_method();
     if !deliver {

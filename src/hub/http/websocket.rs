@@ -2,6 +2,7 @@
 //! case since the C SDK sends `MQTT`). The WebSocket is bridged to an in-memory byte pipe so the
 //! very same MQTT connection code serves it.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
@@ -15,7 +16,15 @@ use crate::hub::state::Hub;
 /// Bytes in flight each way between the WebSocket and the MQTT task.
 const PIPE_BYTES: usize = 64 * 1024;
 
-pub async fn upgrade(State(hub): State<Hub>, ws: WebSocketUpgrade) -> Response {
+/// The upgrade keeps the HTTPS connection's slot in the hub's connection bound for the life of
+/// the socket. Frames and messages are bounded by the largest MQTT packet the hub accepts, so an
+/// anonymous peer cannot make the hub buffer more than that (issue 10: 16 MiB frames were
+/// buffered before the MQTT size limit applied).
+pub async fn upgrade(
+    State(hub): State<Hub>,
+    slot: Option<Extension<crate::httpserve::ConnectionSlot>>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let Some(proto) = ws
         .requested_protocols()
         .filter_map(|p| p.to_str().ok())
@@ -24,7 +33,11 @@ pub async fn upgrade(State(hub): State<Hub>, ws: WebSocketUpgrade) -> Response {
     else {
         return (StatusCode::BAD_REQUEST, "the WebSocket subprotocol must be mqtt").into_response();
     };
-    ws.protocols([proto]).max_message_size(connection::max_packet(&hub)).on_upgrade(move |socket| bridge(hub, socket))
+    let max = connection::max_packet(&hub);
+    ws.protocols([proto]).max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+        bridge(hub, socket).await;
+        drop(slot);
+    })
 }
 
 async fn bridge(hub: Hub, socket: WebSocket) {

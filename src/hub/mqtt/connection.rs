@@ -53,6 +53,48 @@ pub enum Step {
     Close(CloseReason),
 }
 
+/// An installed session, closed exactly once: by `close`, or, should the connection's task end
+/// any other way (a panic unwinding through it included), by `Drop`, so that no session stays in
+/// the registry as Connected and no connection gauge leaks (issue 10).
+struct Installed {
+    session: Option<Box<dyn Session + Send>>,
+    hub: Hub,
+}
+
+impl Installed {
+    fn session(&mut self) -> &mut (dyn Session + Send) {
+        self.session.as_deref_mut().expect("present until closed")
+    }
+
+    fn close(mut self, reason: CloseReason, wire: &mut Wire) {
+        if let Some(mut s) = self.session.take() {
+            s.on_close(reason, wire);
+        }
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.session.take() {
+            s.on_close(CloseReason::Aborted, &mut Wire { out: BytesMut::new(), next_pkid: 0 });
+            self.hub.metrics.disconnected(CloseReason::Aborted);
+        }
+    }
+}
+
+/// Whether the first byte of a fixed header has the flags MQTT 3.1.1 requires for its packet
+/// type (§2.2.2: reserved flags as listed, else close; §3.3.1-4: PUBLISH QoS 3 is malformed).
+/// rumqttc's parser does not check them, so the hub does, before parsing.
+pub fn fixed_header_ok(byte: u8) -> bool {
+    let flags = byte & 0x0F;
+    match byte >> 4 {
+        3 => (flags >> 1) & 0b11 != 0b11,
+        6 | 8 | 10 => flags == 0b0010,
+        1 | 2 | 4 | 5 | 7 | 9 | 11 | 12 | 13 | 14 => flags == 0,
+        _ => false,
+    }
+}
+
 /// The behaviour of an authenticated connection.
 pub trait Session {
     fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step;
@@ -97,7 +139,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     let keep_alive = effective_keepalive(connect.keep_alive, hub.behaviour.keepalive_cap_secs);
     let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let mut forced_expiry = None;
-    let (mut session, token_expiry): (Box<dyn Session + Send>, Option<u64>) = match Username::parse(&username) {
+    let (session, token_expiry): (Box<dyn Session + Send>, Option<u64>) = match Username::parse(&username) {
         Ok(Username::Hub(u)) => {
             if let Err(why) = hub.faults.admit_connect() {
                 let r = match why {
@@ -122,23 +164,28 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
             return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, Refusal::BadUsername).await;
         }
     };
-    let token_deadline = token_expiry.map(|se| {
+    let mut installed = Installed { session: Some(session), hub: hub.clone() };
+    // A token may name any expiry up to 2^64-1 s; one past what the clock can count never expires
+    // (`None`) instead of overflowing `Instant + Duration` (issue 10).
+    let token_deadline = token_expiry.and_then(|se| {
         let now = crate::iot::time::unix_secs(std::time::SystemTime::now());
-        Instant::now()
-            + Duration::from_secs(se.saturating_add(hub.behaviour.sas_skew_secs).saturating_sub(now))
-            + Duration::from_millis(500)
+        let left = Duration::from_secs(se.saturating_add(hub.behaviour.sas_skew_secs).saturating_sub(now));
+        crate::sys::deadline_after(left.saturating_add(Duration::from_millis(500)))
     });
     let token_deadline = match (token_deadline, forced_expiry) {
         (Some(t), Some(f)) => Some(t.min(f)),
         (t, f) => t.or(f),
     };
-    let mut ka_deadline = Instant::now() + keep_alive;
+    let mut ka_deadline = Instant::now() + keep_alive; // keep_alive <= keepalive_cap_secs (validated)
     let reason = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
+            if rbuf.first().is_some_and(|b| !fixed_header_ok(*b)) {
+                break 'conn CloseReason::ProtocolViolation;
+            }
             match Packet::read(&mut rbuf, max) {
                 Ok(p) => {
-                    if let Step::Close(r) = session.on_packet(p, &mut wire) {
+                    if let Step::Close(r) = installed.session().on_packet(p, &mut wire) {
                         break 'conn r;
                     }
                 }
@@ -163,7 +210,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 }
             },
             Some(o) = rx.recv() => {
-                if let Step::Close(r) = session.on_outbound(*o, &mut wire) {
+                if let Step::Close(r) = installed.session().on_outbound(*o, &mut wire) {
                     break r;
                 }
             }
@@ -172,7 +219,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
             _ = hub.shutdown.cancelled() => break CloseReason::Shutdown,
         }
     };
-    session.on_close(reason, &mut wire);
+    installed.close(reason, &mut wire);
     if reason == CloseReason::FaultInjected && hub.faults.drop_mode() == DropMode::Silent {
         // Hold the socket, unread and silent, as a dead NAT mapping would, until the device's own
         // keep-alive has had time to notice; only then is it dropped. What the device wrote
@@ -215,6 +262,9 @@ async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> std
 
 async fn read_one<S: AsyncRead + Unpin>(stream: &mut S, rbuf: &mut BytesMut, max: usize) -> Result<Packet, ()> {
     loop {
+        if rbuf.first().is_some_and(|b| !fixed_header_ok(*b)) {
+            return Err(());
+        }
         match Packet::read(rbuf, max) {
             Ok(p) => return Ok(p),
             Err(CodecError::InsufficientBytes(_)) => {
@@ -246,6 +296,20 @@ async fn refuse<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_fixed_header_flags_are_checked_for_every_packet_type() {
+        // Issue 10: SUBSCRIBE with flags 0000 was accepted (MQTT-3.8.1-1 says close).
+        for ok in [0x10, 0x20, 0x30, 0x31, 0x32, 0x33, 0x3A, 0x3D, 0x40, 0x50, 0x62, 0x70, 0x82, 0x90, 0xA2, 0xB0, 0xC0]
+        {
+            assert!(fixed_header_ok(ok), "{ok:#04x}");
+        }
+        for bad in
+            [0x00, 0x11, 0x18, 0x36, 0x37, 0x3E, 0x41, 0x60, 0x63, 0x80, 0x81, 0x8A, 0xA0, 0xA3, 0xC1, 0xE8, 0xF0]
+        {
+            assert!(!fixed_header_ok(bad), "{bad:#04x}");
+        }
+    }
 
     #[test]
     fn keepalive_is_one_and_a_half_times_capped() {

@@ -13,5 +13,9 @@ use super::state::Hub;
 
 /// Serves device connections (hub and DPS) until shutdown.
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    super::tls_accept_loop(hub, listener, tls, "mqtt", connection::serve).await
+    super::tls_accept_loop(hub, listener, tls, "mqtt", |hub, stream, slot| async move {
+        connection::serve(hub, stream).await;
+        drop(slot);
+    })
+    .await
 }
