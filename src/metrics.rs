@@ -78,6 +78,7 @@ pub struct FleetMetrics {
     pub token_renewals: IntCounter,
     pub c2d_received: IntCounter,
     twin: IntCounterVec,
+    credential_reruns: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -160,12 +161,21 @@ impl Default for FleetMetrics {
                 "Twin GET and reported PATCH answers by status class",
                 &["op", "status"],
             ),
+            credential_reruns: cv(
+                "fleetsim_credential_reruns_total",
+                "Identities refused as unknown or unauthorized whose credential step ran again, by step: \
+                 registry (re-created), dps (re-provisioned), none (nothing to re-create it with)",
+                &["step"],
+            ),
             devices,
             state_handles,
             registry: r,
         };
         for reason in Self::DROP_REASONS {
             m.telemetry_dropped.with_label_values(&[reason]);
+        }
+        for step in Self::RERUN_STEPS {
+            m.credential_reruns.with_label_values(&[step]);
         }
         m
     }
@@ -238,6 +248,19 @@ impl FleetMetrics {
 
     pub fn reconnect(&self, cause: &str) {
         self.reconnects.with_label_values(&[cause]).inc();
+    }
+
+    /// The `step` labels of `fleetsim_credential_reruns_total` (`device::recovery::Step`).
+    pub const RERUN_STEPS: [&'static str; 3] = ["registry", "dps", "none"];
+
+    /// An identity refused as unknown or unauthorized runs `step` again.
+    pub fn credential_rerun(&self, step: &'static str) {
+        debug_assert!(Self::RERUN_STEPS.contains(&step));
+        self.credential_reruns.with_label_values(&[step]).inc();
+    }
+
+    pub fn credential_reruns(&self, step: &str) -> u64 {
+        self.credential_reruns.with_label_values(&[step]).get()
     }
 
     pub fn twin(&self, op: &str, status: u16) {

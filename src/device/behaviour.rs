@@ -66,6 +66,9 @@ pub struct Agent {
     values: Vec<Option<Value>>,
     /// Highest desired `$version` already handled.
     desired_version: u64,
+    /// `desired_version` when the current connection was made: a full twin whose desired
+    /// `$version` is below it is another twin (the identity was deleted and created again).
+    version_at_connect: u64,
     defaults_reported: bool,
     next_send: Vec<Instant>,
     timers: Vec<(Instant, Timer)>,
@@ -99,6 +102,7 @@ impl Agent {
             seq: 0,
             values,
             desired_version: 0,
+            version_at_connect: 0,
             defaults_reported: false,
             timers: Vec::new(),
         }
@@ -130,6 +134,7 @@ impl Agent {
     /// Spreads the first sends over one interval so a fleet that connects together does not send
     /// together.
     pub fn on_connected(&mut self, now: Instant) {
+        self.version_at_connect = self.desired_version;
         for (i, t) in self.spec.telemetry.iter().enumerate() {
             let first = self.interval(t).mul_f64(rand::random::<f64>());
             self.next_send[i] = self.next_send[i].max(now + first);
@@ -275,10 +280,27 @@ impl Agent {
         (!r.report.is_empty()).then(|| Out::Report(self.render_report(&r.report, None)))
     }
 
+    /// The identity's twin is gone (it was re-created through the registry or re-provisioned):
+    /// desired versions start over with the new twin, writable defaults are reported to it
+    /// again, and acknowledgements still pending for the old twin's versions are dropped (an
+    /// `av` from the old twin would name a version the new one never had). Current writable
+    /// values stay: they are the device's state, not the twin's.
+    pub fn forget_twin(&mut self) {
+        self.desired_version = 0;
+        self.version_at_connect = 0;
+        self.defaults_reported = false;
+        self.timers.retain(|(_, t)| !matches!(t, Timer::Ack { .. }));
+    }
+
     /// A full twin (from GET) or a desired patch. Values newer than what was handled are applied
-    /// and acknowledged after their delay; at first connect, writable defaults are reported.
+    /// and acknowledged after their delay; at first connect, writable defaults are reported. A
+    /// twin whose desired `$version` is below the one handled before this connection is a new
+    /// twin (the desired `$version` of one twin never decreases): the memory starts over.
     pub fn on_desired(&mut self, desired: &Value, version: u64, now: Instant, from_get: bool) -> Vec<Out> {
         let mut out = Vec::new();
+        if from_get && version < self.version_at_connect {
+            self.forget_twin();
+        }
         if version > self.desired_version {
             self.desired_version = version;
             for (i, w) in self.spec.writable.clone().iter().enumerate() {
@@ -369,6 +391,7 @@ fn interval_from_property(desired: Option<f64>, scenario: Duration) -> Duration 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::value::GenState;
 
     #[test]
     fn a_desired_interval_is_held_to_a_safe_range() {
@@ -380,5 +403,105 @@ mod tests {
         }
         assert_eq!(interval_from_property(Some(1e300), ten), crate::tomlread::MAX_DURATION);
         assert_eq!(interval_from_property(Some(1e-12), ten), Duration::from_millis(1));
+    }
+
+    fn agent() -> Agent {
+        let writable = WritableSpec {
+            name: "interval".into(),
+            component: None,
+            ack: AckStyle::Pnp,
+            delay: Duration::ZERO,
+            kind: JsonType::Number,
+            min: None,
+            max: None,
+            default: Some(json!(10)),
+        };
+        let spec = Behaviour {
+            telemetry: Vec::new(),
+            reported: Vec::new(),
+            commands: Vec::new(),
+            writable: vec![writable],
+            c2d_commands: false,
+            initial_state: GenState::default(),
+        };
+        Agent::new(Arc::new(spec), "d".into(), None, 1, Instant::now())
+    }
+
+    /// The `av` of every PnP acknowledgement due by `now`.
+    fn acked_versions(a: &mut Agent, now: Instant) -> Vec<u64> {
+        a.on_tick(now)
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Report(r) if r["interval"]["ac"] == 200 => r["interval"]["av"].as_u64(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_patch_older_than_what_was_handled_is_ignored_on_the_same_twin() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
+        assert_eq!(acked_versions(&mut a, now), [4]);
+        a.on_desired(&json!({"interval": 6}), 3, now, false);
+        assert!(acked_versions(&mut a, now).is_empty());
+        // A reconnect to the same twin: its GET shows the same version, nothing new to do.
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
+        assert!(acked_versions(&mut a, now).is_empty());
+    }
+
+    #[test]
+    fn forgetting_the_twin_lets_the_new_twins_lower_versions_through() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 7}), 7, now, true);
+        assert_eq!(acked_versions(&mut a, now), [7]);
+        a.forget_twin();
+        a.on_connected(now);
+        // The new twin has no desired value yet: its default is reported again.
+        let first = a.on_desired(&json!({"$version": 1}), 1, now, true);
+        assert!(first.iter().any(|o| matches!(o, Out::Report(r) if r["interval"]["ac"] == 203)), "{first:?}");
+        a.on_desired(&json!({"interval": 8}), 2, now, false);
+        assert_eq!(acked_versions(&mut a, now), [2]);
+    }
+
+    #[test]
+    fn a_twin_get_below_the_version_handled_before_connecting_is_a_new_twin() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 9}), 9, now, true);
+        assert_eq!(acked_versions(&mut a, now), [9]);
+        // Deleted and created again behind the device's back: the next connection's GET is at 2.
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 3, "$version": 2}), 2, now, true);
+        assert_eq!(acked_versions(&mut a, now), [2]);
+        a.on_desired(&json!({"interval": 4}), 3, now, false);
+        assert_eq!(acked_versions(&mut a, now), [3]);
+    }
+
+    #[test]
+    fn a_patch_that_overtakes_the_twin_get_is_not_taken_for_a_new_twin() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
+        acked_versions(&mut a, now);
+        a.on_connected(now);
+        // Version 5 arrives as a patch before the GET answer that still shows version 4.
+        a.on_desired(&json!({"interval": 6}), 5, now, false);
+        assert_eq!(acked_versions(&mut a, now), [5]);
+        a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
+        assert!(acked_versions(&mut a, now).is_empty(), "version 4 must not be applied over 5");
+    }
+
+    #[test]
+    fn acknowledgements_pending_for_the_old_twin_are_dropped() {
+        let mut a = agent();
+        let now = Instant::now();
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
+        a.forget_twin();
+        assert!(acked_versions(&mut a, now).is_empty());
     }
 }

@@ -5,5 +5,6 @@ pub mod behaviour;
 pub mod mqtt;
 pub mod outbox;
 pub mod ramp;
+pub mod recovery;
 pub mod runtime;
 pub mod transport;

@@ -18,6 +18,7 @@ use super::behaviour::{Agent, Out};
 use super::mqtt::{ConnectError, MqttConn};
 use super::outbox::{OfflinePolicy, Outbox, Pushed};
 use super::ramp::Ramp;
+use super::recovery::{self, Refusals, Step};
 use super::transport::{self, Endpoint};
 use crate::iot::sas::{Key, sign_token};
 use crate::iot::time::unix_secs;
@@ -270,7 +271,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
     let mut hub: Option<(String, String)> = None;
     let mut ensured = false;
     let mut failures = 0u32;
-    let mut auth_failures = 0u32;
+    let mut refusals = Refusals::default();
     let mut ever_connected = false;
     let cancel = &cancel;
     // Readings continue offline only once the device has been up (its schedule has started).
@@ -285,7 +286,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
             // Boxed: provisioning futures (HTTP clients, DPS over MQTT) are large and short-lived;
             // inline they would size every idle device's task (measured: 11.6 KB per device).
             let obtained = offline(
-                Box::pin(obtain(&spec, &shared, &mut ensured, failures)),
+                Box::pin(obtain(&spec, &shared, &mut ensured, &mut refusals, failures)),
                 gen_off,
                 &mut agent,
                 &mut carry,
@@ -294,7 +295,11 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
             .await;
             match obtained {
                 Ok(h) => hub = Some(h),
-                Err(wait) => {
+                Err((wait, forgotten)) => {
+                    if forgotten {
+                        // Re-enrolled: whatever twin the device had is gone with its registration.
+                        agent.forget_twin();
+                    }
                     failures += 1;
                     state.to(DeviceState::Backoff);
                     if !offline(pause(wait, cancel), gen_off, &mut agent, &mut carry, &shared).await {
@@ -326,7 +331,6 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                 m.connect_attempt("ok");
                 m.connect_seconds.observe(t0.elapsed().as_secs_f64());
                 failures = 0;
-                auth_failures = 0;
                 if !ever_connected {
                     ever_connected = true;
                     m.ever_connected.inc();
@@ -366,12 +370,21 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                 });
                 tracing::debug!(device = %spec.device_id, error = %e, "connect failed");
                 failures += 1;
-                if e.is_auth() {
-                    auth_failures += 1;
-                    // A hub that no longer takes our key: go back to DPS, as the SDK guidance says.
-                    if matches!(spec.credentials, Credentials::Dps { .. }) && auth_failures >= 2 {
+                if recovery::hub_forgot(&e) {
+                    // The hub no longer takes this identity's key (it restarted with an empty
+                    // registry, or the device was deleted): the same key can never succeed, so
+                    // the credential step runs again after the backoff.
+                    let step = match &spec.credentials {
+                        Credentials::Dps { .. } => Step::Dps,
+                        Credentials::Direct { .. } if shared.service.is_some() => Step::Registry,
+                        Credentials::Direct { .. } => Step::None,
+                    };
+                    refusals.rerun(m, &spec.device_id, spec.module_id.as_deref(), step, &e.to_string());
+                    if step != Step::None {
                         hub = None;
-                        auth_failures = 0;
+                        ensured = false;
+                        // A re-created identity has a new twin, whose desired versions start over.
+                        agent.forget_twin();
                     }
                 }
                 full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures)
@@ -395,13 +408,15 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
 }
 
 /// DPS registration, or registry creation; the hub and device id to connect as. The error is how
-/// long to wait before trying again.
+/// long to wait before trying again, and whether DPS refused the identity as unknown (its
+/// enrollment is re-created on the next attempt).
 async fn obtain(
     spec: &IdentitySpec,
     shared: &Shared,
     ensured: &mut bool,
+    refusals: &mut Refusals,
     failures: u32,
-) -> Result<(String, String), Duration> {
+) -> Result<(String, String), (Duration, bool)> {
     let m = &shared.metrics;
     let backoff = || full_jitter(shared.settings.backoff_base, shared.settings.backoff_cap, failures + 1);
     match &spec.credentials {
@@ -410,7 +425,7 @@ async fn obtain(
                 if let Some(s) = &shared.dps_service {
                     s.ensure_enrollment(&spec.device_id, key).await.map_err(|e| {
                         tracing::warn!(device = %spec.device_id, error = %e, "cannot create the DPS enrollment");
-                        backoff()
+                        (backoff(), false)
                     })?;
                 }
                 *ensured = true;
@@ -433,17 +448,24 @@ async fn obtain(
                 }
                 Err(ProvisionError::Throttled { retry_after }) => {
                     m.provisioned("throttled");
-                    Err(retry_after + Duration::from_millis(rand::random::<u64>() % 1000))
+                    Err((retry_after + Duration::from_millis(rand::random::<u64>() % 1000), false))
                 }
-                Err(e @ ProvisionError::Unauthorized(_)) => {
+                Err(e) if recovery::dps_forgot(&e) => {
                     m.provisioned("unauthorized");
-                    tracing::warn!(device = %spec.device_id, error = %e, "DPS refused the device");
-                    Err(shared.settings.backoff_cap)
+                    // An individual enrollment this fleet made can be made again (DPS forgot it,
+                    // or someone deleted it); a group enrollment or a keys file cannot.
+                    let reenroll = *individual && shared.dps_service.is_some();
+                    let step = if reenroll { Step::Dps } else { Step::None };
+                    refusals.rerun(m, &spec.device_id, spec.module_id.as_deref(), step, &e.to_string());
+                    if reenroll {
+                        *ensured = false;
+                    }
+                    Err((backoff(), reenroll))
                 }
                 Err(e) => {
                     m.provisioned("error");
                     tracing::debug!(device = %spec.device_id, error = %e, "provisioning failed");
-                    Err(backoff())
+                    Err((backoff(), false))
                 }
             }
         }
@@ -459,7 +481,7 @@ async fn obtain(
                     };
                     r.map_err(|e| {
                         tracing::warn!(device = %spec.device_id, error = %e, "cannot create the identity");
-                        backoff()
+                        (backoff(), false)
                     })?;
                 }
                 *ensured = true;
