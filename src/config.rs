@@ -405,6 +405,7 @@ fn ci(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<CiConfig> {
         settle: t.duration(doc, "settle").unwrap_or(d.settle),
         report: t.str(doc, "report").map(|r| base.join(r)),
         lift_faults: t.bool(doc, "lift_faults").unwrap_or(d.lift_faults),
+        judge_hub_loss: t.bool(doc, "judge_hub_loss").unwrap_or(d.judge_hub_loss),
         thresholds,
         probe,
     };
@@ -422,6 +423,18 @@ mod tests {
         let c = DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c.hub, HubMode::Embedded { .. }));
         assert_eq!(c.scenarios.len(), 4, "{:?}", c.scenarios);
+    }
+
+    #[test]
+    fn hub_side_loss_is_judged_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let judged = |extra: &str| {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, format!("scenarios = []\n[ci]\nduration = \"1s\"\n{extra}")).unwrap();
+            DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}")).ci.unwrap().judge_hub_loss
+        };
+        assert!(!judged(""));
+        assert!(judged("judge_hub_loss = true\n"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct CiConfig {
     /// Turn an external emulator's faults off before the settle period (the embedded one's
     /// always are: they are this run's own).
     pub lift_faults: bool,
+    /// Judge messages the hub acknowledged and then lost (an emulator that crashed, a hub that
+    /// forgot identities) against `max_lost` too; by default only the fleet's own losses are.
+    pub judge_hub_loss: bool,
     pub thresholds: Thresholds,
     pub probe: Option<Probe>,
 }
@@ -35,7 +38,9 @@ pub struct CiConfig {
 /// Pass/fail limits. `None` means not checked.
 #[derive(Debug, Clone)]
 pub struct Thresholds {
-    /// Messages that should be at the hub and are not (needs the emulator's sequence counts).
+    /// Messages the fleet lost: written, never acknowledged, and not at the hub (needs the
+    /// emulator's sequence counts). With `CiConfig::judge_hub_loss`, also the limit for messages
+    /// the hub acknowledged and then lost.
     pub max_lost: Option<u64>,
     /// Messages the fleet's own books cannot place (generated, yet not acked, dropped or queued).
     pub max_unaccounted: Option<u64>,
@@ -80,6 +85,7 @@ impl Default for CiConfig {
             settle: Duration::from_secs(60),
             report: None,
             lift_faults: true,
+            judge_hub_loss: false,
             thresholds: Thresholds::default(),
             probe: None,
         }
@@ -168,6 +174,37 @@ async fn run_probe(
     while calls.join_next().await.is_some() {}
 }
 
+/// Where the messages the hub does not hold went missing. Every written message was either
+/// acknowledged (PUBACK) or was still in doubt when the fleet stopped (`unacked_at_shutdown`);
+/// the emulator counts the unique sequence numbers it holds. A message the hub acknowledged and
+/// no longer holds was lost by the hub (it crashed, restarted with an empty memory, or the
+/// identity was deleted and created again); one never acknowledged and not at the hub was lost
+/// by the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// Written messages the hub does not hold: `by_fleet + by_hub`.
+    pub missing: u64,
+    pub by_fleet: u64,
+    /// Acknowledged by the hub, then lost by the hub. From totals this is exact when nothing
+    /// was in doubt at the end; otherwise in-doubt messages that did arrive can hide as many
+    /// hub-side losses, which are then counted against the fleet (never the other way round).
+    pub by_hub: u64,
+    /// Written and never acknowledged when the fleet stopped.
+    pub in_doubt: u64,
+}
+
+impl Loss {
+    /// `written`: generated less what the buffer policy dropped unwritten; `acked`: messages
+    /// with a PUBACK; `at_hub`: the emulator's unique arrivals for this run.
+    pub fn split(written: u64, acked: u64, at_hub: u64) -> Loss {
+        let missing = written.saturating_sub(at_hub);
+        // Arrivals are acknowledged messages the hub kept plus in-doubt ones that made it, so
+        // at least `acked - at_hub` acknowledged messages are gone from the hub.
+        let by_hub = acked.saturating_sub(at_hub).min(missing);
+        Loss { missing, by_fleet: missing - by_hub, by_hub, in_doubt: written.saturating_sub(acked) }
+    }
+}
+
 struct Check {
     name: &'static str,
     value: Value,
@@ -249,12 +286,16 @@ pub async fn run(
     let never_written = m.dropped("buffer_full") + m.dropped("shutdown");
     let dropped = m.dropped_count();
     let unaccounted = generated.saturating_sub(acked + dropped + queued);
+    // Without sequence stamps the hub has nothing to count, and a summary of zero arrivals
+    // would read as everything lost.
     let hub_side = match &fleet.shared.service {
-        Some(c) => c.sequence_summary(&fleet.shared.run_id).await.ok(),
-        None => None,
+        Some(c) if fleet.shared.settings.sequence_numbers => c.sequence_summary(&fleet.shared.run_id).await.ok(),
+        _ => None,
     };
     let hub_unique = hub_side.as_ref().and_then(|h| h["unique"].as_u64());
-    let lost = hub_unique.map(|u| generated.saturating_sub(never_written).saturating_sub(u));
+    let loss = hub_unique.map(|u| Loss::split(generated.saturating_sub(never_written), acked, u));
+    let lost = loss.map(|l| l.by_fleet);
+    let lost_by_hub = loss.map(|l| l.by_hub);
 
     let (p50, p99, probes_ok, probe_failures) = {
         let s = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -282,6 +323,13 @@ pub async fn run(
             limit: json!(t.max_lost),
             // Only an emulator can count arrivals; against Azure this check cannot be made.
             pass: t.max_lost.and_then(|l| lost.map(|x| x <= l)),
+        },
+        Check {
+            name: "lost_by_hub",
+            value: json!(lost_by_hub),
+            limit: json!(t.max_lost.filter(|_| ci.judge_hub_loss)),
+            // The hub's own losses are the hub's, unless the config asks to judge them too.
+            pass: t.max_lost.filter(|_| ci.judge_hub_loss).and_then(|l| lost_by_hub.map(|x| x <= l)),
         },
         Check {
             name: "unaccounted",
@@ -336,6 +384,9 @@ pub async fn run(
                 "unique": h["unique"], "duplicates": h["duplicates"], "gaps": h["gaps"], "identities": h["identities"],
             })),
             "lost": lost,
+            "lost_by_hub": lost_by_hub,
+            "missing_at_hub": loss.map(|l| l.missing),
+            "in_doubt_at_end": loss.map(|l| l.in_doubt),
         },
         "methods": {
             "probes_ok": probes_ok,
@@ -352,4 +403,45 @@ pub async fn run(
     });
     fleet.shutdown().await;
     Outcome { pass, report }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Loss;
+
+    #[test]
+    fn nothing_missing_is_nobodys_loss() {
+        assert_eq!(Loss::split(1000, 1000, 1000), Loss { missing: 0, by_fleet: 0, by_hub: 0, in_doubt: 0 });
+        // In doubt at the end, yet at the hub (the PUBACK was lost): not lost either.
+        assert_eq!(Loss::split(1000, 990, 1000), Loss { missing: 0, by_fleet: 0, by_hub: 0, in_doubt: 10 });
+    }
+
+    #[test]
+    fn what_a_crashed_hub_had_acknowledged_is_the_hubs_loss() {
+        // The run: 962 acknowledged before the SIGKILL, everything since held.
+        let l = Loss::split(5000, 5000, 5000 - 962);
+        assert_eq!((l.missing, l.by_hub, l.by_fleet), (962, 962, 0));
+    }
+
+    #[test]
+    fn what_was_never_acknowledged_and_never_arrived_is_the_fleets_loss() {
+        let l = Loss::split(1000, 990, 990);
+        assert_eq!((l.missing, l.by_hub, l.by_fleet, l.in_doubt), (10, 0, 10, 10));
+    }
+
+    #[test]
+    fn both_at_once_split_and_doubt_counts_against_the_fleet() {
+        // 100 acknowledged then lost by the hub, 10 in doubt of which none arrived.
+        let l = Loss::split(1000, 990, 890);
+        assert_eq!((l.missing, l.by_hub, l.by_fleet), (110, 100, 10));
+        // The same, but 4 of the 10 in doubt did arrive: from totals 4 hub losses hide behind them.
+        let l = Loss::split(1000, 990, 894);
+        assert_eq!((l.missing, l.by_hub, l.by_fleet), (106, 96, 10));
+        assert_eq!(l.by_hub + l.by_fleet, l.missing);
+    }
+
+    #[test]
+    fn more_arrivals_than_writes_is_no_loss() {
+        assert_eq!(Loss::split(10, 10, 12), Loss { missing: 0, by_fleet: 0, by_hub: 0, in_doubt: 0 });
+    }
 }
