@@ -66,6 +66,12 @@ async fn a_dropped_device_backs_off_reconnects_and_catches_up_on_its_twin() {
         f.metrics().render().contains("fleetsim_connect_attempts_total{outcome=\"refused\"}")
     })
     .await;
+    // Refused as unauthorized, the device ensures its identity again, which must leave an
+    // operator's decision alone: it stays disabled and refused.
+    f.wait_for("the credential step to run again", || async { f.metrics().credential_reruns("registry") >= 2 }).await;
+    let (_, _, identity) = f.rest("GET", &format!("/devices/{dev}"), None).await;
+    assert_eq!(identity["status"], "disabled", "{identity}");
+    assert_eq!(f.metrics().state_count(fleetsim::metrics::DeviceState::Connected), 0);
     let v = f.set_desired(dev, None, json!({"mode": "eco"})).await;
     let (status, _, _) = f
         .rest_as(

@@ -61,7 +61,7 @@ impl Refusals {
     pub fn rerun(&mut self, metrics: &FleetMetrics, device: &str, module: Option<&str>, step: Step, why: &str) {
         metrics.credential_rerun(step.label());
         let what = match step {
-            Step::Registry => "re-creating it through the registry",
+            Step::Registry => "ensuring it in the registry again",
             Step::Dps => "provisioning it again through DPS",
             Step::None => {
                 "nothing can re-create it (keys file or group enrollment); retrying with the same credentials"
@@ -70,7 +70,12 @@ impl Refusals {
         if std::mem::replace(&mut self.warned, true) {
             tracing::debug!(device, module, refusal = why, "identity refused again; {what}");
         } else {
-            tracing::warn!(device, module, refusal = why, "the hub no longer accepts this identity; {what}");
+            tracing::warn!(
+                device,
+                module,
+                refusal = why,
+                "the hub refused this identity's credentials (unknown, disabled, or its key changed); {what}"
+            );
         }
     }
 }

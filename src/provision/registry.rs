@@ -12,15 +12,29 @@ impl ServiceClient {
         self.request(reqwest::Method::PUT, path, Some(&body), &headers).await.map(|(s, _)| s)
     }
 
-    /// Creates the identity with this key, or sets the key on the one that exists.
+    /// Creates the identity with this key, or sets the key on the one that exists. Runs at start
+    /// and again whenever the hub refuses the identity (`device::recovery`), so it writes only
+    /// what the fleet owns: an identity that exists with this key is left alone, and one with
+    /// another key gets the key but keeps its `status` (a device an operator disabled stays
+    /// disabled: PUT replaces the whole identity, and an absent `status` would enable it).
     async fn ensure_identity(&self, path: &str, mut body: serde_json::Value, key: &Key) -> Result<(), ServiceError> {
-        body["authentication"] =
-            json!({"type": "sas", "symmetricKey": {"primaryKey": key.to_base64(), "secondaryKey": key.to_base64()}});
+        let ours = key.to_base64();
+        body["authentication"] = json!({"type": "sas", "symmetricKey": {"primaryKey": ours, "secondaryKey": ours}});
         match self.put(path, body.clone(), None).await {
-            Ok(_) => Ok(()),
-            Err(ServiceError::Status { status: 409, .. }) => self.put(path, body, Some("*")).await.map(|_| ()),
-            Err(e) => Err(e),
+            Ok(_) => return Ok(()),
+            Err(ServiceError::Status { status: 409, .. }) => {}
+            Err(e) => return Err(e),
         }
+        let (_, existing) = self.request(reqwest::Method::GET, path, None, &[]).await?;
+        let auth = &existing["authentication"];
+        if auth["type"] == "sas" && auth["symmetricKey"]["primaryKey"] == ours.as_str() {
+            return Ok(());
+        }
+        if let Some(status) = existing.get("status") {
+            body["status"] = status.clone();
+        }
+        let etag = existing["etag"].as_str().map(|e| format!("\"{}\"", e.trim_matches('"')));
+        self.put(path, body, Some(etag.as_deref().unwrap_or("*"))).await.map(|_| ())
     }
 
     pub async fn ensure_device(&self, device_id: &str, key: &Key) -> Result<(), ServiceError> {
@@ -37,11 +51,31 @@ impl ServiceClient {
     }
 
     /// A DPS individual enrollment (this client must hold the `provisioningserviceowner` policy).
+    /// Like `ensure_identity`, and for the same reason, it leaves an enrollment with this key
+    /// alone and keeps the `provisioningStatus` of one it re-keys: DPS's PUT creates or replaces,
+    /// so it reads first.
     pub async fn ensure_enrollment(&self, registration_id: &str, key: &Key) -> Result<(), ServiceError> {
-        let body = json!({
+        let path = format!("/enrollments/{registration_id}");
+        let ours = key.to_base64();
+        let mut body = json!({
             "registrationId": registration_id,
-            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key.to_base64(), "secondaryKey": key.to_base64()}},
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": ours, "secondaryKey": ours}},
         });
-        self.put(&format!("/enrollments/{registration_id}"), body, None).await.map(|_| ())
+        let existing = match self.request(reqwest::Method::GET, &path, None, &[]).await {
+            Ok((_, e)) => Some(e),
+            Err(ServiceError::Status { status: 404, .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let Some(existing) = existing else {
+            return self.put(&path, body, None).await.map(|_| ());
+        };
+        if existing["attestation"]["symmetricKey"]["primaryKey"] == ours.as_str() {
+            return Ok(());
+        }
+        if let Some(status) = existing.get("provisioningStatus") {
+            body["provisioningStatus"] = status.clone();
+        }
+        let etag = existing["etag"].as_str().map(|e| format!("\"{}\"", e.trim_matches('"')));
+        self.put(&path, body, Some(etag.as_deref().unwrap_or("*"))).await.map(|_| ())
     }
 }
