@@ -1,7 +1,8 @@
 //! One identity's task: get credentials (DPS, or the registry), wait for a ramp slot, connect,
 //! run the session (subscribe, fetch the twin, acknowledge writable properties, report, send
 //! telemetry, answer commands) until something ends it, then come back: at once to renew the
-//! token, after the downtime for a reboot, after exponential backoff with full jitter otherwise.
+//! token, after the downtime for a reboot, after exponential backoff with full jitter otherwise,
+//! and through its credential step again when the hub refuses it as unknown (`recovery`).
 //! Telemetry goes through the identity's `Outbox`, which outlives connections: nothing is lost
 //! silently, and with the `drop_oldest` policy readings keep being generated while offline.
 
