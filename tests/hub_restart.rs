@@ -243,7 +243,8 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
         let what = format!("the new hub to show {device}/{module:?} connected");
         until(&what, || connected_at_hub(&api, device, module)).await;
     }
-    assert!(m.credential_reruns("registry") >= 4, "devices and modules were ensured again:\n{}", m.render());
+    // Each module ensures itself (and its parent device, which may then connect unrefused).
+    assert!(m.credential_reruns("registry") >= 2, "modules were ensured again:\n{}", m.render());
     assert!(m.credential_reruns("dps") >= 3, "DPS devices were provisioned again:\n{}", m.render());
     assert_eq!(m.credential_reruns("none"), 0);
 
