@@ -4,7 +4,9 @@
 //! registry, DPS devices re-provision (the individual enrollment is made again), every identity
 //! connects, desired properties set on the new twins are acknowledged with their new versions,
 //! and the CI report tells the messages the dead hub had acknowledged apart from the fleet's own
-//! losses.
+//! losses. The same recovery without a restart: identities deleted from under a running fleet
+//! (as someone might on a real hub) come back. And the credential step, run again, writes only
+//! what the fleet owns.
 
 mod common;
 
@@ -334,4 +336,68 @@ async fn ensuring_an_identity_again_keeps_what_an_operator_decided() {
     registry.ensure_device("op-1", &ours).await.unwrap();
     let (_, _, after) = hub.rest("GET", "/devices/op-1", None).await;
     assert_eq!(before["etag"], after["etag"]);
+}
+
+/// Identities deleted from under a running fleet (devices, a module alone, a DPS device and its
+/// individual enrollment) are refused when they reconnect, created again, and take desired
+/// properties on their new twins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_identities_are_created_again_and_take_new_desired_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("s.toml");
+    std::fs::write(&scenario, SCENARIO).unwrap();
+    let f =
+        common::FleetUnderTest::start(&[scenario], "[device]\nbackoff_base = \"100ms\"\nbackoff_cap = \"1s\"\n").await;
+    let api: &Api = &f;
+    let m = f.metrics();
+    let mut old_versions = Vec::new();
+    for (device, module) in IDENTITIES {
+        let mut v = 0;
+        for value in 1..=3 {
+            v = set_target(api, device, module, value).await;
+        }
+        acked(api, device, module, 3, v).await;
+        old_versions.push(v);
+    }
+
+    // direct-1 takes its module with it; direct-2 loses only its module.
+    let deleted: [(&str, Option<&str>); 5] = [
+        ("direct-1", None),
+        ("direct-1", Some("mod")),
+        ("direct-2", Some("mod")),
+        ("group-1", None),
+        ("individual-1", None),
+    ];
+    for path in ["/devices/direct-1", "/devices/direct-2/modules/mod", "/devices/group-1", "/devices/individual-1"] {
+        let (status, _, body) = f.rest("DELETE", path, None).await;
+        assert_eq!(status, 204, "{path}: {body}");
+    }
+    let (status, _, body) =
+        f.rest_as("provisioningserviceowner", "DELETE", "/enrollments/individual-1", None, &[]).await;
+    assert_eq!(status, 204, "{body}");
+
+    for (device, module) in IDENTITIES {
+        let what = format!("{device}/{module:?} connected at the hub");
+        until(&what, || async {
+            let (status, _, body) = f.rest("GET", &identity_path(device, module), None).await;
+            status == 200 && body["connectionState"] == "Connected"
+        })
+        .await;
+    }
+    until("every identity connected in the fleet", || async {
+        m.state_count(DeviceState::Connected) == IDENTITIES.len() as i64
+    })
+    .await;
+    assert!(m.credential_reruns("registry") >= 2, "{}", m.render());
+    assert!(m.credential_reruns("dps") >= 2, "{}", m.render());
+    let (status, _, e) = f.rest_as("provisioningserviceowner", "GET", "/enrollments/individual-1", None, &[]).await;
+    assert_eq!(status, 200, "the individual enrollment was made again: {e}");
+
+    for ((device, module), old) in IDENTITIES.into_iter().zip(old_versions) {
+        let v = set_target(api, device, module, 42).await;
+        if deleted.contains(&(device, module)) {
+            assert!(v < old, "{device}/{module:?}: a new twin starts over ({v} vs {old})");
+        }
+        acked(api, device, module, 42, v).await;
+    }
 }
