@@ -150,11 +150,17 @@ pub struct TokenArgs {
     pub ttl: u64,
 }
 
+/// The daemon config `run` and `check` read when none is named.
+pub const DEFAULT_CONFIG: &str = "config.example.toml";
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The daemon config (see config.example.toml).
-    #[arg(long, default_value = "config.example.toml")]
+    #[arg(long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// Serve metrics here instead of `[metrics] addr` (e.g. one port per shard on one host).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Run only shard `i` of `n` (devices whose ordinal is i mod n), e.g. 0/4. `i` may be a
     /// StatefulSet pod name, whose ordinal is taken: `--shard fleetsim-3/8`.
     #[arg(long, default_value = "0/1")]
@@ -170,7 +176,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// A daemon config to check (its scenarios are checked too).
+    /// A daemon config to check (its scenarios, keys files and hub settings are checked too).
+    /// With no config and no scenario files: config.example.toml, as for `run`.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Scenario files to check.

@@ -91,7 +91,11 @@ fn secret(doc: &mut Doc, t: &mut Table<'_>, key: &str, base: &Path) -> Option<Se
                     match crate::fsio::read_text_capped(&path, crate::fsio::MAX_INPUT_FILE) {
                         Ok(v) => Some(Secret { value: v.trim().to_owned(), origin: path.display().to_string() }),
                         Err(e) => {
-                            doc.error(node.span.clone(), &field, format!("cannot read {}: {e}", path.display()));
+                            doc.error(
+                                node.span.clone(),
+                                &field,
+                                format!("cannot read {}: {}", path.display(), crate::tomlread::io_reason(&e)),
+                            );
                             None
                         }
                     }
@@ -135,7 +139,7 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let (prefix, suffix) = name.split_once('*').expect("contains *");
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot list {}: {}", dir.display(), e.kind()))?
+        .map_err(|e| format!("cannot list {}: {}", dir.display(), crate::tomlread::io_reason(&e)))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
@@ -148,19 +152,30 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, Diagnostics> {
-        let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE).map_err(|e| {
-            Diagnostics(vec![crate::tomlread::Diagnostic {
-                file: path.display().to_string(),
-                line: 1,
-                column: 1,
-                field: String::new(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
-        Self::parse(path, text)
+        match Self::read(path) {
+            (Some(c), d) if d.is_empty() => Ok(c),
+            (_, d) => Err(Diagnostics(d)),
+        }
     }
 
     pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Diagnostics> {
+        match Self::parse_all(path, text) {
+            (Some(c), d) if d.is_empty() => Ok(c),
+            (_, d) => Err(Diagnostics(d)),
+        }
+    }
+
+    /// Reads a config as far as it can be read: the config (with defaults where fields are bad)
+    /// whenever the file is a TOML table, and every problem. `fleetsim check` uses the partial
+    /// config to go on and check the scenario files it names.
+    pub fn read(path: &Path) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
+        match crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE) {
+            Ok(text) => Self::parse_all(path, text),
+            Err(e) => (None, vec![Diagnostics::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e)))]),
+        }
+    }
+
+    fn parse_all(path: &Path, text: String) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let (mut doc, root) = Doc::parse(path.display().to_string(), text);
         let mut cfg = None;
@@ -173,7 +188,7 @@ impl DaemonConfig {
                         doc.error(span.clone(), "scenarios", format!("\"{pattern}\" matches no file"))
                     }
                     Ok(found) => scenarios.extend(found),
-                    Err(e) => doc.error(span.clone(), "scenarios", e),
+                    Err(e) => doc.error(span.clone(), "scenarios", format!("\"{pattern}\": {e}")),
                 }
             }
             let hub = hub_mode(&mut doc, &mut top, &base);
@@ -201,7 +216,7 @@ impl DaemonConfig {
                 ci,
             });
         }
-        if doc.ok() { Ok(cfg.expect("parsed when there are no errors")) } else { Err(Diagnostics(doc.diags)) }
+        (cfg, doc.into_diags())
     }
 }
 

@@ -20,3 +20,4 @@ pub mod service;
 pub mod sys;
 pub mod tomlread;
 pub mod tools;
+pub mod validate;

@@ -8,8 +8,6 @@ use fleetsim::cli::{CheckArgs, Cli, Command, RunArgs, TokenArgs};
 use fleetsim::config::{DaemonConfig, HubMode};
 use fleetsim::fleet::{self, ConfigProblems, expand::Shard};
 use fleetsim::hub;
-use fleetsim::hub::config::HubConfig;
-use fleetsim::scenario::schema;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc keeps size classes apart, so what a connection ramp frees is reused or returned
@@ -52,39 +50,34 @@ fn init_logging(cli: &Cli) {
 }
 
 async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
-    let mut config = match &args.config {
-        Some(p) => match HubConfig::load(p) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => HubConfig::default(),
+    let resolved = fleetsim::validate::hub(args.config.as_deref(), |config| {
+        if let Some(d) = args.data_dir {
+            config.data_dir = d;
+        }
+        if let Some((first, rest)) = args.hostnames.split_first() {
+            config.hostname = first.clone();
+            config.extra_hostnames.extend(rest.iter().cloned());
+        }
+        if let Some(a) = args.mqtt_addr {
+            config.mqtt_addr = a;
+        }
+        if let Some(a) = args.https_addr {
+            config.https_addr = a;
+        }
+        if let Some(a) = args.metrics_addr {
+            config.metrics_addr = Some(a);
+        }
+        if args.no_metrics {
+            config.metrics_addr = None;
+        }
+    });
+    let config = match resolved {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
-    }
-    if let Some((first, rest)) = args.hostnames.split_first() {
-        config.hostname = first.clone();
-        config.extra_hostnames.extend(rest.iter().cloned());
-    }
-    if let Some(a) = args.mqtt_addr {
-        config.mqtt_addr = a;
-    }
-    if let Some(a) = args.https_addr {
-        config.https_addr = a;
-    }
-    if let Some(a) = args.metrics_addr {
-        config.metrics_addr = Some(a);
-    }
-    if args.no_metrics {
-        config.metrics_addr = None;
-    }
-    if let Err(e) = config.validate() {
-        eprintln!("error: invalid configuration:\n{e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let running = match hub::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -101,51 +94,29 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
     fleetsim::sys::shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// Loads the daemon config and its scenarios, printing every problem; `None` means exit 64.
-fn load_all(
-    config: &std::path::Path,
-    extra: &[std::path::PathBuf],
-) -> Option<(DaemonConfig, Vec<fleetsim::scenario::model::DeviceTemplate>)> {
-    let cfg = match DaemonConfig::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return None;
-        }
-    };
-    let mut files = cfg.scenarios.clone();
-    files.extend(extra.iter().cloned());
-    match schema::load(&files) {
-        Ok(t) => Some((cfg, t)),
-        Err(e) => {
-            eprintln!("{e}");
-            None
-        }
-    }
-}
-
 fn check(args: CheckArgs) -> ExitCode {
-    let result = match &args.config {
-        Some(c) => load_all(c, &args.scenarios).map(|(_, t)| t),
-        None => match schema::load(&args.scenarios) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("{e}");
-                None
-            }
-        },
+    // Like `run`, no arguments at all means the example config.
+    let config = match (&args.config, args.scenarios.is_empty()) {
+        (Some(c), _) => Some(c.clone()),
+        (None, true) => Some(std::path::PathBuf::from(fleetsim::cli::DEFAULT_CONFIG)),
+        (None, false) => None,
     };
-    match result {
-        Some(templates) => {
+    match fleetsim::validate::fleet(config.as_deref(), &args.scenarios) {
+        Ok(checked) => {
+            let templates = &checked.templates;
             let devices: u64 = templates.iter().map(|t| t.count).sum();
             let modules: u64 = templates.iter().map(|t| t.count * t.modules.len() as u64).sum();
             println!("ok: {} templates, {devices} devices, {modules} modules", templates.len());
             ExitCode::SUCCESS
         }
-        None => ExitCode::from(EXIT_CONFIG),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
@@ -157,7 +128,17 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let Some((mut cfg, templates)) = load_all(&args.config, &[]) else { return ExitCode::from(EXIT_CONFIG) };
+    let (mut cfg, templates) = match fleetsim::validate::fleet(Some(&args.config), &[]) {
+        Ok(fleetsim::validate::Fleet { config: Some(c), templates, .. }) => (c, templates),
+        Ok(_) => unreachable!("a config was given"),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(a) = args.metrics_addr {
+        cfg.metrics_addr = Some(a);
+    }
     if args.duration.is_some() || args.report.is_some() {
         let ci = cfg.ci.get_or_insert_with(Default::default);
         if let Some(d) = &args.duration {
@@ -225,17 +206,14 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
         tracing::warn!(problems = problems.len(), "reload refused: the fleet keeps its previous scenarios");
     };
     // Read on a blocking thread: should any input still reach a panic in the loaders, it ends
-    // that thread, not the daemon (the JoinError is reported as a refusal).
+    // that thread, not the daemon (the JoinError is reported as a refusal). The same validation
+    // as `check` and `run`.
     let path = config.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let cfg = DaemonConfig::load(&path).map_err(|e| e.0)?;
-        let templates = schema::load(&cfg.scenarios).map_err(|e| e.0)?;
-        Ok::<_, Vec<fleetsim::tomlread::Diagnostic>>((cfg, templates))
-    })
-    .await;
+    let loaded = tokio::task::spawn_blocking(move || fleetsim::validate::fleet(Some(&path), &[])).await;
     let (cfg, templates) = match loaded {
-        Ok(Ok(x)) => x,
-        Ok(Err(diags)) => return refuse(diags.iter().map(|d| d.to_string()).collect()),
+        Ok(Ok(fleetsim::validate::Fleet { config: Some(c), templates, .. })) => (c, templates),
+        Ok(Ok(_)) => unreachable!("a config was given"),
+        Ok(Err(e)) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
         Err(e) => return refuse(vec![format!("reading the scenarios failed unexpectedly: {e}")]),
     };
     let daemon_part = |c: &DaemonConfig| format!("{:?}", (&c.hub, &c.ramp, &c.settings, c.metrics_addr));

@@ -21,6 +21,14 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A problem with no file came from command-line flags: there is no position to give.
+        if self.file.is_empty() {
+            return if self.field.is_empty() {
+                write!(f, "{}", self.message)
+            } else {
+                write!(f, "{}: {}", self.field, self.message)
+            };
+        }
         if self.field.is_empty() {
             write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
         } else {
@@ -46,6 +54,98 @@ impl fmt::Display for Diagnostics {
 }
 
 impl std::error::Error for Diagnostics {}
+
+impl Diagnostics {
+    /// Orders problems by file (in the order files were first named), then line and column, so
+    /// a reader can walk a file top to bottom.
+    pub fn sorted(mut self) -> Diagnostics {
+        let mut files: Vec<String> = Vec::new();
+        for d in &self.0 {
+            if !files.contains(&d.file) {
+                files.push(d.file.clone());
+            }
+        }
+        let rank = |f: &str| files.iter().position(|x| x == f).unwrap_or(usize::MAX);
+        self.0.sort_by_key(|d| (rank(&d.file), d.line, d.column));
+        self.0.dedup();
+        self
+    }
+
+    /// One problem about a whole file (it cannot be read, listed ...).
+    pub fn file(path: &std::path::Path, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: path.display().to_string(),
+            line: 1,
+            column: 1,
+            field: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why an I/O operation failed, in words: `ErrorKind`'s own text ("entity not found") says
+/// nothing to someone looking at a config file.
+pub fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => e.to_string(),
+    }
+}
+
+/// Where a dotted field path (`behaviour.max_subscriptions`, `enrollments[1].group_id`) is in a
+/// TOML text: the 1-based line and column of its value, or of the nearest enclosing table found.
+pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+    let (root, _) = DeTable::parse_recoverable(text);
+    let mut best = None;
+    let mut table: &DeTable<'_> = root.get_ref();
+    let mut segments = path.split('.').peekable();
+    while let Some(seg) = segments.next() {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == key)?;
+        let mut value = value;
+        best = Some(line_col(text, value.span().start));
+        if let (Some(i), DeValue::Array(items)) = (index, value.get_ref()) {
+            value = items.get(i)?;
+            best = Some(line_col(text, value.span().start));
+        }
+        match value.get_ref() {
+            DeValue::Table(t) if segments.peek().is_some() => table = t,
+            _ => break,
+        }
+    }
+    best
+}
+
+/// Edit distance, for "did you mean" suggestions.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != b[j])).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The known name closest to `unknown`, when it is close enough to be a typo.
+pub fn suggest<'a>(unknown: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let lower = unknown.to_ascii_lowercase();
+    known
+        .into_iter()
+        .map(|k| (distance(&lower, &k.to_ascii_lowercase()), k))
+        .filter(|(d, k)| *d <= (k.chars().count() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
 
 /// A value with where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +191,10 @@ pub struct Doc {
     pub file: String,
     text: String,
     pub diags: Vec<Diagnostic>,
+    /// How many of the first `diags` are syntax errors.
+    syntax: usize,
+    /// Which `diags` are about the document's shape (unknown or missing keys and tables).
+    shape: Vec<usize>,
 }
 
 fn convert(v: &toml::Spanned<DeValue<'_>>, doc: &mut Doc) -> Node {
@@ -120,13 +224,14 @@ fn convert_table(t: &DeTable<'_>, doc: &mut Doc) -> Vec<Entry> {
 impl Doc {
     /// Parses a document, recording syntax errors; the tree holds whatever could be read.
     pub fn parse(file: impl Into<String>, text: String) -> (Doc, Node) {
-        let mut doc = Doc { file: file.into(), text: String::new(), diags: Vec::new() };
+        let mut doc = Doc { file: file.into(), text: String::new(), diags: Vec::new(), syntax: 0, shape: Vec::new() };
         let (root, errors) = DeTable::parse_recoverable(&text);
         doc.text = text.clone();
         for e in errors {
             let span = e.span().unwrap_or(0..0);
             doc.error(span, "", e.message().trim().to_owned());
         }
+        doc.syntax = doc.diags.len();
         let span = root.span();
         let entries = convert_table(root.get_ref(), &mut doc);
         (doc, Node { span, value: Val::Table(entries) })
@@ -147,6 +252,28 @@ impl Doc {
         self.diags.is_empty()
     }
 
+    /// A problem with the document's shape: a key or table missing or unknown.
+    pub fn shape_error(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
+        self.shape.push(self.diags.len());
+        self.error(span, field, message);
+    }
+
+    /// The problems to show. After a syntax error the tree holds only what could be read, so
+    /// what it says about the document's shape (a missing `[[devices]]`, a key that landed in
+    /// the wrong table) would mislead: those are left out then; bad values are still shown.
+    pub fn into_diags(self) -> Vec<Diagnostic> {
+        if self.syntax == 0 {
+            return self.diags;
+        }
+        let shape = self.shape;
+        self.diags.into_iter().enumerate().filter(|(i, _)| !shape.contains(i)).map(|(_, d)| d).collect()
+    }
+
+    /// 1-based line and column of a span's start in this file.
+    pub fn position(&self, span: &Range<usize>) -> (usize, usize) {
+        line_col(&self.text, span.start)
+    }
+
     /// Opens a table node for reading, or records that it is not one.
     pub fn table<'n>(&mut self, node: &'n Node, path: &str) -> Option<Table<'n>> {
         match &node.value {
@@ -155,6 +282,7 @@ impl Doc {
                 path: path.to_owned(),
                 span: node.span.clone(),
                 used: vec![false; entries.len()],
+                asked: Vec::new(),
             }),
             other => {
                 self.error(node.span.clone(), path, format!("expected a table, found {}", other.kind()));
@@ -180,6 +308,8 @@ pub struct Table<'n> {
     pub path: String,
     pub span: Range<usize>,
     used: Vec<bool>,
+    /// Every key the schema asked for, present or not: the names "did you mean" picks from.
+    asked: Vec<String>,
 }
 
 impl<'n> Table<'n> {
@@ -196,7 +326,15 @@ impl<'n> Table<'n> {
         self.entries.iter().any(|e| e.key == key)
     }
 
+    /// Records a key the schema knows, for suggestions.
+    fn ask(&mut self, key: &str) {
+        if !self.asked.iter().any(|k| k == key) {
+            self.asked.push(key.to_owned());
+        }
+    }
+
     pub fn get(&mut self, key: &str) -> Option<&'n Node> {
+        self.ask(key);
         let i = self.entries.iter().position(|e| e.key == key)?;
         self.used[i] = true;
         Some(&self.entries[i].node)
@@ -218,7 +356,11 @@ impl<'n> Table<'n> {
     pub fn finish(self, doc: &mut Doc) {
         for (i, e) in self.entries.iter().enumerate() {
             if !self.used[i] {
-                doc.error(e.key_span.clone(), &self.field(&e.key), "unknown field");
+                let message = match suggest(&e.key, self.asked.iter().map(String::as_str)) {
+                    Some(k) => format!("unknown field; did you mean `{k}`?"),
+                    None => "unknown field".to_owned(),
+                };
+                doc.shape_error(e.key_span.clone(), &self.field(&e.key), message);
             }
         }
     }
@@ -228,7 +370,7 @@ impl<'n> Table<'n> {
     }
 
     pub fn missing(&self, doc: &mut Doc, key: &str) {
-        doc.error(self.span.clone(), &self.field(key), "is required");
+        doc.shape_error(self.span.clone(), &self.field(key), "is required");
     }
 
     pub fn str(&mut self, doc: &mut Doc, key: &str) -> Option<String> {
@@ -243,6 +385,7 @@ impl<'n> Table<'n> {
     }
 
     pub fn req_str(&mut self, doc: &mut Doc, key: &str) -> Option<String> {
+        self.ask(key);
         if !self.has(key) {
             self.missing(doc, key);
             return None;

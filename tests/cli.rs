@@ -163,3 +163,102 @@ fn endless_files_are_refused_not_read_forever() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("is larger than"), "{err}");
 }
+
+/// Writes `files` (name, text) into a fresh directory.
+fn files(list: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in list {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+const ONE_DEVICE: &str = "[[devices]]\nid = \"d-{n}\"\ncount = 2\n";
+
+#[test]
+fn check_and_run_refuse_the_same_configs_with_the_same_lines() {
+    // Azure without id_scope or group_key: the DPS group template cannot work.
+    let dir = files(&[("c.toml", "scenarios = [\"s.toml\"]\n[hub]\nmode = \"azure\"\n"), ("s.toml", ONE_DEVICE)]);
+    let cfg = dir.path().join("c.toml");
+    let (code, _, check_err) = fleetsim(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 64, "{check_err}");
+    let s = dir.path().join("s.toml").display().to_string();
+    assert!(
+        check_err.contains(&format!(
+            "{s}:1:1: provisioning: template \"s\" registers through DPS, which needs hub.id_scope"
+        )),
+        "{check_err}"
+    );
+    assert!(check_err.contains("needs hub.group_key"), "{check_err}");
+    let (code, _, run_err) = fleetsim(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!((code, run_err.as_str()), (64, check_err.as_str()), "run refuses exactly what check refuses");
+}
+
+#[test]
+fn check_without_arguments_checks_the_example_config_like_run_reads_it() {
+    let (code, out, err) = fleetsim(&["check"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, fleetsim(&["check", "--config", "config.example.toml"]).1);
+}
+
+#[test]
+fn a_bad_hub_config_exits_64_from_hub_run_and_check_with_positions() {
+    let dir = files(&[
+        ("h.toml", "hostname = \"a b\"\n[behaviour]\nmax_subscriptions = 0\n"),
+        ("c.toml", "scenarios = [\"s.toml\"]\n[hub]\nconfig = \"h.toml\"\n"),
+        ("s.toml", ONE_DEVICE),
+    ]);
+    let h = dir.path().join("h.toml").display().to_string();
+    let want = [
+        format!("{h}:1:12: hostname `a b` is not a host name"),
+        format!("{h}:3:21: behaviour.max_subscriptions must be from 1 to 1000"),
+    ];
+    let hub_dir = dir.path().join("data");
+    let cfg = dir.path().join("c.toml");
+    for args in [
+        vec!["hub", "--config", &h, "--data-dir", hub_dir.to_str().unwrap()],
+        vec!["run", "--config", cfg.to_str().unwrap()],
+        vec!["check", "--config", cfg.to_str().unwrap()],
+    ] {
+        let (code, _, err) = fleetsim(&args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert_eq!(err.lines().collect::<Vec<_>>(), want, "{args:?}");
+    }
+    assert!(!hub_dir.exists() && !dir.path().join(".fleetsim").exists(), "nothing was started");
+    // A syntax error in the hub file is located too.
+    std::fs::write(dir.path().join("h.toml"), "[behaviour\n").unwrap();
+    let (code, _, err) = fleetsim(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(code == 64 && err.starts_with(&format!("{h}:1:")), "{err}");
+}
+
+#[test]
+fn every_file_is_checked_even_when_the_config_has_errors_and_problems_come_in_order() {
+    let dir = files(&[
+        ("c.toml", "scenarios = [\"s.toml\", \"gone/*.toml\"]\n[device]\nbufer = 300\n"),
+        (
+            "s.toml",
+            "[[devices]]\nid = \"d-{n}\"\ncount = 2\n[[devices.writable]]\nname = \"speed\"\ndefault = 50\nmax = 10\n[[devices.writable]]\nname = \"mode\"\ntype = \"string\"\ndefault = 3\n",
+        ),
+    ]);
+    let cfg = dir.path().join("c.toml");
+    let (code, _, err) = fleetsim(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    let (c, s) = (cfg.display().to_string(), dir.path().join("s.toml").display().to_string());
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with(&format!("{c}:1:13: scenarios: \"gone/*.toml\": cannot list")), "{err}");
+    assert!(lines[0].ends_with("no such file or directory"), "no `entity not found`: {err}");
+    assert_eq!(lines[1], format!("{c}:3:1: device.bufer: unknown field; did you mean `buffer`?"));
+    assert_eq!(lines[2], format!("{s}:6:11: devices[0].writable[0].default: 50 is above max (10)"));
+    assert_eq!(lines[3], format!("{s}:11:11: devices[0].writable[1].default: 3 is not of the declared type"));
+}
+
+#[test]
+fn a_syntax_error_is_not_followed_by_guesses_about_the_shape() {
+    let dir = files(&[("s.toml", "[[devices]\nid = \"x-{n}\"\ncount = 0\n")]);
+    let s = dir.path().join("s.toml");
+    let (code, _, err) = fleetsim(&["check", s.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.starts_with(&format!("{}:1:", s.display())), "{err}");
+    assert!(!err.contains("[[devices]] table") && !err.contains("unknown field"), "spurious shape errors:\n{err}");
+}

@@ -77,7 +77,7 @@ impl KeyPlan {
 /// Reads an `id,key` file (one per line; `#` comments). Errors name the file and line.
 pub fn load_keys_file(path: &Path) -> Result<HashMap<String, Key>, String> {
     let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        .map_err(|e| format!("{}: cannot read: {}", path.display(), crate::tomlread::io_reason(&e)))?;
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();

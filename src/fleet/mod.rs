@@ -33,6 +33,7 @@ use crate::metrics::{DeviceState, FleetMetrics};
 use crate::provision::dps::DpsEndpoint;
 use crate::provision::registry::ServiceClient;
 use crate::scenario::model::{DeviceTemplate, Provisioning};
+use crate::tomlread::Diagnostic;
 use expand::{KeyPlan, Shard};
 
 pub struct RunningFleet {
@@ -158,53 +159,112 @@ fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
     })
 }
 
-/// Checks that the hub configuration can serve every template; all problems at once.
-fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Result<(), ConfigProblems> {
+/// What the hub settings give the templates to work with: an emulator gives everything, Azure
+/// what its settings name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Provides {
+    pub dps: bool,
+    pub group_key: bool,
+    pub dps_service: bool,
+    pub hub_host: bool,
+    pub service: bool,
+}
+
+impl Provides {
+    fn of(w: &Wiring) -> Provides {
+        Provides {
+            dps: w.target.dps.is_some(),
+            group_key: w.group.is_some(),
+            dps_service: w.dps_service.is_some(),
+            hub_host: w.target.hub_host.is_some(),
+            service: w.service.is_some(),
+        }
+    }
+
+    /// What a config's hub settings will provide, known before anything starts.
+    pub fn of_config(hub: &HubMode) -> Provides {
+        match hub {
+            HubMode::Azure(a) => Provides {
+                dps: a.id_scope.is_some(),
+                group_key: a.group_key.is_some(),
+                dps_service: a.dps_service_connection_string.is_some(),
+                hub_host: a.hub_host.is_some() || a.service_connection_string.is_some(),
+                service: a.service_connection_string.is_some(),
+            },
+            HubMode::Embedded { .. } | HubMode::External { .. } => {
+                Provides { dps: true, group_key: true, dps_service: true, hub_host: true, service: true }
+            }
+        }
+    }
+}
+
+/// Every way the templates need more than the hub settings provide, each located at its
+/// template (`[[devices]]`) and naming the setting to add.
+pub fn template_problems(p: Provides, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Vec<Diagnostic> {
     let mut problems = Vec::new();
     for t in templates {
-        let name = format!("{} ({})", t.name, t.file.display());
+        let mut need = |field: &str, message: String| {
+            problems.push(Diagnostic {
+                file: t.file.display().to_string(),
+                line: t.at.0,
+                column: t.at.1,
+                field: field.to_owned(),
+                message: format!("template \"{}\" {message}", t.name),
+            })
+        };
         match t.provisioning {
             Provisioning::Dps { individual, .. } => {
-                if w.target.dps.is_none() {
-                    problems.push(format!("{name}: DPS provisioning needs hub.id_scope"));
+                if !p.dps {
+                    need("provisioning", "registers through DPS, which needs hub.id_scope in the config".into());
                 }
-                if !individual && w.group.is_none() {
-                    problems.push(format!("{name}: group enrollment needs hub.group_key"));
+                if !individual && !p.group_key {
+                    need("enrollment", "uses a group enrollment, which needs hub.group_key in the config".into());
                 }
-                if individual && w.dps_service.is_none() && t.keys_file.is_none() {
-                    problems.push(format!(
-                        "{name}: individual enrollments need keys_file or hub.dps_service_connection_string"
-                    ));
+                if individual && !p.dps_service && t.keys_file.is_none() {
+                    need(
+                        "enrollment",
+                        "uses individual enrollments, which need keys_file or hub.dps_service_connection_string".into(),
+                    );
                 }
             }
             Provisioning::ConnectionString => {
-                if w.target.hub_host.is_none() {
-                    problems.push(format!(
-                        "{name}: connection-string devices need hub.hub_host or hub.service_connection_string"
-                    ));
+                if !p.hub_host {
+                    need(
+                        "provisioning",
+                        "connects by connection string, which needs hub.hub_host or hub.service_connection_string"
+                            .into(),
+                    );
                 }
-                if w.service.is_none() && t.keys_file.is_none() {
-                    problems.push(format!(
-                        "{name}: connection-string devices need keys_file or hub.service_connection_string"
-                    ));
+                if !p.service && t.keys_file.is_none() {
+                    need(
+                        "provisioning",
+                        "connects by connection string, which needs keys_file or hub.service_connection_string".into(),
+                    );
                 }
             }
         }
-        if !t.modules.is_empty() && w.service.is_none() && t.keys_file.is_none() {
-            problems.push(format!(
-                "{name}: modules need keys_file or hub.service_connection_string (they are not provisioned by DPS)"
-            ));
+        if !t.modules.is_empty() && !p.service && t.keys_file.is_none() {
+            need(
+                "modules",
+                "has modules, which need keys_file or hub.service_connection_string (DPS does not create them)".into(),
+            );
         }
-        if !t.modules.is_empty() && w.target.hub_host.is_none() {
-            problems.push(format!("{name}: modules need hub.hub_host or hub.service_connection_string"));
+        if !t.modules.is_empty() && !p.hub_host {
+            need("modules", "has modules, which need hub.hub_host or hub.service_connection_string".into());
         }
         if let Some(f) = &t.keys_file
             && !keys_files.contains_key(f)
         {
-            problems.push(format!("{name}: keys_file {} was not loaded", f.display()));
+            need("keys_file", format!("names {}, which was not loaded", f.display()));
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(ConfigProblems(problems)) }
+    problems
+}
+
+/// Checks that the hub configuration can serve every template; all problems at once.
+fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Result<(), ConfigProblems> {
+    let problems = template_problems(Provides::of(w), templates, keys_files);
+    if problems.is_empty() { Ok(()) } else { Err(ConfigProblems(problems.iter().map(ToString::to_string).collect())) }
 }
 
 /// The configuration and the scenarios do not fit together (exit status 64 material).
@@ -219,10 +279,10 @@ impl std::fmt::Display for ConfigProblems {
 
 impl std::error::Error for ConfigProblems {}
 
-type KeyFiles = HashMap<std::path::PathBuf, HashMap<String, Key>>;
+pub type KeyFiles = HashMap<std::path::PathBuf, HashMap<String, Key>>;
 
 /// The `keys_file`s the templates name, loaded; every unreadable one reported.
-fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigProblems> {
+pub fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigProblems> {
     let mut files = HashMap::new();
     let mut problems = Vec::new();
     for f in templates.iter().filter_map(|t| t.keys_file.clone()) {
@@ -256,7 +316,9 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
             (Some(running), Some(info), w)
         }
         HubMode::External { hub_json } => {
-            let info = HubInfo::load(hub_json)?;
+            let info = HubInfo::load(hub_json).context(
+                "cannot read the external emulator's hub.json (is `fleetsim hub` running with that --data-dir?)",
+            )?;
             let w = from_emulator(&info)?;
             (None, Some(info), w)
         }

@@ -178,6 +178,9 @@ pub struct ModuleTemplate {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceTemplate {
     pub file: PathBuf,
+    /// Line and column of the template's `[[devices]]` table in `file`, for problems found later
+    /// (the hub settings cannot serve it).
+    pub at: (usize, usize),
     pub name: String,
     pub count: u64,
     pub first: u64,

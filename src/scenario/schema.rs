@@ -43,7 +43,7 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Diagnostics> {
                 line: 1,
                 column: 1,
                 field: String::new(),
-                message: format!("cannot read: {e}"),
+                message: format!("cannot read: {}", crate::tomlread::io_reason(&e)),
             }),
         }
     }
@@ -58,7 +58,7 @@ pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Diagnos
     if let Some(mut top) = doc.table(&root, "") {
         let devices = top.tables(&mut doc, "devices");
         if devices.is_empty() && !top.has("devices") {
-            doc.error(0..0, "devices", "a scenario needs at least one [[devices]] table");
+            doc.shape_error(0..0, "devices", "a scenario needs at least one [[devices]] table");
         }
         for (i, t) in devices.into_iter().enumerate() {
             if let Some(tpl) = device(&mut doc, t, path, i) {
@@ -68,11 +68,12 @@ pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Diagnos
         top.finish(&mut doc);
     }
     let ok = doc.ok();
-    (if ok { out } else { Vec::new() }, doc.diags)
+    (if ok { out } else { Vec::new() }, doc.into_diags())
 }
 
 fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<DeviceTemplate> {
     let before = doc.diags.len();
+    let at = doc.position(&t.span);
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = t.str(doc, "name").unwrap_or_else(|| if index == 0 { stem.clone() } else { format!("{stem}-{index}") });
     let count = t.u64(doc, "count").unwrap_or(1);
@@ -152,6 +153,7 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
     }
     Some(DeviceTemplate {
         file: path.to_owned(),
+        at,
         name,
         count,
         first,
@@ -214,6 +216,21 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             }
             _ => None,
         };
+        // The default is reported as the device's value, so it must be one the device would accept.
+        if let Some(d) = &default {
+            let at = w.span_of("default");
+            if !kind.matches(d) {
+                doc.error(at.clone(), &w.field("default"), format!("{d} is not of the declared type"));
+            }
+            if let Some(x) = d.as_f64() {
+                if let Some(b) = max.filter(|b| x > *b) {
+                    doc.error(at.clone(), &w.field("default"), format!("{x} is above max ({b})"));
+                }
+                if let Some(a) = min.filter(|a| x < *a) {
+                    doc.error(at, &w.field("default"), format!("{x} is below min ({a})"));
+                }
+            }
+        }
         writable.push(WritableSpec {
             name,
             component,
