@@ -45,7 +45,9 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only a terminal: a log file or a pipe gets plain text (NO_COLOR also turns it off).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if cli.log_json { builder.json().init() } else { builder.init() }
 }
 
@@ -167,6 +169,7 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
         }
     };
     println!("fleetsim: {} identities (shard {}/{})", running.identities(), shard.index, shard.count);
+    println!("  target:       {}", fleet::describe_target(&cfg.hub, running.hub_info.as_ref()));
     if let (Some(info), HubMode::Embedded { .. }) = (&running.hub_info, &cfg.hub) {
         println!("  embedded hub: {}", info.mqtt_addr);
         println!(
@@ -190,8 +193,16 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             _ = hangup.recv() => reload(&args.config, &cfg, &mut running).await,
         }
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: draining in-flight telemetry");
+    let m = running.shared.metrics.clone();
     running.shutdown().await;
+    tracing::info!(
+        acked = m.telemetry_acked.get(),
+        never_sent = m.dropped("shutdown"),
+        unacked = m.dropped("unacked_at_shutdown"),
+        buffer_full = m.dropped("buffer_full"),
+        "stopped: every identity drained and disconnected"
+    );
     ExitCode::SUCCESS
 }
 

@@ -79,6 +79,12 @@ pub struct FleetMetrics {
     pub c2d_received: IntCounter,
     twin: IntCounterVec,
     credential_reruns: IntCounterVec,
+    /// First connections ever made: unlike `ever_connected`, a reload never lowers it, so rates
+    /// computed from it are never negative.
+    first_connects: std::sync::atomic::AtomicU64,
+    /// When the latest first connection happened: the moment a ramp completed, not the progress
+    /// tick that noticed it.
+    last_first_connect: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -170,6 +176,8 @@ impl Default for FleetMetrics {
             devices,
             state_handles,
             registry: r,
+            first_connects: Default::default(),
+            last_first_connect: Default::default(),
         };
         for reason in Self::DROP_REASONS {
             m.telemetry_dropped.with_label_values(&[reason]);
@@ -182,6 +190,23 @@ impl Default for FleetMetrics {
 }
 
 impl FleetMetrics {
+    /// An identity connected for the first time.
+    pub fn connected_first_time(&self) {
+        self.ever_connected.inc();
+        self.first_connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.last_first_connect.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// First connections so far (never decreases).
+    pub fn first_connects(&self) -> u64 {
+        self.first_connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When the latest first connection happened.
+    pub fn last_first_connect(&self) -> Option<std::time::Instant> {
+        *self.last_first_connect.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Moves one identity from one state to another (`None`: it is new).
     pub fn transition(&self, from: Option<DeviceState>, to: DeviceState) {
         if let Some(f) = from {

@@ -27,8 +27,11 @@ pub struct ServiceClient {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("the service API answered {status}: {error_code}")]
+    /// A non-2xx answer: the hub's error code and its message (IoT Hub puts the reason there:
+    /// which argument of a query is invalid, which device was not found).
+    #[error("the service API answered {status}: {error_code}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
     Status { status: u16, error_code: String, message: String },
+    /// No answer: the URL (never a token: the signature travels in a header) and every cause.
     #[error("the service API could not be reached: {0}")]
     Unreachable(String),
     #[error("the connection string is not a service (policy) connection string")]
@@ -106,11 +109,13 @@ impl ServiceClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ServiceError::Unreachable(e.without_url().to_string()))?;
+        let unreachable = |e: reqwest::Error| ServiceError::Unreachable(crate::device::failures::chain(&e));
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let (error_code, continuation) = (header("iothub-errorcode").unwrap_or_default(), header("x-ms-continuation"));
-        let bytes = resp.bytes().await.map_err(|e| ServiceError::Unreachable(e.without_url().to_string()))?;
+        let (mut error_code, continuation) =
+            (header("iothub-errorcode").unwrap_or_default(), header("x-ms-continuation"));
+        let bytes = resp.bytes().await.map_err(unreachable)?;
         let value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -125,6 +130,9 @@ impl ServiceClient {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        if error_code.is_empty() {
+            error_code = value.get("ErrorCode").and_then(Value::as_str).unwrap_or("(no error code)").to_owned();
+        }
         Err(ServiceError::Status { status, error_code, message })
     }
 

@@ -1,5 +1,5 @@
-//! Process-level plumbing: the open-files limit and termination signals; and a timer that may
-//! be unset, which the hub's connections and the fleet's devices both wait on.
+//! Process-level plumbing: the open-files limit, termination signals, the process's own metrics;
+//! and a timer that may be unset, which the hub's connections and the fleet's devices both wait on.
 
 /// Raises the soft open-files limit to the hard limit: every connection is a descriptor.
 pub fn raise_fd_limit() {
@@ -57,5 +57,78 @@ pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The process's own metrics in the Prometheus text format, named as Prometheus' client
+/// libraries name them (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, `process_start_time_seconds`), plus `fleetsim_build_info{version}` = 1.
+/// Read from /proc on Linux; elsewhere only the build info.
+pub fn process_metrics() -> String {
+    let mut out = format!(
+        "# HELP fleetsim_build_info The running fleetsim's version\n# TYPE fleetsim_build_info gauge\nfleetsim_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    #[cfg(target_os = "linux")]
+    if let Some(p) = linux_process() {
+        for (name, kind, help, value) in [
+            ("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds", p.cpu_secs),
+            ("process_resident_memory_bytes", "gauge", "Resident memory size, in bytes", p.rss_bytes),
+            ("process_open_fds", "gauge", "Open file descriptors", p.open_fds),
+            ("process_start_time_seconds", "gauge", "Start time since the Unix epoch, in seconds", p.start_secs),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+struct ProcessStats {
+    cpu_secs: f64,
+    rss_bytes: f64,
+    open_fds: f64,
+    start_secs: f64,
+}
+
+/// proc(5): fields 14-15 (utime, stime) and 22 (starttime) of /proc/self/stat are in clock
+/// ticks, 24 (rss) in pages; the boot time is `btime` in /proc/stat.
+#[cfg(target_os = "linux")]
+fn linux_process() -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields are counted after its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf only reads configuration values.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK) as f64, libc::sysconf(libc::_SC_PAGESIZE) as f64) };
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(ProcessStats {
+        cpu_secs: (field(14)? + field(15)?) / ticks,
+        rss_bytes: field(24)? * page,
+        open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()) as f64,
+        start_secs: boot + field(22)? / ticks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_metrics_are_in_the_text_format() {
+        let text = super::process_metrics();
+        assert!(text.contains(&format!("fleetsim_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        #[cfg(target_os = "linux")]
+        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+            let value: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .parse()
+                .unwrap();
+            assert!(value > 0.0 || name == "process_cpu_seconds_total", "{name} = {value}");
+        }
     }
 }

@@ -109,3 +109,35 @@ async fn bad_credentials_and_arguments_are_reported_without_secrets() {
     let out = fleetsim(args(&missing, &["twin", "d1/m/x"])).await;
     assert_eq!(out.code, 64, "{}", out.stderr);
 }
+
+/// Errors that name their cause: the URL and the network reason when the hub cannot be reached,
+/// the hub's own message with a refused query, what a selector matched when it matched nothing.
+#[tokio::test]
+async fn errors_carry_their_cause() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cs = format!("HostName=127.0.0.1:{port};SharedAccessKeyName=iothubowner;SharedAccessKey=c2VjcmV0");
+    let out = fleetsim(vec!["devices".into(), "--connection-string".into(), cs]).await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    for want in [format!("https://127.0.0.1:{port}/"), "Connection refused".to_owned()] {
+        assert!(out.stderr.contains(&want), "no {want:?} in {}", out.stderr);
+    }
+
+    let f = FleetUnderTest::start(&[repo("scenarios/environmental-sensor.toml")], "").await;
+    let hub_json = f.fleet().hub.as_ref().unwrap().info_path.display().to_string();
+    let run = |rest: &[&str]| fleetsim(args(&hub_json, rest));
+    let bad = run(&["devices", "--query", "SELECT deviceId FROM devices"]).await;
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    let line = bad.stderr.lines().next().unwrap_or_default();
+    let (_, message) = line.split_once("400: ").unwrap_or_else(|| panic!("no status in {line}"));
+    assert!(message.contains(':') && message.len() > "ArgumentInvalid".len() + 2, "the hub's message is kept: {line}");
+
+    for (rest, want) in [
+        (vec!["invoke", "--prefix", "no-such-", "blink"], "no device id starts with `no-such-` (5 devices in the hub)"),
+        (vec!["twin", "--prefix", "no-such-", "--desired", "{}"], "no device id starts with `no-such-`"),
+        (vec!["invoke", "--query", "SELECT * FROM devices WHERE deviceId = 'x'", "blink"], "selected no device"),
+    ] {
+        let out = run(&rest).await;
+        assert_eq!(out.code, 1, "{rest:?}: {}", out.stderr);
+        assert!(out.stderr.contains(want), "{rest:?}: {}", out.stderr);
+    }
+}

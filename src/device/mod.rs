@@ -2,6 +2,7 @@
 //! `behaviour` is the device's mind (no I/O), `runtime` its body (connection, timers, retries).
 
 pub mod behaviour;
+pub mod failures;
 pub mod mqtt;
 pub mod outbox;
 pub mod ramp;

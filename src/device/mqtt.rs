@@ -19,7 +19,7 @@ const KEEP: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("the hub refused the connection ({0:?})")]
+    #[error("the hub refused the connection: CONNACK {code} ({0:?})", code = *.0 as u8)]
     Refused(ConnectReturnCode),
     #[error("connection failed: {0}")]
     Io(#[from] io::Error),

@@ -22,7 +22,7 @@ pub fn hub_forgot(e: &ConnectError) -> bool {
 /// register or poll call, or CONNACK 4/5 over MQTT): an individual enrollment that no longer
 /// exists. Throttling, timeouts and 5xx are transient.
 pub fn dps_forgot(e: &ProvisionError) -> bool {
-    matches!(e, ProvisionError::Unauthorized(_))
+    matches!(e, ProvisionError::Unauthorized(..))
 }
 
 /// Which credential step runs again; the `step` label of `fleetsim_credential_reruns_total`.
@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn only_dps_authorization_refusals_mean_the_enrollment_is_gone() {
         for status in [401, 403, 404] {
-            assert!(dps_forgot(&ProvisionError::Unauthorized(status)));
+            assert!(dps_forgot(&ProvisionError::Unauthorized(status, String::new())));
         }
         for e in [
             ProvisionError::Throttled { retry_after: std::time::Duration::from_secs(1) },

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{Agent, Out};
+use super::failures;
 use super::mqtt::{ConnectError, MqttConn};
 use super::outbox::{OfflinePolicy, Outbox, Pushed};
 use super::ramp::Ramp;
@@ -104,6 +105,8 @@ pub struct Shared {
     pub run_id: Arc<str>,
     /// Set at the end of a CI run: devices take no more readings, so what is buffered can drain.
     pub quiesce: std::sync::atomic::AtomicBool,
+    /// Why identities fail to provision or connect: told once per template and kind, counted.
+    pub failures: super::failures::Failures,
 }
 
 /// How an identity gets onto the hub.
@@ -127,6 +130,8 @@ pub enum Credentials {
 /// restarts the identity although `Debug` shows no key material.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdentitySpec {
+    /// The scenario template it comes from (failures are told once per template and kind).
+    pub template: Arc<str>,
     pub device_id: Arc<str>,
     pub module_id: Option<Arc<str>>,
     pub n: u64,
@@ -334,7 +339,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                 failures = 0;
                 if !ever_connected {
                     ever_connected = true;
-                    m.ever_connected.inc();
+                    m.connected_first_time();
                 }
                 state.to(DeviceState::Connected);
                 match session(conn, &spec, &device_id, &shared, &mut agent, &mut carry, Until { renew_at, cancel })
@@ -346,6 +351,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                         continue;
                     }
                     End::Reboot { downtime, method, answer } => {
+                        tracing::info!(device = %spec.device_id, method = %method, downtime_secs = downtime.as_secs_f64(), "rebooting");
                         state.to(DeviceState::Rebooting);
                         m.reconnect("reboot");
                         // A rebooting device takes no readings.
@@ -369,7 +375,14 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                     ConnectError::Timeout => "timeout",
                     ConnectError::Io(_) | ConnectError::Protocol => "error",
                 });
-                tracing::debug!(device = %spec.device_id, error = %e, "connect failed");
+                let (host, port) = dial(&spec, &shared, &host);
+                let detail = format!("{host}:{port}: {}", failures::chain(&e));
+                let failure = match &e {
+                    ConnectError::Refused(code) => failures::connack(*code as u8, detail),
+                    ConnectError::Timeout => failures::network(format!("{detail} (connect_timeout)")),
+                    _ => failures::network(detail),
+                };
+                shared.failures.report(&spec.template, &spec.device_id, "connect", failure);
                 failures += 1;
                 if recovery::hub_forgot(&e) {
                     // The hub no longer takes this identity's key (it restarted with an empty
@@ -425,7 +438,8 @@ async fn obtain(
             if *individual && !*ensured {
                 if let Some(s) = &shared.dps_service {
                     s.ensure_enrollment(&spec.device_id, key).await.map_err(|e| {
-                        tracing::warn!(device = %spec.device_id, error = %e, "cannot create the DPS enrollment");
+                        let f = failures::registry(format!("creating the individual enrollment: {e}"));
+                        shared.failures.report(&spec.template, &spec.device_id, "enrollment", f);
                         (backoff(), false)
                     })?;
                 }
@@ -453,6 +467,9 @@ async fn obtain(
                 }
                 Err(e) if recovery::dps_forgot(&e) => {
                     m.provisioned("unauthorized");
+                    let ProvisionError::Unauthorized(status, _) = &e else { unreachable!("dps_forgot") };
+                    let f = failures::dps_status(*status, e.to_string());
+                    shared.failures.report(&spec.template, &spec.device_id, "provisioning", f);
                     // An individual enrollment this fleet made can be made again (DPS forgot it,
                     // or someone deleted it); a group enrollment or a keys file cannot.
                     let reenroll = *individual && shared.dps_service.is_some();
@@ -464,8 +481,13 @@ async fn obtain(
                     Err((backoff(), reenroll))
                 }
                 Err(e) => {
+                    let failure = match &e {
+                        ProvisionError::Failed(_) => failures::dps_status(400, e.to_string()),
+                        ProvisionError::Timeout => failures::network(format!("{e} (timeout)")),
+                        _ => failures::network(e.to_string()),
+                    };
+                    shared.failures.report(&spec.template, &spec.device_id, "provisioning", failure);
                     m.provisioned("error");
-                    tracing::debug!(device = %spec.device_id, error = %e, "provisioning failed");
                     Err((backoff(), false))
                 }
             }
@@ -481,7 +503,8 @@ async fn obtain(
                         _ => s.ensure_device(&spec.device_id, key).await,
                     };
                     r.map_err(|e| {
-                        tracing::warn!(device = %spec.device_id, error = %e, "cannot create the identity");
+                        let f = failures::registry(format!("creating the identity: {e}"));
+                        shared.failures.report(&spec.template, &spec.device_id, "identity", f);
                         (backoff(), false)
                     })?;
                 }
@@ -493,6 +516,13 @@ async fn obtain(
     }
 }
 
+/// The host and port an identity dials: the gateway (or emulator elsewhere) when there is one.
+fn dial(spec: &IdentitySpec, shared: &Shared, host: &str) -> (String, u16) {
+    let t = &shared.target;
+    let port = if spec.transport == Transport::WebSockets { t.ws_port } else { t.mqtt_port };
+    (t.gateway_host.clone().unwrap_or_else(|| host.to_owned()), port)
+}
+
 async fn connect(
     spec: &IdentitySpec,
     shared: &Shared,
@@ -500,13 +530,8 @@ async fn connect(
     device_id: &str,
     expiry: u64,
 ) -> Result<MqttConn, ConnectError> {
-    let websocket = spec.transport == Transport::WebSockets;
-    let t = &shared.target;
-    let ep = Endpoint {
-        host: t.gateway_host.clone().unwrap_or_else(|| host.to_owned()),
-        port: if websocket { t.ws_port } else { t.mqtt_port },
-        websocket,
-    };
+    let (dial_host, port) = dial(spec, shared, host);
+    let ep = Endpoint { host: dial_host, port, websocket: spec.transport == Transport::WebSockets };
     let timeout = shared.settings.connect_timeout;
     let io = tokio::time::timeout(timeout, transport::open(&ep, shared.tls.clone()))
         .await
@@ -579,7 +604,10 @@ impl Session<'_> {
                 Out::MethodResponse { rid, status, payload } => {
                     self.conn.publish(topic::method_response(status, &rid), payload, QoS::AtLeastOnce);
                 }
-                Out::CommandRan { name, status } => m.command(&name, status),
+                Out::CommandRan { name, status } => {
+                    tracing::info!(device = %self.spec.device_id, module = ?self.spec.module_id, command = %name, status, "command");
+                    m.command(&name, status)
+                }
                 Out::Acked { status, latency } => {
                     m.writable_ack(status);
                     m.writable_ack_seconds.observe(latency.as_secs_f64());

@@ -102,6 +102,7 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
         let modules: Vec<_> =
             tpl.modules.iter().map(|m| (Arc::<str>::from(m.id.as_str()), Arc::new(m.behaviour.clone()))).collect();
         let model: Option<Arc<str>> = tpl.model_id.as_deref().map(Arc::from);
+        let template: Arc<str> = Arc::from(tpl.name.as_str());
         for n in tpl.first..tpl.first + tpl.count {
             let mine = ordinal % shard.count == shard.index;
             ordinal += 1;
@@ -121,6 +122,7 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
                 Provisioning::ConnectionString => Credentials::Direct { key: key.clone(), parent_key: None },
             };
             out.push(IdentitySpec {
+                template: template.clone(),
                 device_id: device_id.clone(),
                 module_id: None,
                 n,
@@ -131,6 +133,7 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
             });
             for (mid, mb) in &modules {
                 out.push(IdentitySpec {
+                    template: template.clone(),
                     device_id: device_id.clone(),
                     module_id: Some(mid.clone()),
                     n,

@@ -299,7 +299,7 @@ pub fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigPr
 pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Shard) -> anyhow::Result<RunningFleet> {
     let keys_files = load_key_files(&templates)?;
 
-    let (hub, hub_info, wiring) = match &cfg.hub {
+    let (mut hub, mut hub_info, wiring) = match &cfg.hub {
         HubMode::Embedded { data_dir, mqtt_addr, https_addr, hub_config } => {
             let mut hc = match hub_config {
                 Some(p) => hub::config::HubConfig::load(p)?,
@@ -405,6 +405,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         provisioning: tokio::sync::Semaphore::new(cfg.settings.provision_concurrency.max(1)),
         run_id: format!("{:08x}", rand::random::<u32>()).into(),
         quiesce: Default::default(),
+        failures: Default::default(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);
@@ -413,18 +414,30 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
     let total = Arc::new(std::sync::atomic::AtomicUsize::new(identities));
 
     let stop_aux = CancellationToken::new();
-    let mut aux = vec![tokio::spawn(progress(metrics.clone(), total.clone(), cfg.progress_interval, stop_aux.clone()))];
+    let mut aux = vec![tokio::spawn(progress(shared.clone(), total.clone(), cfg.progress_interval, stop_aux.clone()))];
     let mut metrics_addr = None;
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-        metrics_addr = Some(listener.local_addr()?);
+        let local = listener.local_addr()?;
+        metrics_addr = Some(local);
+        // The embedded emulator's metrics are served here: hub.json must say so.
+        if let Some(h) = hub.as_mut() {
+            h.info.metrics_url = Some(format!("http://{local}/metrics"));
+            h.info.save(&h.info_path).with_context(|| format!("cannot write {}", h.info_path.display()))?;
+            hub_info = Some(h.info.clone());
+        }
         let state =
             MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), total: total.clone() };
         aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
     }
-    tracing::info!(identities, shard = %format!("{}/{}", shard.index, shard.count), "fleet started");
+    tracing::info!(
+        identities,
+        shard = %format!("{}/{}", shard.index, shard.count),
+        aims_at = %describe_target(&cfg.hub, hub_info.as_ref()),
+        "fleet started"
+    );
     Ok(RunningFleet { hub, hub_info, shared, metrics_addr, tasks, total, wiring, shard, aux, stop_aux })
 }
 
@@ -444,6 +457,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
                 if let Some(h) = &s.hub {
                     text.push_str(&h.metrics.render());
                 }
+                text.push_str(&crate::sys::process_metrics());
                 text
             }),
         )
@@ -465,16 +479,24 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
     crate::httpserve::serve_plain(listener, app, limits, bound, "fleet metrics", stop).await
 }
 
-/// One line per interval while the fleet ramps up, then one when it is all connected.
+/// The progress log: one line per interval while the fleet ramps (with failures by kind), one
+/// when every identity has connected (timed from the last first connection, not the tick that
+/// noticed it), then a steady-state line at most once a minute (rates, acked, dropped,
+/// reconnects).
 async fn progress(
-    m: Arc<FleetMetrics>,
+    shared: Arc<Shared>,
     total: Arc<std::sync::atomic::AtomicUsize>,
     every: Duration,
     stop: CancellationToken,
 ) {
-    let started = tokio::time::Instant::now();
+    let m = &shared.metrics;
+    let mut ramp_start = std::time::Instant::now();
     let mut announced = false;
-    let mut last = 0i64;
+    let mut last_first = m.first_connects();
+    let steady_every = every.max(Duration::from_secs(60));
+    let mut steady_at = tokio::time::Instant::now() + steady_every;
+    let mut last = (m.telemetry_sent.get(), m.telemetry_acked.get(), m.dropped_count(), reconnects(m));
+    let mut last_at = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -484,28 +506,95 @@ async fn progress(
         }
         let total = total.load(std::sync::atomic::Ordering::Relaxed);
         let once = m.ever_connected.get();
+        let first = m.first_connects();
         let connected = m.state_count(DeviceState::Connected);
+        let failures = shared.failures.take();
+        let failed = !failures.is_empty();
+        let failures = if failed { failures } else { "none".to_owned() };
         if once as usize >= total {
             if !announced {
                 announced = true;
-                tracing::info!(
-                    identities = total,
-                    secs = started.elapsed().as_secs_f64(),
-                    "every identity has connected"
-                );
+                let secs =
+                    m.last_first_connect().map_or(0.0, |t| t.saturating_duration_since(ramp_start).as_secs_f64());
+                tracing::info!(identities = total, secs, "every identity has connected");
             }
+            let now = tokio::time::Instant::now();
+            if now >= steady_at || failed {
+                let secs = now.duration_since(last_at).as_secs_f64().max(0.001);
+                let current = (m.telemetry_sent.get(), m.telemetry_acked.get(), m.dropped_count(), reconnects(m));
+                tracing::info!(
+                    connected,
+                    of = total,
+                    sent_per_sec = ((current.0 - last.0) as f64 / secs * 10.0).round() / 10.0,
+                    acked_per_sec = ((current.1 - last.1) as f64 / secs * 10.0).round() / 10.0,
+                    acked = current.1,
+                    dropped = current.2,
+                    reconnects = current.3 - last.3,
+                    queued = m.telemetry_queued.get(),
+                    failures = %failures,
+                    "steady"
+                );
+                last = current;
+                last_at = now;
+                steady_at = now + steady_every;
+            }
+            last_first = first;
             continue;
+        }
+        if announced {
+            // A reload added identities: a new ramp.
+            announced = false;
+            ramp_start = std::time::Instant::now();
         }
         tracing::info!(
             connected,
             of = total,
-            per_sec = (once - last) as f64 / every.as_secs_f64(),
+            per_sec = first.saturating_sub(last_first) as f64 / every.as_secs_f64(),
             provisioning = m.state_count(DeviceState::Provisioning),
             backoff = m.state_count(DeviceState::Backoff),
             telemetry_acked = m.telemetry_acked.get(),
             telemetry_dropped = m.dropped_count(),
+            failures = %failures,
             "ramping"
         );
-        last = once;
+        last_first = first;
+    }
+}
+
+fn reconnects(m: &FleetMetrics) -> u64 {
+    m.reconnect_counts().values().filter_map(|v| v.as_u64()).sum()
+}
+
+/// What the fleet aims at, for the start banner and log: Azure's DPS host and id scope and the
+/// hub host, or which emulator. Never a key or connection string.
+pub fn describe_target(hub: &HubMode, info: Option<&HubInfo>) -> String {
+    match (hub, info) {
+        (HubMode::Azure(a), _) => {
+            let mut parts = Vec::new();
+            match &a.id_scope {
+                Some(scope) => parts.push(format!("DPS {}:{} id scope {scope}", a.dps_host, a.https_port)),
+                None => parts.push("no DPS (no id_scope)".to_owned()),
+            }
+            let host = a.hub_host.clone().or_else(|| {
+                let cs: ConnectionString = a.service_connection_string.as_ref()?.value.parse().ok()?;
+                Some(cs.host_name)
+            });
+            if let Some(h) = host {
+                parts.push(format!("hub {h}"));
+            }
+            if let Some(g) = &a.gateway_host {
+                parts.push(format!("via gateway {g}"));
+            }
+            parts.push(format!("MQTT port {}", a.mqtt_port));
+            if let Some(ca) = &a.ca_file {
+                parts.push(format!("trusting {}", ca.display()));
+            }
+            format!("Azure: {}", parts.join(", "))
+        }
+        (HubMode::Embedded { .. }, Some(i)) => format!("the embedded emulator at {} (hub {})", i.mqtt_addr, i.hostname),
+        (HubMode::External { hub_json }, Some(i)) => {
+            format!("the emulator of {} at {} (hub {})", hub_json.display(), i.mqtt_addr, i.hostname)
+        }
+        (_, None) => "an emulator".to_owned(),
     }
 }

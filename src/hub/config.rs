@@ -9,6 +9,10 @@ use serde::Deserialize;
 /// The largest `behaviour.max_message_bytes`: WebSocket frames and MQTT packets are bounded by it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Where `fleetsim hub`, the embedded emulator of `fleetsim run` and the operator commands
+/// (`devices`, `twin`, `invoke`, `token`: `DEFAULT_DATA_DIR/hub.json`) all look by default.
+pub const DEFAULT_DATA_DIR: &str = ".fleetsim/hub";
+
 /// Everything `fleetsim hub` can be told. Fields left out take the defaults below.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,7 +152,7 @@ impl Default for Behaviour {
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
-            data_dir: PathBuf::from("fleetsim-hub"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             hostname: "localhost".into(),
             extra_hostnames: Vec::new(),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 8883)),

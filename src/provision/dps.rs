@@ -34,9 +34,9 @@ pub struct Assignment {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    /// Wrong key, unknown registration: retrying will not help.
-    #[error("DPS refused the registration ({0})")]
-    Unauthorized(u16),
+    /// Wrong key, unknown registration: retrying will not help. The status and what DPS said.
+    #[error("DPS refused the registration: {0} {1}")]
+    Unauthorized(u16, String),
     #[error("DPS throttled the registration")]
     Throttled { retry_after: Duration },
     #[error("the registration failed: {0}")]
@@ -86,6 +86,16 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
         .map_or(DEFAULT_RETRY, |s| Duration::from_secs(s.max(1)))
 }
 
+/// A refusal's body, shortened: DPS says why in it (`{"errorCode":401002,"message":...}`).
+async fn answer(resp: reqwest::Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    let text = text.trim();
+    if text.is_empty() {
+        return "(no body)".to_owned();
+    }
+    text.chars().take(300).collect()
+}
+
 pub async fn register_https(
     http: &reqwest::Client,
     ep: &DpsEndpoint,
@@ -96,7 +106,8 @@ pub async fn register_https(
     let base = format!("https://{}:{}/{}/registrations/{reg}", ep.host, ep.https_port, ep.id_scope);
     let auth = token(ep, reg, key);
     let body = RegistrationRequest { registration_id: Some(reg.to_owned()), payload };
-    let unreachable = |e: reqwest::Error| ProvisionError::Unreachable(e.without_url().to_string());
+    // The URL names the scope and registration id, never a key: it says where we tried to go.
+    let unreachable = |e: reqwest::Error| ProvisionError::Unreachable(crate::device::failures::chain(&e));
     let resp = http
         .put(format!("{base}/register?api-version=2019-03-31"))
         .header("authorization", &auth)
@@ -106,12 +117,17 @@ pub async fn register_https(
         .map_err(unreachable)?;
     let status = resp.status().as_u16();
     let wait = retry_after(resp.headers());
-    match status {
-        200..=299 => {}
-        429 => return Err(ProvisionError::Throttled { retry_after: wait }),
-        401 | 403 | 404 => return Err(ProvisionError::Unauthorized(status)),
-        s if s >= 500 => return Err(ProvisionError::Unreachable(format!("DPS answered {s}"))),
-        s => return Err(ProvisionError::Failed(format!("DPS answered {s}"))),
+    if !(200..=299).contains(&status) && status != 429 {
+        let body = answer(resp).await;
+        let at = format!("PUT https://{}:{}/{}/registrations/{reg}/register", ep.host, ep.https_port, ep.id_scope);
+        return Err(match status {
+            401 | 403 | 404 => ProvisionError::Unauthorized(status, format!("from {at}: {body}")),
+            s if s >= 500 => ProvisionError::Unreachable(format!("{at} answered {s}: {body}")),
+            s => ProvisionError::Failed(format!("{at} answered {s}: {body}")),
+        });
+    }
+    if status == 429 {
+        return Err(ProvisionError::Throttled { retry_after: wait });
     }
     let op: OperationStatus = resp.json().await.map_err(unreachable)?;
     if let Some(a) = finish(op.clone())? {
@@ -132,8 +148,8 @@ pub async fn register_https(
             }
             // Throttled or busy: keep polling after the time DPS asked for.
             429 | 500..=599 => {}
-            401 | 403 => return Err(ProvisionError::Unauthorized(status)),
-            s => return Err(ProvisionError::Failed(format!("DPS answered {s} while polling"))),
+            401 | 403 => return Err(ProvisionError::Unauthorized(status, answer(resp).await)),
+            s => return Err(ProvisionError::Failed(format!("DPS answered {s} while polling: {}", answer(resp).await))),
         }
     }
     Err(ProvisionError::Timeout)
@@ -147,7 +163,14 @@ pub async fn register_mqtt(
     payload: Option<Value>,
 ) -> Result<Assignment, ProvisionError> {
     let endpoint = Endpoint { host: ep.host.clone(), port: ep.mqtt_port, websocket: false };
-    let io = transport::open(&endpoint, tls).await.map_err(|e| ProvisionError::Unreachable(e.to_string()))?;
+    let io = transport::open(&endpoint, tls).await.map_err(|e| {
+        ProvisionError::Unreachable(format!(
+            "{}:{} (MQTT): {}",
+            endpoint.host,
+            endpoint.port,
+            crate::device::failures::chain(&e)
+        ))
+    })?;
     let mut c = MqttConn::connect(
         io,
         reg,
@@ -158,7 +181,11 @@ pub async fn register_mqtt(
     )
     .await
     .map_err(|e| {
-        if e.is_auth() { ProvisionError::Unauthorized(401) } else { ProvisionError::Unreachable(e.to_string()) }
+        if e.is_auth() {
+            ProvisionError::Unauthorized(401, e.to_string())
+        } else {
+            ProvisionError::Unreachable(e.to_string())
+        }
     })?;
     let result = mqtt_flow(&mut c, reg, payload).await;
     c.disconnect().await;
@@ -190,8 +217,10 @@ async fn mqtt_flow(c: &mut MqttConn, reg: &str, payload: Option<Value>) -> Resul
                 c.flush().await.map_err(io)?;
             }
             429 => return Err(ProvisionError::Throttled { retry_after: retry }),
-            401 | 403 | 404 => return Err(ProvisionError::Unauthorized(status)),
-            s => return Err(ProvisionError::Failed(format!("DPS answered {s}"))),
+            401 | 403 | 404 => {
+                return Err(ProvisionError::Unauthorized(status, String::from_utf8_lossy(&body).into_owned()));
+            }
+            s => return Err(ProvisionError::Failed(format!("DPS answered {s}: {}", String::from_utf8_lossy(&body)))),
         }
     }
     Err(ProvisionError::Timeout)

@@ -106,6 +106,21 @@ impl Template {
         Ok(Template(parts))
     }
 
+    /// The value of a template that is exactly one placeholder, with its own JSON type: a
+    /// `"{payload}"` of `42` is `42`, not `"42"`; `{n}`, `{seq}` and `{version}` are integers.
+    /// `None` for anything else (text around it, a padded `{n:04}`), which renders as a string.
+    pub fn value(&self, ctx: &Ctx<'_>) -> Option<Value> {
+        let [Part::Var(v)] = self.0.as_slice() else { return None };
+        match v {
+            Var::Payload => ctx.payload.cloned(),
+            Var::Value => ctx.value.cloned(),
+            Var::N(0) => Some(json!(ctx.n)),
+            Var::Seq => Some(json!(ctx.seq)),
+            Var::Version => Some(json!(ctx.version.unwrap_or(0))),
+            _ => None,
+        }
+    }
+
     pub fn is_constant(&self) -> bool {
         self.0.iter().all(|p| matches!(p, Part::Lit(_)))
     }
@@ -286,6 +301,8 @@ impl Compiler {
         let mut t = doc.table(node, path)?;
         let kind = t.choice(doc, "kind", KINDS)?;
         let errors_before = doc.diags.len();
+        // A counter written with integers counts in integers: 2, not 2.0.
+        let mut whole = false;
         let num = |t: &mut crate::tomlread::Table<'_>, doc: &mut Doc, key: &str, default: Option<f64>| match (
             t.f64_in(doc, key, GENERATOR_NUMBERS),
             default,
@@ -329,6 +346,8 @@ impl Compiler {
                 Generator::Sine { min, max, period, phase: num(&mut t, doc, "phase", Some(0.0)) }
             }
             "counter" => {
+                whole =
+                    [t.get("start"), t.get("step")].iter().all(|n| n.is_none_or(|n| matches!(n.value, Val::Int(_))));
                 let start = num(&mut t, doc, "start", Some(0.0));
                 self.slots.push(start);
                 Generator::Counter { start, step: num(&mut t, doc, "step", Some(1.0)), slot: self.slots.len() - 1 }
@@ -372,11 +391,14 @@ impl Compiler {
         {
             doc.error(t.span.clone(), path, format!("min ({min}) is above max ({max})"));
         }
-        let rounding = if t.bool(doc, "integer") == Some(true) {
-            Rounding::Integer
-        } else {
-            // An f64 carries about 15 significant decimal digits; more decimals are a mistake.
-            Rounding::Float(t.u64_in(doc, "decimals", 0..=15).map(|d| d as u32))
+        let integer = t.bool(doc, "integer");
+        // An f64 carries about 15 significant decimal digits; more decimals are a mistake.
+        // `decimals = 0` asks for whole numbers, which JSON writes as integers (2855, not 2855.0).
+        let rounding = match (integer, t.u64_in(doc, "decimals", 0..=15)) {
+            (Some(true), _) | (None, Some(0)) => Rounding::Integer,
+            (_, Some(d)) => Rounding::Float(Some(d as u32)),
+            (None, None) if whole => Rounding::Integer,
+            _ => Rounding::Float(None),
         };
         t.finish(doc);
         (doc.diags.len() == errors_before).then(|| ValueSpec::Gen(Box::new(generator), rounding))
@@ -406,7 +428,7 @@ impl ValueSpec {
     pub fn eval(&self, ctx: &Ctx<'_>, state: &mut GenState, since_start: Duration, rng: &mut impl Rng) -> Value {
         match self {
             ValueSpec::Const(v) => v.clone(),
-            ValueSpec::Template(t) => Value::String(t.render(ctx)),
+            ValueSpec::Template(t) => t.value(ctx).unwrap_or_else(|| Value::String(t.render(ctx))),
             ValueSpec::Object(fields) => {
                 let mut m = Map::new();
                 for (k, v) in fields {
@@ -489,10 +511,10 @@ mod tests {
         let temp = v["temp"].as_f64().unwrap();
         assert!((1.0..=75.0).contains(&temp) && (temp * 10.0).fract().abs() < 1e-9);
         assert_eq!(
-            (v["seq"].as_f64(), v["id"].as_str(), v["nested"]["on"].as_bool()),
-            (Some(10.0), Some("dev-7"), Some(true))
+            (v["seq"].clone(), v["id"].as_str(), v["nested"]["on"].as_bool()),
+            (json!(10), Some("dev-7"), Some(true))
         );
-        assert_eq!(eval(&spec, &mut st)["seq"].as_f64(), Some(11.0), "counters advance per device");
+        assert_eq!(eval(&spec, &mut st)["seq"], json!(11), "counters advance per device");
     }
 
     #[test]
@@ -513,6 +535,28 @@ mod tests {
         assert_eq!(eval(s.as_ref().unwrap(), &mut st), json!(10.0), "a quarter period in, the sine is at its max");
         let (c, _, mut st) = compile(r#"{ kind = "choice", values = ["a", "b"] }"#);
         assert!(["a", "b"].contains(&eval(c.as_ref().unwrap(), &mut st).as_str().unwrap()));
+    }
+
+    /// JSON number types as written on the wire: `2`, not `2.0`, wherever the user asked for
+    /// whole numbers; a lone placeholder keeps its value's type.
+    #[test]
+    fn whole_numbers_are_json_integers_and_lone_placeholders_keep_their_type() {
+        let wire = |src: &str| {
+            let (spec, errs, mut st) = compile(src);
+            assert!(errs.is_empty(), "{errs:?}");
+            serde_json::to_string(&eval(spec.as_ref().unwrap(), &mut st)).unwrap()
+        };
+        assert_eq!(wire(r#"{ kind = "counter", start = 2, step = 3 }"#), "2");
+        assert_eq!(wire(r#"{ kind = "counter", start = 2.5 }"#), "2.5");
+        assert_eq!(wire(r#"{ kind = "counter", start = 2, step = 0.5 }"#), "2.0");
+        assert_eq!(wire(r#"{ kind = "uniform", min = 2855, max = 2855, decimals = 0 }"#), "2855");
+        assert_eq!(wire(r#"{ kind = "uniform", min = 2855, max = 2855, decimals = 1 }"#), "2855.0");
+        assert_eq!(wire(r#"{ kind = "sine", min = 0, max = 10, period = "60s", integer = true }"#), "10");
+        // `payload` is 5 in `eval`'s context; n is 7.
+        assert_eq!(
+            wire(r#"{ targetSpeed = "{payload}", n = "{n}", padded = "{n:03}", text = "at {payload}" }"#),
+            r#"{"targetSpeed":5,"n":7,"padded":"007","text":"at 5"}"#
+        );
     }
 
     #[test]

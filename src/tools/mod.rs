@@ -19,8 +19,9 @@ use crate::service::ServiceClient;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 
-/// Where an emulator started from this directory keeps its hub.json.
-const DEFAULT_HUB_JSON: &str = ".fleetsim/hub/hub.json";
+/// Where an emulator started from this directory keeps its hub.json (in
+/// `hub::config::DEFAULT_DATA_DIR`, a test holds them together).
+pub const DEFAULT_HUB_JSON: &str = ".fleetsim/hub/hub.json";
 
 /// The service client the options describe: a connection string (flag or environment) first,
 /// else a hub.json. The connection string's key never reaches an error message.
@@ -75,6 +76,15 @@ pub async fn select(client: &ServiceClient, s: &Selector) -> Result<Vec<(String,
     out.sort();
     out.dedup();
     out.truncate(s.limit as usize);
+    if out.is_empty() {
+        // Say what was asked and what there was, rather than a bare "0 calls".
+        let what = match (&s.query, &s.prefix) {
+            (Some(q), _) => format!("the query `{q}` selected no device"),
+            (None, Some(p)) => format!("no device id starts with `{p}` ({} devices in the hub)", twins.len()),
+            (None, None) => "the hub has no devices".to_owned(),
+        };
+        return Err(stop(EXIT_FAILED, what));
+    }
     Ok(out)
 }
 
@@ -113,6 +123,16 @@ pub fn show(name: &(String, Option<String>)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operator_commands_look_where_the_emulator_writes() {
+        let data = std::path::Path::new(crate::hub::config::DEFAULT_DATA_DIR);
+        assert_eq!(std::path::Path::new(DEFAULT_HUB_JSON), data.join("hub.json"));
+        use clap::Parser;
+        let cli = crate::cli::Cli::parse_from(["fleetsim", "token"]);
+        let crate::cli::Command::Token(t) = cli.command else { unreachable!() };
+        assert_eq!(t.hub_json, data.join("hub.json"));
+    }
 
     #[test]
     fn targets_are_device_or_device_slash_module() {

@@ -102,7 +102,10 @@ pub const METRICS_CONNECTIONS: usize = 256;
 /// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.
 pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
     let app = Router::new()
-        .route("/metrics", get(|State(hub): State<Hub>| async move { hub.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(hub): State<Hub>| async move { hub.metrics.render() + &crate::sys::process_metrics() }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(hub.clone());
     let bound = ConnectionBound::new(METRICS_CONNECTIONS);
