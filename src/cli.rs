@@ -42,6 +42,32 @@ pub enum Command {
     Twin(TwinArgs),
     /// Invoke a direct method on one identity, or on many at once (a method storm) with a selector.
     Invoke(InvokeArgs),
+    /// CI reports: `report merge` combines the shards of one run into one verdict.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub command: ReportCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Merge the CI reports of every shard of one run (JSON files, or pod logs holding them) into
+    /// one: counts summed, percentiles from the merged histograms, every check judged again.
+    /// Exit 0 if the merged run passes, 1 if it fails, 64 if a report cannot be read.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shard reports.
+    #[arg(required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Also write the merged report here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Where the service API is and how to sign for it.

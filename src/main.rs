@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             Command::Devices(args) => ExitCode::from(fleetsim::tools::devices::run(args).await),
             Command::Twin(args) => ExitCode::from(fleetsim::tools::twin::run(args).await),
             Command::Invoke(args) => ExitCode::from(fleetsim::tools::invoke::run(args).await),
+            Command::Report(args) => report(args),
         }
     })
 }
@@ -287,4 +288,40 @@ fn token(args: TokenArgs) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// `fleetsim report merge`: one verdict for a sharded run.
+fn report(args: fleetsim::cli::ReportArgs) -> ExitCode {
+    let fleetsim::cli::ReportCommand::Merge(args) = args.command;
+    let mut shards = Vec::new();
+    for path in &args.reports {
+        let found = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read: {}", fleetsim::tomlread::io_reason(&e)))
+            .and_then(|t| fleet::report::find_report(&t).ok_or_else(|| "holds no fleetsim CI report".to_owned()));
+        match found {
+            Ok(r) => shards.push(r),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let merged = match fleet::report::merge(&shards) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let text = serde_json::to_string_pretty(&merged).expect("a JSON value serializes");
+    println!("{text}");
+    if let Some(out) = &args.out
+        && let Err(e) = std::fs::write(out, format!("{text}\n"))
+    {
+        eprintln!("error: cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    let pass = merged["pass"] == true;
+    eprintln!("fleetsim: {} ({} shards)", if pass { "PASS" } else { "FAIL" }, shards.len());
+    if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -176,3 +176,53 @@ fn every_dashboard_query_names_an_exported_metric() {
     }
     assert!(queried >= 20, "the dashboard covers the metrics ({queried} references)");
 }
+
+/// The CI Job: an Indexed Job whose completion index is the shard, whose success needs every
+/// shard to pass, and which runs the shared ConfigMap in CI mode.
+#[test]
+fn the_ci_job_shards_by_completion_index_and_fails_with_any_shard() {
+    let text = std::fs::read_to_string(repo("deploy/kubernetes-ci/job.yaml")).unwrap();
+    let job: Value = serde_yaml::from_str(&text).unwrap();
+    let k: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/kubernetes-ci/kustomization.yaml")).unwrap())
+            .unwrap();
+    let resources: Vec<&str> = k["resources"].as_sequence().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert_eq!(
+        resources,
+        ["../kubernetes", "job.yaml"],
+        "the base is a directory: kustomize loads no file outside the root"
+    );
+    let patch = k["patches"][0]["patch"].as_str().unwrap();
+    assert!(
+        patch.contains("$patch: delete") && patch.contains("kind: StatefulSet"),
+        "no long-running fleet beside the Job"
+    );
+
+    let spec = &job["spec"];
+    assert_eq!((job["kind"].as_str(), spec["completionMode"].as_str()), (Some("Job"), Some("Indexed")));
+    let n = spec["completions"].as_u64().unwrap();
+    assert_eq!(spec["parallelism"].as_u64(), Some(n), "every shard runs at once");
+    assert_eq!(spec["backoffLimit"].as_u64(), Some(0), "a failed shard fails the Job instead of being retried");
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let shard = args[args.iter().position(|a| *a == "--shard").unwrap() + 1];
+    assert_eq!(shard, format!("$(JOB_COMPLETION_INDEX)/{n}"));
+    assert!(args.contains(&"--duration"), "CI mode: the exit status is the shard's verdict");
+    let env = container["env"].as_sequence().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "JOB_COMPLETION_INDEX"
+            && e["valueFrom"]["fieldRef"]["fieldPath"]
+                == "metadata.annotations['batch.kubernetes.io/job-completion-index']"),
+        "declared, so $(JOB_COMPLETION_INDEX) expands in args"
+    );
+    for i in 0..n {
+        let arg = shard.replace("$(JOB_COMPLETION_INDEX)", &i.to_string());
+        assert_eq!(arg.parse::<Shard>().unwrap(), Shard { index: i, count: n });
+    }
+    // It mounts the ConfigMap the StatefulSet uses, and its Secret.
+    let cm = manifest("configmap.yaml");
+    assert_eq!(pod["volumes"][0]["configMap"]["name"], cm["metadata"]["name"]);
+    assert_eq!(container["envFrom"][0]["secretRef"]["name"], manifest("secret.yaml")["metadata"]["name"]);
+}

@@ -297,11 +297,12 @@ pub async fn run(
     let lost = loss.map(|l| l.by_fleet);
     let lost_by_hub = loss.map(|l| l.by_hub);
 
-    let (p50, p99, probes_ok, probe_failures) = {
+    let (p50, p99, probes_ok, probe_failures, method_hist) = {
         let s = stats.lock().unwrap_or_else(|p| p.into_inner());
         let mut v = s.ok_ms.clone();
         v.sort_by(f64::total_cmp);
-        (nearest_rank(&v, 0.5), nearest_rank(&v, 0.99), v.len() as u64, s.failures.clone())
+        let hist = super::report::Histogram::from_samples(super::report::method_bounds_ms(), &v);
+        (nearest_rank(&v, 0.5), nearest_rank(&v, 0.99), v.len() as u64, s.failures.clone(), hist)
     };
     let probes_failed: u64 = probe_failures.iter().filter(|(k, _)| *k != "skipped_busy").map(|(_, n)| n).sum();
     let operations = generated + probes_ok + probes_failed;
@@ -364,7 +365,7 @@ pub async fn run(
         },
     ];
     let pass = checks.iter().all(|c| c.pass != Some(false));
-    let report = json!({
+    let mut report = json!({
         "pass": pass,
         "run_id": &*fleet.shared.run_id,
         "duration_secs": started.elapsed().as_secs_f64(),
@@ -400,6 +401,11 @@ pub async fn run(
             "name": c.name, "value": c.value, "limit": c.limit,
             "result": match c.pass { Some(true) => "pass", Some(false) => "fail", None => "not checked" },
         })).collect::<Vec<_>>(),
+    });
+    // The buckets behind the percentiles, so `fleetsim report merge` can compute fleet-wide ones.
+    report["histograms"] = json!({
+        "method_ms": method_hist,
+        "puback_seconds": super::report::Histogram::from_prometheus(&m.puback_seconds),
     });
     fleet.shutdown().await;
     Outcome { pass, report }

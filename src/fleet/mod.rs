@@ -5,6 +5,7 @@
 pub mod ci;
 pub mod expand;
 mod reload;
+pub mod report;
 
 pub use reload::ReloadSummary;
 
