@@ -85,3 +85,81 @@ fn fetch(url: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// The emulator's log at debug level tells an SDK author what happened to each connection: who
+/// connected, who was refused and why, who left and why; never the token.
+#[test]
+fn the_emulator_logs_each_connection_with_its_identity_and_cause() {
+    use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
+        .args(["hub", "--data-dir", "d", "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--no-metrics"])
+        .args(["--log", "fleetsim=debug"])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let info: serde_json::Value =
+        poll("hub.json", || serde_json::from_slice(&std::fs::read(dir.path().join("d/hub.json")).ok()?).ok());
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let ca = std::path::PathBuf::from(info["ca_file"].as_str().unwrap());
+    let tls = fleetsim::device::transport::client_config(Some(&ca)).unwrap();
+    let addr: std::net::SocketAddr = info["mqtt_addr"].as_str().unwrap().parse().unwrap();
+    let host = info["hostname"].as_str().unwrap().to_owned();
+    let cs: fleetsim::iot::connection_string::ConnectionString =
+        info["service_connection_string"].as_str().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let http = fleetsim::service::https_client(&tls).unwrap();
+        let service = fleetsim::service::ServiceClient::new(http, &cs).unwrap();
+        let key = fleetsim::iot::sas::Key::generate();
+        service.ensure_device("real-1", &key).await.unwrap();
+        let session = |id: &'static str, key: fleetsim::iot::sas::Key| {
+            let (tls, host) = (tls.clone(), host.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut s =
+                    tokio_rustls::TlsConnector::from(tls).connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+                let mut c = Connect::new(id);
+                let token = fleetsim::iot::sas::sign_token(&format!("{host}/devices/{id}"), &key, u64::MAX / 4, None);
+                c.set_login(fleetsim::iot::username::hub_username(&host, id, None, None), token);
+                let mut buf = bytes::BytesMut::new();
+                Packet::Connect(c).write(&mut buf, 1 << 20).unwrap();
+                s.write_all(&buf).await.unwrap();
+                let mut rbuf = bytes::BytesMut::new();
+                let code = loop {
+                    if let Ok(Packet::ConnAck(ConnAck { code, .. })) = Packet::read(&mut rbuf, 1 << 20) {
+                        break code;
+                    }
+                    assert!(s.read_buf(&mut rbuf).await.unwrap() > 0, "closed without CONNACK");
+                };
+                let mut out = bytes::BytesMut::new();
+                Packet::Disconnect.write(&mut out, 1 << 20).unwrap();
+                let _ = s.write_all(&out).await;
+                let _ = s.read_buf(&mut rbuf).await;
+                code
+            }
+        };
+        assert_eq!(session("ghost-1", key.clone()).await, ConnectReturnCode::NotAuthorized);
+        assert_eq!(session("real-1", key).await, ConnectReturnCode::Success);
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let lines = log.join().unwrap();
+    let find = |parts: &[&str]| {
+        lines
+            .iter()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .unwrap_or_else(|| panic!("no {parts:?} in {lines:#?}"))
+            .clone()
+    };
+    find(&["connection refused", "client_id=\"ghost-1\"", "reason=\"unknown_identity\"", "connack=5"]);
+    find(&["connected", "client_id=\"real-1\""]);
+    find(&["disconnected", "client_id=\"real-1\"", "reason=\"client_disconnect\""]);
+    assert!(lines.iter().all(|l| !l.contains("SharedAccessSignature")), "a token reached the log");
+}

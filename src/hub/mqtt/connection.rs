@@ -115,13 +115,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
         Ok(Ok(Packet::Connect(c))) => c,
         _ => {
             hub.metrics.refused(Refusal::NoConnect);
+            tracing::debug!(
+                timeout_secs = hub.behaviour.connect_timeout_secs,
+                "connection closed: no CONNECT in time, or not MQTT"
+            );
             return;
         }
     };
+    // Who is connecting, for the log: the client id and username carry no secret (the SAS token
+    // is the password, which is never logged).
+    let client_id = connect.client_id.clone();
     let mut wire = Wire { out: BytesMut::new(), next_pkid: 0 };
     if connect.protocol != Protocol::V4 {
         return refuse(
             &hub,
+            &client_id,
             &mut stream,
             &mut wire,
             ConnectReturnCode::RefusedProtocolVersion,
@@ -132,8 +140,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     let (username, password) = match &connect.login {
         Some(l) => (l.username.clone(), l.password.clone()),
         None => {
-            return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, Refusal::BadCredentials)
-                .await;
+            return refuse(
+                &hub,
+                &client_id,
+                &mut stream,
+                &mut wire,
+                ConnectReturnCode::NotAuthorized,
+                Refusal::BadCredentials,
+            )
+            .await;
         }
     };
     let keep_alive = effective_keepalive(connect.keep_alive, hub.behaviour.keepalive_cap_secs);
@@ -146,22 +161,35 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                     Refuse::Outage => Refusal::Outage,
                     Refuse::Throttled => Refusal::Throttled,
                 };
-                return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::ServiceUnavailable, r).await;
+                return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::ServiceUnavailable, r)
+                    .await;
             }
             match HubSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
                 Ok((s, expiry)) => {
                     forced_expiry = hub.faults.token_deadline();
                     (Box::new(s), Some(expiry))
                 }
-                Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
+                Err(r) => {
+                    return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await;
+                }
             }
         }
         Ok(Username::Dps(u)) => match DpsSession::connect(&hub, &u, &connect, &password, &mut wire) {
             Ok((s, expiry)) => (Box::new(s), Some(expiry)),
-            Err(r) => return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await,
+            Err(r) => {
+                return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await;
+            }
         },
         Err(_) => {
-            return refuse(&hub, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, Refusal::BadUsername).await;
+            return refuse(
+                &hub,
+                &client_id,
+                &mut stream,
+                &mut wire,
+                ConnectReturnCode::NotAuthorized,
+                Refusal::BadUsername,
+            )
+            .await;
         }
     };
     let mut installed = Installed { session: Some(session), hub: hub.clone() };
@@ -177,6 +205,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
         (t, f) => t.or(f),
     };
     let mut ka_deadline = Instant::now() + keep_alive; // keep_alive <= keepalive_cap_secs (validated)
+    tracing::debug!(client_id, keep_alive_secs = keep_alive.as_secs(), "connected");
     let reason = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
@@ -220,6 +249,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
         }
     };
     installed.close(reason, &mut wire);
+    tracing::debug!(client_id, reason = reason.label(), "disconnected");
     if reason == CloseReason::FaultInjected && hub.faults.drop_mode() == DropMode::Silent {
         // Hold the socket, unread and silent, as a dead NAT mapping would, until the device's own
         // keep-alive has had time to notice; only then is it dropped. What the device wrote
@@ -281,13 +311,14 @@ async fn read_one<S: AsyncRead + Unpin>(stream: &mut S, rbuf: &mut BytesMut, max
 
 async fn refuse<S: AsyncWrite + Unpin>(
     hub: &Hub,
+    client_id: &str,
     stream: &mut S,
     wire: &mut Wire,
     code: ConnectReturnCode,
     reason: Refusal,
 ) {
     hub.metrics.refused(reason);
-    tracing::debug!(reason = reason.label(), "connection refused");
+    tracing::debug!(client_id, reason = reason.label(), connack = code as u8, "connection refused");
     wire.write(Packet::ConnAck(ConnAck::new(code, false)));
     let _ = flush(stream, &mut wire.out).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
