@@ -44,6 +44,25 @@ pub enum Command {
     Invoke(InvokeArgs),
     /// CI reports: `report merge` combines the shards of one run into one verdict.
     Report(ReportArgs),
+    /// Delete what a fleet created in a real hub or an external emulator: the devices of the
+    /// config's templates (modules go with them), individual enrollments and DPS registrations.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The daemon config whose fleet to remove (all shards).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Only look, and say what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Command::Twin(args) => ExitCode::from(fleetsim::tools::twin::run(args).await),
             Command::Invoke(args) => ExitCode::from(fleetsim::tools::invoke::run(args).await),
             Command::Report(args) => report(args),
+            Command::Cleanup(args) => ExitCode::from(fleetsim::tools::cleanup::run(args).await),
         }
     })
 }

@@ -98,11 +98,13 @@ impl ServiceClient {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, Option<String>, Value), ServiceError> {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let mut req = self
-            .http
-            .request(method, format!("https://{}{path}{sep}api-version={API_VERSION}", self.base))
-            .header("authorization", self.token());
+        // A path may bring its own api-version (DPS's service API has other versions than IoT Hub's).
+        let url = match (path.contains("api-version="), path.contains('?')) {
+            (true, _) => format!("https://{}{path}", self.base),
+            (false, true) => format!("https://{}{path}&api-version={API_VERSION}", self.base),
+            (false, false) => format!("https://{}{path}?api-version={API_VERSION}", self.base),
+        };
+        let mut req = self.http.request(method, url).header("authorization", self.token());
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

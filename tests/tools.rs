@@ -141,3 +141,51 @@ async fn errors_carry_their_cause() {
         assert!(out.stderr.contains(want), "{rest:?}: {}", out.stderr);
     }
 }
+
+/// `fleetsim cleanup` removes what a fleet made, here from an external emulator: a dry run only
+/// counts, the real run deletes every device of the templates (modules with them), and a second
+/// run finds nothing left.
+#[tokio::test]
+async fn cleanup_deletes_what_the_fleet_created() {
+    let scenario = repo("scenarios/module-twin.toml");
+    let mut f = FleetUnderTest::start(std::slice::from_ref(&scenario), "").await;
+    f.fleet.as_mut().unwrap().stop_identities().await;
+    let hub_json = f.fleet().hub.as_ref().unwrap().info_path.clone();
+    let config = f.dir.path().join("external.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "scenarios = [{:?}]\n[hub]\nmode = \"external\"\nhub_json = {:?}\n",
+            scenario.display().to_string(),
+            hub_json.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cleanup = |extra: &[&str]| {
+        let mut v =
+            vec!["cleanup".to_owned(), "--config".to_owned(), config.display().to_string(), "--json".to_owned()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        fleetsim(v)
+    };
+    let devices = f.api.rest("GET", "/devices", None).await.2;
+    let before = devices.as_array().unwrap().len() as u64;
+    assert!(before > 0, "{devices}");
+
+    let dry = cleanup(&["--dry-run"]).await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.json()["devices"].as_u64(), Some(before), "{}", dry.stdout);
+    assert_eq!(
+        f.api.rest("GET", "/devices", None).await.2.as_array().unwrap().len() as u64,
+        before,
+        "a dry run deletes nothing"
+    );
+
+    let real = cleanup(&[]).await;
+    assert_eq!((real.code, real.json()["devices"].as_u64()), (0, Some(before)), "{}{}", real.stdout, real.stderr);
+    let after = f.api.rest("GET", "/devices", None).await.2;
+    assert_eq!(after.as_array().unwrap().len(), 0, "{after}");
+    let modules = f.api.rest("POST", "/devices/query", Some(json!({"query": "SELECT * FROM devices.modules"}))).await.2;
+    assert_eq!(modules.as_array().map(Vec::len), Some(0), "modules went with their devices: {modules}");
+    let again = cleanup(&[]).await;
+    assert_eq!((again.code, again.json()["devices"].as_u64()), (0, Some(0)));
+}

@@ -3,6 +3,7 @@
 //! Each prints text or JSON and returns its exit status: 0 when every call succeeded, 1 when any
 //! failed, 64 for bad arguments or credentials.
 
+pub mod cleanup;
 pub mod devices;
 pub mod fanout;
 pub mod invoke;
