@@ -234,7 +234,8 @@ pub struct HubArgs {
     /// A TOML configuration file; flags override what it sets.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Where the CA, keys and hub.json are kept.
+    /// Where the CA, keys and hub.json are kept. Default .fleetsim/hub, where `run` and the
+    /// operator commands look too.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// The hub's host name; repeat to add names the certificate also covers.
