@@ -26,7 +26,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HubMode {
     /// The emulator in this process.
     Embedded {
@@ -42,7 +42,7 @@ pub enum HubMode {
     Azure(AzureTarget),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AzureTarget {
     pub dps_host: String,
     pub id_scope: Option<String>,

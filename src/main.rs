@@ -225,11 +225,12 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
     let loaded = tokio::task::spawn_blocking(move || fleetsim::validate::fleet(Some(&path), &[])).await;
     let (cfg, templates) = match loaded {
         Ok(Ok(fleetsim::validate::Fleet { config: Some(c), templates, .. })) => (c, templates),
-        Ok(Ok(_)) => unreachable!("a config was given"),
+        Ok(Ok(_)) => return refuse(vec![format!("{}: no configuration was read", config.display())]),
         Ok(Err(e)) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
         Err(e) => return refuse(vec![format!("reading the scenarios failed unexpectedly: {e}")]),
     };
-    let daemon_part = |c: &DaemonConfig| format!("{:?}", (&c.hub, &c.ramp, &c.settings, c.metrics_addr));
+    // By value: `Debug` redacts secrets, so a changed group key would read as unchanged.
+    let daemon_part = |c: &DaemonConfig| (c.hub.clone(), c.ramp.clone(), c.settings.clone(), c.metrics_addr);
     if daemon_part(&cfg) != daemon_part(started_with) {
         tracing::warn!("changes to [hub], [ramp], [metrics] or [device] take effect only after a restart");
     }

@@ -44,7 +44,7 @@ pub struct Target {
 }
 
 /// Per-identity runtime knobs, from the daemon config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub token_ttl: Duration,
     /// Fraction of the token's life after which it is renewed (less up to 10 % jitter).
