@@ -69,10 +69,20 @@ pub struct Agent {
     /// `desired_version` when the current connection was made: a full twin whose desired
     /// `$version` is below it is another twin (the identity was deleted and created again).
     version_at_connect: u64,
+    /// The current connection's twin GET has not been answered yet.
+    twin_pending: bool,
+    /// Desired patches that arrived on this connection before its twin GET answered and were not
+    /// newer than what was handled: stale on the same twin, but news if the GET shows a new twin
+    /// (a hub need not send the GET answer before patches made after it). At most
+    /// `MAX_EARLY_PATCHES`, the newest kept.
+    early_patches: Vec<(Value, u64)>,
     defaults_reported: bool,
     next_send: Vec<Instant>,
     timers: Vec<(Instant, Timer)>,
 }
+
+/// How many early desired patches (see `Agent::early_patches`) an identity holds.
+const MAX_EARLY_PATCHES: usize = 16;
 
 /// The value at a dotted path in a JSON object.
 fn at_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
@@ -103,6 +113,8 @@ impl Agent {
             values,
             desired_version: 0,
             version_at_connect: 0,
+            twin_pending: false,
+            early_patches: Vec::new(),
             defaults_reported: false,
             timers: Vec::new(),
         }
@@ -135,6 +147,8 @@ impl Agent {
     /// together.
     pub fn on_connected(&mut self, now: Instant) {
         self.version_at_connect = self.desired_version;
+        self.twin_pending = true;
+        self.early_patches.clear();
         for (i, t) in self.spec.telemetry.iter().enumerate() {
             let first = self.interval(t).mul_f64(rand::random::<f64>());
             self.next_send[i] = self.next_send[i].max(now + first);
@@ -179,18 +193,20 @@ impl Agent {
             self.next_send[i] = (self.next_send[i] + interval.mul_f64(jitter)).max(now);
             out.push(self.telemetry(t));
         }
-        let mut i = 0;
-        while i < self.timers.len() {
-            if self.timers[i].0 <= now {
-                let (_, timer) = self.timers.swap_remove(i);
-                match timer {
-                    Timer::Send(o) => out.push(o),
-                    Timer::Ack { writable, value, version, received } => {
-                        out.extend(self.apply_and_ack(writable, value, version, received, now))
-                    }
+        // Due timers fire in the order they fell due, and those due together in the order they
+        // were set: acknowledgements of one property's desired versions must reach the hub
+        // oldest first, or an older `av` overwrites the newest (several patches read in one
+        // batch are all due at the same tick).
+        let (mut due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.timers).into_iter().partition(|(at, _)| *at <= now);
+        self.timers = later;
+        due.sort_by_key(|(at, _)| *at);
+        for (_, timer) in due {
+            match timer {
+                Timer::Send(o) => out.push(o),
+                Timer::Ack { writable, value, version, received } => {
+                    out.extend(self.apply_and_ack(writable, value, version, received, now))
                 }
-            } else {
-                i += 1;
             }
         }
         out
@@ -289,17 +305,32 @@ impl Agent {
         self.desired_version = 0;
         self.version_at_connect = 0;
         self.defaults_reported = false;
+        self.early_patches.clear();
         self.timers.retain(|(_, t)| !matches!(t, Timer::Ack { .. }));
     }
 
     /// A full twin (from GET) or a desired patch. Values newer than what was handled are applied
     /// and acknowledged after their delay; at first connect, writable defaults are reported. A
     /// twin whose desired `$version` is below the one handled before this connection is a new
-    /// twin (the desired `$version` of one twin never decreases): the memory starts over.
+    /// twin (the desired `$version` of one twin never decreases): the memory starts over, and
+    /// patches newer than the GET that arrived before it on this connection are taken after it.
     pub fn on_desired(&mut self, desired: &Value, version: u64, now: Instant, from_get: bool) -> Vec<Out> {
         let mut out = Vec::new();
-        if from_get && version < self.version_at_connect {
-            self.forget_twin();
+        let mut early = Vec::new();
+        if from_get {
+            self.twin_pending = false;
+            early = std::mem::take(&mut self.early_patches);
+            if version < self.version_at_connect {
+                self.forget_twin();
+            } else {
+                // The same twin: what arrived early was indeed older than what was handled.
+                early.clear();
+            }
+        } else if self.twin_pending && version <= self.desired_version {
+            if self.early_patches.len() == MAX_EARLY_PATCHES {
+                self.early_patches.remove(0);
+            }
+            self.early_patches.push((desired.clone(), version));
         }
         if version > self.desired_version {
             self.desired_version = version;
@@ -331,6 +362,10 @@ impl Agent {
                     out.push(Out::Report(ack_body(w, d.clone(), 203, 0, "initialize")));
                 }
             }
+        }
+        early.sort_by_key(|(_, v)| *v);
+        for (patch, v) in early {
+            out.extend(self.on_desired(&patch, v, now, false));
         }
         out
     }
@@ -406,11 +441,16 @@ mod tests {
     }
 
     fn agent() -> Agent {
+        agent_acking_after(Duration::ZERO)
+    }
+
+    /// An agent whose one writable (`interval`, default 10) is acknowledged `delay` after its patch.
+    fn agent_acking_after(delay: Duration) -> Agent {
         let writable = WritableSpec {
             name: "interval".into(),
             component: None,
             ack: AckStyle::Pnp,
-            delay: Duration::ZERO,
+            delay,
             kind: JsonType::Number,
             min: None,
             max: None,
@@ -503,5 +543,138 @@ mod tests {
         a.on_desired(&json!({"interval": 5, "$version": 4}), 4, now, true);
         a.forget_twin();
         assert!(acked_versions(&mut a, now).is_empty());
+    }
+
+    /// `(value, av)` of every PnP acknowledgement due by `now`, in the order they are sent.
+    fn acks(a: &mut Agent, now: Instant) -> Vec<(Value, u64)> {
+        a.on_tick(now)
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Report(r) if r["interval"]["ac"] == 200 => {
+                    Some((r["interval"]["value"].clone(), r["interval"]["av"].as_u64()?))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The failure seen under load (issue: hub_restart timed out waiting for version 4): three
+    /// desired patches read from the socket in one batch are all due at the same tick. The acks
+    /// went out as 2, 4, 3 (timers were taken with `swap_remove`), so the twin's reported
+    /// property ended at version 3 and version 4 was never seen acknowledged.
+    #[test]
+    fn patches_read_in_one_batch_are_acknowledged_oldest_first() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"$version": 1}), 1, now, true);
+        for (value, version) in [(1, 2), (2, 3), (3, 4)] {
+            a.on_desired(&json!({"interval": value, "$version": version}), version, now, false);
+        }
+        assert_eq!(acks(&mut a, now), [(json!(1), 2), (json!(2), 3), (json!(3), 4)]);
+    }
+
+    #[test]
+    fn delayed_acknowledgements_due_by_one_tick_go_out_in_the_order_they_fell_due() {
+        let second = Duration::from_secs(1);
+        let (mut a, t0) = (agent_acking_after(second), Instant::now());
+        a.on_connected(t0);
+        a.on_desired(&json!({"$version": 1}), 1, t0, true);
+        for (i, version) in [2u64, 3, 4, 5, 6].into_iter().enumerate() {
+            let at = t0 + Duration::from_millis(10 * i as u64);
+            a.on_desired(&json!({"interval": version}), version, at, false);
+        }
+        assert!(acks(&mut a, t0 + Duration::from_millis(500)).is_empty());
+        // A late wake-up (a loaded machine): all five are due at once.
+        let sent: Vec<u64> = acks(&mut a, t0 + 3 * second).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(sent, [2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn patches_that_arrive_before_the_first_twin_get_answer_are_all_acknowledged() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        // The test patched the twin right after the fleet said "connected": the patches arrive
+        // first, then the GET answer, which shows the last of them or (read earlier) none.
+        for version in [2, 3, 4] {
+            a.on_desired(&json!({"interval": version}), version, now, false);
+        }
+        let later_get = a.on_desired(&json!({"interval": 4, "$version": 4}), 4, now, true);
+        assert!(later_get.is_empty(), "{later_get:?}");
+        let stale_get = a.on_desired(&json!({"$version": 1}), 1, now, true);
+        assert!(!stale_get.iter().any(|o| matches!(o, Out::Report(r) if r["interval"]["ac"] == 203)), "{stale_get:?}");
+        let sent: Vec<u64> = acks(&mut a, now).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(sent, [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_twin_get_answer_ahead_of_queued_patches_is_acknowledged_once_at_its_version() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 4, "$version": 4}), 4, now, true);
+        for version in [2, 3, 4] {
+            a.on_desired(&json!({"interval": version}), version, now, false);
+        }
+        assert_eq!(acks(&mut a, now), [(json!(4), 4)]);
+    }
+
+    #[test]
+    fn an_acknowledgement_pending_over_a_reconnect_to_the_same_twin_is_kept() {
+        let second = Duration::from_secs(1);
+        let (mut a, t0) = (agent_acking_after(second), Instant::now());
+        a.on_connected(t0);
+        a.on_desired(&json!({"$version": 1}), 1, t0, true);
+        a.on_desired(&json!({"interval": 5}), 2, t0, false);
+        // The connection drops before the delay is over (not a refusal: the twin is the same).
+        a.on_connected(t0 + Duration::from_millis(200));
+        a.on_desired(&json!({"interval": 5, "$version": 2}), 2, t0 + Duration::from_millis(300), true);
+        assert_eq!(acks(&mut a, t0 + 2 * second), [(json!(5), 2)]);
+    }
+
+    #[test]
+    fn after_a_refusal_a_new_twins_patch_may_come_before_its_get_answer() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 9}), 9, now, true);
+        acks(&mut a, now);
+        a.forget_twin();
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 42}), 2, now, false);
+        // The GET was read before the patch: the new twin at version 1, without the property.
+        let get = a.on_desired(&json!({"$version": 1}), 1, now, true);
+        assert!(get.iter().any(|o| matches!(o, Out::Report(r) if r["interval"]["ac"] == 203)), "{get:?}");
+        assert_eq!(acks(&mut a, now), [(json!(42), 2)]);
+    }
+
+    #[test]
+    fn a_re_created_twins_patches_that_overtake_its_get_answer_are_taken_after_it() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 9}), 9, now, true);
+        acks(&mut a, now);
+        // Deleted and created again while the device was away, without a refusal to tell it:
+        // versions 3 and 4 of the new twin arrive as patches before the GET answer read at 2.
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 7}), 3, now, false);
+        a.on_desired(&json!({"interval": 8}), 4, now, false);
+        assert!(acks(&mut a, now).is_empty(), "below version 9: the device cannot know yet");
+        a.on_desired(&json!({"interval": 6, "$version": 2}), 2, now, true);
+        assert_eq!(acks(&mut a, now), [(json!(6), 2), (json!(7), 3), (json!(8), 4)]);
+        // Later patches of the new twin are taken as usual; the early ones are not replayed again.
+        a.on_desired(&json!({"interval": 9}), 5, now, false);
+        a.on_desired(&json!({"interval": 9, "$version": 5}), 5, now, true);
+        assert_eq!(acks(&mut a, now), [(json!(9), 5)]);
+    }
+
+    #[test]
+    fn early_patches_on_the_same_twin_stay_ignored() {
+        let (mut a, now) = (agent(), Instant::now());
+        a.on_connected(now);
+        a.on_desired(&json!({"interval": 5, "$version": 6}), 6, now, true);
+        acks(&mut a, now);
+        a.on_connected(now);
+        // A duplicate of an old patch (redelivered) before the GET, which shows the same twin.
+        a.on_desired(&json!({"interval": 4}), 5, now, false);
+        a.on_desired(&json!({"interval": 5, "$version": 6}), 6, now, true);
+        assert!(acks(&mut a, now).is_empty());
     }
 }

@@ -552,8 +552,10 @@ struct Session<'a> {
     device_id: &'a str,
     shared: &'a Shared,
     next_rid: u64,
-    /// Reported patches awaiting the hub's answer, by request id.
-    reports: std::collections::HashMap<String, Value>,
+    /// Reported patches awaiting the hub's answer, by request id number (`r{n}`): ordered, so
+    /// that what a lost connection leaves unconfirmed is sent again oldest first and an older
+    /// writable acknowledgement cannot overwrite a newer one.
+    reports: std::collections::BTreeMap<u64, Value>,
     /// Reported patches the hub throttled or failed, to send again at the given time.
     report_retries: Vec<(Instant, Value)>,
     /// Reported patches failed in a row: the backoff's exponent.
@@ -570,7 +572,7 @@ impl Session<'_> {
         self.next_rid += 1;
         let rid = format!("r{}", self.next_rid);
         self.conn.publish(topic::twin_patch_reported(&rid), patch.to_string(), QoS::AtLeastOnce);
-        self.reports.insert(rid, patch);
+        self.reports.insert(self.next_rid, patch);
     }
 
     /// A retry delay for a throttled or failed twin request: full jitter, at least 100 ms.
@@ -663,7 +665,8 @@ impl Session<'_> {
                     }
                     Ok(CloudPublish::TwinResponse { status, rid, .. }) => {
                         m.twin("patch_reported", status);
-                        match self.reports.remove(&rid) {
+                        let n = rid.strip_prefix('r').and_then(|n| n.parse::<u64>().ok());
+                        match n.and_then(|n| self.reports.remove(&n)) {
                             Some(patch) if status == 429 || status >= 500 => {
                                 self.report_failures += 1;
                                 let at = now + self.retry_delay(self.report_failures);
@@ -726,7 +729,7 @@ impl Session<'_> {
     /// Hands what must outlive this connection back to the identity.
     fn close(&mut self, carry: &mut Carry) {
         carry.outbox.connection_lost();
-        carry.reports.extend(self.reports.drain().map(|(_, p)| p));
+        carry.reports.extend(std::mem::take(&mut self.reports).into_values());
         carry.reports.extend(self.report_retries.drain(..).map(|(_, p)| p));
     }
 }
