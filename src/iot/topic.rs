@@ -1,6 +1,12 @@
 //! Every MQTT topic and subscription filter of IoT Hub and DPS (protocol.md §3.4, §4.6-4.10),
 //! built and parsed. Device-to-hub topics are parsed by the emulator and built by the device side;
 //! hub-to-device topics the other way round. Each builder has a parser that inverts it.
+//!
+//! Two parts of a topic are carried, never re-encoded: a request id (`$rid`) is an opaque token
+//! echoed byte for byte (sdk-for-c compares it as bytes), and a method name travels as the
+//! service caller wrote it, `*` included (Microsoft's IoT Central C tutorial shows
+//! `$iothub/methods/POST/thermostat1*getMaxMinReport/?$rid=1`; sdk-for-c splits component and
+//! command at the `*`). Property bags (telemetry, C2D) are the only percent-encoded parts.
 
 use super::encoding::{DecodeError, url_decode, url_encode};
 use super::property_bag::PropertyBag;
@@ -61,13 +67,33 @@ const DPS_RES: &str = "$dps/registrations/res/";
 const DPS_REGISTER: &str = "$dps/registrations/PUT/iotdps-register/";
 const DPS_POLL: &str = "$dps/registrations/GET/iotdps-get-operationstatus/";
 
-/// Reads `?k=v&..` (the `?` optional) after a fixed prefix.
-fn query(rest: &str) -> Result<PropertyBag, TopicError> {
-    Ok(PropertyBag::parse(rest.strip_prefix('?').unwrap_or(rest))?)
+/// The `k=v&..` pairs after a fixed prefix (the `?` optional), exactly as they appear in the topic.
+struct Params<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Params<'a> {
+    fn parse(rest: &'a str) -> Params<'a> {
+        let rest = rest.strip_prefix('?').unwrap_or(rest);
+        Params(rest.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))).collect())
+    }
+
+    /// The value as written in the topic: what an echo must repeat.
+    fn raw(&self, key: &'static str) -> Result<&'a str, TopicError> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v).ok_or(TopicError::Missing(key))
+    }
+
+    /// The value percent-decoded, for values that carry data (operation ids).
+    fn decoded(&self, key: &'static str) -> Result<String, TopicError> {
+        Ok(url_decode(self.raw(key)?)?)
+    }
+
+    fn number(&self, key: &'static str) -> Option<u64> {
+        self.raw(key).ok().and_then(|v| v.parse().ok())
+    }
 }
 
-fn required(q: &PropertyBag, key: &'static str) -> Result<String, TopicError> {
-    q.get(key).map(str::to_owned).ok_or(TopicError::Missing(key))
+/// The request id as received, refused only when absent.
+fn rid(rest: &str) -> Result<String, TopicError> {
+    Params::parse(rest).raw("$rid").map(str::to_owned)
 }
 
 fn status_and_rest(rest: &str) -> Result<(u16, &str), TopicError> {
@@ -82,23 +108,23 @@ impl DevicePublish {
             return parse_telemetry(rest);
         }
         if let Some(rest) = topic.strip_prefix(TWIN_GET) {
-            return Ok(DevicePublish::TwinGet { rid: required(&query(rest)?, "$rid")? });
+            return Ok(DevicePublish::TwinGet { rid: rid(rest)? });
         }
         if let Some(rest) = topic.strip_prefix(TWIN_REPORTED) {
-            return Ok(DevicePublish::TwinPatchReported { rid: required(&query(rest)?, "$rid")? });
+            return Ok(DevicePublish::TwinPatchReported { rid: rid(rest)? });
         }
         if let Some(rest) = topic.strip_prefix(METHOD_RES) {
             let (status, rest) = status_and_rest(rest)?;
-            return Ok(DevicePublish::MethodResponse { status, rid: required(&query(rest)?, "$rid")? });
+            return Ok(DevicePublish::MethodResponse { status, rid: rid(rest)? });
         }
         if let Some(rest) = topic.strip_prefix(DPS_REGISTER) {
-            return Ok(DevicePublish::DpsRegister { rid: required(&query(rest)?, "$rid")? });
+            return Ok(DevicePublish::DpsRegister { rid: rid(rest)? });
         }
         if let Some(rest) = topic.strip_prefix(DPS_POLL) {
-            let q = query(rest)?;
+            let q = Params::parse(rest);
             return Ok(DevicePublish::DpsPollStatus {
-                rid: required(&q, "$rid")?,
-                operation_id: required(&q, "operationId")?,
+                rid: q.raw("$rid")?.to_owned(),
+                operation_id: q.decoded("operationId")?,
             });
         }
         Err(TopicError::Unknown)
@@ -179,23 +205,32 @@ impl CloudPublish {
     pub fn parse(topic: &str) -> Result<CloudPublish, TopicError> {
         if let Some(rest) = topic.strip_prefix(TWIN_RES) {
             let (status, rest) = status_and_rest(rest)?;
-            let q = query(rest)?;
-            let version = q.get("$version").and_then(|v| v.parse().ok());
-            return Ok(CloudPublish::TwinResponse { status, rid: required(&q, "$rid")?, version });
+            let q = Params::parse(rest);
+            return Ok(CloudPublish::TwinResponse {
+                status,
+                rid: q.raw("$rid")?.to_owned(),
+                version: q.number("$version"),
+            });
         }
         if let Some(rest) = topic.strip_prefix(TWIN_DESIRED) {
-            let version = query(rest)?.get("$version").and_then(|v| v.parse().ok());
-            return Ok(CloudPublish::DesiredPatch { version });
+            return Ok(CloudPublish::DesiredPatch { version: Params::parse(rest).number("$version") });
         }
         if let Some(rest) = topic.strip_prefix(METHOD_POST) {
+            // sdk-for-c's reading: the name is everything up to the next `/`, taken as it is.
             let (name, rest) = rest.split_once('/').ok_or(TopicError::Missing("$rid"))?;
-            return Ok(CloudPublish::MethodRequest { name: url_decode(name)?, rid: required(&query(rest)?, "$rid")? });
+            if name.is_empty() {
+                return Err(TopicError::Missing("method name"));
+            }
+            return Ok(CloudPublish::MethodRequest { name: name.to_owned(), rid: rid(rest)? });
         }
         if let Some(rest) = topic.strip_prefix(DPS_RES) {
             let (status, rest) = status_and_rest(rest)?;
-            let q = query(rest)?;
-            let retry_after = q.get("retry-after").and_then(|v| v.parse().ok());
-            return Ok(CloudPublish::DpsResponse { status, rid: required(&q, "$rid")?, retry_after });
+            let q = Params::parse(rest);
+            return Ok(CloudPublish::DpsResponse {
+                status,
+                rid: q.raw("$rid")?.to_owned(),
+                retry_after: q.number("retry-after"),
+            });
         }
         if let Some(rest) = topic.strip_prefix("devices/") {
             let (device, rest) = rest.split_once('/').ok_or(TopicError::Unknown)?;
@@ -223,32 +258,36 @@ pub fn telemetry(device_id: &str, module_id: Option<&str>, properties: &Property
     }
 }
 
+// Builders, device to hub. A `rid` is written as given: the caller picks one without `&`, `/`
+// or spaces, and echoes the hub's (a method request's) unchanged.
+
 pub fn twin_get(rid: &str) -> String {
-    format!("{TWIN_GET}?$rid={}", url_encode(rid))
+    format!("{TWIN_GET}?$rid={rid}")
 }
 
 pub fn twin_patch_reported(rid: &str) -> String {
-    format!("{TWIN_REPORTED}?$rid={}", url_encode(rid))
+    format!("{TWIN_REPORTED}?$rid={rid}")
 }
 
 pub fn method_response(status: u16, rid: &str) -> String {
-    format!("{METHOD_RES}{status}/?$rid={}", url_encode(rid))
+    format!("{METHOD_RES}{status}/?$rid={rid}")
 }
 
 pub fn dps_register(rid: &str) -> String {
-    format!("{DPS_REGISTER}?$rid={}", url_encode(rid))
+    format!("{DPS_REGISTER}?$rid={rid}")
 }
 
 pub fn dps_poll(rid: &str, operation_id: &str) -> String {
-    format!("{DPS_POLL}?$rid={}&operationId={}", url_encode(rid), url_encode(operation_id))
+    format!("{DPS_POLL}?$rid={rid}&operationId={}", url_encode(operation_id))
 }
 
-// Builders, hub to device.
+// Builders, hub to device. `rid` is the device's, exactly as it arrived (`DevicePublish` keeps it
+// raw); a method name is the caller's, already checked against the hub's name rules.
 
 pub fn twin_response(status: u16, rid: &str, version: Option<u64>) -> String {
     match version {
-        Some(v) => format!("{TWIN_RES}{status}/?$rid={}&$version={v}", url_encode(rid)),
-        None => format!("{TWIN_RES}{status}/?$rid={}", url_encode(rid)),
+        Some(v) => format!("{TWIN_RES}{status}/?$rid={rid}&$version={v}"),
+        None => format!("{TWIN_RES}{status}/?$rid={rid}"),
     }
 }
 
@@ -257,7 +296,7 @@ pub fn desired_patch(version: u64) -> String {
 }
 
 pub fn method_request(name: &str, rid: &str) -> String {
-    format!("{METHOD_POST}{}/?$rid={}", url_encode(name), url_encode(rid))
+    format!("{METHOD_POST}{name}/?$rid={rid}")
 }
 
 pub fn c2d(device_id: &str, properties: &PropertyBag) -> String {
@@ -267,8 +306,8 @@ pub fn c2d(device_id: &str, properties: &PropertyBag) -> String {
 /// The DPS reply topic; the Python client splits on `$`, so the rid must come right after `?`.
 pub fn dps_response(status: u16, rid: &str, retry_after: Option<u64>) -> String {
     match retry_after {
-        Some(r) => format!("{DPS_RES}{status}/?$rid={}&retry-after={r}", url_encode(rid)),
-        None => format!("{DPS_RES}{status}/?$rid={}", url_encode(rid)),
+        Some(r) => format!("{DPS_RES}{status}/?$rid={rid}&retry-after={r}"),
+        None => format!("{DPS_RES}{status}/?$rid={rid}"),
     }
 }
 
@@ -358,6 +397,37 @@ mod tests {
         assert_eq!(properties.get("iothub-ack"), Some("Full"));
         let i = CloudPublish::parse("devices/E/modules/M/inputs/in1/%24.cdid=E").unwrap();
         assert!(matches!(i, CloudPublish::ModuleInput { ref input, .. } if input == "in1"));
+    }
+
+    #[test]
+    fn names_and_rids_travel_as_written() {
+        // The issue-12 instance: a component command reaches the device with its `*`.
+        assert_eq!(method_request("comp*cmd", "17"), "$iothub/methods/POST/comp*cmd/?$rid=17");
+        // Request ids are echoed byte for byte, whatever the device chose.
+        for rid in ["get_twin:1", "a%2Fb", "{guid}", "r 1"] {
+            let DevicePublish::TwinGet { rid: got } =
+                DevicePublish::parse(&format!("$iothub/twin/GET/?$rid={rid}")).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(got, rid);
+            assert_eq!(twin_response(200, &got, None), format!("$iothub/twin/res/200/?$rid={rid}"));
+            assert_eq!(
+                dps_response(202, &got, Some(3)),
+                format!("$dps/registrations/res/202/?$rid={rid}&retry-after=3")
+            );
+        }
+        let DevicePublish::TwinPatchReported { rid } =
+            DevicePublish::parse("$iothub/twin/PATCH/properties/reported/?$rid=x%zz").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(twin_response(204, &rid, Some(4)), "$iothub/twin/res/204/?$rid=x%zz&$version=4");
+        assert_eq!(
+            CloudPublish::parse("$iothub/methods/POST/thermostat1*getMaxMinReport/?$rid=1").unwrap(),
+            CloudPublish::MethodRequest { name: "thermostat1*getMaxMinReport".into(), rid: "1".into() }
+        );
+        assert!(CloudPublish::parse("$iothub/methods/POST//?$rid=1").is_err());
     }
 
     #[test]
