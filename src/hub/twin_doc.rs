@@ -156,7 +156,7 @@ impl TwinDoc {
         self.version += 1;
         let Some(d) = desired else { return Ok(None) };
         self.desired = new_desired;
-        Ok(Some(self.bump_desired(strip_dollar(d), at)))
+        Ok(Some(self.bump_desired(d.as_object().cloned().unwrap_or_default(), at)))
     }
 
     /// A service PUT: replaces tags and desired wholesale. The device hears the difference.
@@ -223,12 +223,6 @@ impl TwinDoc {
         });
         (Value::Object(self.tags.clone()), props)
     }
-}
-
-fn strip_dollar(v: &Value) -> Map<String, Value> {
-    v.as_object()
-        .map(|m| m.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -64,17 +64,31 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> boo
     changed
 }
 
-/// Checks a patch for one section before it is applied. `$`-prefixed keys at the root (such as
-/// `$version`, which SDKs may echo) are ignored, like the hub does.
+/// Checks a patch for one section before it is applied. Every key follows the key rules, `$`
+/// included: the hub refuses what it would not store (400 / 400004) instead of dropping it
+/// (iot-hub-devguide-device-twins, "Keys"). Callers that accept a twin they got from the hub
+/// strip its read-only members first ([`without_read_only`]).
 pub fn validate_patch(patch: &Value, limits: SectionLimits) -> Result<(), TwinError> {
     let Value::Object(map) = patch else { return Err(TwinError::NotObject) };
     for (k, v) in map {
-        if k.starts_with('$') {
-            continue;
-        }
         validate_member(k, v, k, 1, limits.max_depth)?;
     }
     Ok(())
+}
+
+/// The members of a section only the hub writes: a service that sends back a twin it read (the
+/// get-modify-replace pattern of the service SDKs) carries them, and the hub ignores them there.
+pub const READ_ONLY: [&str; 2] = ["$version", "$metadata"];
+
+/// A desired or reported section from a service request without its read-only members; any other
+/// `$` key stays and is refused by [`validate_patch`].
+pub fn without_read_only(section: &Value) -> Value {
+    match section {
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| !READ_ONLY.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 fn validate_member(key: &str, v: &Value, path: &str, depth: usize, max_depth: usize) -> Result<(), TwinError> {
@@ -146,10 +160,8 @@ pub fn check_size(section: &Map<String, Value>, limits: SectionLimits) -> Result
 pub fn apply_patch(section: &mut Map<String, Value>, patch: &Value, limits: SectionLimits) -> Result<bool, TwinError> {
     validate_patch(patch, limits)?;
     let Value::Object(p) = patch else { return Err(TwinError::NotObject) };
-    let p: Map<String, Value> =
-        p.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut next = section.clone();
-    let changed = merge(&mut next, &p);
+    let changed = merge(&mut next, p);
     check_size(&next, limits)?;
     *section = next;
     Ok(changed)
@@ -176,7 +188,15 @@ mod tests {
 
     #[test]
     fn enforces_key_depth_and_value_rules() {
-        assert!(validate_patch(&json!({"ok": {"nested_1": [1, {"x": "y"}]}, "$version": 4}), REPORTED).is_ok());
+        assert!(validate_patch(&json!({"ok": {"nested_1": [1, {"x": "y"}]}}), REPORTED).is_ok());
+        // The issue-12 instance: a `$` key at the root is refused, not dropped.
+        for bad in ["$foo", "$version", "$metadata"] {
+            assert!(matches!(validate_patch(&json!({bad: 1}), REPORTED), Err(TwinError::BadKey { .. })), "{bad}");
+        }
+        assert_eq!(
+            without_read_only(&json!({"$version": 3, "$metadata": {}, "$foo": 1, "a": 2})),
+            json!({"$foo": 1, "a": 2})
+        );
         assert_eq!(validate_patch(&json!([1]), REPORTED), Err(TwinError::NotObject));
         for bad in ["a.b", "a b", "a$", "a\u{1}", ""] {
             assert!(
@@ -208,7 +228,8 @@ mod tests {
         assert!(matches!(err, TwinError::TooLarge { max: 32768, .. }));
         assert_eq!(Value::Object(section.clone()), json!({"keep": true}));
         assert_eq!(section_size(&obj(json!({"ab": "xyz", "n": 1, "b": false, "$version": 3}))), 2 + 3 + 1 + 8 + 1 + 4);
-        assert!(apply_patch(&mut section, &json!({"x": 1, "$version": 9}), REPORTED).unwrap());
-        assert!(!section.contains_key("$version"));
+        assert!(apply_patch(&mut section, &json!({"x": 1}), REPORTED).unwrap());
+        assert!(apply_patch(&mut section, &json!({"y": 1, "$version": 9}), REPORTED).is_err());
+        assert!(!section.contains_key("y"));
     }
 }

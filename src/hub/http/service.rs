@@ -21,6 +21,7 @@ use crate::hub::secrets::Permissions;
 use crate::hub::session::Outbound;
 use crate::hub::state::{Hub, HubState};
 use crate::iot::sas::Key;
+use crate::iot::twin;
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -290,9 +291,13 @@ fn twin_update(
     let identity = find(hub, device, module)?;
     let body: TwinBody = parse_json(body)?;
     let props = body.properties.unwrap_or_default();
-    if props.reported.as_ref().is_some_and(|r| r.as_object().is_some_and(|m| m.keys().any(|k| !k.starts_with('$')))) {
+    // A twin read back from the hub carries `$version` and `$metadata`; anything else in reported
+    // is a write the service may not make, and is refused rather than dropped.
+    let reported = props.reported.as_ref().map(twin::without_read_only);
+    if reported.as_ref().is_some_and(|r| r.as_object().is_none_or(|m| !m.is_empty())) {
         return Err(ApiError::bad_request("reported properties can only be changed by the device"));
     }
+    let desired = props.desired.as_ref().map(twin::without_read_only);
     let mut st = identity.lock();
     if let Some(cond) = if_match(headers)
         && !etag_matches(cond, &st.twin.etag())
@@ -301,14 +306,15 @@ fn twin_update(
     }
     let now = SystemTime::now();
     let result = if replace {
-        st.twin.replace_service(body.tags.as_ref(), props.desired.as_ref(), now)
+        st.twin.replace_service(body.tags.as_ref(), desired.as_ref(), now)
     } else {
-        st.twin.patch_service(body.tags.as_ref(), props.desired.as_ref(), now)
+        st.twin.patch_service(body.tags.as_ref(), desired.as_ref(), now)
     };
     let op = if replace { "service_replace" } else { "service_patch" };
     let change = result.map_err(|e| {
         hub.metrics.twin_op(op, "rejected");
-        ApiError::hub(400, 400006, "IotHubFormatError", e.to_string())
+        // IoT Hub answers a twin it will not store with ArgumentInvalid, as on the device side.
+        ApiError::bad_request(e.to_string())
     })?;
     hub.metrics.twin_op(op, "ok");
     if let Some(change) = change {
