@@ -48,7 +48,7 @@ pub enum DpsAuthError {
     WrongScope,
     #[error("no enabled enrollment matches this registration")]
     NoEnrollment,
-    #[error("the registration id is not valid")]
+    #[error("Invalid RegistrationId")]
     BadRegistrationId,
 }
 
@@ -173,9 +173,6 @@ impl Dps {
         if id_scope != self.id_scope {
             return Err(DpsAuthError::WrongScope);
         }
-        if !valid_registration_id(registration_id) {
-            return Err(DpsAuthError::BadRegistrationId);
-        }
         let token = SasToken::parse(token)?;
         if token.is_expired(now_unix, self.skew_secs) {
             return Err(SasError::Expired.into());
@@ -184,6 +181,17 @@ impl Dps {
         let covers = token.resource.eq_ignore_ascii_case(&resource);
         if !covers {
             return Err(SasError::WrongResource.into());
+        }
+        if !valid_registration_id(registration_id) {
+            // DPS refuses the id itself (400) once the token proves the caller holds a group key
+            // for it; a token it cannot validate stays a 401. No individual enrollment can carry
+            // an invalid id, so only groups can sign for one.
+            let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+            let signed = groups
+                .iter()
+                .filter(|g| g.enabled)
+                .any(|g| g.keys.iter().any(|k| token.signed_by(&derive_device_key(k, registration_id))));
+            return Err(if signed { DpsAuthError::BadRegistrationId } else { DpsAuthError::NoEnrollment });
         }
         if let Some(e) = self.get_individual(registration_id) {
             if e.enabled && e.keys.iter().any(|k| token.signed_by(k)) {
@@ -430,10 +438,15 @@ mod tests {
             d.authenticate(SCOPE, "sim-1", &token("sim-1", &key), 3_000_000_000).unwrap_err(),
             DpsAuthError::Token(SasError::Expired)
         );
-        assert_eq!(
-            d.authenticate(SCOPE, "bad id!", &token("bad id!", &key), 1).unwrap_err(),
-            DpsAuthError::BadRegistrationId
-        );
+        // An invalid id with a token a group key signed is a bad request; otherwise unauthorized.
+        for bad in ["dev@prod12", "bad id", &"a".repeat(129)] {
+            let signed = derive_device_key(&gk, bad);
+            assert_eq!(
+                d.authenticate(SCOPE, bad, &token(bad, &signed), 1).unwrap_err(),
+                DpsAuthError::BadRegistrationId
+            );
+            assert_eq!(d.authenticate(SCOPE, bad, &token(bad, &wrong), 1).unwrap_err(), DpsAuthError::NoEnrollment);
+        }
     }
 
     #[test]

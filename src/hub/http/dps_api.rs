@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::ApiError;
-use crate::hub::dps::{Attestation, DpsError, GroupEnrollment, IndividualEnrollment, Progress, valid_registration_id};
+use crate::hub::dps::{
+    Attestation, DpsAuthError, DpsError, GroupEnrollment, IndividualEnrollment, Progress, valid_registration_id,
+};
 use crate::hub::secrets::Permissions;
 use crate::hub::state::{Hub, HubState};
 use crate::iot::dps::RegistrationRequest;
@@ -33,6 +35,11 @@ fn device_auth(
     auth::api_version(uri).map_err(|_| ApiError::dps(400, 400001, "the api-version query parameter is required"))?;
     let token = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
     hub.dps.authenticate(scope, reg, token, unix_secs(SystemTime::now())).map_err(|e| {
+        if e == DpsAuthError::BadRegistrationId {
+            // A signed request for an id DPS does not accept: the request is bad, not the caller.
+            hub.metrics.dps_registration("bad_request");
+            return ApiError::dps(400, 400004, e.to_string());
+        }
         hub.metrics.dps_registration("unauthorized");
         hub.metrics.refused(e.refusal());
         ApiError::dps(401, 401002, e.to_string())
@@ -100,7 +107,7 @@ pub async fn operation(
         Err(DpsError::UnknownOperation) => Err(ApiError::dps(404, 404002, "unknown operation")),
         Err(e) => {
             hub.metrics.dps_registration("failed");
-            Err(ApiError::dps(500, 500000, e.to_string()))
+            Err(ApiError::dps(500, 500001, e.to_string()))
         }
     }
 }

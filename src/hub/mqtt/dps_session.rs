@@ -138,7 +138,7 @@ impl DpsSession {
                     }
                     Err(e) => {
                         self.hub.metrics.dps_registration("failed");
-                        self.reply(wire, 500, &rid, None, error_body(500000, &e.to_string()));
+                        self.reply(wire, 500, &rid, None, error_body(500001, &e.to_string()));
                     }
                 }
             }
