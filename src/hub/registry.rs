@@ -114,11 +114,13 @@ pub fn identity_key(device_id: &str, module_id: Option<&str>) -> String {
     }
 }
 
-/// An id IoT Hub would accept: 1-128 ASCII characters from its allowed set.
+/// An id IoT Hub would accept: 1-128 ASCII alphanumerics and `- : . + % _ # * ? ! ( ) , = @ ; $ '`,
+/// the set Microsoft documents for device and module ids (the IoT Hub event schemas' `deviceId`
+/// and `moduleId`). `:` is in it, so MAC-address ids (`aa:bb:cc:dd:ee:ff`) are accepted.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.+%_#*?!(),=@$'".contains(&b))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-:.+%_#*?!(),=@;$'".contains(&b))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -345,6 +347,12 @@ mod tests {
         assert_eq!(reg.create("d1", None, rec(), now).unwrap_err(), RegistryError::AlreadyExists);
         assert_eq!(reg.create("nope", Some("m"), rec(), now).unwrap_err(), RegistryError::DeviceNotFound);
         assert!(matches!(reg.create("bad/id", None, rec(), now), Err(RegistryError::InvalidId(_))));
+        for bad in ["a b", "a/b", "a&b", "é", &"x".repeat(129)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+        for good in ["aa:bb:cc:dd:ee:ff", "a;b", "x-:.+%_#*?!(),=@;$'", &"x".repeat(128)] {
+            assert!(valid_id(good), "{good}");
+        }
         assert_eq!(reg.devices(10).iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"]);
         assert_eq!(reg.modules("d1").len(), 2);
         assert_eq!(reg.device_counts(), (2, 2));
