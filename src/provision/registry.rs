@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::iot::encoding::url_encode;
 use crate::iot::sas::Key;
 pub use crate::service::{ServiceClient, ServiceError};
 
@@ -38,12 +39,12 @@ impl ServiceClient {
     }
 
     pub async fn ensure_device(&self, device_id: &str, key: &Key) -> Result<(), ServiceError> {
-        self.ensure_identity(&format!("/devices/{device_id}"), json!({"deviceId": device_id}), key).await
+        self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), json!({"deviceId": device_id}), key).await
     }
 
     pub async fn ensure_module(&self, device_id: &str, module_id: &str, key: &Key) -> Result<(), ServiceError> {
         self.ensure_identity(
-            &format!("/devices/{device_id}/modules/{module_id}"),
+            &format!("/devices/{}/modules/{}", url_encode(device_id), url_encode(module_id)),
             json!({"deviceId": device_id, "moduleId": module_id}),
             key,
         )
@@ -55,7 +56,7 @@ impl ServiceClient {
     /// alone and keeps the `provisioningStatus` of one it re-keys: DPS's PUT creates or replaces,
     /// so it reads first.
     pub async fn ensure_enrollment(&self, registration_id: &str, key: &Key) -> Result<(), ServiceError> {
-        let path = format!("/enrollments/{registration_id}");
+        let path = format!("/enrollments/{}", url_encode(registration_id));
         let ours = key.to_base64();
         let mut body = json!({
             "registrationId": registration_id,

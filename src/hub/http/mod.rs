@@ -6,6 +6,7 @@ mod auth;
 mod dps_api;
 mod emulator;
 pub mod error;
+mod normalize;
 mod service;
 mod websocket;
 
@@ -26,6 +27,13 @@ use crate::httpserve::{ConnectionBound, Limits};
 const MAX_BODY: usize = 512 * 1024;
 
 pub fn router(hub: Hub) -> Router {
+    // Request-line variants are folded before routing (axum routes before `Router::layer`
+    // middleware runs), so the routes sit behind the fold as the one fallback of an empty router.
+    let routes = routes(hub);
+    Router::new().fallback_service(tower::ServiceExt::map_request(routes, normalize::request::<axum::body::Body>))
+}
+
+fn routes(hub: Hub) -> Router {
     Router::new()
         .route("/devices", get(service::devices_list))
         .route("/devices/query", post(service::query))
