@@ -309,12 +309,54 @@ impl Agent {
         self.timers.retain(|(_, t)| !matches!(t, Timer::Ack { .. }));
     }
 
+    /// The full twin from a GET. What the device acknowledged before (its reported acks survive a
+    /// restart) is the value in use again, and a desired version it already acknowledged is not
+    /// acknowledged twice; then the desired section is handled as [`Agent::on_desired`] does.
+    pub fn on_twin(&mut self, twin: &Value, now: Instant) -> Vec<Out> {
+        let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
+        let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
+        let reported = twin.get("reported").cloned().unwrap_or(Value::Null);
+        let mut done = vec![false; self.spec.writable.len()];
+        for (i, w) in self.spec.writable.iter().enumerate() {
+            let section = match &w.component {
+                Some(c) => reported.get(c),
+                None => Some(&reported),
+            };
+            let Some(ack) = section.and_then(|s| s.get(&w.name)) else { continue };
+            let (code, acked_version) = match w.ack {
+                AckStyle::Pnp => (ack.get("ac").and_then(Value::as_u64), ack.get("av").and_then(Value::as_u64)),
+                AckStyle::Legacy => (
+                    ack.get("status").and_then(Value::as_str).map(|s| if s == "completed" { 200 } else { 400 }),
+                    ack.get("desiredVersion").and_then(Value::as_u64),
+                ),
+            };
+            // Every acknowledgement carries the value in use (refusals included), so it is adopted.
+            if let Some(v) = ack.get("value").filter(|v| !v.is_null() && code.is_some()) {
+                self.values[i] = Some(v.clone());
+            }
+            done[i] = acked_version.is_some_and(|av| av >= version && version > 0);
+        }
+        self.on_desired_skipping(&desired, version, now, true, &done)
+    }
+
     /// A full twin (from GET) or a desired patch. Values newer than what was handled are applied
     /// and acknowledged after their delay; at first connect, writable defaults are reported. A
     /// twin whose desired `$version` is below the one handled before this connection is a new
     /// twin (the desired `$version` of one twin never decreases): the memory starts over, and
     /// patches newer than the GET that arrived before it on this connection are taken after it.
     pub fn on_desired(&mut self, desired: &Value, version: u64, now: Instant, from_get: bool) -> Vec<Out> {
+        self.on_desired_skipping(desired, version, now, from_get, &[])
+    }
+
+    /// `on_desired`, leaving out the writables marked in `skip` (already acknowledged).
+    fn on_desired_skipping(
+        &mut self,
+        desired: &Value,
+        version: u64,
+        now: Instant,
+        from_get: bool,
+        skip: &[bool],
+    ) -> Vec<Out> {
         let mut out = Vec::new();
         let mut early = Vec::new();
         if from_get {
@@ -335,6 +377,9 @@ impl Agent {
         if version > self.desired_version {
             self.desired_version = version;
             for (i, w) in self.spec.writable.clone().iter().enumerate() {
+                if skip.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
                 let section = match &w.component {
                     Some(c) => desired.get(c),
                     None => Some(desired),
@@ -359,7 +404,7 @@ impl Agent {
                     None => desired.get(&w.name).is_some(),
                 };
                 if let (false, Some(d)) = (present, &w.default) {
-                    out.push(Out::Report(ack_body(w, d.clone(), 203, 0, "initialize")));
+                    out.push(Out::Report(ack_body(w, Some(d.clone()), 203, 0, "initialize")));
                 }
             }
         }
@@ -377,9 +422,10 @@ impl Agent {
         let latency = now.saturating_duration_since(received);
         if valid {
             self.values[i] = Some(value.clone());
-            vec![Out::Report(ack_body(w, value, 200, version, "completed")), Out::Acked { status: 200, latency }]
+            vec![Out::Report(ack_body(w, Some(value), 200, version, "completed")), Out::Acked { status: 200, latency }]
         } else {
-            let current = self.values[i].clone().unwrap_or(Value::Null);
+            // Plug and Play wants the value in use; a null would delete the property on the hub.
+            let current = self.values[i].clone();
             vec![Out::Report(ack_body(w, current, 400, version, "invalid value")), Out::Acked { status: 400, latency }]
         }
     }
@@ -396,14 +442,19 @@ impl Agent {
     }
 }
 
-/// A writable-property acknowledgement in the identity's convention.
-pub fn ack_body(w: &WritableSpec, value: Value, code: u16, version: u64, description: &str) -> Value {
-    let inner = match w.ack {
-        AckStyle::Pnp => json!({"value": value, "ac": code, "av": version, "ad": description}),
+/// A writable-property acknowledgement in the identity's convention. `value` is the value in use
+/// (Plug and Play convention: the ack reports what the device runs with, not what was refused);
+/// with none in use and no declared default the member is left out, never sent as null.
+pub fn ack_body(w: &WritableSpec, value: Option<Value>, code: u16, version: u64, description: &str) -> Value {
+    let mut inner = match w.ack {
+        AckStyle::Pnp => json!({"ac": code, "av": version, "ad": description}),
         AckStyle::Legacy => {
-            json!({"value": value, "status": if code < 300 { "completed" } else { "failed" }, "desiredVersion": version})
+            json!({"status": if code < 300 { "completed" } else { "failed" }, "desiredVersion": version})
         }
     };
+    if let Some(v) = value {
+        inner.as_object_mut().expect("built as an object").shift_insert(0, "value".into(), v);
+    }
     match &w.component {
         Some(c) => json!({ c.as_str(): { "__t": "c", w.name.as_str(): inner } }),
         None => json!({ w.name.as_str(): inner }),
@@ -676,5 +727,68 @@ mod tests {
         a.on_desired(&json!({"interval": 4}), 5, now, false);
         a.on_desired(&json!({"interval": 5, "$version": 6}), 6, now, true);
         assert!(acks(&mut a, now).is_empty());
+    }
+
+    fn brightness_agent(default: Option<Value>) -> (Agent, Instant) {
+        let spec = Behaviour {
+            telemetry: Vec::new(),
+            reported: Vec::new(),
+            commands: Vec::new(),
+            writable: vec![WritableSpec {
+                name: "brightness".into(),
+                component: None,
+                ack: AckStyle::Pnp,
+                delay: Duration::ZERO,
+                kind: JsonType::Number,
+                min: Some(0.0),
+                max: Some(100.0),
+                default,
+            }],
+            c2d_commands: false,
+            initial_state: GenState::default(),
+        };
+        let now = Instant::now();
+        (Agent::new(Arc::new(spec), "d".into(), None, 1, now), now)
+    }
+
+    fn reports(outs: Vec<Out>) -> Vec<Value> {
+        outs.into_iter().filter_map(|o| if let Out::Report(v) = o { Some(v) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_refused_value_is_acknowledged_with_the_value_in_use_never_null() {
+        // The issue-12 instance: nothing in use, no default: the ack leaves `value` out.
+        let (mut a, now) = brightness_agent(None);
+        a.on_desired(&json!({"brightness": 500, "$version": 2}), 2, now, false);
+        let r = reports(a.on_tick(now));
+        assert_eq!(r, [json!({"brightness": {"ac": 400, "av": 2, "ad": "invalid value"}})]);
+        // With a declared default, that is the value in use.
+        let (mut a, now) = brightness_agent(Some(json!(50)));
+        a.on_desired(&json!({"brightness": 500, "$version": 3}), 3, now, false);
+        let r = reports(a.on_tick(now));
+        assert_eq!(r, [json!({"brightness": {"value": 50, "ac": 400, "av": 3, "ad": "invalid value"}})]);
+    }
+
+    #[test]
+    fn a_restart_takes_the_acknowledged_value_and_does_not_ack_again() {
+        let (mut a, now) = brightness_agent(None);
+        let twin = json!({
+            "desired": {"brightness": 500, "$version": 4},
+            "reported": {"brightness": {"value": 30, "ac": 200, "av": 3, "ad": "completed"}, "$version": 9},
+        });
+        // Version 4 (the refused 500) was not acknowledged yet: it is, with 30 as the value in use.
+        a.on_twin(&twin, now);
+        assert_eq!(
+            reports(a.on_tick(now)),
+            [json!({"brightness": {"value": 30, "ac": 400, "av": 4, "ad": "invalid value"}})]
+        );
+        // After a restart with that ack in the twin, nothing is sent again.
+        let (mut b, now) = brightness_agent(None);
+        let twin = json!({
+            "desired": {"brightness": 500, "$version": 4},
+            "reported": {"brightness": {"value": 30, "ac": 400, "av": 4, "ad": "invalid value"}, "$version": 10},
+        });
+        b.on_twin(&twin, now);
+        assert!(reports(b.on_tick(now)).is_empty());
     }
 }

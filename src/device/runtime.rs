@@ -651,9 +651,7 @@ impl Session<'_> {
                         match serde_json::from_slice::<Value>(&p.payload) {
                             Ok(twin) if status == 200 => {
                                 self.twin_failures = 0;
-                                let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
-                                let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
-                                agent.on_desired(&desired, version, now, true)
+                                agent.on_twin(&twin, now)
                             }
                             _ => {
                                 // Without its twin the device cannot catch up on desired properties.
