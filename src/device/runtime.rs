@@ -28,7 +28,7 @@ use crate::iot::topic::{self, CloudPublish, Filter};
 use crate::iot::username::hub_username;
 use crate::metrics::{DeviceState, FleetMetrics};
 use crate::provision::dps::{self, DpsEndpoint, ProvisionError};
-use crate::provision::registry::ServiceClient;
+use crate::provision::registry::{Ensured, ServiceClient};
 use crate::scenario::model::{Behaviour, DpsTransport, Transport};
 
 /// Where the fleet connects.
@@ -99,6 +99,8 @@ pub struct Shared {
     pub service: Option<ServiceClient>,
     /// Creates individual DPS enrollments.
     pub dps_service: Option<ServiceClient>,
+    /// Devices already written to the registry by this fleet, each once.
+    pub ensured: Ensured,
     /// Bounds provisioning work in flight (`Settings::provision_concurrency` permits).
     pub provisioning: tokio::sync::Semaphore,
     /// This fleet run's id, the `RUN` of every sequence stamp.
@@ -496,11 +498,11 @@ async fn obtain(
             if !*ensured {
                 if let Some(s) = &shared.service {
                     let r = match (&spec.module_id, parent_key) {
-                        (Some(module), Some(parent)) => match s.ensure_device(&spec.device_id, parent).await {
+                        (Some(module), Some(parent)) => match shared.ensured.device(s, &spec.device_id, parent).await {
                             Ok(()) => s.ensure_module(&spec.device_id, module, key).await,
                             Err(e) => Err(e),
                         },
-                        _ => s.ensure_device(&spec.device_id, key).await,
+                        _ => shared.ensured.device(s, &spec.device_id, key).await,
                     };
                     r.map_err(|e| {
                         let f = failures::registry(format!("creating the identity: {e}"));

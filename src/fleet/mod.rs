@@ -403,6 +403,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         settings: cfg.settings.clone(),
         service,
         dps_service,
+        ensured: Default::default(),
         provisioning: tokio::sync::Semaphore::new(cfg.settings.provision_concurrency.max(1)),
         run_id: format!("{:08x}", rand::random::<u32>()).into(),
         quiesce: Default::default(),

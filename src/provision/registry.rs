@@ -1,7 +1,11 @@
 //! Provisioning through the service API: ensure a device or module exists with a given key, and
 //! create individual DPS enrollments. Against the emulator or a real hub.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde_json::json;
+use tokio::sync::OnceCell;
 
 use crate::iot::encoding::url_encode;
 use crate::iot::sas::Key;
@@ -78,5 +82,29 @@ impl ServiceClient {
         }
         let etag = existing["etag"].as_str().map(|e| format!("\"{}\"", e.trim_matches('"')));
         self.put(&path, body, Some(etag.as_deref().unwrap_or("*"))).await.map(|_| ())
+    }
+}
+
+/// The devices this fleet has ensured, so that each is written once fleet-wide however many of
+/// its modules (and itself) start: IoT Hub throttles identity-registry writes (100/min/unit on
+/// S1, iot-hub-devguide-quotas-throttling), and a device with N modules would otherwise cost
+/// N + 1 device writes. Concurrent callers for one device wait for the first; a failure leaves
+/// the entry unset, so the next caller tries again.
+#[derive(Debug, Default)]
+pub struct Ensured {
+    devices: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+}
+
+impl Ensured {
+    /// Ensures the device once; later calls for the same id return at once.
+    pub async fn device(&self, service: &ServiceClient, device_id: &str, key: &Key) -> Result<(), ServiceError> {
+        let cell =
+            self.devices.lock().unwrap_or_else(|p| p.into_inner()).entry(device_id.to_owned()).or_default().clone();
+        cell.get_or_try_init(|| service.ensure_device(device_id, key)).await.map(|_| ())
+    }
+
+    /// Forgets a device (the hub lost it), so the next `device` call writes it again.
+    pub fn forget(&self, device_id: &str) {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).remove(device_id);
     }
 }
