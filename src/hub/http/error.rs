@@ -64,6 +64,16 @@ impl ApiError {
         self
     }
 
+    /// HTTP status, IoT Hub error name (empty for DPS errors) and message: what a bulk operation
+    /// reports per device instead of failing the whole request.
+    pub fn parts(&self) -> (u16, &'static str, &str) {
+        let name = match self.0.style {
+            Style::Hub { name } => name,
+            Style::Dps => "",
+        };
+        (self.0.status.as_u16(), name, &self.0.message)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::hub(400, 400004, "ArgumentInvalid", message)
     }

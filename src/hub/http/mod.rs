@@ -3,6 +3,7 @@
 //! endpoint.
 
 mod auth;
+mod bulk;
 mod dps_api;
 mod emulator;
 pub mod error;
@@ -35,7 +36,7 @@ pub fn router(hub: Hub) -> Router {
 
 fn routes(hub: Hub) -> Router {
     Router::new()
-        .route("/devices", get(service::devices_list))
+        .route("/devices", get(service::devices_list).post(bulk::update_registry))
         .route("/devices/query", post(service::query))
         .route("/devices/{id}", get(service::identity_get).put(service::identity_put).delete(service::identity_delete))
         .route("/devices/{id}/modules", get(service::modules_list))
@@ -45,6 +46,7 @@ fn routes(hub: Hub) -> Router {
         )
         .route("/devices/{id}/commands", axum::routing::delete(service::c2d_purge))
         .route("/statistics/devices", get(service::statistics))
+        .route("/statistics/service", get(service::service_statistics))
         .route(
             "/twins/{id}",
             get(service::twin_get_route).patch(service::twin_patch_route).put(service::twin_put_route),

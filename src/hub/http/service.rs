@@ -43,7 +43,7 @@ fn if_match(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Checks the caller, the api-version, then runs the operation.
-fn guard(hub: &HubState, headers: &HeaderMap, uri: &Uri, needed: Permissions) -> Result<(), ApiError> {
+pub(super) fn guard(hub: &HubState, headers: &HeaderMap, uri: &Uri, needed: Permissions) -> Result<(), ApiError> {
     auth::service(hub, headers, needed)?;
     auth::api_version(uri)
 }
@@ -105,7 +105,14 @@ fn body_keys(body: &IdentityBody) -> Result<[Option<Key>; 2], ApiError> {
     ])
 }
 
-fn put_identity(hub: &HubState, device: &str, module: Option<&str>, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+/// Creates or updates an identity from a `Device`/`Module` body; `if_match` as the header gives it.
+pub(super) fn put_identity(
+    hub: &HubState,
+    device: &str,
+    module: Option<&str>,
+    if_match: Option<&str>,
+    body: &Bytes,
+) -> ApiResult {
     let body: IdentityBody = if body.is_empty() { IdentityBody::default() } else { parse_json(body)? };
     if body.device_id.as_deref().is_some_and(|d| d != device)
         || body.module_id.as_deref().is_some_and(|m| Some(m) != module)
@@ -120,7 +127,7 @@ fn put_identity(hub: &HubState, device: &str, module: Option<&str>, headers: &He
     let [primary, secondary] = body_keys(&body)?;
     let now = SystemTime::now();
     if let Some(existing) = hub.registry.get(device, module) {
-        let Some(cond) = if_match(headers) else {
+        let Some(cond) = if_match else {
             return Err(match module {
                 Some(_) => ApiError::hub(
                     409,
@@ -184,9 +191,9 @@ fn get_identity(hub: &HubState, device: &str, module: Option<&str>) -> ApiResult
     Ok(Json(identity_json(&identity, &st)).into_response())
 }
 
-fn delete_identity(hub: &HubState, device: &str, module: Option<&str>, headers: &HeaderMap) -> ApiResult {
+pub(super) fn delete_identity(hub: &HubState, device: &str, module: Option<&str>, if_match: Option<&str>) -> ApiResult {
     let identity = find(hub, device, module)?;
-    if let Some(cond) = if_match(headers)
+    if let Some(cond) = if_match
         && !etag_matches(cond, &identity.lock().record.etag())
     {
         return Err(ApiError::precondition_failed());
@@ -215,7 +222,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
 
 pub async fn identity_put(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    put_identity(&hub, &t.device, t.module.as_deref(), &headers, &body)
+    put_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body)
 }
 
 pub async fn identity_get(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -225,7 +232,7 @@ pub async fn identity_get(State(hub): State<Hub>, t: Target, headers: HeaderMap,
 
 pub async fn identity_delete(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    delete_identity(&hub, &t.device, t.module.as_deref(), &headers)
+    delete_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers))
 }
 
 #[derive(Deserialize)]
@@ -259,6 +266,13 @@ pub async fn statistics(State(hub): State<Hub>, headers: HeaderMap, uri: Uri) ->
         .into_response())
 }
 
+/// `GET /statistics/service`: devices connected now (modules are not counted, as on IoT Hub).
+pub async fn service_statistics(State(hub): State<Hub>, headers: HeaderMap, uri: Uri) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT.union(Permissions::REGISTRY_READ))?;
+    let connected = hub.registry.devices(usize::MAX).iter().filter(|d| d.lock().session.is_some()).count();
+    Ok(Json(json!({"connectedDeviceCount": connected})).into_response())
+}
+
 // Twins.
 
 #[derive(Deserialize, Default)]
@@ -280,11 +294,12 @@ fn twin_get(hub: &HubState, device: &str, module: Option<&str>) -> ApiResult {
     Ok(Json(twin_json(&identity, &st)).into_response())
 }
 
-fn twin_update(
+/// A service twin PATCH (merge) or PUT (`replace`), conditional on `if_match` when given.
+pub(super) fn twin_update(
     hub: &HubState,
     device: &str,
     module: Option<&str>,
-    headers: &HeaderMap,
+    if_match: Option<&str>,
     body: &Bytes,
     replace: bool,
 ) -> ApiResult {
@@ -299,7 +314,7 @@ fn twin_update(
     }
     let desired = props.desired.as_ref().map(twin::without_read_only);
     let mut st = identity.lock();
-    if let Some(cond) = if_match(headers)
+    if let Some(cond) = if_match
         && !etag_matches(cond, &st.twin.etag())
     {
         return Err(ApiError::precondition_failed());
@@ -336,12 +351,12 @@ pub async fn twin_patch_route(
     body: Bytes,
 ) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &t.device, t.module.as_deref(), &headers, &body, false)
+    twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, false)
 }
 
 pub async fn twin_put_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &t.device, t.module.as_deref(), &headers, &body, true)
+    twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, true)
 }
 
 // Direct methods.
