@@ -93,6 +93,11 @@ fn node_device_client() {
 }
 
 #[test]
+fn node_registry_list_and_bulk_operations() {
+    node("registry.js");
+}
+
+#[test]
 fn node_dps_over_mqtt_then_hub() {
     node("dps_mqtt.js");
 }

@@ -1,5 +1,6 @@
 // Microsoft's Node device client (azure-iot-device + azure-iot-device-mqtt) against the emulator:
-// connect, telemetry with properties, twin get, reported patch, desired patch, a method answered.
+// connect, telemetry with properties, twin get, reported patch, desired patch, a method answered,
+// and a Plug and Play component command (`thermostat1*getMaxMinReport`, as IoT Central sends it).
 'use strict';
 const { Client, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
@@ -11,6 +12,7 @@ async function main() {
   const key = created.body.authentication.symmetricKey.primaryKey;
   const client = Client.fromConnectionString(`HostName=${hub.hostname};DeviceId=node-dev-1;SharedAccessKey=${key}`, Mqtt);
   client.onDeviceMethod('blink', (req, res) => res.send(200, { description: `Blinking LED every ${req.payload} seconds` }, () => {}));
+  client.onDeviceMethod('thermostat1*getMaxMinReport', (req, res) => res.send(200, { component: req.methodName.split('*')[0], since: req.payload }, () => {}));
   await within(client.open(), 'open');
   check(true, 'device connected');
 
@@ -38,6 +40,8 @@ async function main() {
 
   const call = await rest('POST', '/twins/node-dev-1/methods', { methodName: 'blink', payload: 4, responseTimeoutInSeconds: 15 });
   check(call.status === 200 && call.body.status === 200 && call.body.payload.description === 'Blinking LED every 4 seconds', 'method answered');
+  const cmd = await rest('POST', '/twins/node-dev-1/methods', { methodName: 'thermostat1*getMaxMinReport', payload: '2024-01-01T00:00:00Z', responseTimeoutInSeconds: 15 });
+  check(cmd.status === 200 && cmd.body.status === 200 && cmd.body.payload.component === 'thermostat1' && cmd.body.payload.since === '2024-01-01T00:00:00Z', 'component command dispatched by its unencoded name');
   await client.close();
 }
 
