@@ -211,6 +211,8 @@ async fn twin_input_the_hub_would_not_store_is_refused_on_every_path() {
         ("PUT", "/twins/tw", json!({"properties": {"desired": {"ok": {"$nested": 1}}}})),
         ("PATCH", "/twins/tw/modules/m", json!({"properties": {"desired": {"$foo": 1}}})),
         ("PUT", "/twins/tw/modules/m", json!({"tags": {"a.b": 1}})),
+        // A bad key inside an array of arrays was stored unchecked before.
+        ("PATCH", "/twins/tw", json!({"properties": {"desired": {"list": [[{"$k": 1}]]}}})),
     ];
     for (method, path, body) in refused {
         let (status, headers, err) = hub.rest(method, path, Some(body.clone())).await;

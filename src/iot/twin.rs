@@ -105,31 +105,49 @@ fn validate_member(key: &str, v: &Value, path: &str, depth: usize, max_depth: us
         Value::String(s) if s.chars().count() > MAX_STRING_CHARS => {
             Err(TwinError::StringTooLong { path: path.to_owned() })
         }
-        Value::Number(n) => match n.as_i64() {
-            Some(i) if !(MIN_SAFE_INT..=MAX_SAFE_INT).contains(&i) => {
-                Err(TwinError::IntegerOutOfRange { path: path.to_owned() })
-            }
-            None if n.is_u64() => Err(TwinError::IntegerOutOfRange { path: path.to_owned() }),
-            _ => Ok(()),
-        },
+        Value::Number(n) => check_number(n, path),
         Value::Object(m) => {
             for (k, child) in m {
                 validate_member(k, child, &format!("{path}.{k}"), depth + 1, max_depth)?;
             }
             Ok(())
         }
-        Value::Array(items) => {
-            for (i, child) in items.iter().enumerate() {
-                if let Value::Object(m) = child {
-                    for (k, c) in m {
-                        validate_member(k, c, &format!("{path}[{i}].{k}"), depth + 1, max_depth)?;
-                    }
-                }
-            }
-            Ok(())
-        }
+        Value::Array(items) => validate_items(items, path, depth, max_depth),
         _ => Ok(()),
     }
+}
+
+/// Integers must fit the range the hub keeps exactly (its JSON numbers are doubles).
+fn check_number(n: &serde_json::Number, path: &str) -> Result<(), TwinError> {
+    match n.as_i64() {
+        Some(i) if !(MIN_SAFE_INT..=MAX_SAFE_INT).contains(&i) => {
+            Err(TwinError::IntegerOutOfRange { path: path.to_owned() })
+        }
+        None if n.is_u64() => Err(TwinError::IntegerOutOfRange { path: path.to_owned() }),
+        _ => Ok(()),
+    }
+}
+
+/// Objects anywhere inside an array (arrays of arrays included) follow the same key and value
+/// rules as members; otherwise a bad key one level down would be stored unchecked.
+fn validate_items(items: &[Value], path: &str, depth: usize, max_depth: usize) -> Result<(), TwinError> {
+    for (i, child) in items.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        match child {
+            Value::Object(m) => {
+                for (k, c) in m {
+                    validate_member(k, c, &format!("{at}.{k}"), depth + 1, max_depth)?;
+                }
+            }
+            Value::Array(inner) => validate_items(inner, &at, depth + 1, max_depth)?,
+            Value::String(s) if s.chars().count() > MAX_STRING_CHARS => {
+                return Err(TwinError::StringTooLong { path: at });
+            }
+            Value::Number(n) => check_number(n, &at)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The hub's size measure: key lengths plus value sizes (strings by characters, numbers 8,
@@ -193,6 +211,13 @@ mod tests {
         for bad in ["$foo", "$version", "$metadata"] {
             assert!(matches!(validate_patch(&json!({bad: 1}), REPORTED), Err(TwinError::BadKey { .. })), "{bad}");
         }
+        // Inside arrays, arrays of arrays included, the same rules hold.
+        for bad in
+            [json!({"a": [[{"$k": 1}]]}), json!({"a": [["x".repeat(4097)]]}), json!({"a": [4_503_599_627_370_496i64]})]
+        {
+            assert!(validate_patch(&bad, REPORTED).is_err(), "{bad}");
+        }
+        assert!(validate_patch(&json!({"a": [[{"k": 1}], [1, "s"]]}), REPORTED).is_ok());
         assert_eq!(
             without_read_only(&json!({"$version": 3, "$metadata": {}, "$foo": 1, "a": 2})),
             json!({"$foo": 1, "a": 2})

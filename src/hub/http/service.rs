@@ -178,6 +178,13 @@ pub(super) fn put_identity(
     let created = hub.registry.create(device, module, record, now).map_err(|e| match e {
         RegistryError::DeviceNotFound => ApiError::device_not_found(device),
         RegistryError::InvalidId(_) => ApiError::bad_request(e.to_string()),
+        // Created by a concurrent request since the lookup above: the same 409 as that path.
+        _ if module.is_some() => ApiError::hub(
+            409,
+            409301,
+            "ModuleAlreadyExistsOnDevice",
+            "A module with this id already exists on the device",
+        ),
         other => ApiError::hub(409, 409001, "DeviceAlreadyExists", other.to_string()),
     })?;
     hub.refresh_identity_gauges();
