@@ -355,7 +355,6 @@ async fn bulk_registry_operations_and_statistics() {
         {"id": "b2", "importMode": "Update", "status": "disabled"},
         {"id": "b3", "importMode": "updateTwin", "tags": {"site": "oslo"}, "properties": {"desired": {"rate": 5}}},
         {"id": "b1", "importMode": "DeleteIfMatchETag", "eTag": "stale"},
-        {"id": "b2", "importMode": "deleteIfMatchETag", "eTag": b2["etag"]},
     ]);
     let (status, _, r) = hub.rest("POST", "/devices", Some(ops)).await;
     assert_eq!(status, 400, "{r}");
@@ -365,9 +364,23 @@ async fn bulk_registry_operations_and_statistics() {
         .iter()
         .map(|e| (e["deviceId"].as_str().unwrap(), e["errorCode"].as_str().unwrap()))
         .collect();
-    // b2 was updated first, so its etag changed and the conditional delete is refused too.
-    assert_eq!(codes, [("b1", "PreconditionFailed"), ("b2", "PreconditionFailed")]);
-    assert_eq!(hub.rest("GET", "/devices/b2", None).await.2["status"], "disabled");
+    assert_eq!(codes, [("b1", "PreconditionFailed")]);
+    let (_, _, b2_now) = hub.rest("GET", "/devices/b2", None).await;
+    assert_eq!(b2_now["status"], "disabled");
+    // The update changed b2's etag: a delete conditional on the old one is refused, on the new one applied.
+    let (status, _, r) = hub
+        .rest("POST", "/devices", Some(json!([{"id": "b2", "importMode": "deleteIfMatchETag", "eTag": b2["etag"]}])))
+        .await;
+    assert_eq!((status, r["errors"][0]["errorCode"].as_str()), (400, Some("PreconditionFailed")));
+    let (status, _, _) = hub
+        .rest(
+            "POST",
+            "/devices",
+            Some(json!([{"id": "b2", "importMode": "deleteIfMatchETag", "eTag": b2_now["etag"]}])),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(hub.rest("GET", "/devices/b2", None).await.0, 404);
     let (_, _, twin) = hub.rest("GET", "/twins/b3", None).await;
     assert_eq!(
         (twin["tags"]["site"].as_str(), twin["properties"]["desired"]["rate"].as_u64()),
@@ -380,6 +393,10 @@ async fn bulk_registry_operations_and_statistics() {
     assert_eq!(hub.rest("GET", "/devices/n1", None).await.0, 404);
     let (status, _, _) = hub.rest("POST", "/devices", Some(json!([{"id": "n1", "importMode": "upsert"}]))).await;
     assert_eq!(status, 400);
+    let (status, headers, _) =
+        hub.rest("POST", "/devices", Some(json!([{"id": "n1"}, {"id": "n1", "importMode": "update"}]))).await;
+    assert_eq!((status, headers["iothub-errorcode"].to_str().unwrap()), (400, "DeviceDefinedMultipleTimes"));
+    assert_eq!(hub.rest("GET", "/devices/n1", None).await.0, 404);
     let many: Vec<Value> = (0..101).map(|i| json!({"id": format!("m{i}")})).collect();
     assert_eq!(hub.rest("POST", "/devices", Some(Value::Array(many))).await.0, 413);
     let (status, _, _) = hub.rest_as("registryRead", "POST", "/devices", Some(json!([{"id": "n2"}])), &[]).await;

@@ -6,7 +6,8 @@
 //! Hub: one that fails is reported in `errors` and the others still apply. 200 with
 //! `isSuccessful: true` when all applied; 400 with `isSuccessful: false` and the failures
 //! otherwise. A malformed request (not an array, an entry without `id` or with an unknown mode)
-//! changes nothing and is refused whole with 400 ArgumentInvalid; more than 100 entries, 413.
+//! changes nothing and is refused whole with 400 ArgumentInvalid; the same identity twice, 400
+//! DeviceDefinedMultipleTimes (400011); more than 100 entries, 413 TooManyDevices (413002).
 
 use axum::Json;
 use axum::extract::State;
@@ -168,6 +169,15 @@ pub async fn update_registry(
         ));
     }
     let entries = items.iter().map(entry).collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = entries.iter().find(|e| !seen.insert((e.device.as_str(), e.module.as_deref()))) {
+        return Err(ApiError::hub(
+            400,
+            400011,
+            "DeviceDefinedMultipleTimes",
+            format!("`{}` appears more than once in the bulk request", twice.device),
+        ));
+    }
     let mut errors = Vec::new();
     for e in &entries {
         if let Err(err) = apply(&hub, e) {
