@@ -770,6 +770,27 @@ mod tests {
     }
 
     #[test]
+    fn component_and_legacy_acks_never_carry_null() {
+        let (a, _) = brightness_agent(None);
+        let mut w = a.spec.writable[0].clone();
+        w.component = Some("lamp".into());
+        assert_eq!(
+            ack_body(&w, None, 400, 5, "invalid value"),
+            json!({"lamp": {"__t": "c", "brightness": {"ac": 400, "av": 5, "ad": "invalid value"}}})
+        );
+        w.component = None;
+        w.ack = AckStyle::Legacy;
+        assert_eq!(
+            ack_body(&w, None, 400, 5, "invalid value"),
+            json!({"brightness": {"status": "failed", "desiredVersion": 5}})
+        );
+        assert_eq!(
+            ack_body(&w, Some(json!(7)), 200, 6, "completed"),
+            json!({"brightness": {"value": 7, "status": "completed", "desiredVersion": 6}})
+        );
+    }
+
+    #[test]
     fn a_restart_takes_the_acknowledged_value_and_does_not_ack_again() {
         let (mut a, now) = brightness_agent(None);
         let twin = json!({
