@@ -399,6 +399,8 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                     if step != Step::None {
                         hub = None;
                         ensured = false;
+                        // The fleet-wide record would skip the device write the hub now needs.
+                        shared.ensured.forget(&spec.device_id);
                         // A re-created identity has a new twin, whose desired versions start over.
                         agent.forget_twin();
                     }

@@ -103,7 +103,9 @@ impl Ensured {
         cell.get_or_try_init(|| service.ensure_device(device_id, key)).await.map(|_| ())
     }
 
-    /// Forgets a device (the hub lost it), so the next `device` call writes it again.
+    /// Forgets a device (the hub refused it as unknown: `device::recovery`), so the next `device`
+    /// call writes it again. Several of its identities may each forget it; the extra calls find
+    /// the device there with the fleet's key and write nothing (`ensure_identity`).
     pub fn forget(&self, device_id: &str) {
         self.devices.lock().unwrap_or_else(|p| p.into_inner()).remove(device_id);
     }
