@@ -64,19 +64,25 @@ struct Harness {
     connect_dps: Vec<u8>,
 }
 
+/// A hub state with one device, `fuzz`, whose key is returned, and a token expiry years away.
+/// The keys file is all the hub writes; one small directory per fuzzing process and harness.
+fn fuzz_hub(name: &str) -> (Hub, Key, u64) {
+    let dir = std::env::temp_dir().join(format!("fleetsim-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let config = HubConfig { data_dir: dir.clone(), ..Default::default() };
+    let secrets = crate::hub::secrets::Secrets::load_or_create(&dir, &config.keys).expect("keys");
+    let hub: Hub = Arc::new(HubState::new(&config, secrets).expect("hub state"));
+    let key = Key::from_bytes(b"fuzz-device-key".to_vec());
+    let record = crate::hub::registry::Record::new(key.clone(), key.clone());
+    hub.registry.create("fuzz", None, record, SystemTime::now()).expect("the device is new");
+    let expiry = crate::iot::time::unix_secs(SystemTime::now()) + 10 * 365 * 24 * 3600;
+    (hub, key, expiry)
+}
+
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
-        // The keys file is all the hub writes; one small directory per fuzzing process.
-        let dir = std::env::temp_dir().join(format!("fleetsim-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temp dir");
-        let config = HubConfig { data_dir: dir.clone(), ..Default::default() };
-        let secrets = crate::hub::secrets::Secrets::load_or_create(&dir, &config.keys).expect("keys");
-        let hub: Hub = Arc::new(HubState::new(&config, secrets).expect("hub state"));
-        let key = Key::from_bytes(b"fuzz-device-key".to_vec());
-        let record = crate::hub::registry::Record::new(key.clone(), key.clone());
-        hub.registry.create("fuzz", None, record, SystemTime::now()).expect("the device is new");
-        let expiry = crate::iot::time::unix_secs(SystemTime::now()) + 10 * 365 * 24 * 3600;
+        let (hub, key, expiry) = fuzz_hub("fuzz");
         let connect = |client: &str, user: String, password: String| {
             let mut c = rumqttc::mqttbytes::v4::Connect::new(client);
             c.set_login(user, password);
@@ -147,15 +153,7 @@ struct RestHarness {
 fn rest_harness() -> &'static RestHarness {
     static H: OnceLock<RestHarness> = OnceLock::new();
     H.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("fleetsim-fuzz-rest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temp dir");
-        let config = HubConfig { data_dir: dir.clone(), ..Default::default() };
-        let secrets = crate::hub::secrets::Secrets::load_or_create(&dir, &config.keys).expect("keys");
-        let hub: Hub = Arc::new(HubState::new(&config, secrets).expect("hub state"));
-        let key = Key::from_bytes(b"fuzz-device-key".to_vec());
-        let record = crate::hub::registry::Record::new(key.clone(), key.clone());
-        hub.registry.create("fuzz", None, record, SystemTime::now()).expect("the device is new");
-        let expiry = crate::iot::time::unix_secs(SystemTime::now()) + 10 * 365 * 24 * 3600;
+        let (hub, _, expiry) = fuzz_hub("fuzz-rest");
         let owner_key = Key::from_base64(&hub.secrets.policies["iothubowner"].primary).expect("owner key");
         let owner = sign_token("localhost", &owner_key, expiry, Some("iothubowner"));
         let group = Key::from_base64(&hub.secrets.default_group.primary).expect("group key");

@@ -290,3 +290,38 @@ async fn shutdown_drains_and_disconnects_cleanly() {
         "devices said DISCONNECT"
     );
 }
+
+/// Reported patches the hub throttled are sent again later; one sent again must not undo a newer
+/// acknowledgement. With every reported patch failing, four desired versions are each
+/// acknowledged (and each refused 429, so all four wait to be sent again at jittered times);
+/// once the hub accepts again, the twin must end with the newest version acknowledged, never an
+/// older one resent after it. Deterministic: the superseded retries are dropped, not raced.
+#[tokio::test]
+async fn a_retried_acknowledgement_never_undoes_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("acks.toml");
+    std::fs::write(
+        &scenario,
+        "[[devices]]\nid = \"ack-{n}\"\nprovisioning = \"connection_string\"\n\
+         [[devices.writable]]\nname = \"level\"\ntype = \"integer\"\n\
+         [devices.telemetry]\ninterval = \"10s\"\nfields = { a = 1 }\n",
+    )
+    .unwrap();
+    let f = FleetUnderTest::start(&[scenario], "[device]\nbackoff_base = \"200ms\"\nbackoff_cap = \"2s\"\n").await;
+    let (status, _, body) = f.rest("PATCH", "/emulator/faults", Some(json!({"twin_error_rate": 1.0}))).await;
+    assert_eq!(status, 200, "{body}");
+    let mut last = 0;
+    for level in 1..=4 {
+        last = f.set_desired("ack-1", None, json!({"level": level})).await;
+    }
+    // Let every acknowledgement be refused at least once.
+    let refused = || f.hub_state().metrics.faults_injected.with_label_values(&["twin_error"]).get();
+    f.wait_for("the refused reported patches", || async { refused() >= 4 }).await;
+    let (status, _, body) = f.rest("PATCH", "/emulator/faults", Some(json!({"twin_error_rate": 0.0}))).await;
+    assert_eq!(status, 200, "{body}");
+    f.reported_until("ack-1", None, "level", |v| is_ack(v, json!(4), 200, last)).await;
+    // Long enough for every pending retry (backoff_cap 2 s) to have been sent, were it still queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = f.reported_until("ack-1", None, "level", |_| true).await;
+    assert!(is_ack(&v, json!(4), 200, last), "an older acknowledgement overwrote the newest: {v}");
+}

@@ -7,5 +7,6 @@ pub mod mqtt;
 pub mod outbox;
 pub mod ramp;
 pub mod recovery;
+pub mod reported;
 pub mod runtime;
 pub mod transport;

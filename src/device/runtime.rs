@@ -560,8 +560,12 @@ struct Session<'a> {
     /// that what a lost connection leaves unconfirmed is sent again oldest first and an older
     /// writable acknowledgement cannot overwrite a newer one.
     reports: std::collections::BTreeMap<u64, Value>,
-    /// Reported patches the hub throttled or failed, to send again at the given time.
-    report_retries: Vec<(Instant, Value)>,
+    /// Reported patches the hub throttled or failed, to send again at the given time, with the
+    /// request number they were first sent under.
+    report_retries: Vec<(Instant, u64, Value)>,
+    /// For each reported property path (`reported::paths`), the request number of the latest
+    /// patch that set it: a patch sent again loses the paths a newer one set since.
+    latest_report: std::collections::HashMap<String, u64>,
     /// Reported patches failed in a row: the backoff's exponent.
     report_failures: u32,
     /// When to ask for the twin again after the hub failed the last GET.
@@ -574,9 +578,17 @@ struct Session<'a> {
 impl Session<'_> {
     fn report(&mut self, patch: Value) {
         self.next_rid += 1;
+        for path in super::reported::paths(&patch) {
+            self.latest_report.insert(path, self.next_rid);
+        }
         let rid = format!("r{}", self.next_rid);
         self.conn.publish(topic::twin_patch_reported(&rid), patch.to_string(), QoS::AtLeastOnce);
         self.reports.insert(self.next_rid, patch);
+    }
+
+    /// What is left of patch number `n` once the paths a later patch set are taken out.
+    fn still_current(&self, n: u64, patch: &Value) -> Option<Value> {
+        super::reported::without(patch, |path| self.latest_report.get(path).is_some_and(|latest| *latest > n))
     }
 
     /// A retry delay for a throttled or failed twin request: full jitter, at least 100 ms.
@@ -672,7 +684,7 @@ impl Session<'_> {
                             Some(patch) if status == 429 || status >= 500 => {
                                 self.report_failures += 1;
                                 let at = now + self.retry_delay(self.report_failures);
-                                self.report_retries.push((at, patch));
+                                self.report_retries.push((at, n.unwrap_or_default(), patch));
                             }
                             // Accepted, or refused for good (a 4xx other than 429: retrying cannot help).
                             Some(_) => self.report_failures = 0,
@@ -731,8 +743,12 @@ impl Session<'_> {
     /// Hands what must outlive this connection back to the identity.
     fn close(&mut self, carry: &mut Carry) {
         carry.outbox.connection_lost();
-        carry.reports.extend(std::mem::take(&mut self.reports).into_values());
-        carry.reports.extend(self.report_retries.drain(..).map(|(_, p)| p));
+        // Oldest first, each without what a newer patch set since, so that sending them again on
+        // the next connection cannot undo a newer report.
+        let mut pending: Vec<(u64, Value)> = std::mem::take(&mut self.reports).into_iter().collect();
+        pending.extend(self.report_retries.drain(..).map(|(_, n, p)| (n, p)));
+        pending.sort_by_key(|(n, _)| *n);
+        carry.reports.extend(pending.into_iter().filter_map(|(n, p)| self.still_current(n, &p)));
     }
 }
 
@@ -760,6 +776,7 @@ async fn session(
         next_rid: 0,
         reports: Default::default(),
         report_retries: Vec::new(),
+        latest_report: Default::default(),
         report_failures: 0,
         twin_retry: None,
         twin_failures: 0,
@@ -810,11 +827,14 @@ async fn session(
             s.twin_retry = None;
             s.conn.publish(topic::twin_get("get"), " ", QoS::AtLeastOnce);
         }
-        if s.report_retries.iter().any(|(at, _)| now >= *at) {
-            let (due, later): (Vec<_>, Vec<_>) = s.report_retries.drain(..).partition(|(at, _)| now >= *at);
+        if s.report_retries.iter().any(|(at, _, _)| now >= *at) {
+            let (mut due, later): (Vec<_>, Vec<_>) = s.report_retries.drain(..).partition(|(at, _, _)| now >= *at);
             s.report_retries = later;
-            for (_, patch) in due {
-                s.report(patch);
+            due.sort_by_key(|(_, n, _)| *n);
+            for (_, n, patch) in due {
+                if let Some(patch) = s.still_current(n, &patch) {
+                    s.report(patch);
+                }
             }
         }
         if s.conn.flush().await.is_err() {
@@ -826,7 +846,7 @@ async fn session(
             Some(renew_at),
             Some(s.last_heard + silence_limit),
             s.twin_retry,
-            s.report_retries.iter().map(|(at, _)| *at).min(),
+            s.report_retries.iter().map(|(at, _, _)| *at).min(),
         ]
         .into_iter()
         .flatten()
