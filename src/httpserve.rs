@@ -31,6 +31,17 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
+impl Limits {
+    /// The emulator's defaults (`http_header_timeout_secs`, `http_idle_timeout_secs`), and the
+    /// fleet's metrics listener's fixed limits.
+    pub const DEFAULT: Limits =
+        Limits { header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) };
+}
+
+/// Connections a metrics listener (the emulator's or the fleet's) serves at once: scrapers and
+/// probes are few, and a small bound keeps the process's descriptors for its devices.
+pub const METRICS_CONNECTIONS: usize = 256;
+
 /// A slot in a listener's connection bound, held for the connection's whole life. A WebSocket
 /// upgrade takes a clone from the request's extensions, so the slot is freed only when both the
 /// HTTP connection and the upgraded socket are gone.

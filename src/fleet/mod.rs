@@ -474,11 +474,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
             }),
         )
         .with_state(state);
-    let limits =
-        crate::httpserve::Limits { header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) };
-    // Scrapers and probes are few: a small bound keeps the fleet's descriptors for its devices.
-    let bound = crate::httpserve::ConnectionBound::new(256);
-    crate::httpserve::serve_plain(listener, app, limits, bound, "fleet metrics", stop).await
+    let bound = crate::httpserve::ConnectionBound::new(crate::httpserve::METRICS_CONNECTIONS);
+    crate::httpserve::serve_plain(listener, app, crate::httpserve::Limits::DEFAULT, bound, "fleet metrics", stop).await
 }
 
 /// The progress log: one line per interval while the fleet ramps (with failures by kind), one

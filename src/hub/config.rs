@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::tomlread::line_col;
+
 /// The largest `behaviour.max_message_bytes`: WebSocket frames and MQTT packets are bounded by it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -143,8 +145,8 @@ impl Default for Behaviour {
             dps_retry_after_secs: 1,
             dps_assignment_delay_ms: 0,
             max_connections: 0,
-            http_header_timeout_secs: 10,
-            http_idle_timeout_secs: 120,
+            http_header_timeout_secs: crate::httpserve::Limits::DEFAULT.header_timeout.as_secs(),
+            http_idle_timeout_secs: crate::httpserve::Limits::DEFAULT.idle_timeout.as_secs(),
         }
     }
 }
@@ -255,14 +257,6 @@ impl HubConfig {
         }
         names
     }
-}
-
-/// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

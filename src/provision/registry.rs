@@ -35,8 +35,20 @@ impl ServiceClient {
         if auth["type"] == "sas" && auth["symmetricKey"]["primaryKey"] == ours.as_str() {
             return Ok(());
         }
-        if let Some(status) = existing.get("status") {
-            body["status"] = status.clone();
+        self.rekey(path, body, &existing, "status").await
+    }
+
+    /// Replaces `existing` (read just before) with `body`, which carries the fleet's key, keeping
+    /// the operator's `status_field`, conditional on the etag that was read.
+    async fn rekey(
+        &self,
+        path: &str,
+        mut body: serde_json::Value,
+        existing: &serde_json::Value,
+        status_field: &str,
+    ) -> Result<(), ServiceError> {
+        if let Some(status) = existing.get(status_field) {
+            body[status_field] = status.clone();
         }
         let etag = existing["etag"].as_str().map(|e| format!("\"{}\"", e.trim_matches('"')));
         self.put(path, body, Some(etag.as_deref().unwrap_or("*"))).await.map(|_| ())
@@ -62,7 +74,7 @@ impl ServiceClient {
     pub async fn ensure_enrollment(&self, registration_id: &str, key: &Key) -> Result<(), ServiceError> {
         let path = format!("/enrollments/{}", url_encode(registration_id));
         let ours = key.to_base64();
-        let mut body = json!({
+        let body = json!({
             "registrationId": registration_id,
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": ours, "secondaryKey": ours}},
         });
@@ -77,11 +89,7 @@ impl ServiceClient {
         if existing["attestation"]["symmetricKey"]["primaryKey"] == ours.as_str() {
             return Ok(());
         }
-        if let Some(status) = existing.get("provisioningStatus") {
-            body["provisioningStatus"] = status.clone();
-        }
-        let etag = existing["etag"].as_str().map(|e| format!("\"{}\"", e.trim_matches('"')));
-        self.put(&path, body, Some(etag.as_deref().unwrap_or("*"))).await.map(|_| ())
+        self.rekey(&path, body, &existing, "provisioningStatus").await
     }
 }
 

@@ -106,9 +106,6 @@ pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::Serve
     .await
 }
 
-/// Scrapers are few: this many metrics connections at once is plenty, and bounded.
-pub const METRICS_CONNECTIONS: usize = 256;
-
 /// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.
 pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
     let app = Router::new()
@@ -118,6 +115,6 @@ pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(hub.clone());
-    let bound = ConnectionBound::new(METRICS_CONNECTIONS);
+    let bound = ConnectionBound::new(crate::httpserve::METRICS_CONNECTIONS);
     crate::httpserve::serve_plain(listener, app, limits(&hub), bound, "metrics", hub.shutdown.clone()).await
 }
