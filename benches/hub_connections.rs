@@ -125,7 +125,7 @@ fn main() {
 }
 
 async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
-    let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
+    let tls = fleetsim::client::transport::client_config(Some(&info.ca_file)).unwrap();
     let (http, token) = support::service_client(info);
     let key = Key::generate();
     let rss_start = rss_kib(pid);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
-use crate::device::runtime::Settings;
+use crate::device::spec::Settings;
 use crate::fleet::ci::{CiConfig, Probe, Thresholds};
 use crate::tomlread::{Diagnostics, Doc, MAX_DURATION, Node, Table, Val, show_duration};
 

@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for where each flow lives.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod device;
 pub mod fleet;

@@ -108,7 +108,7 @@ fn the_emulator_logs_each_connection_with_its_identity_and_cause() {
         poll("hub.json", || serde_json::from_slice(&std::fs::read(dir.path().join("d/hub.json")).ok()?).ok());
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let ca = std::path::PathBuf::from(info["ca_file"].as_str().unwrap());
-    let tls = fleetsim::device::transport::client_config(Some(&ca)).unwrap();
+    let tls = fleetsim::client::transport::client_config(Some(&ca)).unwrap();
     let addr: std::net::SocketAddr = info["mqtt_addr"].as_str().unwrap().parse().unwrap();
     let host = info["hostname"].as_str().unwrap().to_owned();
     let cs: fleetsim::iot::connection_string::ConnectionString =

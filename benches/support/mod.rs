@@ -51,7 +51,7 @@ pub fn spawn_hub(data_dir: &Path, threads: Option<usize>, config: Option<&Path>)
 
 /// An HTTP client trusting the emulator's CA, and an `iothubowner` token valid for two hours.
 pub fn service_client(info: &HubInfo) -> (reqwest::Client, String) {
-    let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
+    let tls = fleetsim::client::transport::client_config(Some(&info.ca_file)).unwrap();
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
         .resolve("localhost", info.https_addr)

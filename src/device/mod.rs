@@ -1,12 +1,12 @@
-//! A simulated identity's life: open a transport, speak MQTT, behave as its scenario says.
-//! `behaviour` is the device's mind (no I/O), `runtime` its body (connection, timers, retries).
+//! A simulated identity's life: get credentials, open a transport, behave as its scenario says.
+//! `spec` is what an identity is given, `behaviour` the device's mind (no I/O), `runtime` its
+//! body (credentials, ramp, connection, timers, retries).
 
 pub mod behaviour;
 pub mod failures;
-pub mod mqtt;
 pub mod outbox;
 pub mod ramp;
 pub mod recovery;
 pub mod reported;
 pub mod runtime;
-pub mod transport;
+pub mod spec;

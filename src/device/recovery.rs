@@ -5,7 +5,7 @@
 //! again (re-create the device or module through the registry, re-enroll and re-provision through
 //! DPS), with the usual backoff, saying so at WARN once per identity and counting every re-run.
 
-use super::mqtt::ConnectError;
+use crate::client::mqtt::ConnectError;
 use crate::metrics::FleetMetrics;
 use crate::provision::dps::ProvisionError;
 

@@ -17,139 +17,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{Agent, Out};
 use super::failures;
-use super::mqtt::{ConnectError, MqttConn};
 use super::outbox::{OfflinePolicy, Outbox, Pushed};
-use super::ramp::Ramp;
 use super::recovery::{self, Refusals, Step};
-use super::transport::{self, Endpoint};
-use crate::iot::sas::{Key, sign_token};
+use super::spec::{Credentials, IdentitySpec, Shared};
+use crate::client::mqtt::{ConnectError, MqttConn};
+use crate::client::transport::{self, Endpoint};
+use crate::iot::sas::sign_token;
 use crate::iot::time::unix_secs;
 use crate::iot::topic::{self, CloudPublish, Filter};
 use crate::iot::username::hub_username;
 use crate::metrics::{DeviceState, FleetMetrics};
-use crate::provision::dps::{self, DpsEndpoint, ProvisionError};
-use crate::provision::registry::{Ensured, ServiceClient};
-use crate::scenario::model::{Behaviour, DpsTransport, Transport};
-
-/// Where the fleet connects.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The hub's host name for identities that do not go through DPS.
-    pub hub_host: Option<String>,
-    /// Dial this instead of the hub (an Edge gateway, an emulator elsewhere); names stay the hub's.
-    pub gateway_host: Option<String>,
-    pub mqtt_port: u16,
-    pub ws_port: u16,
-    pub dps: Option<DpsEndpoint>,
-}
-
-/// Per-identity runtime knobs, from the daemon config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub token_ttl: Duration,
-    /// Fraction of the token's life after which it is renewed (less up to 10 % jitter).
-    pub renew_at: f64,
-    pub keep_alive: u16,
-    pub backoff_base: Duration,
-    pub backoff_cap: Duration,
-    pub connect_timeout: Duration,
-    pub shutdown_grace: Duration,
-    /// Telemetry messages awaiting PUBACK per identity; more wait in the outbox.
-    pub max_inflight: usize,
-    /// Telemetry messages an identity holds (unwritten plus awaiting PUBACK), and what it does
-    /// when that is full or it is offline.
-    pub buffer: usize,
-    pub offline_policy: OfflinePolicy,
-    /// Stamp each message with `fleetsim-seq` so the hub can count loss end to end.
-    pub sequence_numbers: bool,
-    /// DPS registrations and registry calls in flight at once, fleet-wide: provisioning is part
-    /// of the stampede the connection ramp exists to prevent.
-    pub provision_concurrency: usize,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            token_ttl: Duration::from_secs(3600),
-            renew_at: 0.85,
-            keep_alive: 60,
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(10),
-            max_inflight: 16,
-            buffer: 256,
-            offline_policy: OfflinePolicy::DropOldest,
-            sequence_numbers: true,
-            provision_concurrency: 64,
-        }
-    }
-}
-
-/// What every identity task shares.
-pub struct Shared {
-    pub tls: Arc<rustls::ClientConfig>,
-    pub http: reqwest::Client,
-    pub target: Target,
-    pub ramp: Ramp,
-    pub metrics: Arc<FleetMetrics>,
-    pub shutdown: CancellationToken,
-    pub settings: Settings,
-    /// Creates devices and modules that do not go through DPS.
-    pub service: Option<ServiceClient>,
-    /// Creates individual DPS enrollments.
-    pub dps_service: Option<ServiceClient>,
-    /// Devices already written to the registry by this fleet, each once.
-    pub ensured: Ensured,
-    /// Bounds provisioning work in flight (`Settings::provision_concurrency` permits).
-    pub provisioning: tokio::sync::Semaphore,
-    /// This fleet run's id, the `RUN` of every sequence stamp.
-    pub run_id: Arc<str>,
-    /// Set at the end of a CI run: devices take no more readings, so what is buffered can drain.
-    pub quiesce: std::sync::atomic::AtomicBool,
-    /// Why identities fail to provision or connect: told once per template and kind, counted.
-    pub failures: super::failures::Failures,
-}
-
-/// How an identity gets onto the hub.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Credentials {
-    Dps {
-        key: Key,
-        individual: bool,
-        transport: DpsTransport,
-        payload: Option<Value>,
-    },
-    /// Straight to the hub with the identity's key; `parent_key` is set for modules, whose device
-    /// must exist first.
-    Direct {
-        key: Key,
-        parent_key: Option<Key>,
-    },
-}
-
-/// One identity to simulate. Compared by value on reload (keys included), so a changed key
-/// restarts the identity although `Debug` shows no key material.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IdentitySpec {
-    /// The scenario template it comes from (failures are told once per template and kind).
-    pub template: Arc<str>,
-    pub device_id: Arc<str>,
-    pub module_id: Option<Arc<str>>,
-    pub n: u64,
-    pub model_id: Option<Arc<str>>,
-    pub transport: Transport,
-    pub behaviour: Arc<Behaviour>,
-    pub credentials: Credentials,
-}
-
-impl IdentitySpec {
-    fn key(&self) -> &Key {
-        match &self.credentials {
-            Credentials::Dps { key, .. } | Credentials::Direct { key, .. } => key,
-        }
-    }
-}
+use crate::provision::dps::{self, ProvisionError};
+use crate::scenario::model::{DpsTransport, Transport};
 
 /// How a session ended.
 enum End {

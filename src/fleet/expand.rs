@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::device::runtime::{Credentials, IdentitySpec};
+use crate::device::spec::{Credentials, IdentitySpec};
 use crate::iot::sas::{Key, derive_device_key};
 use crate::scenario::model::{DeviceTemplate, Provisioning};
 

@@ -22,10 +22,11 @@ use axum::routing::get;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::transport;
 use crate::config::{DaemonConfig, HubMode};
 use crate::device::ramp::Ramp;
-use crate::device::runtime::{self, Shared, Target};
-use crate::device::transport;
+use crate::device::runtime;
+use crate::device::spec::{IdentitySpec, Shared, Target};
 use crate::hub::info::HubInfo;
 use crate::hub::{self, RunningHub};
 use crate::iot::connection_string::ConnectionString;
@@ -61,20 +62,20 @@ struct IdentityTask {
     handle: JoinHandle<()>,
     /// The identity's full definition, to tell a changed scenario from an unchanged one by
     /// value (its behaviour is shared, so keeping it costs a few pointers).
-    spec: runtime::IdentitySpec,
+    spec: IdentitySpec,
     /// What the CI method probe needs of it.
     target: ci::ProbeTarget,
 }
 
 /// `device` or `device/module`: how the fleet tells its identities apart.
-fn identity_key(spec: &runtime::IdentitySpec) -> String {
+fn identity_key(spec: &IdentitySpec) -> String {
     match &spec.module_id {
         Some(m) => format!("{}/{m}", spec.device_id),
         None => spec.device_id.to_string(),
     }
 }
 
-fn spawn_identity(spec: runtime::IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
+fn spawn_identity(spec: IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
     let key = identity_key(&spec);
     let target = ci::ProbeTarget {
         device_id: spec.device_id.clone(),

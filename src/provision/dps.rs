@@ -8,8 +8,8 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Subscribe};
 use serde_json::Value;
 
-use crate::device::mqtt::MqttConn;
-use crate::device::transport::{self, Endpoint};
+use crate::client::mqtt::MqttConn;
+use crate::client::transport::{self, Endpoint};
 use crate::iot::dps::{OperationStatus, RegistrationRequest};
 use crate::iot::sas::{Key, sign_token};
 use crate::iot::time::unix_secs;

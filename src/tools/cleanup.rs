@@ -101,7 +101,7 @@ pub async fn run(args: crate::cli::CleanupArgs) -> u8 {
         let Some(cs) = cs else { return Ok(None) };
         let cs: crate::iot::connection_string::ConnectionString =
             cs.parse().map_err(|e| stop(EXIT_USAGE, format!("a service connection string: {e}")))?;
-        let tls = crate::device::transport::client_config(ca.as_deref()).map_err(|e| stop(EXIT_USAGE, e))?;
+        let tls = crate::client::transport::client_config(ca.as_deref()).map_err(|e| stop(EXIT_USAGE, e))?;
         let http = crate::service::https_client(&tls).map_err(|e| stop(EXIT_USAGE, e))?;
         ServiceClient::new(http, &cs).map(Some).map_err(|e| stop(EXIT_USAGE, e))
     };

@@ -39,7 +39,7 @@ pub fn client(opts: &ServiceOpts) -> anyhow::Result<ServiceClient> {
     };
     let cs: crate::iot::connection_string::ConnectionString =
         cs_text.parse().map_err(|e| anyhow!("the service connection string: {e}"))?;
-    let tls = crate::device::transport::client_config(ca.as_deref())?;
+    let tls = crate::client::transport::client_config(ca.as_deref())?;
     let http = crate::service::https_client(&tls)?;
     ServiceClient::new(http, &cs).map_err(|e| anyhow!("{e}"))
 }

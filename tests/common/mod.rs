@@ -95,7 +95,7 @@ impl TestHub {
 impl Api {
     pub fn new(info: HubInfo) -> Api {
         install_crypto();
-        let tls = fleetsim::device::transport::client_config(Some(&info.ca_file)).unwrap();
+        let tls = fleetsim::client::transport::client_config(Some(&info.ca_file)).unwrap();
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
             .resolve("localhost", info.https_addr)
