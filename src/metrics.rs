@@ -233,7 +233,7 @@ impl FleetMetrics {
     }
 
     /// Reasons a message can be dropped; the first two were never written.
-    pub const DROP_REASONS: [&'static str; 3] = ["buffer_full", "shutdown", "unacked_at_shutdown"];
+    pub const DROP_REASONS: [&'static str; 4] = ["buffer_full", "shutdown", "unacked_at_shutdown", "rejected_by_hub"];
 
     pub fn telemetry_dropped(&self, reason: &'static str, n: u64) {
         debug_assert!(Self::DROP_REASONS.contains(&reason));

@@ -111,7 +111,7 @@ impl ServiceClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let unreachable = |e: reqwest::Error| ServiceError::Unreachable(crate::device::failures::chain(&e));
+        let unreachable = |e: reqwest::Error| ServiceError::Unreachable(crate::sys::error_chain(&e));
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);

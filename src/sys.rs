@@ -1,5 +1,6 @@
 //! Process-level plumbing: the open-files limit, termination signals, the process's own metrics;
-//! and a timer that may be unset, which the hub's connections and the fleet's devices both wait on.
+//! a timer that may be unset, which the hub's connections and the fleet's devices both wait on;
+//! and an error told with all its causes, which every layer's messages use.
 
 /// Raises the soft open-files limit to the hard limit: every connection is a descriptor.
 pub fn raise_fd_limit() {
@@ -112,6 +113,22 @@ fn linux_process() -> Option<ProcessStats> {
         open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()) as f64,
         start_secs: boot + field(22)? / ticks,
     })
+}
+
+/// An error and every `source()` under it, joined by ": ", leaving out a cause whose text the
+/// message before it already contains (many wrappers repeat their source).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -143,6 +143,14 @@ impl Agent {
         Value::Object(m)
     }
 
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    pub fn module_id(&self) -> Option<&str> {
+        self.module_id.as_deref()
+    }
+
     /// Spreads the first sends over one interval so a fleet that connects together does not send
     /// together.
     pub fn on_connected(&mut self, now: Instant) {

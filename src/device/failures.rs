@@ -20,21 +20,7 @@ pub struct Failure {
     pub hint: &'static str,
 }
 
-/// An error and every `source()` under it, joined by ": ", leaving out a cause whose text the
-/// message before it already contains (many wrappers repeat their source).
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
+pub use crate::sys::error_chain as chain;
 
 /// Classifies a failure to reach an endpoint from its cause chain.
 pub fn network(detail: String) -> Failure {
@@ -87,6 +73,20 @@ pub fn connack(code: u8, detail: String) -> Failure {
         _ => "the hub refused the connection",
     };
     Failure { kind: format!("connack_{code}"), detail, hint }
+}
+
+/// An error status from the hub's device REST API (HTTPS devices).
+pub fn hub_status(status: u16, detail: String) -> Failure {
+    let hint = match status {
+        401 | 403 | 404 => {
+            "the hub refused the credentials: the identity may not exist in this hub, be disabled, or have \
+             another key (check hub.hub_host, the keys, and that DPS assigned this hub)"
+        }
+        429 => "the hub throttles: lower the telemetry rate or [ramp] rate; it will be retried with backoff",
+        s if s >= 500 => "the hub is unavailable: it will be retried with backoff",
+        _ => "the hub refused the request: the detail carries its message",
+    };
+    Failure { kind: format!("hub_{status}"), detail, hint }
 }
 
 /// A registry call (creating a device, module or enrollment) that failed.

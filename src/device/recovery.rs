@@ -5,17 +5,22 @@
 //! again (re-create the device or module through the registry, re-enroll and re-provision through
 //! DPS), with the usual backoff, saying so at WARN once per identity and counting every re-run.
 
-use crate::client::mqtt::ConnectError;
+use super::link::OpenError;
 use crate::metrics::FleetMetrics;
 use crate::provision::dps::ProvisionError;
 
-/// Whether a refused MQTT connection means the hub does not accept this identity's credentials
-/// (the device or module is unknown, or its key changed). IoT Hub answers CONNACK 5 (not
-/// authorized) for an unknown identity or a bad SAS token and 4 for a malformed user name or
-/// password (MQTT 3.1.1 §3.2.2.3); every other failure (3, server unavailable: throttling or an
-/// outage; timeouts; I/O) is transient and retried with the same credentials.
-pub fn hub_forgot(e: &ConnectError) -> bool {
-    e.is_auth()
+/// Whether the hub refuses the identity's credentials as unknown or unauthorized, so that
+/// retrying with the same ones can never succeed: CONNACK 4 or 5 (MQTT 3.1.1 §3.2.2.3; IoT Hub
+/// answers 5 for an unknown identity or a bad SAS token, 4 for a malformed user name or
+/// password), or HTTP 401, 403 or 404 from the device REST API (`IotHubUnauthorizedAccess`,
+/// `DeviceNotFound`). Everything else (CONNACK 3, server unavailable: throttling or an outage;
+/// 429 and 5xx; timeouts; I/O) is transient and retried with the same credentials.
+pub fn hub_forgot(e: &OpenError) -> bool {
+    match e {
+        OpenError::Mqtt(e) => e.is_auth(),
+        OpenError::Https(e) => matches!(e.status(), Some(401 | 403 | 404)),
+        OpenError::Timeout => false,
+    }
 }
 
 /// Whether DPS refused the registration as unknown or unauthorized (401, 403, 404 from the
@@ -83,19 +88,43 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::https::HttpError;
+    use crate::client::mqtt::ConnectError;
+
+    fn mqtt(e: ConnectError) -> OpenError {
+        OpenError::Mqtt(e)
+    }
+
+    fn https(status: u16) -> OpenError {
+        OpenError::Https(HttpError::Status {
+            what: "GET /devices/d/messages/deviceBound".into(),
+            status,
+            detail: String::new(),
+        })
+    }
 
     #[test]
     fn only_credential_refusals_mean_the_identity_is_unknown() {
         use rumqttc::mqttbytes::v4::ConnectReturnCode::*;
         for code in [NotAuthorized, BadUserNamePassword] {
-            assert!(hub_forgot(&ConnectError::Refused(code)), "{code:?}");
+            assert!(hub_forgot(&mqtt(ConnectError::Refused(code))), "{code:?}");
         }
         for code in [ServiceUnavailable, BadClientId, RefusedProtocolVersion, Success] {
-            assert!(!hub_forgot(&ConnectError::Refused(code)), "{code:?}");
+            assert!(!hub_forgot(&mqtt(ConnectError::Refused(code))), "{code:?}");
         }
-        assert!(!hub_forgot(&ConnectError::Timeout));
-        assert!(!hub_forgot(&ConnectError::Protocol));
-        assert!(!hub_forgot(&ConnectError::Io(std::io::ErrorKind::ConnectionRefused.into())));
+        assert!(!hub_forgot(&mqtt(ConnectError::Timeout)));
+        assert!(!hub_forgot(&mqtt(ConnectError::Protocol)));
+        assert!(!hub_forgot(&mqtt(ConnectError::Io(std::io::ErrorKind::ConnectionRefused.into()))));
+        for status in [401, 403, 404] {
+            assert!(hub_forgot(&https(status)), "{status}");
+        }
+        for status in [400, 408, 429, 500, 503] {
+            assert!(!hub_forgot(&https(status)), "{status}");
+        }
+        assert!(!hub_forgot(&OpenError::Timeout));
+        let unreachable =
+            HttpError::Transport { what: "POST /devices/d/messages/events".into(), detail: "refused".into() };
+        assert!(!hub_forgot(&OpenError::Https(unreachable)));
     }
 
     #[test]

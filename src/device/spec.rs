@@ -24,7 +24,8 @@ pub struct Target {
     /// Dial this instead of the hub (an Edge gateway, an emulator elsewhere); names stay the hub's.
     pub gateway_host: Option<String>,
     pub mqtt_port: u16,
-    pub ws_port: u16,
+    /// The hub's HTTPS port: MQTT over WebSockets and the device REST API.
+    pub https_port: u16,
     pub dps: Option<DpsEndpoint>,
 }
 

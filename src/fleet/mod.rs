@@ -146,7 +146,7 @@ fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
             hub_host: Some(info.hostname.clone()),
             gateway_host: None,
             mqtt_port: info.mqtt_port,
-            ws_port: info.https_port,
+            https_port: info.https_port,
             dps: Some(DpsEndpoint {
                 host: info.dps_host.clone(),
                 https_port: info.https_port,
@@ -357,7 +357,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
                     hub_host,
                     gateway_host: a.gateway_host.clone(),
                     mqtt_port: a.mqtt_port,
-                    ws_port: a.https_port,
+                    https_port: a.https_port,
                     dps: a.id_scope.clone().map(|id_scope| DpsEndpoint {
                         host: a.dps_host.clone(),
                         https_port: a.https_port,

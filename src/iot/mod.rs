@@ -8,6 +8,7 @@
 pub mod connection_string;
 pub mod dps;
 pub mod encoding;
+pub mod https_headers;
 pub mod property_bag;
 pub mod sas;
 pub mod sequence;

@@ -107,7 +107,7 @@ pub async fn register_https(
     let auth = token(ep, reg, key);
     let body = RegistrationRequest { registration_id: Some(reg.to_owned()), payload };
     // The URL names the scope and registration id, never a key: it says where we tried to go.
-    let unreachable = |e: reqwest::Error| ProvisionError::Unreachable(crate::device::failures::chain(&e));
+    let unreachable = |e: reqwest::Error| ProvisionError::Unreachable(crate::sys::error_chain(&e));
     let resp = http
         .put(format!("{base}/register?api-version=2019-03-31"))
         .header("authorization", &auth)
@@ -168,7 +168,7 @@ pub async fn register_mqtt(
             "{}:{} (MQTT): {}",
             endpoint.host,
             endpoint.port,
-            crate::device::failures::chain(&e)
+            crate::sys::error_chain(&e)
         ))
     })?;
     let mut c = MqttConn::connect(

@@ -12,6 +12,9 @@ pub enum Transport {
     Mqtt,
     /// MQTT over WebSockets, port 443, `/$iothub/websocket`.
     WebSockets,
+    /// IoT Hub's device REST API, port 443: telemetry POSTed, C2D polled every `poll_interval`;
+    /// no twins, desired properties or methods (IoT Hub has none over HTTPS).
+    Https { poll_interval: std::time::Duration },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

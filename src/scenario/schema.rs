@@ -108,10 +108,20 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         None => None,
     };
     let model_id = t.str(doc, "model_id");
-    let transport = match t.choice(doc, "transport", &["mqtt", "websockets"]) {
+    let transport = match t.choice(doc, "transport", &["mqtt", "websockets", "https"]) {
         Some("websockets") => Transport::WebSockets,
+        Some("https") => Transport::Https {
+            poll_interval: t.duration_in(doc, "poll_interval", Duration::from_secs(1), DAY).unwrap_or(DEFAULT_C2D_POLL),
+        },
         _ => Transport::Mqtt,
     };
+    if !matches!(transport, Transport::Https { .. }) && t.get("poll_interval").is_some() {
+        doc.error(
+            t.span_of("poll_interval"),
+            &t.field("poll_interval"),
+            "poll_interval only applies to transport = \"https\"",
+        );
+    }
     let dps_transport = match t.choice(doc, "dps_transport", &["https", "mqtt"]) {
         Some("mqtt") => DpsTransport::Mqtt,
         _ => DpsTransport::Https,
@@ -132,6 +142,20 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
     };
     let keys_file = t.str(doc, "keys_file").map(|k| path.parent().unwrap_or(Path::new(".")).join(k));
     let own = behaviour(doc, &mut t);
+    let https = matches!(transport, Transport::Https { .. });
+    if https {
+        if t.has("model_id") {
+            doc.error(
+                t.span_of("model_id"),
+                &t.field("model_id"),
+                "Plug and Play needs MQTT (the model id is announced when the device connects): \
+                 transport = \"https\" cannot carry one",
+            );
+        }
+        if let Some(b) = &own {
+            https_limits(doc, &t, b);
+        }
+    }
     let mut modules = Vec::new();
     let mut module_ids = HashSet::new();
     for mut m in t.tables(doc, "modules") {
@@ -143,6 +167,9 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
             doc.error(m.span.clone(), &m.field("id"), format!("module \"{mid}\" appears twice"));
         }
         if let Some(b) = behaviour(doc, &mut m) {
+            if https {
+                https_limits(doc, &m, &b);
+            }
             modules.push(ModuleTemplate { id: mid, behaviour: b });
         }
         m.finish(doc);
@@ -183,6 +210,31 @@ fn report_map(
     }
     r.finish(doc);
     out
+}
+
+/// How often an HTTPS device polls for cloud-to-device messages unless told: IoT Hub's guidance
+/// is to poll no more often than every 25 minutes ("Understand cloud-to-device messaging",
+/// throttling of HTTPS receives).
+pub const DEFAULT_C2D_POLL: Duration = Duration::from_secs(25 * 60);
+
+/// Refuses what IoT Hub does not offer over HTTPS: twins (reported and writable properties),
+/// direct methods, and the Plug and Play component and Edge output system properties
+/// ("Choose a device communication protocol").
+fn https_limits(doc: &mut Doc, t: &Table<'_>, b: &Behaviour) {
+    let used = [
+        ("reported", !b.reported.is_empty(), "reported properties need the device twin"),
+        ("writable", !b.writable.is_empty(), "writable properties need the device twin"),
+        ("commands", !b.commands.is_empty(), "commands are direct methods"),
+        ("telemetry", b.telemetry.iter().any(|s| s.component.is_some()), "telemetry components are Plug and Play"),
+        ("telemetry", b.telemetry.iter().any(|s| s.output.is_some()), "telemetry outputs are IoT Edge routing"),
+    ];
+    for (key, _, what) in used.into_iter().filter(|(_, u, _)| *u) {
+        doc.error(
+            t.span_of(key),
+            &t.field(key),
+            format!("{what}, which IoT Hub does not offer over HTTPS: use transport = \"mqtt\" or \"websockets\""),
+        );
+    }
 }
 
 fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
@@ -433,6 +485,57 @@ fields = { x = 1 }
     }
 
     #[test]
+    fn https_devices_poll_and_are_refused_what_iot_hub_lacks_over_https() {
+        let (t, errs) =
+            load_str("[[devices]]\nid = \"h{n}\"\ntransport = \"https\"\n[devices.telemetry]\nfields = { t = 1 }\n");
+        assert!(errs.is_empty(), "{errs:#?}");
+        assert_eq!(t[0].transport, Transport::Https { poll_interval: DEFAULT_C2D_POLL });
+        let (t, errs) = load_str("[[devices]]\nid = \"h{n}\"\ntransport = \"https\"\npoll_interval = \"30s\"\n");
+        assert!(errs.is_empty(), "{errs:#?}");
+        assert_eq!(t[0].transport, Transport::Https { poll_interval: Duration::from_secs(30) });
+        let (t, errs) = load_str(
+            r#"
+[[devices]]
+id = "h{n}"
+transport = "https"
+poll_interval = "0s"
+model_id = "dtmi:com:example:Thermostat;1"
+[devices.reported]
+fw = "1"
+[[devices.writable]]
+name = "interval"
+[[devices.commands]]
+name = "blink"
+[devices.telemetry]
+component = "thermostat1"
+fields = { t = 1 }
+[[devices.modules]]
+id = "m"
+[[devices.modules.commands]]
+name = "reset"
+[[devices]]
+id = "m{n}"
+poll_interval = "1m"
+"#,
+        );
+        assert!(t.is_empty());
+        let expect = [
+            "s.toml:5:17: devices[0].poll_interval:",
+            "s.toml:6:12: devices[0].model_id: Plug and Play needs MQTT",
+            "s.toml:7:1: devices[0].reported: reported properties need the device twin, which IoT Hub does not offer over HTTPS",
+            "devices[0].writable: writable properties need the device twin",
+            "devices[0].commands: commands are direct methods",
+            "devices[0].telemetry: telemetry components are Plug and Play",
+            "devices[0].modules[0].commands: commands are direct methods",
+            "s.toml:22:17: devices[1].poll_interval: poll_interval only applies to transport = \"https\"",
+        ];
+        for e in expect {
+            assert!(errs.iter().any(|x| x.contains(e)), "missing {e:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
     fn every_error_of_a_file_is_reported_with_its_position() {
         let (t, errs) = load_str(
             r#"
@@ -455,7 +558,7 @@ colour = "red"
         assert!(t.is_empty());
         let expect = [
             "s.toml:4:6: devices[0].id: \"same-id\" has no {n}, so 5 devices would share one id",
-            "s.toml:5:13: devices[0].transport: expected one of \"mqtt\", \"websockets\"",
+            "s.toml:5:13: devices[0].transport: expected one of \"mqtt\", \"websockets\", \"https\"",
             "s.toml:7:12: devices[0].telemetry.interval: expected a duration",
             "s.toml:8:21: devices[0].telemetry.interval_property: \"undeclared\" is not a writable property",
             "devices[0].telemetry.fields.t.max: is required",
