@@ -37,7 +37,7 @@ pub async fn obtain(
                 }
                 *ensured = true;
             }
-            let ep = shared.target.dps.as_ref().expect("configuration checked that DPS is configured");
+            let ep = shared.endpoints.dps.as_ref().expect("configuration checked that DPS is configured");
             let t0 = Instant::now();
             let result = match transport {
                 DpsTransport::Https => {
@@ -102,7 +102,7 @@ pub async fn obtain(
                 }
                 *ensured = true;
             }
-            let host = shared.target.hub_host.clone().expect("configuration checked that the hub host is known");
+            let host = shared.endpoints.hub_host.clone().expect("configuration checked that the hub host is known");
             Ok((host, spec.device_id.to_string()))
         }
     }

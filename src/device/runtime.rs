@@ -247,7 +247,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
 /// The host and port an identity dials: the gateway if there is one, else the hub; 8883 for
 /// MQTT, 443 for WebSockets and HTTPS (or the configured ports).
 fn dial(spec: &IdentitySpec, shared: &Shared, host: &str) -> (String, u16) {
-    let t = &shared.target;
+    let t = &shared.endpoints;
     let port = match spec.transport {
         Transport::Mqtt => t.mqtt_port,
         Transport::WebSockets | Transport::Https { .. } => t.https_port,
@@ -284,10 +284,7 @@ async fn connect(
         .await
         .map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Io)?;
-    let client_id = match module {
-        Some(m) => format!("{device_id}/{m}"),
-        None => device_id.to_owned(),
-    };
+    let client_id = crate::iot::username::client_id(device_id, module);
     let username = hub_username(host, device_id, module, spec.model_id.as_deref());
     let conn = MqttConn::connect(io, &client_id, &username, &token, shared.settings.keep_alive, timeout).await?;
     Ok(Opened::Mqtt(MqttLink::open(conn, device_id.into(), spec.module_id.clone(), shared.settings.keep_alive)))

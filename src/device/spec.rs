@@ -1,5 +1,5 @@
 //! What an identity task is given: the identity itself (`IdentitySpec`, `Credentials`), where the
-//! fleet connects (`Target`), the per-identity knobs from the daemon config (`Settings`), and what
+//! fleet connects (`Endpoints`), the per-identity knobs from the daemon config (`Settings`), and what
 //! every identity task shares (`Shared`). Data only; `runtime` is what runs it.
 
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::scenario::model::{Behaviour, DpsTransport, Transport};
 
 /// Where the fleet connects.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct Endpoints {
     /// The hub's host name for identities that do not go through DPS.
     pub hub_host: Option<String>,
     /// Dial this instead of the hub (an Edge gateway, an emulator elsewhere); names stay the hub's.
@@ -76,7 +76,7 @@ impl Default for Settings {
 pub struct Shared {
     pub tls: Arc<rustls::ClientConfig>,
     pub http: reqwest::Client,
-    pub target: Target,
+    pub endpoints: Endpoints,
     pub ramp: Ramp,
     pub metrics: Arc<FleetMetrics>,
     pub shutdown: CancellationToken,

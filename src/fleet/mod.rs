@@ -26,7 +26,7 @@ use crate::client::transport;
 use crate::config::{DaemonConfig, HubMode};
 use crate::device::ramp::Ramp;
 use crate::device::runtime;
-use crate::device::spec::{IdentitySpec, Shared, Target};
+use crate::device::spec::{Endpoints, IdentitySpec, Shared};
 use crate::hub::info::HubInfo;
 use crate::hub::{self, RunningHub};
 use crate::iot::connection_string::ConnectionString;
@@ -69,10 +69,7 @@ struct IdentityTask {
 
 /// `device` or `device/module`: how the fleet tells its identities apart.
 fn identity_key(spec: &IdentitySpec) -> String {
-    match &spec.module_id {
-        Some(m) => format!("{}/{m}", spec.device_id),
-        None => spec.device_id.to_string(),
-    }
+    crate::iot::username::client_id(&spec.device_id, spec.module_id.as_deref())
 }
 
 fn spawn_identity(spec: IdentitySpec, shared: &Arc<Shared>) -> (String, IdentityTask) {
@@ -131,7 +128,7 @@ impl RunningFleet {
 /// The parts of a start-up that depend on where the hub is.
 struct Wiring {
     tls: Arc<rustls::ClientConfig>,
-    target: Target,
+    endpoints: Endpoints,
     service: Option<ConnectionString>,
     dps_service: Option<ConnectionString>,
     group: Option<Key>,
@@ -142,7 +139,7 @@ fn from_emulator(info: &HubInfo) -> anyhow::Result<Wiring> {
     let group = Key::from_base64(&info.group_key).map_err(|_| anyhow!("hub.json: group_key is not base64"))?;
     Ok(Wiring {
         tls: transport::client_config(Some(&info.ca_file))?,
-        target: Target {
+        endpoints: Endpoints {
             hub_host: Some(info.hostname.clone()),
             gateway_host: None,
             mqtt_port: info.mqtt_port,
@@ -175,10 +172,10 @@ pub struct Provides {
 impl Provides {
     fn of(w: &Wiring) -> Provides {
         Provides {
-            dps: w.target.dps.is_some(),
+            dps: w.endpoints.dps.is_some(),
             group_key: w.group.is_some(),
             dps_service: w.dps_service.is_some(),
-            hub_host: w.target.hub_host.is_some(),
+            hub_host: w.endpoints.hub_host.is_some(),
             service: w.service.is_some(),
         }
     }
@@ -353,7 +350,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
                 .or_else(|| service.as_ref().map(|s| s.host_name.split(':').next().unwrap_or_default().to_owned()));
             let w = Wiring {
                 tls: transport::client_config(a.ca_file.as_deref())?,
-                target: Target {
+                endpoints: Endpoints {
                     hub_host,
                     gateway_host: a.gateway_host.clone(),
                     mqtt_port: a.mqtt_port,
@@ -397,7 +394,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
     let shared = Arc::new(Shared {
         tls: wiring.tls.clone(),
         http,
-        target: wiring.target.clone(),
+        endpoints: wiring.endpoints.clone(),
         ramp: Ramp::new(cfg.ramp.clone()),
         metrics: metrics.clone(),
         shutdown: CancellationToken::new(),

@@ -89,10 +89,7 @@ impl Username {
 impl HubUsername {
     /// The MQTT client id this username requires: `device` or `device/module`.
     pub fn client_id(&self) -> String {
-        match &self.module_id {
-            Some(m) => format!("{}/{m}", self.device_id),
-            None => self.device_id.clone(),
-        }
+        client_id(&self.device_id, self.module_id.as_deref())
     }
 }
 
@@ -111,6 +108,15 @@ fn parse_query(q: &str) -> Result<Vec<(String, String)>, UsernameError> {
 
 fn find(q: &[(String, String)], key: &str) -> Option<String> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+/// An identity's name on the hub: `device` or `device/module` (device ids cannot contain `/`). It
+/// is the MQTT client id a device or module must connect with, and how both sides key identities.
+pub fn client_id(device_id: &str, module_id: Option<&str>) -> String {
+    match module_id {
+        Some(m) => format!("{device_id}/{m}"),
+        None => device_id.to_owned(),
+    }
 }
 
 /// The username a device or module sends to the hub.
