@@ -162,7 +162,7 @@ fn rest_harness() -> &'static RestHarness {
         let registration =
             sign_token(&format!("{scope}/registrations/fuzz-dps"), &dps_key, expiry, Some("registration"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        RestHarness { rt, router: crate::hub::http::router(hub), owner, registration, scope }
+        RestHarness { rt, router: crate::hub::https_router(hub), owner, registration, scope }
     })
 }
 

@@ -2,7 +2,8 @@
 //!
 //! `start` validates the configuration, loads or makes the keys and TLS material, binds every
 //! listener (port 0 works, for tests), writes hub.json and returns a handle. Device traffic enters
-//! through `mqtt` (TLS) or `http::websocket`; service traffic through `http`. Both act on the
+//! through `mqtt` (TLS, or WebSockets via `mqtt::websocket`, whose route this file merges into the
+//! HTTPS router); service traffic through `http`. Both act on the
 //! shared `state::HubState`: `registry` (identities, twins, sessions), `dps`, `methods`, `c2d`.
 
 pub mod c2d;
@@ -61,6 +62,13 @@ impl RunningHub {
             tracing::warn!(left = self.state.tasks.len(), "some connections did not close within the grace period");
         }
     }
+}
+
+/// The HTTPS listener's router as the hub serves it: the `http` front end's routes with the
+/// MQTT front end's WebSocket endpoint merged in (for tests and fuzzing, which serve it without a
+/// listener).
+pub fn https_router(hub: Hub) -> axum::Router {
+    http::router(hub, mqtt::websocket::routes())
 }
 
 /// A TLS connection, established and handed to its listener's handler.
@@ -144,7 +152,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
 
     let mut tasks = vec![
         tokio::spawn(mqtt::accept_loop(hub.clone(), mqtt, tls.mqtt.clone())),
-        tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone())),
+        tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone(), mqtt::websocket::routes())),
     ];
     if let Some(m) = metrics {
         tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));

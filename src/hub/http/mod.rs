@@ -1,6 +1,7 @@
 //! The HTTPS endpoint: one TLS listener serving the IoT Hub service API, the DPS device and
-//! service APIs, the emulator's own routes and MQTT over WebSockets; plus the plain-HTTP metrics
-//! endpoint.
+//! service APIs, the emulator's own routes, and whatever routes the composition root adds (MQTT
+//! over WebSockets, from the MQTT front end, which this one never imports); plus the plain-HTTP
+//! metrics endpoint.
 
 mod auth;
 mod bulk;
@@ -9,7 +10,6 @@ mod emulator;
 pub mod error;
 mod normalize;
 mod service;
-mod websocket;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,14 +27,17 @@ use crate::httpserve::{ConnectionBound, Limits};
 /// Largest request body: a 128 KB method payload or a 32 KB twin, with room for JSON overhead.
 const MAX_BODY: usize = 512 * 1024;
 
-pub fn router(hub: Hub) -> Router {
+/// The HTTPS router: this front end's routes plus `extra` (routes of other front ends, merged by
+/// the composition root), all behind the same request-line fold, token-scope check, body limit
+/// and request counter.
+pub fn router(hub: Hub, extra: Router<Hub>) -> Router {
     // Request-line variants are folded before routing (axum routes before `Router::layer`
     // middleware runs), so the routes sit behind the fold as the one fallback of an empty router.
-    let routes = routes(hub);
+    let routes = routes(hub, extra);
     Router::new().fallback_service(tower::ServiceExt::map_request(routes, normalize::request::<axum::body::Body>))
 }
 
-fn routes(hub: Hub) -> Router {
+fn routes(hub: Hub, extra: Router<Hub>) -> Router {
     Router::new()
         .route("/devices", get(service::devices_list).post(bulk::update_registry))
         .route("/devices/query", post(service::query))
@@ -73,7 +76,7 @@ fn routes(hub: Hub) -> Router {
         .route("/emulator/faults/drop", post(emulator::faults_drop))
         .route("/emulator/faults/outage", post(emulator::faults_outage))
         .route("/emulator/telemetry/sequence", get(emulator::sequence_summary))
-        .route("/$iothub/websocket", get(websocket::upgrade))
+        .merge(extra)
         .layer(middleware::from_fn_with_state(hub.clone(), auth::scope))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(hub.clone(), count_requests))
@@ -95,8 +98,8 @@ fn limits(hub: &Hub) -> Limits {
 
 /// Serves HTTPS (HTTP/1.1 and HTTP/2, with upgrades for WebSockets) until shutdown, each
 /// connection within the header and idle timeouts and the hub's connection bound.
-pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let app = router(hub.clone());
+pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>, extra: Router<Hub>) {
+    let app = router(hub.clone(), extra);
     super::tls_accept_loop(hub, listener, tls, "https", move |hub, stream, slot| {
         let app = app.clone();
         async move {

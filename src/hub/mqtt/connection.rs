@@ -11,11 +11,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::contract::{PacketSession, Step, Wire};
 use super::dps_session::DpsSession;
 use super::hub_session::HubSession;
 use crate::hub::faults::{DropMode, Refuse};
 use crate::hub::metrics::Refusal;
-use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY, Outbound};
+use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY};
 use crate::hub::state::Hub;
 use crate::iot::username::Username;
 
@@ -28,41 +29,16 @@ pub fn max_packet(hub: &Hub) -> usize {
 const KEEP_BUFFER: usize = 8 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The parts of a connection both kinds of session use.
-pub struct Wire {
-    pub out: BytesMut,
-    next_pkid: u16,
-}
-
-impl Wire {
-    pub fn write(&mut self, p: Packet) {
-        // Packets the hub builds are well-formed and below any limit that could fail here.
-        let _ = p.write(&mut self.out, usize::MAX);
-    }
-
-    /// The next packet id for a QoS 1 publish from the hub (never 0).
-    pub fn pkid(&mut self) -> u16 {
-        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-        self.next_pkid
-    }
-}
-
-/// What a session asks of the event loop after handling a packet.
-pub enum Step {
-    Continue,
-    Close(CloseReason),
-}
-
 /// An installed session, closed exactly once: by `close`, or, should the connection's task end
 /// any other way (a panic unwinding through it included), by `Drop`, so that no session stays in
 /// the registry as Connected and no connection gauge leaks (issue 10).
 struct Installed {
-    session: Option<Box<dyn Session + Send>>,
+    session: Option<Box<dyn PacketSession + Send>>,
     hub: Hub,
 }
 
 impl Installed {
-    fn session(&mut self) -> &mut (dyn Session + Send) {
+    fn session(&mut self) -> &mut (dyn PacketSession + Send) {
         self.session.as_deref_mut().expect("present until closed")
     }
 
@@ -76,7 +52,7 @@ impl Installed {
 impl Drop for Installed {
     fn drop(&mut self) {
         if let Some(mut s) = self.session.take() {
-            s.on_close(CloseReason::Aborted, &mut Wire { out: BytesMut::new(), next_pkid: 0 });
+            s.on_close(CloseReason::Aborted, &mut Wire::new());
             self.hub.metrics.disconnected(CloseReason::Aborted);
         }
     }
@@ -93,13 +69,6 @@ pub fn fixed_header_ok(byte: u8) -> bool {
         1 | 2 | 4 | 5 | 7 | 9 | 11 | 12 | 13 | 14 => flags == 0,
         _ => false,
     }
-}
-
-/// The behaviour of an authenticated connection.
-pub trait Session {
-    fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step;
-    fn on_outbound(&mut self, o: Outbound, wire: &mut Wire) -> Step;
-    fn on_close(&mut self, reason: CloseReason, wire: &mut Wire);
 }
 
 /// Serves one connection over any byte stream (TLS or WebSocket).
@@ -125,7 +94,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     // Who is connecting, for the log: the client id and username carry no secret (the SAS token
     // is the password, which is never logged).
     let client_id = connect.client_id.clone();
-    let mut wire = Wire { out: BytesMut::new(), next_pkid: 0 };
+    let mut wire = Wire::new();
     if connect.protocol != Protocol::V4 {
         return refuse(
             &hub,
@@ -154,7 +123,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     let keep_alive = effective_keepalive(connect.keep_alive, hub.behaviour.keepalive_cap_secs);
     let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let mut forced_expiry = None;
-    let (session, token_expiry): (Box<dyn Session + Send>, Option<u64>) = match Username::parse(&username) {
+    let (session, token_expiry): (Box<dyn PacketSession + Send>, Option<u64>) = match Username::parse(&username) {
         Ok(Username::Hub(u)) => {
             if let Err(why) = hub.faults.admit_connect() {
                 let r = match why {

@@ -10,7 +10,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use serde_json::json;
 
-use super::connection::{Session as ConnSession, Step, Wire};
+use super::contract::{PacketSession, Step, Wire};
 use crate::hub::config::BadSubscription;
 use crate::hub::dps::{Attestation, DpsError, Progress};
 use crate::hub::metrics::Refusal;
@@ -148,7 +148,7 @@ impl DpsSession {
     }
 }
 
-impl ConnSession for DpsSession {
+impl PacketSession for DpsSession {
     fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step {
         match p {
             Packet::Publish(p) => self.on_publish(p, wire),

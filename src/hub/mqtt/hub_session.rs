@@ -14,7 +14,7 @@ use rumqttc::mqttbytes::v4::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::connection::{Session as ConnSession, Step, Wire};
+use super::contract::{PacketSession, Step, Wire};
 use crate::hub::c2d::C2dMessage;
 use crate::hub::config::BadSubscription;
 use crate::hub::methods::MethodResponse;
@@ -334,7 +334,7 @@ impl HubSession {
     }
 }
 
-impl ConnSession for HubSession {
+impl PacketSession for HubSession {
     fn on_packet(&mut self, p: Packet, wire: &mut Wire) -> Step {
         match p {
             Packet::Publish(p) => self.on_publish(p, wire),

@@ -1,9 +1,12 @@
 //! The device-facing MQTT endpoint: a TLS listener whose connections are served by one task each.
-//! The same `connection::serve` also runs behind the WebSocket endpoint of the HTTPS listener.
+//! The same `connection::serve` also runs behind the WebSocket endpoint (`websocket.rs`), whose
+//! route the composition root hands to the HTTPS listener.
 
 pub mod connection;
+pub mod contract;
 mod dps_session;
 mod hub_session;
+pub mod websocket;
 
 use std::sync::Arc;
 
