@@ -1,9 +1,13 @@
-//! Cloud-to-device messages (protocol.md §4.7): a bounded queue per device, QoS 1 delivery, a
-//! PUBACK completes a message, and what was not acknowledged is delivered again on the next
-//! connection. Expired messages and those past the delivery limit are dropped, and counted.
+//! Cloud-to-device messages: a bounded queue per device, the one queue every transport reads.
+//! Over MQTT, QoS 1 delivery, a PUBACK completes a message, and what was not acknowledged is
+//! delivered again on the next connection. Over HTTPS (Microsoft's "Understand cloud-to-device
+//! messaging": the message life cycle) a receive locks one message (Invisible) for the lock
+//! timeout under a lock token; complete and reject remove it, abandon or an expired lock make it
+//! Enqueued again. Expired messages and those past the delivery limit are dropped (dead-lettered),
+//! and counted.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -17,10 +21,43 @@ pub struct C2dMessage {
     /// The complete bag sent to the device (`$.mid`, `$.to`, `iothub-ack`, app properties).
     pub properties: PropertyBag,
     pub expires: Instant,
+    /// When the hub accepted it, and when it expires, as wall-clock times for the HTTPS headers.
+    pub enqueued_at: SystemTime,
+    pub expires_at: SystemTime,
     pub delivery_count: u32,
-    /// The connection it was last sent on; sent again only on another one.
+    /// The MQTT connection it was last sent on; sent again only on another one.
     pub sent_on: Option<u64>,
+    /// An HTTPS receive's lock: the token and until when it holds. While it holds, no transport
+    /// delivers the message again.
+    pub lock: Option<Lock>,
 }
+
+/// The lock an HTTPS receive takes on a message (state Invisible).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub token: String,
+    pub until: Instant,
+}
+
+impl C2dMessage {
+    fn locked(&self, now: Instant) -> bool {
+        self.lock.as_ref().is_some_and(|l| l.until > now)
+    }
+}
+
+/// How a device settles a locked message (REST: DELETE, DELETE with `reject`, POST `/abandon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Complete,
+    Reject,
+    Abandon,
+}
+
+/// The lock token names no message this device holds locked: unknown, settled, or expired
+/// (Azure: 412 PreconditionFailed, error `DeviceMessageLockLost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the lock token is unknown or its lock has expired")]
+pub struct LockLost;
 
 /// The service-side description of a message to send.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +109,7 @@ impl C2dQueue {
         max_queue: usize,
         default_ttl: Duration,
         now: Instant,
+        wall: SystemTime,
     ) -> Result<String, C2dError> {
         if self.messages.len() >= max_queue {
             return Err(C2dError::QueueFull);
@@ -98,14 +136,17 @@ impl C2dQueue {
             body: m.body,
             properties: bag,
             expires: now + ttl,
+            enqueued_at: wall,
+            expires_at: wall + ttl,
             delivery_count: 0,
             sent_on: None,
+            lock: None,
         });
         Ok(message_id)
     }
 
-    /// Messages to send on connection `conn_id`: every one not already sent on it, after dropping
-    /// the expired and the over-delivered. Marks them sent.
+    /// Messages to send on MQTT connection `conn_id`: every one not already sent on it nor locked
+    /// by an HTTPS receive, after dropping the expired and the over-delivered. Marks them sent.
     pub fn take_deliverable(
         &mut self,
         conn_id: u64,
@@ -117,7 +158,7 @@ impl C2dQueue {
             if m.expires <= now {
                 dropped.push(Dropped::Expired);
                 false
-            } else if m.delivery_count >= max_delivery && m.sent_on != Some(conn_id) {
+            } else if m.delivery_count >= max_delivery && m.sent_on != Some(conn_id) && !m.locked(now) {
                 dropped.push(Dropped::DeliveryCountExceeded);
                 false
             } else {
@@ -125,12 +166,61 @@ impl C2dQueue {
             }
         });
         let mut out = Vec::new();
-        for m in self.messages.iter_mut().filter(|m| m.sent_on != Some(conn_id)) {
+        for m in self.messages.iter_mut().filter(|m| m.sent_on != Some(conn_id) && !m.locked(now)) {
             m.sent_on = Some(conn_id);
+            m.lock = None;
             m.delivery_count += 1;
             out.push(m.clone());
         }
         out
+    }
+
+    /// An HTTPS receive: locks the oldest message that is neither locked nor in flight on the live
+    /// MQTT connection `live_conn`, for `lock_for`, under a new lock token, and counts a delivery.
+    /// Expired messages and those already delivered `max_delivery` times are dropped on the way.
+    pub fn take_locked(
+        &mut self,
+        live_conn: Option<u64>,
+        lock_for: Duration,
+        max_delivery: u32,
+        now: Instant,
+        dropped: &mut Vec<Dropped>,
+    ) -> Option<C2dMessage> {
+        let free = |m: &C2dMessage| !m.locked(now) && (m.sent_on.is_none() || m.sent_on != live_conn);
+        self.messages.retain(|m| {
+            if m.expires <= now {
+                dropped.push(Dropped::Expired);
+                false
+            } else if m.delivery_count >= max_delivery && free(m) {
+                dropped.push(Dropped::DeliveryCountExceeded);
+                false
+            } else {
+                true
+            }
+        });
+        let m = self.messages.iter_mut().find(|m| free(m))?;
+        m.sent_on = None;
+        m.lock = Some(Lock { token: uuid::Uuid::new_v4().to_string(), until: now + lock_for });
+        m.delivery_count += 1;
+        Some(m.clone())
+    }
+
+    /// Settles the message locked under `token`: complete and reject remove it (returned, for
+    /// the caller's counters), abandon unlocks it for the next receive.
+    pub fn settle(&mut self, token: &str, how: Settle, now: Instant) -> Result<C2dMessage, LockLost> {
+        let i = self
+            .messages
+            .iter()
+            .position(|m| m.locked(now) && m.lock.as_ref().is_some_and(|l| l.token == token))
+            .ok_or(LockLost)?;
+        match how {
+            Settle::Complete | Settle::Reject => self.messages.remove(i).ok_or(LockLost),
+            Settle::Abandon => {
+                let m = &mut self.messages[i];
+                m.lock = None;
+                Ok(m.clone())
+            }
+        }
     }
 
     /// The device acknowledged message `id`: it is done.
@@ -166,8 +256,8 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
         let mut q = C2dQueue::default();
-        let mid = q.enqueue("d", msg("a"), 50, ttl, now).unwrap();
-        q.enqueue("d", msg("b"), 50, ttl, now).unwrap();
+        let mid = q.enqueue("d", msg("a"), 50, ttl, now, SystemTime::UNIX_EPOCH).unwrap();
+        q.enqueue("d", msg("b"), 50, ttl, now, SystemTime::UNIX_EPOCH).unwrap();
         let mut dropped = Vec::new();
         let first = q.take_deliverable(1, 100, now, &mut dropped);
         assert_eq!(first.len(), 2);
@@ -185,15 +275,73 @@ mod tests {
     fn bounds_the_queue_and_drops_expired_and_overdelivered() {
         let now = Instant::now();
         let mut q = C2dQueue::default();
-        q.enqueue("d", msg("a"), 2, Duration::from_secs(60), now).unwrap();
-        q.enqueue("d", NewC2d { ttl: Some(Duration::from_secs(1)), ..msg("b") }, 2, Duration::from_secs(60), now)
-            .unwrap();
-        assert_eq!(q.enqueue("d", msg("c"), 2, Duration::from_secs(60), now), Err(C2dError::QueueFull));
+        q.enqueue("d", msg("a"), 2, Duration::from_secs(60), now, SystemTime::UNIX_EPOCH).unwrap();
+        q.enqueue(
+            "d",
+            NewC2d { ttl: Some(Duration::from_secs(1)), ..msg("b") },
+            2,
+            Duration::from_secs(60),
+            now,
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert_eq!(
+            q.enqueue("d", msg("c"), 2, Duration::from_secs(60), now, SystemTime::UNIX_EPOCH),
+            Err(C2dError::QueueFull)
+        );
         let mut dropped = Vec::new();
         assert_eq!(q.take_deliverable(1, 1, now + Duration::from_secs(2), &mut dropped).len(), 1);
         assert_eq!(dropped, [Dropped::Expired]);
         assert!(q.take_deliverable(2, 1, now, &mut dropped).is_empty());
         assert_eq!(dropped, [Dropped::Expired, Dropped::DeliveryCountExceeded]);
         assert_eq!(q.purge(), 0);
+    }
+
+    #[test]
+    fn an_https_lock_hides_a_message_until_settled_or_expired() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(60);
+        let mut q = C2dQueue::default();
+        let wall = SystemTime::UNIX_EPOCH;
+        q.enqueue("d", msg("a"), 50, Duration::from_secs(3600), now, wall).unwrap();
+        q.enqueue("d", msg("b"), 50, Duration::from_secs(3600), now, wall).unwrap();
+        let mut dropped = Vec::new();
+        let a = q.take_locked(None, lock, 10, now, &mut dropped).unwrap();
+        assert_eq!((a.body.as_ref(), a.delivery_count), (b"a".as_ref(), 1));
+        assert_eq!(a.expires_at, wall + Duration::from_secs(3600));
+        let b = q.take_locked(None, lock, 10, now, &mut dropped).unwrap();
+        assert_eq!(b.body.as_ref(), b"b");
+        assert!(q.take_locked(None, lock, 10, now, &mut dropped).is_none(), "both are locked");
+        assert!(q.take_deliverable(7, 10, now, &mut dropped).is_empty(), "MQTT does not take locked messages");
+        let token = |m: &C2dMessage| m.lock.clone().unwrap().token;
+        assert_eq!(q.settle(&token(&a), Settle::Complete, now).unwrap().id, a.id);
+        assert_eq!(q.settle(&token(&a), Settle::Complete, now).err(), Some(LockLost), "settled already");
+        assert_eq!(q.settle("nonsense", Settle::Reject, now).err(), Some(LockLost));
+        // b's lock expires: settling fails and the next receive gets it again, counted.
+        let later = now + lock;
+        assert_eq!(q.settle(&token(&b), Settle::Abandon, later).err(), Some(LockLost));
+        let again = q.take_locked(None, lock, 10, later, &mut dropped).unwrap();
+        assert_eq!((again.id, again.delivery_count), (b.id, 2));
+        assert_ne!(token(&again), token(&b), "a new lock, a new token");
+        q.settle(&token(&again), Settle::Abandon, later).unwrap();
+        assert_eq!(q.take_locked(None, lock, 10, later, &mut dropped).unwrap().delivery_count, 3);
+        assert!(dropped.is_empty());
+    }
+
+    #[test]
+    fn https_receives_dead_letter_past_the_delivery_count_and_skip_mqtt_in_flight() {
+        let now = Instant::now();
+        let lock = Duration::from_secs(60);
+        let mut q = C2dQueue::default();
+        q.enqueue("d", msg("a"), 50, Duration::from_secs(3600), now, SystemTime::UNIX_EPOCH).unwrap();
+        let mut dropped = Vec::new();
+        assert_eq!(q.take_deliverable(5, 2, now, &mut dropped).len(), 1);
+        assert!(q.take_locked(Some(5), lock, 2, now, &mut dropped).is_none(), "in flight on the live connection");
+        let m = q.take_locked(None, lock, 2, now, &mut dropped).expect("the connection is gone");
+        assert_eq!(m.delivery_count, 2);
+        q.settle(&m.lock.unwrap().token, Settle::Abandon, now).unwrap();
+        assert!(q.take_locked(None, lock, 2, now, &mut dropped).is_none());
+        assert_eq!(dropped, [Dropped::DeliveryCountExceeded]);
+        assert!(q.is_empty());
     }
 }

@@ -113,6 +113,9 @@ pub struct Behaviour {
     pub c2d_max_queue: usize,
     pub c2d_ttl_secs: u64,
     pub c2d_max_delivery_count: u32,
+    /// How long an HTTPS device's receive locks a C2D message before it is delivered again
+    /// (IoT Hub's C2D lock timeout: one minute; "Understand cloud-to-device messaging").
+    pub c2d_lock_timeout_secs: u64,
     /// What DPS tells devices to wait before polling.
     pub dps_retry_after_secs: u64,
     /// How long an assignment takes; polls before then stay `assigning`.
@@ -142,6 +145,7 @@ impl Default for Behaviour {
             c2d_max_queue: 50,
             c2d_ttl_secs: 2 * 24 * 3600,
             c2d_max_delivery_count: 100,
+            c2d_lock_timeout_secs: 60,
             dps_retry_after_secs: 1,
             dps_assignment_delay_ms: 0,
             max_connections: 0,
@@ -217,6 +221,7 @@ impl HubConfig {
             ("c2d_ttl_secs", b.c2d_ttl_secs, 1, 365 * DAY),
             // IoT Hub's own range for the maximum delivery count.
             ("c2d_max_delivery_count", b.c2d_max_delivery_count as u64, 1, 100),
+            ("c2d_lock_timeout_secs", b.c2d_lock_timeout_secs, 1, 3600),
             ("dps_retry_after_secs", b.dps_retry_after_secs, 0, 3600),
             ("dps_assignment_delay_ms", b.dps_assignment_delay_ms, 0, 3_600_000),
             ("max_connections", b.max_connections as u64, 0, 10_000_000),
@@ -294,6 +299,7 @@ mod tests {
         (b.dps_retry_after_secs, b.dps_assignment_delay_ms) = (huge, huge);
         (b.http_header_timeout_secs, b.http_idle_timeout_secs) = (0, huge);
         (b.max_message_bytes, b.c2d_max_delivery_count, b.c2d_max_queue) = (usize::MAX, 0, 0);
+        b.c2d_lock_timeout_secs = huge;
         c.faults.token_lifetime_secs = huge;
         c.faults.puback_delay_ms = huge;
         c.faults.storm_every_secs = huge;
@@ -311,6 +317,7 @@ mod tests {
             "behaviour.max_message_bytes",
             "behaviour.c2d_max_delivery_count must be from 1 to 100",
             "behaviour.c2d_max_queue",
+            "behaviour.c2d_lock_timeout_secs must be from 1 to 3600",
             "faults.token_lifetime_secs must be from 0 to 31536000",
             "faults.puback_delay_ms",
             "faults.storm_every_secs",
@@ -318,7 +325,7 @@ mod tests {
         ] {
             assert!(err.contains(field), "{field} missing from:\n{err}");
         }
-        assert_eq!(err.lines().count(), 15, "{err}");
+        assert_eq!(err.lines().count(), 16, "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod c2d;
 pub mod config;
+pub mod devices;
 pub mod dps;
 pub mod faults;
 pub mod http;

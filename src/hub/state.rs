@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio_util::sync::CancellationToken;
 
-use super::c2d::{C2dMessage, Dropped};
 use super::config::{Behaviour, EnrollmentSpec, HubConfig};
 use super::dps::{Dps, GroupEnrollment, IndividualEnrollment};
 use super::methods::Methods;
@@ -199,25 +198,12 @@ impl HubState {
         }
     }
 
-    /// C2D messages the live session should now receive (after dropping expired ones).
-    pub fn c2d_deliverable(&self, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
-        let mut dropped = Vec::new();
-        let out = st.c2d.take_deliverable(conn_id, self.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
-        for d in dropped {
-            self.metrics.c2d(match d {
-                Dropped::Expired => "expired",
-                Dropped::DeliveryCountExceeded => "dead_lettered",
-            });
-        }
-        out
-    }
-
     /// Pushes pending C2D messages to a device's live, subscribed session.
     pub fn push_c2d(&self, identity: &Identity, st: &mut IdentityState) {
         let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.c2d.map(|q| (s.conn_id, q))) else {
             return;
         };
-        for m in self.c2d_deliverable(st, conn_id) {
+        for m in super::devices::c2d_deliverable(self, st, conn_id) {
             let qos = super::session::cap_qos(QoS::AtLeastOnce, granted);
             let sent = st.session.as_ref().is_some_and(|s| {
                 s.send(Outbound::Publish {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::contract::{PacketSession, Step, Wire};
 use super::dps_session::DpsSession;
 use super::hub_session::HubSession;
-use crate::hub::faults::{DropMode, Refuse};
+use crate::hub::faults::DropMode;
 use crate::hub::metrics::Refusal;
 use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY};
 use crate::hub::state::Hub;
@@ -125,11 +125,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     let mut forced_expiry = None;
     let (session, token_expiry): (Box<dyn PacketSession + Send>, Option<u64>) = match Username::parse(&username) {
         Ok(Username::Hub(u)) => {
-            if let Err(why) = hub.faults.admit_connect() {
-                let r = match why {
-                    Refuse::Outage => Refusal::Outage,
-                    Refuse::Throttled => Refusal::Throttled,
-                };
+            if let Err(r) = crate::hub::devices::admit(&hub) {
                 return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::ServiceUnavailable, r)
                     .await;
             }

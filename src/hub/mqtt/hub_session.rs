@@ -17,16 +17,12 @@ use tokio::sync::mpsc;
 use super::contract::{PacketSession, Step, Wire};
 use crate::hub::c2d::C2dMessage;
 use crate::hub::config::BadSubscription;
+use crate::hub::devices;
 use crate::hub::methods::MethodResponse;
 use crate::hub::metrics::Refusal;
 use crate::hub::registry::{Identity, IdentityState};
-use crate::hub::secrets::Permissions;
-use crate::hub::sequence;
 use crate::hub::session::{CloseReason, Outbound, Session, Subscriptions, cap_qos};
 use crate::hub::state::Hub;
-use crate::hub::telemetry::{self, Sender};
-use crate::iot::sas::{SasError, SasToken};
-use crate::iot::time::unix_secs;
 use crate::iot::topic::{self, DevicePublish, Filter};
 use crate::iot::username::HubUsername;
 
@@ -60,33 +56,8 @@ impl HubSession {
         if connect.client_id != u.client_id() {
             return Err(Refusal::ClientIdMismatch);
         }
-        if !hub.is_our_host(&u.host) {
-            return Err(Refusal::BadUsername);
-        }
-        let identity = hub.registry.get(&u.device_id, u.module_id.as_deref()).ok_or(Refusal::UnknownIdentity)?;
-        let token = SasToken::parse(password).map_err(|_| Refusal::BadCredentials)?;
-        let resource = match &u.module_id {
-            Some(m) => format!("{}/devices/{}/modules/{m}", u.host, u.device_id),
-            None => format!("{}/devices/{}", u.host, u.device_id),
-        };
-        let now = unix_secs(SystemTime::now());
-        let skew = hub.behaviour.sas_skew_secs;
-        let verified = match token.skn.as_deref() {
-            // A policy with DeviceConnect may mint tokens for any device (token services, gateways).
-            Some(policy) => match hub.policy(policy).filter(|p| p.permissions.contains(Permissions::DEVICE_CONNECT)) {
-                Some(p) => token.verify(&resource, &p.keys, now, skew),
-                None => Err(SasError::BadSignature),
-            },
-            None => {
-                let keys = identity.lock().record.keys.clone();
-                token.verify(&resource, &keys, now, skew)
-            }
-        };
-        match verified {
-            Ok(()) => {}
-            Err(SasError::Expired) => return Err(Refusal::ExpiredToken),
-            Err(_) => return Err(Refusal::BadCredentials),
-        }
+        let devices::Authenticated { identity, expiry } =
+            devices::authenticate(hub, &u.host, &u.device_id, u.module_id.as_deref(), password, SystemTime::now())?;
         let conn_id = hub.next_conn_id();
         let mut st = identity.lock();
         if st.removed {
@@ -113,7 +84,7 @@ impl HubSession {
             st.record.model_id = Some(m.clone());
         }
         wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)));
-        let redeliver = if subs.c2d.is_some() { hub.c2d_deliverable(&mut st, conn_id) } else { Vec::new() };
+        let redeliver = if subs.c2d.is_some() { devices::c2d_deliverable(hub, &mut st, conn_id) } else { Vec::new() };
         drop(st);
         identity.changed.notify_waiters();
         hub.metrics.accepted_hub.inc();
@@ -133,7 +104,7 @@ impl HubSession {
         for m in redeliver {
             session.send_c2d(m, wire);
         }
-        Ok((session, token.expiry))
+        Ok((session, expiry))
     }
 
     fn publish(wire: &mut Wire, topic: String, payload: Bytes, qos: QoS) -> u16 {
@@ -153,8 +124,7 @@ impl HubSession {
         if qos == QoS::AtLeastOnce {
             self.c2d_inflight.push((pkid, m.id));
         } else {
-            self.identity.lock().c2d.complete(m.id);
-            self.hub.metrics.c2d("completed");
+            devices::c2d_acknowledged(&self.hub, &self.identity, m.id);
         }
     }
 
@@ -168,31 +138,13 @@ impl HubSession {
     fn store_telemetry(
         &self,
         st: &mut IdentityState,
-        bag: &crate::iot::property_bag::PropertyBag,
+        properties: &crate::iot::property_bag::PropertyBag,
         body: Bytes,
         retain: bool,
         will: bool,
     ) {
-        let wall = SystemTime::now();
-        let len = body.len();
-        let sender = Sender {
-            device_id: &self.identity.device_id,
-            module_id: self.identity.module_id.as_deref(),
-            model_id: self.model_id.as_deref().or(st.record.model_id.as_deref()),
-            generation_id: &st.record.generation_id,
-        };
-        st.telemetry
-            .record(self.hub.behaviour.telemetry_buffer, || telemetry::receive(bag, body, &sender, retain, will, wall));
-        st.record.last_activity = Some(wall);
-        if let Some((run, n)) = bag.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
-            let tracker = match &mut st.sequence {
-                Some(t) if t.run == run => t,
-                slot => slot.insert(Box::new(sequence::Tracker::new(run))),
-            };
-            self.hub.metrics.sequence_arrival(tracker.record(n));
-        }
-        self.hub.metrics.telemetry_received.inc();
-        self.hub.metrics.telemetry_bytes.inc_by(len as u64);
+        let m = devices::D2c { properties, body, retain, will };
+        devices::store_telemetry(&self.hub, &self.identity, st, self.model_id.as_deref(), m);
     }
 
     fn on_publish(&mut self, p: Publish, wire: &mut Wire) -> Step {
@@ -204,13 +156,13 @@ impl HubSession {
             if *device_id != self.identity.device_id || *module_id != self.identity.module_id {
                 return Step::Close(CloseReason::ProtocolViolation);
             }
-            if telemetry::message_size(properties, p.payload.len()) > self.hub.behaviour.max_message_bytes {
+            if devices::check_size(&self.hub, properties, p.payload.len()).is_err() {
                 // MQTT 3.1.1 has no negative PUBACK; the hub drops the connection instead.
                 return Step::Close(CloseReason::ProtocolViolation);
             }
         }
         if p.qos == QoS::AtLeastOnce {
-            match self.hub.faults.puback_delay().filter(|_| matches!(parsed, DevicePublish::Telemetry { .. })) {
+            match devices::ack_delay(&self.hub).filter(|_| matches!(parsed, DevicePublish::Telemetry { .. })) {
                 Some(delay) => {
                     let (tx, pkid) = (self.tx.clone(), p.pkid);
                     tokio::spawn(async move {
@@ -308,7 +260,8 @@ impl HubSession {
         if let Some(sess) = st.session.as_mut().filter(|s| s.conn_id == self.conn_id) {
             sess.subs = self.subs;
         }
-        let redeliver = if newly.c2d.is_some() { self.hub.c2d_deliverable(&mut st, self.conn_id) } else { Vec::new() };
+        let redeliver =
+            if newly.c2d.is_some() { devices::c2d_deliverable(&self.hub, &mut st, self.conn_id) } else { Vec::new() };
         drop(st);
         for m in redeliver {
             self.send_c2d(m, wire);
@@ -347,9 +300,7 @@ impl PacketSession for HubSession {
             Packet::PubAck(ack) => {
                 if let Some(i) = self.c2d_inflight.iter().position(|(pkid, _)| *pkid == ack.pkid) {
                     let (_, id) = self.c2d_inflight.swap_remove(i);
-                    if self.identity.lock().c2d.complete(id) {
-                        self.hub.metrics.c2d("completed");
-                    }
+                    devices::c2d_acknowledged(&self.hub, &self.identity, id);
                 }
                 Step::Continue
             }

@@ -1,0 +1,205 @@
+//! A device's (or module's) session logic, whatever transport carries it: authentication of a SAS
+//! token against the registry, admission (injected outages and throttling), telemetry acceptance
+//! (the size limit, the fault-delayed acknowledgement, storing, sequence stamps) and C2D
+//! delivery and settlement. The MQTT front end (`mqtt/hub_session.rs`) and the HTTPS device
+//! routes (`http/device_api.rs`) both call this and never each other; AMQP would be a third
+//! caller. Nothing here knows a packet, a header or a status code: each front end maps the
+//! outcomes to its own wire (CONNACK codes, PUBACKs, HTTP statuses).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use super::c2d::{C2dMessage, Dropped, LockLost, Settle};
+use super::faults::Refuse;
+use super::metrics::Refusal;
+use super::registry::{Identity, IdentityState};
+use super::secrets::Permissions;
+use super::sequence;
+use super::state::HubState;
+use super::telemetry::{self, Sender};
+use crate::iot::property_bag::PropertyBag;
+use crate::iot::sas::{SasError, SasToken};
+use crate::iot::time::unix_secs;
+
+/// An identity whose token the hub accepted, with the token's expiry (Unix seconds).
+pub struct Authenticated {
+    pub identity: Arc<Identity>,
+    pub expiry: u64,
+}
+
+/// Checks a SAS token for device `device_id` (module `module_id`) of hub `host` (as the client
+/// named it: MQTT username, or the token's `sr`). The token's `sr` must cover
+/// `{host}/devices/{id}[/modules/{mid}]` and be signed with one of the identity's keys, or with a
+/// policy key when `skn` names a policy with DeviceConnect (token services, gateways), and be
+/// unexpired within `behaviour.sas_skew_secs` (Microsoft: "Control access to IoT Hub with SAS").
+/// Refusals name why, never the token: `BadUsername` (not this hub), `UnknownIdentity`,
+/// `BadCredentials`, `ExpiredToken`, `IdentityDisabled`.
+pub fn authenticate(
+    hub: &HubState,
+    host: &str,
+    device_id: &str,
+    module_id: Option<&str>,
+    token: &str,
+    now: SystemTime,
+) -> Result<Authenticated, Refusal> {
+    if !hub.is_our_host(host) {
+        return Err(Refusal::BadUsername);
+    }
+    let identity = hub.registry.get(device_id, module_id).ok_or(Refusal::UnknownIdentity)?;
+    let token = SasToken::parse(token).map_err(|_| Refusal::BadCredentials)?;
+    let resource = match module_id {
+        Some(m) => format!("{host}/devices/{device_id}/modules/{m}"),
+        None => format!("{host}/devices/{device_id}"),
+    };
+    let now = unix_secs(now);
+    let skew = hub.behaviour.sas_skew_secs;
+    let verified = match token.skn.as_deref() {
+        Some(policy) => match hub.policy(policy).filter(|p| p.permissions.contains(Permissions::DEVICE_CONNECT)) {
+            Some(p) => token.verify(&resource, &p.keys, now, skew),
+            None => Err(SasError::BadSignature),
+        },
+        None => {
+            let keys = identity.lock().record.keys.clone();
+            token.verify(&resource, &keys, now, skew)
+        }
+    };
+    match verified {
+        Ok(()) => {}
+        Err(SasError::Expired) => return Err(Refusal::ExpiredToken),
+        Err(_) => return Err(Refusal::BadCredentials),
+    }
+    let st = identity.lock();
+    if st.removed {
+        return Err(Refusal::UnknownIdentity);
+    }
+    if !st.record.enabled {
+        return Err(Refusal::IdentityDisabled);
+    }
+    drop(st);
+    Ok(Authenticated { identity, expiry: token.expiry })
+}
+
+/// Whether the hub takes device traffic now: an injected outage or the injected connect
+/// throttle turn it away (`Refusal::Outage` / `Refusal::Throttled`); an admitted call counts
+/// against the throttle. MQTT asks once per CONNECT, HTTPS once per request (each HTTPS request
+/// authenticates on its own, as a connection does).
+pub fn admit(hub: &HubState) -> Result<(), Refusal> {
+    hub.faults.admit_connect().map_err(|why| match why {
+        Refuse::Outage => Refusal::Outage,
+        Refuse::Throttled => Refusal::Throttled,
+    })
+}
+
+/// A message larger than `behaviour.max_message_bytes` (IoT Hub: 256 KB, body plus property
+/// names and values; "IoT Hub quotas and throttling").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge;
+
+/// Checks a device-to-cloud message's size against the hub's limit.
+pub fn check_size(hub: &HubState, properties: &PropertyBag, body_len: usize) -> Result<(), TooLarge> {
+    if telemetry::message_size(properties, body_len) > hub.behaviour.max_message_bytes { Err(TooLarge) } else { Ok(()) }
+}
+
+/// How long the acknowledgement of an accepted message is held back (the `puback_delay_ms`
+/// fault; MQTT delays the PUBACK, HTTPS the 204).
+pub fn ack_delay(hub: &HubState) -> Option<Duration> {
+    hub.faults.puback_delay()
+}
+
+/// One device-to-cloud message, in the property bag every transport maps into (MQTT topic
+/// bags as they are, HTTPS `iothub-*` headers to the same keys), so that the telemetry log, the
+/// sequence tracker and every reader see the same message whichever transport carried it.
+pub struct D2c<'a> {
+    pub properties: &'a PropertyBag,
+    pub body: Bytes,
+    /// MQTT's retain flag (kept as the `mqtt-retain` application property).
+    pub retain: bool,
+    /// Sent by the hub on the device's behalf (an MQTT Will).
+    pub will: bool,
+}
+
+/// Stores an accepted message in the identity's telemetry log, notes its activity, counts the
+/// fleet's sequence stamp (`iot::sequence::PROPERTY`) and the telemetry metrics. `model_id` is
+/// the one the connection announced, if any, else the identity's.
+pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentityState, model_id: Option<&str>, m: D2c) {
+    let wall = SystemTime::now();
+    let len = m.body.len();
+    let sender = Sender {
+        device_id: &identity.device_id,
+        module_id: identity.module_id.as_deref(),
+        model_id: model_id.or(st.record.model_id.as_deref()),
+        generation_id: &st.record.generation_id,
+    };
+    let D2c { properties, body, retain, will } = m;
+    st.telemetry
+        .record(hub.behaviour.telemetry_buffer, || telemetry::receive(properties, body, &sender, retain, will, wall));
+    st.record.last_activity = Some(wall);
+    if let Some((run, n)) = properties.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
+        let tracker = match &mut st.sequence {
+            Some(t) if t.run == run => t,
+            slot => slot.insert(Box::new(sequence::Tracker::new(run))),
+        };
+        hub.metrics.sequence_arrival(tracker.record(n));
+    }
+    hub.metrics.telemetry_received.inc();
+    hub.metrics.telemetry_bytes.inc_by(len as u64);
+}
+
+fn count_dropped(hub: &HubState, dropped: Vec<Dropped>) {
+    for d in dropped {
+        hub.metrics.c2d(match d {
+            Dropped::Expired => "expired",
+            Dropped::DeliveryCountExceeded => "dead_lettered",
+        });
+    }
+}
+
+/// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the expired
+/// and the over-delivered, counted).
+pub fn c2d_deliverable(hub: &HubState, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
+    let mut dropped = Vec::new();
+    let out = st.c2d.take_deliverable(conn_id, hub.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
+    count_dropped(hub, dropped);
+    out
+}
+
+/// The device acknowledged delivery `id` on a transport without lock tokens (an MQTT PUBACK, or
+/// a QoS 0 delivery): the message is done.
+pub fn c2d_acknowledged(hub: &HubState, identity: &Identity, id: u64) {
+    if identity.lock().c2d.complete(id) {
+        hub.metrics.c2d("completed");
+    }
+}
+
+/// A polling receive (HTTPS): the oldest deliverable message, locked for
+/// `behaviour.c2d_lock_timeout_secs` under a new lock token, its delivery counted; `None` when
+/// nothing is deliverable. Messages in flight on the identity's live MQTT connection are left to
+/// it.
+pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
+    let mut st = identity.lock();
+    let live = st.session.as_ref().map(|s| s.conn_id);
+    let mut dropped = Vec::new();
+    let lock = Duration::from_secs(hub.behaviour.c2d_lock_timeout_secs);
+    let m = st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
+    drop(st);
+    count_dropped(hub, dropped);
+    if m.is_some() {
+        hub.metrics.c2d("delivered");
+    }
+    m
+}
+
+/// Completes, rejects or abandons the message locked under `lock_token`. A rejected message is
+/// dead-lettered ("Understand cloud-to-device messaging": the message life cycle); an abandoned
+/// one is Enqueued again and counts against the maximum delivery count on its next receive.
+pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Settle) -> Result<(), LockLost> {
+    identity.lock().c2d.settle(lock_token, how, Instant::now())?;
+    hub.metrics.c2d(match how {
+        Settle::Complete => "completed",
+        Settle::Reject => "rejected",
+        Settle::Abandon => "abandoned",
+    });
+    Ok(())
+}
