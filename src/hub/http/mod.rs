@@ -1,10 +1,11 @@
-//! The HTTPS endpoint: one TLS listener serving the IoT Hub service API, the DPS device and
-//! service APIs, the emulator's own routes, and whatever routes the composition root adds (MQTT
+//! The HTTPS endpoint: one TLS listener serving the IoT Hub service API, the device API of HTTPS
+//! devices (telemetry, C2D polling), the DPS device and service APIs, the emulator's own routes, and whatever routes the composition root adds (MQTT
 //! over WebSockets, from the MQTT front end, which this one never imports); plus the plain-HTTP
 //! metrics endpoint.
 
 mod auth;
 mod bulk;
+mod device_api;
 mod dps_api;
 mod emulator;
 pub mod error;
@@ -48,6 +49,15 @@ fn routes(hub: Hub, extra: Router<Hub>) -> Router {
             get(service::identity_get).put(service::identity_put).delete(service::identity_delete),
         )
         .route("/devices/{id}/commands", axum::routing::delete(service::c2d_purge))
+        // The device API of HTTPS devices; `devicebound` is how the Node SDK spells it.
+        .route("/devices/{id}/messages/events", post(device_api::send_event))
+        .route("/devices/{id}/modules/{mid}/messages/events", post(device_api::send_event))
+        .route("/devices/{id}/messages/deviceBound", get(device_api::receive))
+        .route("/devices/{id}/messages/devicebound", get(device_api::receive))
+        .route("/devices/{id}/messages/deviceBound/{etag}", axum::routing::delete(device_api::complete_or_reject))
+        .route("/devices/{id}/messages/devicebound/{etag}", axum::routing::delete(device_api::complete_or_reject))
+        .route("/devices/{id}/messages/deviceBound/{etag}/abandon", post(device_api::abandon))
+        .route("/devices/{id}/messages/devicebound/{etag}/abandon", post(device_api::abandon))
         .route("/statistics/devices", get(service::statistics))
         .route("/statistics/service", get(service::service_statistics))
         .route(
