@@ -93,6 +93,11 @@ fn node_device_client() {
 }
 
 #[test]
+fn node_device_client_over_https() {
+    node("device_http.js");
+}
+
+#[test]
 fn node_registry_list_and_bulk_operations() {
     node("registry.js");
 }
