@@ -140,7 +140,23 @@ async fn a_module_sends_over_https_with_a_module_token() {
     let (status, _, body) =
         call(&hub, &token, "POST", "/devices/e1/modules/filter/messages/events", &h, b"m".to_vec()).await;
     assert_eq!(status, 204, "{body}");
+    // A policy with DeviceConnect may sign for any identity (token services, gateways).
+    let policy =
+        fleetsim::iot::sas::sign_token(&hub.info.hostname, &hub.policy_key("device"), future(3600), Some("device"));
+    let (status, _, body) =
+        call(&hub, &policy, "POST", "/devices/e1/modules/filter/messages/events", &h, b"m".to_vec()).await;
+    assert_eq!(status, 204, "{body}");
+    let registry_read = fleetsim::iot::sas::sign_token(
+        &hub.info.hostname,
+        &hub.policy_key("registryRead"),
+        future(3600),
+        Some("registryRead"),
+    );
+    let (status, _, body) =
+        call(&hub, &registry_read, "POST", "/devices/e1/modules/filter/messages/events", &h, b"m".to_vec()).await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "IotHubUnauthorizedAccess"), "no DeviceConnect");
     let stored = hub.events("e1", Some("filter")).await;
+    assert_eq!(stored["received"], 2);
     assert_eq!(stored["messages"][0]["systemProperties"]["iothub-connection-module-id"], "filter");
     assert_eq!(stored["messages"][0]["properties"]["kind"], "module");
     // A module's token does not reach its device's route (the token's scope is the module).

@@ -34,10 +34,6 @@ type ApiResult = Result<Response, ApiError>;
 /// The content type of a batch of messages (the Node and C SDKs send it for `sendEventBatch`).
 const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.json";
 
-/// The largest request body a device may send: a batch's JSON, base64 and all. Past it the
-/// request is refused with 413 before it is parsed.
-const MAX_DEVICE_BODY: usize = 512 * 1024;
-
 /// Prefix of an application property carried as an HTTP header.
 const APP_PREFIX: &str = "iothub-app-";
 
@@ -106,8 +102,10 @@ fn authenticate(hub: &HubState, headers: &HeaderMap, w: &Who) -> Result<std::syn
     Ok(a.identity)
 }
 
+/// The body, within the listener's body bound (a batch's JSON, base64 and all); past it, 413
+/// `MessageTooLarge` before anything is parsed.
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_DEVICE_BODY).await.map_err(|_| too_large())
+    axum::body::to_bytes(body, super::MAX_BODY).await.map_err(|_| too_large())
 }
 
 fn too_large() -> ApiError {
