@@ -7,10 +7,11 @@
 //! and counted.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::hub::clock::Instant;
 use crate::iot::property_bag::PropertyBag;
 
 #[derive(Debug, Clone)]
@@ -253,7 +254,7 @@ mod tests {
 
     #[test]
     fn redelivers_what_was_not_acknowledged_on_the_next_connection() {
-        let now = Instant::now();
+        let now = crate::hub::clock::now();
         let ttl = Duration::from_secs(60);
         let mut q = C2dQueue::default();
         let mid = q.enqueue("d", msg("a"), 50, ttl, now, SystemTime::UNIX_EPOCH).unwrap();
@@ -273,7 +274,7 @@ mod tests {
 
     #[test]
     fn bounds_the_queue_and_drops_expired_and_overdelivered() {
-        let now = Instant::now();
+        let now = crate::hub::clock::now();
         let mut q = C2dQueue::default();
         q.enqueue("d", msg("a"), 2, Duration::from_secs(60), now, SystemTime::UNIX_EPOCH).unwrap();
         q.enqueue(
@@ -299,7 +300,7 @@ mod tests {
 
     #[test]
     fn an_https_lock_hides_a_message_until_settled_or_expired() {
-        let now = Instant::now();
+        let now = crate::hub::clock::now();
         let lock = Duration::from_secs(60);
         let mut q = C2dQueue::default();
         let wall = SystemTime::UNIX_EPOCH;
@@ -330,7 +331,7 @@ mod tests {
 
     #[test]
     fn https_receives_dead_letter_past_the_delivery_count_and_skip_mqtt_in_flight() {
-        let now = Instant::now();
+        let now = crate::hub::clock::now();
         let lock = Duration::from_secs(60);
         let mut q = C2dQueue::default();
         q.enqueue("d", msg("a"), 50, Duration::from_secs(3600), now, SystemTime::UNIX_EPOCH).unwrap();

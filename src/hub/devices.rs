@@ -7,7 +7,7 @@
 //! outcomes to its own wire (CONNACK codes, PUBACKs, HTTP statuses).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -124,7 +124,7 @@ pub struct D2c<'a> {
 /// fleet's sequence stamp (`iot::sequence::PROPERTY`) and the telemetry metrics. `model_id` is
 /// the one the connection announced, if any, else the identity's.
 pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentityState, model_id: Option<&str>, m: D2c) {
-    let wall = SystemTime::now();
+    let wall = crate::hub::clock::wall();
     let len = m.body.len();
     let sender = Sender {
         device_id: &identity.device_id,
@@ -160,7 +160,8 @@ fn count_dropped(hub: &HubState, dropped: Vec<Dropped>) {
 /// and the over-delivered, counted).
 pub fn c2d_deliverable(hub: &HubState, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
     let mut dropped = Vec::new();
-    let out = st.c2d.take_deliverable(conn_id, hub.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
+    let out =
+        st.c2d.take_deliverable(conn_id, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
     count_dropped(hub, dropped);
     out
 }
@@ -182,7 +183,8 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
     let live = st.session.as_ref().map(|s| s.conn_id);
     let mut dropped = Vec::new();
     let lock = Duration::from_secs(hub.behaviour.c2d_lock_timeout_secs);
-    let m = st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, Instant::now(), &mut dropped);
+    let m =
+        st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
     drop(st);
     count_dropped(hub, dropped);
     if m.is_some() {
@@ -195,7 +197,7 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
 /// dead-lettered ("Understand cloud-to-device messaging": the message life cycle); an abandoned
 /// one is Enqueued again and counts against the maximum delivery count on its next receive.
 pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Settle) -> Result<(), LockLost> {
-    identity.lock().c2d.settle(lock_token, how, Instant::now())?;
+    identity.lock().c2d.settle(lock_token, how, crate::hub::clock::now())?;
     hub.metrics.c2d(match how {
         Settle::Complete => "completed",
         Settle::Reject => "rejected",

@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use super::registry::{Record, Registry, RegistryError};
+use crate::hub::clock::Instant;
 pub use crate::iot::dps::valid_registration_id;
 use crate::iot::dps::{OperationStatus, RegistrationRequest, RegistrationState};
 use crate::iot::sas::{Key, SasError, SasToken, derive_device_key};
@@ -391,10 +392,10 @@ mod tests {
             registration_id: Some("sim-1".into()),
             payload: Some(serde_json::json!({"modelId": "dtmi:x;1"})),
         };
-        let op = d.register(&att, &req, Instant::now(), SystemTime::now()).unwrap();
+        let op = d.register(&att, &req, crate::hub::clock::now(), crate::hub::clock::wall()).unwrap();
         assert_eq!(op.status, "assigning");
         let Progress::Done(done) =
-            d.poll(&att, &op.operation_id, &registry, Instant::now(), SystemTime::now()).unwrap()
+            d.poll(&att, &op.operation_id, &registry, crate::hub::clock::now(), crate::hub::clock::wall()).unwrap()
         else {
             panic!()
         };
@@ -407,15 +408,15 @@ mod tests {
         assert_eq!(dev.lock().record.keys[0], key);
         assert_eq!(dev.lock().record.model_id.as_deref(), Some("dtmi:x;1"));
         // Registering again returns the same assignment.
-        let op2 = d.register(&att, &req, Instant::now(), SystemTime::now()).unwrap();
+        let op2 = d.register(&att, &req, crate::hub::clock::now(), crate::hub::clock::wall()).unwrap();
         let Progress::Done(again) =
-            d.poll(&att, &op2.operation_id, &registry, Instant::now(), SystemTime::now()).unwrap()
+            d.poll(&att, &op2.operation_id, &registry, crate::hub::clock::now(), crate::hub::clock::wall()).unwrap()
         else {
             panic!()
         };
         assert_eq!(again.registration_state.unwrap().device_id.as_deref(), Some("sim-1"));
         assert_eq!(
-            d.poll(&att, "stale", &registry, Instant::now(), SystemTime::now()).unwrap_err(),
+            d.poll(&att, "stale", &registry, crate::hub::clock::now(), crate::hub::clock::wall()).unwrap_err(),
             DpsError::UnknownOperation
         );
     }
@@ -481,16 +482,16 @@ mod tests {
             etag: 1,
         });
         let att = d.authenticate(SCOPE, "r", &token("r", &k), 1).unwrap();
-        let t0 = Instant::now();
-        let op = d.register(&att, &RegistrationRequest::default(), t0, SystemTime::now()).unwrap();
+        let t0 = crate::hub::clock::now();
+        let op = d.register(&att, &RegistrationRequest::default(), t0, crate::hub::clock::wall()).unwrap();
         let registry = Registry::default();
         assert!(matches!(
-            d.poll(&att, &op.operation_id, &registry, t0, SystemTime::now()).unwrap(),
+            d.poll(&att, &op.operation_id, &registry, t0, crate::hub::clock::wall()).unwrap(),
             Progress::Assigning { retry_after: 2, .. }
         ));
         assert!(registry.get("r", None).is_none());
         assert!(matches!(
-            d.poll(&att, &op.operation_id, &registry, t0 + Duration::from_secs(6), SystemTime::now()).unwrap(),
+            d.poll(&att, &op.operation_id, &registry, t0 + Duration::from_secs(6), crate::hub::clock::wall()).unwrap(),
             Progress::Done(_)
         ));
     }

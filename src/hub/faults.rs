@@ -6,8 +6,8 @@
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
+use crate::hub::clock::Instant;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 /// How an injected connection drop looks to the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -143,7 +143,11 @@ fn chance(rate: f64) -> bool {
 
 impl Faults {
     pub fn new(config: FaultConfig) -> Faults {
-        Faults { config: RwLock::new(config), outage_until: Mutex::new(None), window: Mutex::new((Instant::now(), 0)) }
+        Faults {
+            config: RwLock::new(config),
+            outage_until: Mutex::new(None),
+            window: Mutex::new((crate::hub::clock::now(), 0)),
+        }
     }
 
     pub fn get(&self) -> FaultConfig {
@@ -161,14 +165,14 @@ impl Faults {
     /// Refuses new connections for `d` from now (callers bound `d` by [`MAX_OUTAGE_SECS`]; a
     /// longer one, should it come, lasts as long as the clock can count).
     pub fn start_outage(&self, d: Duration) {
-        let until = Instant::now().checked_add(d).unwrap_or_else(crate::sys::far_future);
+        let until = crate::hub::clock::now().checked_add(d).unwrap_or_else(crate::sys::far_future);
         *self.outage_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
     }
 
     /// Seconds left in the current outage.
     pub fn outage_left(&self) -> Option<Duration> {
         let until = (*self.outage_until.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let left = until.saturating_duration_since(Instant::now());
+        let left = until.saturating_duration_since(crate::hub::clock::now());
         (!left.is_zero()).then_some(left)
     }
 
@@ -183,7 +187,7 @@ impl Faults {
             return Ok(());
         }
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
+        let now = crate::hub::clock::now();
         if now.duration_since(w.0) >= Duration::from_secs(1) {
             *w = (now, 0);
         }
@@ -220,7 +224,7 @@ impl Faults {
     /// When a connection made now must end, whatever its token says.
     pub fn token_deadline(&self) -> Option<Instant> {
         let secs = self.with(|c| c.token_lifetime_secs);
-        (secs > 0).then(|| Instant::now().checked_add(Duration::from_secs(secs))).flatten()
+        (secs > 0).then(|| crate::hub::clock::now().checked_add(Duration::from_secs(secs))).flatten()
     }
 
     pub fn drop_mode(&self) -> DropMode {

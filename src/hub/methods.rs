@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 use super::registry::Identity;
 use super::session::Outbound;
@@ -71,7 +70,7 @@ impl Methods {
             .unwrap_or_else(|p| p.into_inner())
             .insert(rid.clone(), Pending { identity: identity.key(), tx });
         let _cleanup = Cleanup { methods: self, rid: rid.clone() };
-        let deadline = Instant::now() + connect_timeout;
+        let deadline = crate::hub::clock::now() + connect_timeout;
         let topic = topic::method_request(name, &rid);
         loop {
             // Register interest before looking, so a subscription made in between is not missed.
@@ -94,7 +93,7 @@ impl Methods {
                     break;
                 }
             }
-            if Instant::now() >= deadline {
+            if crate::hub::clock::now() >= deadline {
                 return Err(MethodError::NotOnline { waited: connect_timeout });
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;

@@ -7,6 +7,7 @@
 //! shared `state::HubState`: `registry` (identities, twins, sessions), `dps`, `methods`, `c2d`.
 
 pub mod c2d;
+pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod dps;

@@ -339,7 +339,7 @@ mod tests {
     #[test]
     fn creates_lists_and_removes_with_modules() {
         let reg = Registry::default();
-        let now = SystemTime::now();
+        let now = crate::hub::clock::wall();
         reg.create("d1", None, rec(), now).unwrap();
         reg.create("d2", None, rec(), now).unwrap();
         reg.create("d1", Some("m1"), rec(), now).unwrap();
@@ -373,8 +373,8 @@ mod tests {
     #[test]
     fn renders_identity_and_twin_shapes() {
         let reg = Registry::default();
-        let d = reg.create("dev", None, rec(), SystemTime::now()).unwrap();
-        let m = reg.create("dev", Some("mod"), rec(), SystemTime::now()).unwrap();
+        let d = reg.create("dev", None, rec(), crate::hub::clock::wall()).unwrap();
+        let m = reg.create("dev", Some("mod"), rec(), crate::hub::clock::wall()).unwrap();
         let dj = identity_json(&d, &d.lock());
         assert_eq!((dj["status"].as_str(), dj["connectionState"].as_str()), (Some("enabled"), Some("Disconnected")));
         assert_eq!(dj["authentication"]["type"], "sas");

@@ -8,8 +8,6 @@
 //! Signature, expiry and permissions are the handlers' part (`service`), since only they know
 //! which permission an operation needs.
 
-use std::time::SystemTime;
-
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Uri};
 use axum::middleware::Next;
@@ -78,7 +76,7 @@ pub fn service(hub: &HubState, headers: &HeaderMap, needed: Permissions) -> Resu
     if !hub.is_our_host(host) {
         return Err(ApiError::unauthorized(SasError::WrongResource.to_string()));
     }
-    let now = unix_secs(SystemTime::now());
+    let now = unix_secs(crate::hub::clock::wall());
     token
         .verify(&token.resource, &policy.keys, now, hub.behaviour.sas_skew_secs)
         .map_err(|e| ApiError::unauthorized(e.to_string()))?;

@@ -7,7 +7,6 @@
 //! them is refused there, as any token without a policy is.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -91,13 +90,12 @@ fn authenticate(hub: &HubState, headers: &HeaderMap, w: &Who) -> Result<std::syn
         Some(m) => ApiError::module_not_found(&w.device, m),
         None => ApiError::device_not_found(&w.device),
     };
-    let a = devices::authenticate(hub, host, &w.device, w.module.as_deref(), header, SystemTime::now()).map_err(
-        |r| match r {
+    let a = devices::authenticate(hub, host, &w.device, w.module.as_deref(), header, crate::hub::clock::wall())
+        .map_err(|r| match r {
             Refusal::UnknownIdentity | Refusal::IdentityDisabled => not_found(),
             Refusal::ExpiredToken => ApiError::unauthorized("the SAS token has expired"),
             _ => ApiError::unauthorized("the SAS token is not valid for this device"),
-        },
-    )?;
+        })?;
     devices::admit(hub).map_err(busy)?;
     Ok(a.identity)
 }

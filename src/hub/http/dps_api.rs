@@ -2,8 +2,6 @@
 //! §3.3) and the service API's enrollments and enrollment groups, authorized by the
 //! `provisioningserviceowner` policy.
 
-use std::time::{Instant, SystemTime};
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -34,7 +32,7 @@ fn device_auth(
 ) -> Result<Attestation, ApiError> {
     auth::api_version(uri).map_err(|_| ApiError::dps(400, 400001, "the api-version query parameter is required"))?;
     let token = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    hub.dps.authenticate(scope, reg, token, unix_secs(SystemTime::now())).map_err(|e| {
+    hub.dps.authenticate(scope, reg, token, unix_secs(crate::hub::clock::wall())).map_err(|e| {
         if e == DpsAuthError::BadRegistrationId {
             // A signed request for an id DPS does not accept: the request is bad, not the caller.
             hub.metrics.dps_registration("bad_request");
@@ -79,7 +77,7 @@ pub async fn register(
             ApiError::dps(400, 400004, format!("the register body is not a registration request: {e}"))
         })?
     };
-    let op = hub.dps.register(&att, &req, Instant::now(), SystemTime::now()).map_err(|e| {
+    let op = hub.dps.register(&att, &req, crate::hub::clock::now(), crate::hub::clock::wall()).map_err(|e| {
         hub.metrics.dps_registration("bad_request");
         ApiError::dps(400, 400004, e.to_string())
     })?;
@@ -95,7 +93,7 @@ pub async fn operation(
 ) -> ApiResult {
     let att = device_auth(&hub, &scope, &reg, &headers, &uri)?;
     injected_throttle(&hub)?;
-    match hub.dps.poll(&att, &op, &hub.registry, Instant::now(), SystemTime::now()) {
+    match hub.dps.poll(&att, &op, &hub.registry, crate::hub::clock::now(), crate::hub::clock::wall()) {
         Ok(Progress::Assigning { status, retry_after }) => {
             Ok(with_retry_after((StatusCode::ACCEPTED, Json(status)).into_response(), retry_after))
         }

@@ -3,7 +3,7 @@
 //! DPS registration's recorded request, and the fault injector's controls. They take a service
 //! token like the rest of the service API: ServiceConnect to read, RegistryWrite for faults.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -76,7 +76,14 @@ pub async fn c2d_send(State(hub): State<Hub>, Path(d): Path<String>, headers: He
     let b = &hub.behaviour;
     let id = st
         .c2d
-        .enqueue(&d, message, b.c2d_max_queue, Duration::from_secs(b.c2d_ttl_secs), Instant::now(), SystemTime::now())
+        .enqueue(
+            &d,
+            message,
+            b.c2d_max_queue,
+            Duration::from_secs(b.c2d_ttl_secs),
+            crate::hub::clock::now(),
+            crate::hub::clock::wall(),
+        )
         .map_err(|e| match e {
             C2dError::QueueFull => ApiError::hub(403, 403004, "DeviceMaximumQueueDepthExceeded", e.to_string()),
         })?;

@@ -2,8 +2,6 @@
 //! `iothub-errorcode` header (protocol.md §6.7); DPS's carry `errorCode`, `trackingId`, `message`
 //! and `timestampUtc` (§3.3). Codes are HTTP status x 1000 + a sub-code.
 
-use std::time::SystemTime;
-
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -99,7 +97,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = *self.0;
         let tracking = uuid::Uuid::new_v4().simple().to_string();
-        let now = SystemTime::now();
+        let now = crate::hub::clock::wall();
         let (body, header) = match e.style {
             Style::Hub { name } => {
                 let mut body = json!({

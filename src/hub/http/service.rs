@@ -3,7 +3,7 @@
 //! implementation; the routes only pick the module id out of the path.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -125,7 +125,7 @@ pub(super) fn put_identity(
         Some(other) => return Err(ApiError::bad_request(format!("status `{other}` is neither enabled nor disabled"))),
     };
     let [primary, secondary] = body_keys(&body)?;
-    let now = SystemTime::now();
+    let now = crate::hub::clock::wall();
     if let Some(existing) = hub.registry.get(device, module) {
         let Some(cond) = if_match else {
             return Err(match module {
@@ -326,7 +326,7 @@ pub(super) fn twin_update(
     {
         return Err(ApiError::precondition_failed());
     }
-    let now = SystemTime::now();
+    let now = crate::hub::clock::wall();
     let result = if replace {
         st.twin.replace_service(body.tags.as_ref(), desired.as_ref(), now)
     } else {
@@ -415,7 +415,7 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
         ));
     }
     let identity = find(hub, device, module)?;
-    let started = tokio::time::Instant::now();
+    let started = crate::hub::clock::now();
     let deliver = !hub.faults.drop_method();
     if !deliver {
         hub.metrics.faults_injected.with_label_values(&["method_drop"]).inc();

@@ -9,7 +9,6 @@ use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::contract::{PacketSession, Step, Wire};
 use super::dps_session::DpsSession;
@@ -161,7 +160,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     // A token may name any expiry up to 2^64-1 s; one past what the clock can count never expires
     // (`None`) instead of overflowing `Instant + Duration` (issue 10).
     let token_deadline = token_expiry.and_then(|se| {
-        let now = crate::iot::time::unix_secs(std::time::SystemTime::now());
+        let now = crate::iot::time::unix_secs(crate::hub::clock::wall());
         let left = Duration::from_secs(se.saturating_add(hub.behaviour.sas_skew_secs).saturating_sub(now));
         crate::sys::deadline_after(left.saturating_add(Duration::from_millis(500)))
     });
@@ -169,7 +168,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
         (Some(t), Some(f)) => Some(t.min(f)),
         (t, f) => t.or(f),
     };
-    let mut ka_deadline = Instant::now() + keep_alive; // keep_alive <= keepalive_cap_secs (validated)
+    let mut ka_deadline = crate::hub::clock::now() + keep_alive; // keep_alive <= keepalive_cap_secs (validated)
     tracing::debug!(client_id, keep_alive_secs = keep_alive.as_secs(), "connected");
     let reason = 'conn: loop {
         // Handle every complete packet already buffered.
@@ -200,7 +199,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 Ok(0) | Err(_) => break CloseReason::ConnectionLost,
                 Ok(n) => {
                     hub.metrics.bytes_in.inc_by(n as u64);
-                    ka_deadline = Instant::now() + keep_alive;
+                    ka_deadline = crate::hub::clock::now() + keep_alive;
                 }
             },
             Some(o) = rx.recv() => {

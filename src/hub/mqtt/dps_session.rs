@@ -1,8 +1,6 @@
 //! A device talking to DPS over MQTT (protocol.md §3.4): register, then poll the operation until
 //! it is assigned. Only `$dps/registrations/res/#` may be subscribed.
 
-use std::time::{Instant, SystemTime};
-
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
@@ -34,7 +32,7 @@ pub fn error_body(code: u32, message: &str) -> serde_json::Value {
         "errorCode": code,
         "trackingId": uuid::Uuid::new_v4().to_string(),
         "message": message,
-        "timestampUtc": iso8601(SystemTime::now()),
+        "timestampUtc": iso8601(crate::hub::clock::wall()),
     })
 }
 
@@ -49,7 +47,7 @@ impl DpsSession {
         if connect.client_id != u.registration_id {
             return Err(Refusal::ClientIdMismatch);
         }
-        let now = unix_secs(SystemTime::now());
+        let now = unix_secs(crate::hub::clock::wall());
         let att = hub.dps.authenticate(&u.id_scope, &u.registration_id, password, now).map_err(|e| {
             hub.metrics.dps_registration("unauthorized");
             e.refusal()
@@ -110,7 +108,7 @@ impl DpsSession {
                     );
                     return Step::Continue;
                 };
-                match self.hub.dps.register(&self.att, &req, Instant::now(), SystemTime::now()) {
+                match self.hub.dps.register(&self.att, &req, crate::hub::clock::now(), crate::hub::clock::wall()) {
                     Ok(op) => self.reply(wire, 202, &rid, Some(retry), serde_json::to_value(op).expect("serializable")),
                     Err(e) => {
                         self.hub.metrics.dps_registration("bad_request");
@@ -119,8 +117,13 @@ impl DpsSession {
                 }
             }
             DevicePublish::DpsPollStatus { rid, operation_id } => {
-                match self.hub.dps.poll(&self.att, &operation_id, &self.hub.registry, Instant::now(), SystemTime::now())
-                {
+                match self.hub.dps.poll(
+                    &self.att,
+                    &operation_id,
+                    &self.hub.registry,
+                    crate::hub::clock::now(),
+                    crate::hub::clock::wall(),
+                ) {
                     Ok(Progress::Assigning { status, retry_after }) => self.reply(
                         wire,
                         202,

@@ -3,7 +3,6 @@
 //! subscription rules. Anything outside the documented topics closes the connection.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -56,8 +55,14 @@ impl HubSession {
         if connect.client_id != u.client_id() {
             return Err(Refusal::ClientIdMismatch);
         }
-        let devices::Authenticated { identity, expiry } =
-            devices::authenticate(hub, &u.host, &u.device_id, u.module_id.as_deref(), password, SystemTime::now())?;
+        let devices::Authenticated { identity, expiry } = devices::authenticate(
+            hub,
+            &u.host,
+            &u.device_id,
+            u.module_id.as_deref(),
+            password,
+            crate::hub::clock::wall(),
+        )?;
         let conn_id = hub.next_conn_id();
         let mut st = identity.lock();
         if st.removed {
@@ -77,7 +82,7 @@ impl HubSession {
             st.saved_subs.take().unwrap_or_default()
         };
         st.session = Some(Session { conn_id, tx: tx.clone(), subs, persistent: !connect.clean_session });
-        let wall = SystemTime::now();
+        let wall = crate::hub::clock::wall();
         st.record.connection_state_updated = Some(wall);
         st.record.last_activity = Some(wall);
         if let Some(m) = &u.model_id {
@@ -198,7 +203,11 @@ impl HubSession {
                 let result = serde_json::from_slice::<Value>(&p.payload)
                     .map_err(|e| format!("the reported patch is not JSON: {e}"))
                     .and_then(|patch| {
-                        self.identity.lock().twin.patch_reported(&patch, SystemTime::now()).map_err(|e| e.to_string())
+                        self.identity
+                            .lock()
+                            .twin
+                            .patch_reported(&patch, crate::hub::clock::wall())
+                            .map_err(|e| e.to_string())
                     });
                 match result {
                     Ok(version) => {
@@ -337,7 +346,7 @@ impl PacketSession for HubSession {
             if self.persistent {
                 st.saved_subs = Some(self.subs);
             }
-            st.record.connection_state_updated = Some(SystemTime::now());
+            st.record.connection_state_updated = Some(crate::hub::clock::wall());
         }
         // The Will stands in for telemetry when the device vanished without DISCONNECT.
         if reason != CloseReason::ClientDisconnect
