@@ -312,4 +312,70 @@ mod tests {
         assert_eq!(effective_keepalive(0, 1767), Duration::from_secs(1767));
         assert_eq!(effective_keepalive(1500, 1767), Duration::from_secs(1767));
     }
+
+    use crate::hub::mqtt::testing::{bench, connect, identity, token};
+    use crate::iot::username::hub_username;
+
+    /// Opens a connection through `serve` over an in-memory pipe; returns the client's end after
+    /// the CONNACK, and the serving task.
+    async fn open(
+        hub: &Hub,
+        keep_alive: u16,
+        token_secs: u64,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let key = identity(hub, "d1", None);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let serving = tokio::spawn(serve(hub.clone(), server));
+        let mut c = connect(
+            "d1",
+            &hub_username("localhost", "d1", None, None),
+            &token("localhost/devices/d1", &key, token_secs),
+            true,
+        );
+        c.keep_alive = keep_alive;
+        let mut out = BytesMut::new();
+        Packet::Connect(c).write(&mut out, usize::MAX).unwrap();
+        client.write_all(&out).await.unwrap();
+        let mut rbuf = BytesMut::new();
+        let ack = read_one(&mut client, &mut rbuf, 1024).await.expect("CONNACK");
+        assert!(matches!(ack, Packet::ConnAck(ConnAck { code: ConnectReturnCode::Success, .. })));
+        (client, serving)
+    }
+
+    fn disconnects(hub: &Hub, reason: &str) -> bool {
+        hub.metrics.render().contains(&format!("fleetsim_hub_disconnects_total{{reason=\"{reason}\"}} 1"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closes_when_its_token_expires_on_the_hub_clock() {
+        let b = bench(|_| {});
+        let (mut client, serving) = open(&b.hub, 0, 60).await;
+        let t0 = crate::hub::clock::now();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        serving.await.unwrap();
+        assert!(disconnects(&b.hub, "token_expired"), "{}", b.hub.metrics.render());
+        // Virtual time: the token's minute (to the second it was signed in), not the keep-alive cap.
+        let waited = crate::hub::clock::now() - t0;
+        assert!(waited >= Duration::from_secs(59) && waited <= Duration::from_secs(61), "{waited:?}");
+        assert!(b.hub.registry.get("d1", None).unwrap().lock().session.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_is_reset_by_traffic_and_enforced_at_one_and_a_half_times() {
+        let b = bench(|_| {});
+        let (mut client, serving) = open(&b.hub, 10, 3600).await;
+        let t0 = crate::hub::clock::now();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let mut out = BytesMut::new();
+        Packet::PingReq.write(&mut out, usize::MAX).unwrap();
+        client.write_all(&out).await.unwrap();
+        let mut rbuf = BytesMut::new();
+        assert!(matches!(read_one(&mut client, &mut rbuf, 1024).await, Ok(Packet::PingResp)));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        serving.await.unwrap();
+        assert!(disconnects(&b.hub, "keepalive_timeout"), "{}", b.hub.metrics.render());
+        assert_eq!(crate::hub::clock::now() - t0, Duration::from_secs(25), "15 s after the last packet");
+    }
 }

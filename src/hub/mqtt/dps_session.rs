@@ -197,3 +197,109 @@ impl PacketSession for DpsSession {
         self.hub.metrics.connections_dps.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode;
+
+    use super::*;
+    use crate::hub::mqtt::testing::{bench, connect, publish, publishes, subscribe, token, written};
+    use crate::iot::sas::{Key, derive_device_key};
+    use crate::iot::username::{Username, dps_username};
+
+    fn open(hub: &Hub, reg: &str, password: &str) -> Result<(DpsSession, Wire), Refusal> {
+        let user = match Username::parse(&dps_username(&hub.dps.id_scope, reg)).unwrap() {
+            Username::Dps(u) => u,
+            Username::Hub(_) => unreachable!(),
+        };
+        let mut wire = Wire::new();
+        let c = connect(reg, "u", password, true);
+        DpsSession::connect(hub, &user, &c, password, &mut wire).map(|(s, _)| (s, wire))
+    }
+
+    fn group_token(hub: &Hub, reg: &str) -> String {
+        let group = Key::from_base64(&hub.secrets.default_group.primary).unwrap();
+        token(&format!("{}/registrations/{reg}", hub.dps.id_scope), &derive_device_key(&group, reg), 3600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_then_poll_until_the_assignment_delay_has_passed() {
+        let b = bench(|c| c.behaviour.dps_assignment_delay_ms = 5_000);
+        let (mut s, mut wire) = open(&b.hub, "sensor-1", &group_token(&b.hub, "sensor-1")).expect("accepted");
+        written(&mut wire);
+        // Only the DPS response filter may be subscribed.
+        assert_eq!(s.on_packet(subscribe(1, &["$dps/registrations/res/#"]), &mut wire), Step::Continue);
+        let [Packet::SubAck(ack)] = &written(&mut wire)[..] else { panic!("one SUBACK") };
+        assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+
+        let register = publish("$dps/registrations/PUT/iotdps-register/?$rid=1", b"{}", QoS::AtLeastOnce, 4);
+        s.on_packet(register, &mut wire);
+        let out = written(&mut wire);
+        assert!(matches!(out[0], Packet::PubAck(PubAck { pkid: 4 })));
+        let (topic, body) = publishes(&out).remove(0);
+        assert_eq!(topic, "$dps/registrations/res/202/?$rid=1&retry-after=1");
+        let op: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let op_id = op["operationId"].as_str().unwrap().to_owned();
+        let poll_topic = format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={op_id}");
+        let poll = |s: &mut DpsSession, wire: &mut Wire| {
+            let mut p = Publish::new(poll_topic.clone(), QoS::AtMostOnce, "");
+            p.pkid = 0;
+            s.on_packet(Packet::Publish(p), wire);
+            publishes(&written(wire)).remove(0)
+        };
+        let (topic, body) = poll(&mut s, &mut wire);
+        assert!(topic.starts_with("$dps/registrations/res/202/?$rid=2"), "{topic}");
+        assert!(body.contains("assigning"));
+        assert!(b.hub.registry.get("sensor-1", None).is_none());
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (topic, body) = poll(&mut s, &mut wire);
+        assert_eq!(topic, "$dps/registrations/res/200/?$rid=2");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["status"], "assigned");
+        assert_eq!(status["registrationState"]["deviceId"], "sensor-1");
+        assert!(b.hub.registry.get("sensor-1", None).is_some(), "assigned into the registry");
+
+        let unknown = publish(
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=3&operationId=nope",
+            b"",
+            QoS::AtMostOnce,
+            0,
+        );
+        s.on_packet(unknown, &mut wire);
+        assert!(publishes(&written(&mut wire))[0].0.starts_with("$dps/registrations/res/404/"));
+        // Hub topics and hub filters are not DPS's: the connection closes.
+        let telemetry = publish("devices/sensor-1/messages/events/", b"{}", QoS::AtMostOnce, 0);
+        assert_eq!(s.on_packet(telemetry, &mut wire), Step::Close(CloseReason::ProtocolViolation));
+        assert_eq!(
+            s.on_packet(subscribe(5, &["$iothub/twin/res/#"]), &mut wire),
+            Step::Close(CloseReason::ProtocolViolation)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_and_injected_throttling() {
+        let b = bench(|_| {});
+        assert!(open(&b.hub, "sensor-2", &group_token(&b.hub, "other")).is_err(), "a key derived for another id");
+        let expired = {
+            let t = group_token(&b.hub, "sensor-2");
+            tokio::time::advance(Duration::from_secs(3601)).await;
+            t
+        };
+        assert!(open(&b.hub, "sensor-2", &expired).is_err(), "expired on the hub's clock");
+        let (mut s, mut wire) = open(&b.hub, "sensor-2", &group_token(&b.hub, "sensor-2")).expect("accepted");
+        s.on_packet(subscribe(1, &["$dps/registrations/res/#"]), &mut wire);
+        written(&mut wire);
+        b.hub.set_faults(crate::hub::faults::FaultConfig {
+            dps_throttle_rate: 1.0,
+            dps_retry_after_secs: 7,
+            ..Default::default()
+        });
+        s.on_packet(publish("$dps/registrations/PUT/iotdps-register/?$rid=9", b"{}", QoS::AtMostOnce, 0), &mut wire);
+        let (topic, body) = publishes(&written(&mut wire)).remove(0);
+        assert_eq!(topic, "$dps/registrations/res/429/?$rid=9&retry-after=7");
+        assert!(body.contains("429001"));
+    }
+}

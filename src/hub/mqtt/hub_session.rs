@@ -362,3 +362,239 @@ impl PacketSession for HubSession {
         self.hub.metrics.connections_hub.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rumqttc::mqttbytes::v4::{ConnAck, SubscribeReasonCode};
+
+    use super::*;
+    use crate::hub::mqtt::testing::{bench, connect, identity, publish, publishes, subscribe, token, written};
+    use crate::iot::sas::Key;
+    use crate::iot::username::{Username, hub_username};
+
+    const HOST: &str = "localhost";
+
+    fn username(device: &str, module: Option<&str>) -> HubUsername {
+        match Username::parse(&hub_username(HOST, device, module, None)).unwrap() {
+            Username::Hub(u) => u,
+            Username::Dps(_) => unreachable!(),
+        }
+    }
+
+    struct Conn {
+        session: HubSession,
+        wire: Wire,
+        rx: mpsc::Receiver<Box<Outbound>>,
+    }
+
+    fn open(hub: &Hub, device: &str, password: &str) -> Result<Conn, Refusal> {
+        let (tx, rx) = mpsc::channel(8);
+        let mut wire = Wire::new();
+        let c = connect(device, &hub_username(HOST, device, None, None), password, true);
+        let (session, _) = HubSession::connect(hub, &username(device, None), &c, password, tx, &mut wire)?;
+        Ok(Conn { session, wire, rx })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_refusals_name_the_reason() {
+        let b = bench(|_| {});
+        let key = identity(&b.hub, "d1", None);
+        let good = token(&format!("{HOST}/devices/d1"), &key, 60);
+        let refused = |client: &str, user: HubUsername, password: &str| {
+            let (tx, _rx) = mpsc::channel(1);
+            let c = connect(client, "u", password, true);
+            HubSession::connect(&b.hub, &user, &c, password, tx, &mut Wire::new()).err()
+        };
+        assert_eq!(refused("other", username("d1", None), &good), Some(Refusal::ClientIdMismatch));
+        assert_eq!(refused("ghost", username("ghost", None), &good), Some(Refusal::UnknownIdentity));
+        let mut foreign = username("d1", None);
+        foreign.host = "elsewhere.azure-devices.net".into();
+        assert_eq!(refused("d1", foreign, &good), Some(Refusal::BadUsername));
+        let wrong_key = token(&format!("{HOST}/devices/d1"), &Key::generate(), 60);
+        assert_eq!(refused("d1", username("d1", None), &wrong_key), Some(Refusal::BadCredentials));
+        assert_eq!(refused("d1", username("d1", None), "not a token"), Some(Refusal::BadCredentials));
+        let other_device = token(&format!("{HOST}/devices/d2"), &key, 60);
+        assert_eq!(refused("d1", username("d1", None), &other_device), Some(Refusal::BadCredentials));
+
+        // A token good now is expired once the (paused) clock has passed its expiry.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(refused("d1", username("d1", None), &good), Some(Refusal::ExpiredToken));
+
+        let fresh = token(&format!("{HOST}/devices/d1"), &key, 60);
+        b.hub.registry.get("d1", None).unwrap().lock().record.enabled = false;
+        assert_eq!(refused("d1", username("d1", None), &fresh), Some(Refusal::IdentityDisabled));
+        b.hub.registry.get("d1", None).unwrap().lock().record.enabled = true;
+        let mut c = open(&b.hub, "d1", &fresh).expect("accepted");
+        assert!(matches!(
+            written(&mut c.wire)[..],
+            [Packet::ConnAck(ConnAck { code: ConnectReturnCode::Success, .. })]
+        ));
+
+        // A second connection of the same identity replaces the first.
+        let mut second = open(&b.hub, "d1", &fresh).expect("accepted");
+        assert!(matches!(*c.rx.try_recv().unwrap(), Outbound::Close(CloseReason::Replaced)));
+        second.session.on_close(CloseReason::ClientDisconnect, &mut second.wire);
+        c.session.on_close(CloseReason::Replaced, &mut c.wire);
+        assert!(b.hub.registry.get("d1", None).unwrap().lock().session.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subscriptions_follow_the_documented_filters() {
+        let b = bench(|c| c.behaviour.max_subscriptions = 3);
+        let key = identity(&b.hub, "d1", None);
+        let mut c = open(&b.hub, "d1", &token(&format!("{HOST}/devices/d1"), &key, 3600)).unwrap();
+        written(&mut c.wire);
+        let step = c.session.on_packet(
+            subscribe(1, &["devices/d1/messages/devicebound/#", "$iothub/methods/POST/#", "$iothub/twin/res/#"]),
+            &mut c.wire,
+        );
+        assert_eq!(step, Step::Continue);
+        let [Packet::SubAck(ack)] = &written(&mut c.wire)[..] else { panic!("one SUBACK") };
+        assert_eq!(ack.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce); 3]);
+        let subs = b.hub.registry.get("d1", None).unwrap().lock().session.as_ref().unwrap().subs;
+        assert!(subs.c2d.is_some() && subs.methods.is_some() && subs.twin_responses.is_some());
+        // Past max_subscriptions, or another identity's filter: the connection closes (the default).
+        let step = c.session.on_packet(subscribe(2, &["$iothub/twin/PATCH/properties/desired/#"]), &mut c.wire);
+        assert_eq!(step, Step::Close(CloseReason::ProtocolViolation));
+
+        let r = bench(|c| c.behaviour.bad_subscription = BadSubscription::Refuse);
+        let key = identity(&r.hub, "d2", None);
+        let mut c = open(&r.hub, "d2", &token(&format!("{HOST}/devices/d2"), &key, 3600)).unwrap();
+        written(&mut c.wire);
+        let step = c.session.on_packet(
+            subscribe(3, &["devices/other/messages/devicebound/#", "$dps/registrations/res/#", "$iothub/twin/res/#"]),
+            &mut c.wire,
+        );
+        assert_eq!(step, Step::Continue);
+        let [Packet::SubAck(ack)] = &written(&mut c.wire)[..] else { panic!("one SUBACK") };
+        assert_eq!(
+            ack.return_codes,
+            [
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn twin_get_and_reported_patch_answer_on_the_response_topic() {
+        let b = bench(|_| {});
+        let key = identity(&b.hub, "d1", None);
+        let mut c = open(&b.hub, "d1", &token(&format!("{HOST}/devices/d1"), &key, 3600)).unwrap();
+        // Without the response subscription a twin request gets no answer.
+        c.session.on_packet(publish("$iothub/twin/GET/?$rid=0", b"", QoS::AtMostOnce, 0), &mut c.wire);
+        assert!(publishes(&written(&mut c.wire)).is_empty());
+        c.session.on_packet(subscribe(1, &["$iothub/twin/res/#"]), &mut c.wire);
+        c.session.on_packet(publish("$iothub/twin/GET/?$rid=1", b"", QoS::AtMostOnce, 0), &mut c.wire);
+        let out = publishes(&written(&mut c.wire));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "$iothub/twin/res/200/?$rid=1");
+        let twin: Value = serde_json::from_str(&out[0].1).unwrap();
+        assert_eq!(twin["desired"]["$version"], 1);
+
+        let patch = publish("$iothub/twin/PATCH/properties/reported/?$rid=2", br#"{"fw":"1.2"}"#, QoS::AtLeastOnce, 7);
+        c.session.on_packet(patch, &mut c.wire);
+        let out = written(&mut c.wire);
+        assert!(matches!(out[0], Packet::PubAck(PubAck { pkid: 7 })));
+        assert_eq!(publishes(&out)[0].0, "$iothub/twin/res/204/?$rid=2&$version=2");
+        let reported = b.hub.registry.get("d1", None).unwrap().lock().twin.device_view();
+        assert_eq!(reported["reported"]["fw"], "1.2");
+
+        c.session.on_packet(
+            publish("$iothub/twin/PATCH/properties/reported/?$rid=3", b"{", QoS::AtMostOnce, 0),
+            &mut c.wire,
+        );
+        let out = publishes(&written(&mut c.wire));
+        assert_eq!(out[0].0, "$iothub/twin/res/400/?$rid=3");
+        assert!(out[0].1.contains("400004"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn method_responses_complete_the_call_they_answer() {
+        let b = bench(|_| {});
+        let key = identity(&b.hub, "d1", None);
+        let mut c = open(&b.hub, "d1", &token(&format!("{HOST}/devices/d1"), &key, 3600)).unwrap();
+        c.session.on_packet(subscribe(1, &["$iothub/methods/POST/#"]), &mut c.wire);
+        written(&mut c.wire);
+        let identity = b.hub.registry.get("d1", None).unwrap();
+        let hub = b.hub.clone();
+        let call = tokio::spawn(async move {
+            hub.methods
+                .invoke(&identity, "blink", Bytes::from_static(b"3"), Duration::ZERO, Duration::from_secs(30), true)
+                .await
+        });
+        let o = c.rx.recv().await.expect("the request is queued for the connection");
+        assert_eq!(c.session.on_outbound(*o, &mut c.wire), Step::Continue);
+        let (topic, payload) = publishes(&written(&mut c.wire)).remove(0);
+        assert_eq!(payload, "3");
+        let rid = topic.strip_prefix("$iothub/methods/POST/blink/?$rid=").expect("the request topic").to_owned();
+        // An answer to another request id completes nothing; the right one completes the call.
+        c.session.on_packet(publish("$iothub/methods/res/200/?$rid=nope", b"{}", QoS::AtMostOnce, 0), &mut c.wire);
+        let answer = format!("$iothub/methods/res/201/?$rid={rid}");
+        let mut p = Publish::new(answer, QoS::AtMostOnce, "{\"ok\":true}");
+        p.pkid = 0;
+        c.session.on_packet(Packet::Publish(p), &mut c.wire);
+        let resp = call.await.unwrap().expect("answered");
+        assert_eq!((resp.status, resp.payload.as_ref()), (201, b"{\"ok\":true}".as_ref()));
+
+        // Unanswered, the call times out when the (paused) clock passes the response timeout.
+        let identity = b.hub.registry.get("d1", None).unwrap();
+        let hub = b.hub.clone();
+        let call = tokio::spawn(async move {
+            hub.methods.invoke(&identity, "slow", Bytes::new(), Duration::ZERO, Duration::from_secs(30), true).await
+        });
+        let _ = c.rx.recv().await;
+        assert!(matches!(call.await.unwrap(), Err(crate::hub::methods::MethodError::Timeout)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn telemetry_is_stored_and_c2d_completed_by_its_puback() {
+        let b = bench(|c| c.behaviour.max_message_bytes = 1024);
+        let key = identity(&b.hub, "d1", None);
+        let mut c = open(&b.hub, "d1", &token(&format!("{HOST}/devices/d1"), &key, 3600)).unwrap();
+        written(&mut c.wire);
+        let t = publish("devices/d1/messages/events/%24.mid=1&fleetsim-seq=r%3A2", b"{}", QoS::AtLeastOnce, 5);
+        assert_eq!(c.session.on_packet(t, &mut c.wire), Step::Continue);
+        assert!(matches!(written(&mut c.wire)[..], [Packet::PubAck(PubAck { pkid: 5 })]));
+        let identity = b.hub.registry.get("d1", None).unwrap();
+        {
+            let st = identity.lock();
+            assert_eq!(st.telemetry.received, 1);
+            let seq = st.sequence.as_ref().unwrap();
+            assert_eq!((seq.run.as_str(), seq.highest, seq.gaps()), ("r", 2, 1));
+        }
+        let big: &'static [u8] = Box::leak(vec![b'x'; 2048].into_boxed_slice());
+        let step = c.session.on_packet(publish("devices/d1/messages/events/", big, QoS::AtLeastOnce, 6), &mut c.wire);
+        assert_eq!(step, Step::Close(CloseReason::ProtocolViolation), "past max_message_bytes");
+        let other = publish("devices/d2/messages/events/", b"{}", QoS::AtMostOnce, 0);
+        assert_eq!(c.session.on_packet(other, &mut c.wire), Step::Close(CloseReason::ProtocolViolation));
+
+        c.session.on_packet(subscribe(1, &["devices/d1/messages/devicebound/#"]), &mut c.wire);
+        written(&mut c.wire);
+        let message = crate::hub::c2d::NewC2d { body: Bytes::from_static(b"hi"), ..Default::default() };
+        {
+            let mut st = identity.lock();
+            st.c2d
+                .enqueue(
+                    "d1",
+                    message,
+                    50,
+                    Duration::from_secs(60),
+                    crate::hub::clock::now(),
+                    crate::hub::clock::wall(),
+                )
+                .unwrap();
+            b.hub.push_c2d(&identity, &mut st);
+        }
+        let o = c.rx.recv().await.unwrap();
+        c.session.on_outbound(*o, &mut c.wire);
+        let [Packet::Publish(p)] = &written(&mut c.wire)[..] else { panic!("the C2D publish") };
+        assert!(p.topic.starts_with("devices/d1/messages/devicebound/"));
+        assert_eq!(identity.lock().c2d.len(), 1, "pending until acknowledged");
+        c.session.on_packet(Packet::PubAck(PubAck::new(p.pkid)), &mut c.wire);
+        assert!(identity.lock().c2d.is_empty());
+    }
+}

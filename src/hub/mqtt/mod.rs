@@ -22,3 +22,5 @@ pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::Serve
     })
     .await
 }
+#[cfg(test)]
+mod testing;
