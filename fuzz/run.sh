@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
 SECS=${FUZZ_SECS:-120}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(mqtt_session topics credentials scenario rest)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(mqtt_session topics credentials scenario rest device_rest)
 cargo fuzz build -O
 for t in "${TARGETS[@]}"; do
   echo "== $t ($SECS s)"

@@ -146,6 +146,8 @@ struct RestHarness {
     owner: String,
     registration: String,
     scope: String,
+    /// A device token for `fuzz`, for the device API of HTTPS devices.
+    device: String,
 }
 
 /// A hub of its own (so that fault settings the fuzzer makes never reach the MQTT harness) and
@@ -153,7 +155,8 @@ struct RestHarness {
 fn rest_harness() -> &'static RestHarness {
     static H: OnceLock<RestHarness> = OnceLock::new();
     H.get_or_init(|| {
-        let (hub, _, expiry) = fuzz_hub("fuzz-rest");
+        let (hub, device_key, expiry) = fuzz_hub("fuzz-rest");
+        let device = sign_token("localhost/devices/fuzz", &device_key, expiry, None);
         let owner_key = Key::from_base64(&hub.secrets.policies["iothubowner"].primary).expect("owner key");
         let owner = sign_token("localhost", &owner_key, expiry, Some("iothubowner"));
         let group = Key::from_base64(&hub.secrets.default_group.primary).expect("group key");
@@ -162,7 +165,7 @@ fn rest_harness() -> &'static RestHarness {
         let registration =
             sign_token(&format!("{scope}/registrations/fuzz-dps"), &dps_key, expiry, Some("registration"));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        RestHarness { rt, router: crate::hub::https_router(hub), owner, registration, scope }
+        RestHarness { rt, router: crate::hub::https_router(hub), owner, registration, scope, device }
     })
 }
 
@@ -208,6 +211,48 @@ pub fn rest(data: &[u8]) {
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body.to_vec()))
         .expect("a request");
+    h.rt.block_on(async {
+        let resp = tokio::time::timeout(Duration::from_secs(5), h.router.clone().oneshot(req)).await;
+        let resp = resp.expect("the route answered in time").expect("infallible");
+        assert_ne!(resp.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{method} {path}");
+    });
+}
+
+/// The device API of HTTPS devices (telemetry, C2D receive and settlement), fed arbitrary
+/// requests through the real router as the device `fuzz`. The first byte picks the request; for
+/// telemetry the rest is `header lines` (`name: value`, any bytes; lines that cannot be headers are
+/// skipped), a blank line, then the body; for a settlement it is the lock token. A panic, a hang
+/// or a 500 is a finding.
+pub fn device_rest(data: &[u8]) {
+    use tower::ServiceExt;
+    let Some((&pick, rest)) = data.split_first() else { return };
+    let h = rest_harness();
+    let (head, body) = match rest.windows(2).position(|w| w == b"\n\n") {
+        Some(i) => (&rest[..i], &rest[i + 2..]),
+        None => (&[][..], rest),
+    };
+    let token = crate::iot::encoding::url_encode(&text(body));
+    let (method, path) = match pick % 6 {
+        0 | 1 => ("POST", "/devices/fuzz/messages/events".to_owned()),
+        2 => ("GET", "/devices/fuzz/messages/deviceBound".to_owned()),
+        3 => ("DELETE", format!("/devices/fuzz/messages/deviceBound/{token}")),
+        4 => ("POST", format!("/devices/fuzz/messages/devicebound/{token}/abandon")),
+        _ => ("POST", "/devices/fuzz/modules/m1/messages/events".to_owned()),
+    };
+    let query = if pick % 12 == 3 { "&reject" } else { "" };
+    let Ok(uri) = format!("{path}?api-version=2021-04-12{query}").parse::<axum::http::Uri>() else { return };
+    let mut req = axum::http::Request::builder().method(method).uri(uri).header("authorization", &h.device);
+    if pick % 6 == 1 {
+        req = req.header("content-type", "application/vnd.microsoft.iothub.json");
+    }
+    for line in head.split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii_start());
+        if let (Ok(n), Ok(v)) = (axum::http::HeaderName::from_bytes(name), axum::http::HeaderValue::from_bytes(value)) {
+            req = req.header(n, v);
+        }
+    }
+    let Ok(req) = req.body(axum::body::Body::from(body.to_vec())) else { return };
     h.rt.block_on(async {
         let resp = tokio::time::timeout(Duration::from_secs(5), h.router.clone().oneshot(req)).await;
         let resp = resp.expect("the route answered in time").expect("infallible");

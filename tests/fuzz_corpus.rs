@@ -41,3 +41,8 @@ fn mqtt_session_corpus() {
 fn rest_corpus() {
     replay("rest", fleetsim::fuzzing::rest);
 }
+
+#[test]
+fn device_rest_corpus() {
+    replay("device_rest", fleetsim::fuzzing::device_rest);
+}
