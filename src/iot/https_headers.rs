@@ -22,6 +22,9 @@ pub const SYSTEM: &[(&str, &str)] = &[
     ("$.to", "iothub-to"),
     ("iothub-ack", "iothub-ack"),
     ("iothub-creation-time-utc", "iothub-creation-time-utc"),
+    ("$.ifid", "iothub-interface-id"),
+    // A Plug and Play component name, sent without the prefix (the Node SDK's `dt-subject`).
+    ("$.sub", "dt-subject"),
 ];
 
 /// The header name of a property-bag key: system properties by the table, the rest as
@@ -90,6 +93,7 @@ mod tests {
         assert_eq!(property_key("IoTHub-MessageId").as_deref(), Some("$.mid"));
         assert_eq!(property_key("IOTHUB-APP-Temp").as_deref(), Some("Temp"));
         assert_eq!(property_key("iothub-app-"), None);
+        assert_eq!(property_key("DT-Subject").as_deref(), Some("$.sub"));
         assert_eq!(property_key("content-type"), None);
         assert_eq!(property_key("authorization"), None);
     }

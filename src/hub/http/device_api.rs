@@ -24,6 +24,7 @@ use crate::hub::devices::{self, D2c};
 use crate::hub::metrics::Refusal;
 use crate::hub::registry::Identity;
 use crate::hub::state::{Hub, HubState};
+use crate::iot::https_headers;
 use crate::iot::property_bag::PropertyBag;
 use crate::iot::sas::SasToken;
 use crate::iot::time::iso8601;
@@ -33,25 +34,9 @@ type ApiResult = Result<Response, ApiError>;
 /// The content type of a batch of messages (the Node and C SDKs send it for `sendEventBatch`).
 const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.json";
 
-/// Prefix of an application property carried as an HTTP header.
-const APP_PREFIX: &str = "iothub-app-";
-
-/// System properties carried as headers (or batch property names): header to property-bag key,
-/// the keys the MQTT path uses (`iot::property_bag`, `telemetry.rs`). `dt-subject` comes without
-/// a prefix, as the Node SDK sends it.
-const SYSTEM_HEADERS: [(&str, &str); 8] = [
-    ("iothub-messageid", "$.mid"),
-    ("iothub-correlationid", "$.cid"),
-    ("iothub-userid", "$.uid"),
-    ("iothub-contenttype", "$.ct"),
-    ("iothub-contentencoding", "$.ce"),
-    ("iothub-expiry", "$.exp"),
-    ("iothub-interface-id", "$.ifid"),
-    ("dt-subject", "$.sub"),
-];
-
-/// Headers kept as application properties under their own name (the SDKs' creation stamp).
-const KEPT_AS_IS: [&str; 1] = ["iothub-creation-time-utc"];
+/// Bag keys a device does not set on its own telemetry over HTTPS: the SDKs send `iothub-to`
+/// (the path again) on every request, and acknowledgements belong to C2D messages.
+const NOT_FROM_DEVICES: [&str; 2] = ["$.to", "iothub-ack"];
 
 /// The device (and module) a route names, and whether it named a module.
 struct Who {
@@ -110,22 +95,16 @@ fn too_large() -> ApiError {
     ApiError::hub(413, 413001, "MessageTooLarge", "a message or batch is at most 256 KB (body and properties)")
 }
 
-/// Maps one property name (a header, or a batch property) into the bag: system properties to
-/// their keys, `iothub-app-{name}` to `{name}`. Other names are not properties (transport
-/// headers) and are skipped.
+/// Maps one property name (a header, or a batch property) into the bag as
+/// `iot::https_headers` names them (the rule the fleet's HTTPS devices follow too): system
+/// properties to their keys, `iothub-app-{name}` to `{name}`. Other names are not message
+/// properties (transport headers) and are skipped; `iothub-app-` without a name is refused.
 fn map_property(bag: &mut PropertyBag, name: &str, value: &str) -> Result<(), ApiError> {
-    let lower = name.to_ascii_lowercase();
-    if let Some(app) = lower.strip_prefix(APP_PREFIX) {
-        if app.is_empty() {
-            return Err(ApiError::bad_request("an application property needs a name after iothub-app-"));
-        }
-        // Header names arrive lower-cased (HTTP/2 requires it, hyper does it for HTTP/1.1); batch
-        // property names keep the case the device gave.
-        bag.push(&name[APP_PREFIX.len()..], value);
-    } else if let Some((_, key)) = SYSTEM_HEADERS.iter().find(|(h, _)| *h == lower) {
-        bag.push(*key, value);
-    } else if KEPT_AS_IS.contains(&lower.as_str()) {
-        bag.push(lower, value);
+    if name.eq_ignore_ascii_case(https_headers::APP_PREFIX) {
+        return Err(ApiError::bad_request("an application property needs a name after iothub-app-"));
+    }
+    if let Some(key) = https_headers::property_key(name).filter(|k| !NOT_FROM_DEVICES.contains(&k.as_str())) {
+        bag.push(key, value);
     }
     Ok(())
 }
@@ -134,10 +113,7 @@ fn header_bag(headers: &HeaderMap) -> Result<PropertyBag, ApiError> {
     let mut bag = PropertyBag::default();
     for (name, value) in headers {
         let name = name.as_str();
-        let relevant = name.starts_with(APP_PREFIX)
-            || SYSTEM_HEADERS.iter().any(|(h, _)| *h == name)
-            || KEPT_AS_IS.contains(&name);
-        if !relevant {
+        if https_headers::property_key(name).is_none() && name != https_headers::APP_PREFIX {
             continue;
         }
         let value = std::str::from_utf8(value.as_bytes())
@@ -243,18 +219,7 @@ fn c2d_headers(m: &C2dMessage) -> HeaderMap {
     put("iothub-enqueuedtime".into(), iso8601(m.enqueued_at));
     put("iothub-expiry".into(), iso8601(m.expires_at));
     for (k, v) in m.properties.iter() {
-        let v = v.unwrap_or_default().to_owned();
-        let name = match k {
-            "$.mid" => "iothub-messageid".to_owned(),
-            "$.to" => "iothub-to".to_owned(),
-            "$.cid" => "iothub-correlationid".to_owned(),
-            "$.uid" => "iothub-userid".to_owned(),
-            "$.ct" => "iothub-contenttype".to_owned(),
-            "$.ce" => "iothub-contentencoding".to_owned(),
-            "iothub-ack" => "iothub-ack".to_owned(),
-            app => format!("{APP_PREFIX}{app}"),
-        };
-        put(name, v);
+        put(https_headers::header_name(k), v.unwrap_or_default().to_owned());
     }
     h
 }
