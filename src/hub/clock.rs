@@ -54,4 +54,29 @@ mod tests {
         assert_eq!(wall().duration_since(w0).unwrap(), Duration::from_secs(3600));
         assert_eq!(wall_at(t0), w0);
     }
+
+    #[test]
+    fn the_hub_reads_time_only_here() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/hub");
+        let mut stack = vec![root];
+        let mut offenders = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("clock.rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for needle in
+                        ["SystemTime::now()", "std::time::Instant", "std::time::{Instant", "tokio::time::Instant"]
+                    {
+                        if text.contains(needle) {
+                            offenders.push(format!("{}: {needle}", path.display()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "read the time through hub::clock:\n{}", offenders.join("\n"));
+    }
 }

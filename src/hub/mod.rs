@@ -200,3 +200,47 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
     tracing::info!(mqtt = %mqtt_addr, https = %https_addr, hostname = %config.hostname, id_scope = %info.id_scope, "hub ready");
     Ok(RunningHub { info, info_path, state: hub, tasks })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The files of `src/hub/{dir}` (not recursive), with their text.
+    fn sources(dir: &str) -> Vec<(String, String)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/hub").join(dir);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                // Code only: comments may name anything.
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
+                out.push((path.display().to_string(), code.join("\n")));
+            }
+        }
+        assert!(!out.is_empty(), "{}", root.display());
+        out
+    }
+
+    #[test]
+    fn the_front_ends_never_import_each_other_and_the_mqtt_contract_is_a_leaf() {
+        let mut wrong = Vec::new();
+        for (path, text) in sources("http") {
+            if text.contains("hub::mqtt") || text.contains("super::super::mqtt") {
+                wrong.push(format!("{path} imports the MQTT front end"));
+            }
+        }
+        for (path, text) in sources("mqtt") {
+            if text.contains("hub::http") || text.contains("super::super::http") || text.contains("super::http") {
+                wrong.push(format!("{path} imports the HTTPS front end"));
+            }
+            let name = path.rsplit('/').next().unwrap_or_default();
+            let session = matches!(name, "hub_session.rs" | "dps_session.rs" | "contract.rs");
+            if session && text.contains("connection::") {
+                wrong.push(format!("{path} imports the event loop (use contract.rs)"));
+            }
+            if name == "contract.rs" && (text.contains("hub_session") || text.contains("dps_session")) {
+                wrong.push(format!("{path} imports a session"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}
