@@ -205,3 +205,65 @@ pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Se
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::c2d::NewC2d;
+    use crate::hub::clock;
+    use crate::hub::testing::{bench, identity, token};
+    use crate::iot::sas::{Key, sign_token};
+
+    #[tokio::test(start_paused = true)]
+    async fn authentication_takes_identity_keys_or_a_device_connect_policy() {
+        let b = bench(|_| {});
+        let key = identity(&b.hub, "d1", None);
+        let auth = |t: &str, module: Option<&str>| authenticate(&b.hub, "localhost", "d1", module, t, clock::wall());
+        let Ok(a) = auth(&token("localhost/devices/d1", &key, 60), None) else { panic!("its own key") };
+        assert_eq!(a.identity.device_id, "d1");
+        let policy = |name: &str| {
+            let k = Key::from_base64(&b.hub.secrets.policies[name].primary).unwrap();
+            sign_token("localhost", &k, crate::iot::time::unix_secs(clock::wall()) + 60, Some(name))
+        };
+        assert!(auth(&policy("device"), None).is_ok(), "DeviceConnect signs for any device");
+        assert_eq!(auth(&policy("registryRead"), None).err(), Some(Refusal::BadCredentials));
+        assert_eq!(auth(&token("localhost/devices/d1", &key, 60), Some("m")).err(), Some(Refusal::UnknownIdentity));
+        let t = token("localhost/devices/d1", &key, 60);
+        tokio::time::advance(std::time::Duration::from_secs(61)).await;
+        assert_eq!(auth(&t, None).err(), Some(Refusal::ExpiredToken));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_https_receive_locks_for_the_configured_timeout_then_redelivers() {
+        let b = bench(|c| {
+            c.behaviour.c2d_lock_timeout_secs = 30;
+            c.behaviour.c2d_max_delivery_count = 2;
+        });
+        identity(&b.hub, "d1", None);
+        let id = b.hub.registry.get("d1", None).unwrap();
+        let m = NewC2d { body: Bytes::from_static(b"x"), ..Default::default() };
+        id.lock().c2d.enqueue("d1", m, 50, Duration::from_secs(3600), clock::now(), clock::wall()).unwrap();
+        let first = c2d_receive(&b.hub, &id).expect("pending");
+        assert!(c2d_receive(&b.hub, &id).is_none(), "locked");
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(c2d_receive(&b.hub, &id).is_none(), "still locked");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let token = |m: &C2dMessage| m.lock.clone().unwrap().token;
+        assert_eq!(c2d_settle(&b.hub, &id, &token(&first), Settle::Complete), Err(LockLost));
+        let second = c2d_receive(&b.hub, &id).expect("redelivered after the lock timeout");
+        assert_eq!(second.delivery_count, 2);
+        c2d_settle(&b.hub, &id, &token(&second), Settle::Abandon).unwrap();
+        assert!(c2d_receive(&b.hub, &id).is_none(), "past the maximum delivery count: dead-lettered");
+        assert!(id.lock().c2d.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_follows_the_injected_outage() {
+        let b = bench(|_| {});
+        assert_eq!(admit(&b.hub), Ok(()));
+        b.hub.faults.start_outage(Duration::from_secs(10));
+        assert_eq!(admit(&b.hub), Err(Refusal::Outage));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(admit(&b.hub), Ok(()));
+    }
+}

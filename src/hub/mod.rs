@@ -24,6 +24,8 @@ pub mod sequence;
 pub mod session;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod twin_doc;
 

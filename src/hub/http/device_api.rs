@@ -38,14 +38,13 @@ const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.json";
 /// (the path again) on every request, and acknowledgements belong to C2D messages.
 const NOT_FROM_DEVICES: [&str; 2] = ["$.to", "iothub-ack"];
 
-/// The device (and module) a route names, and whether it named a module.
+/// The device, and the module if any, a route names.
 struct Who {
     device: String,
     module: Option<String>,
 }
 
-fn who(params: HashMap<String, String>) -> Result<Who, ApiError> {
-    let mut params = params;
+fn who(mut params: HashMap<String, String>) -> Result<Who, ApiError> {
     let device = params.remove("id").ok_or_else(|| ApiError::bad_request("no device id in the path"))?;
     Ok(Who { device, module: params.remove("mid") })
 }

@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(effective_keepalive(1500, 1767), Duration::from_secs(1767));
     }
 
-    use crate::hub::mqtt::testing::{bench, connect, identity, token};
+    use crate::hub::testing::{bench, connect, identity, token};
     use crate::iot::username::hub_username;
 
     /// Opens a connection through `serve` over an in-memory pipe; returns the client's end after

@@ -205,7 +205,7 @@ mod tests {
     use rumqttc::mqttbytes::v4::SubscribeReasonCode;
 
     use super::*;
-    use crate::hub::mqtt::testing::{bench, connect, publish, publishes, subscribe, token, written};
+    use crate::hub::testing::{bench, connect, publish, publishes, subscribe, token, written};
     use crate::iot::sas::{Key, derive_device_key};
     use crate::iot::username::{Username, dps_username};
 

@@ -370,7 +370,7 @@ mod tests {
     use rumqttc::mqttbytes::v4::{ConnAck, SubscribeReasonCode};
 
     use super::*;
-    use crate::hub::mqtt::testing::{bench, connect, identity, publish, publishes, subscribe, token, written};
+    use crate::hub::testing::{bench, connect, identity, publish, publishes, subscribe, token, written};
     use crate::iot::sas::Key;
     use crate::iot::username::{Username, hub_username};
 

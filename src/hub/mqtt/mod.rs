@@ -22,5 +22,3 @@ pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::Serve
     })
     .await
 }
-#[cfg(test)]
-mod testing;

@@ -1,14 +1,14 @@
-//! Unit-test support for the MQTT sessions: a hub state without listeners (its keys in a temp
-//! dir), identities, signed tokens, CONNECT packets, and the packets a session wrote to its
-//! `Wire`. Time is the hub's clock, so `#[tokio::test(start_paused = true)]` tests move it.
+//! Unit-test support for the hub's sans-I/O parts (`devices.rs`, the MQTT sessions): a hub state
+//! without listeners (its keys in a temp dir), identities, signed tokens, CONNECT packets, and the
+//! packets a session wrote to its `Wire`. Time is the hub's clock, so `#[tokio::test(start_paused = true)]` tests move it.
 
 use std::sync::Arc;
 
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
 
-use super::contract::Wire;
 use crate::hub::config::HubConfig;
+use crate::hub::mqtt::contract::Wire;
 use crate::hub::registry::Record;
 use crate::hub::state::{Hub, HubState};
 use crate::iot::sas::{Key, sign_token};
