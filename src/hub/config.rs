@@ -113,8 +113,9 @@ pub struct Behaviour {
     pub c2d_max_queue: usize,
     pub c2d_ttl_secs: u64,
     pub c2d_max_delivery_count: u32,
-    /// How long an HTTPS device's receive locks a C2D message before it is delivered again
-    /// (IoT Hub's C2D lock timeout: one minute; "Understand cloud-to-device messaging").
+    /// How long an HTTPS device's receive locks a C2D message before it is delivered again. IoT
+    /// Hub's lock timeout is one minute and fixed ("Understand cloud-to-device messaging": the
+    /// message life cycle); the setting exists for tests.
     pub c2d_lock_timeout_secs: u64,
     /// What DPS tells devices to wait before polling.
     pub dps_retry_after_secs: u64,
