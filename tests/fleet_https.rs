@@ -54,3 +54,79 @@ async fn fleet_https_devices_send_telemetry_and_complete_c2d_against_the_emulato
     assert!(rendered.contains("fleetsim_hub_c2d_messages_total{event=\"completed\"} 1"), "{rendered}");
     f.stop().await;
 }
+
+/// Connection-string devices with a module each, over HTTPS: the registry step creates them.
+const WITH_MODULES: &str = r#"
+[[devices]]
+name = "https-registry"
+count = 2
+id = "https-reg-{n}"
+provisioning = "connection_string"
+transport = "https"
+poll_interval = "1s"
+[devices.telemetry]
+interval = "200ms"
+fields = { n = { kind = "counter" } }
+properties = { site = "lab" }
+[[devices.modules]]
+id = "probe"
+[[devices.modules.telemetry]]
+interval = "200ms"
+fields = { p = 1 }
+"#;
+
+fn received(events: &serde_json::Value) -> u64 {
+    events["received"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_modules_send_and_several_c2d_messages_are_each_handled_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("https.toml");
+    std::fs::write(&scenario, WITH_MODULES).unwrap();
+    let mut f = FleetUnderTest::start(&[scenario], "").await;
+    assert_eq!(f.fleet().identities(), 4);
+    let dev = "https-reg-1";
+    f.wait_for("telemetry from the module", || async { received(&f.events(dev, Some("probe")).await) >= 3 }).await;
+    let events = f.events(dev, None).await;
+    assert_eq!(events["messages"][0]["properties"]["site"], "lab", "{events}");
+    for i in 0..3 {
+        let (status, _, _) = f
+            .rest(
+                "POST",
+                &format!("/emulator/devices/{dev}/messages/deviceBound"),
+                Some(json!({"body": format!("hello {i}")})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    f.wait_for("three messages handled", || async { f.metrics().c2d_received.get() >= 3 }).await;
+    f.wait_for("the queue emptied (each completed)", || async {
+        f.hub_state().registry.get(dev, None).is_some_and(|i| i.lock().c2d.is_empty())
+    })
+    .await;
+    assert_eq!(f.metrics().c2d_received.get(), 3, "each once: completed, not redelivered");
+    assert_eq!(f.metrics().dropped_count(), 0);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_device_the_hub_forgets_is_created_again_and_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("https.toml");
+    std::fs::write(&scenario, WITH_MODULES).unwrap();
+    let mut f = FleetUnderTest::start(&[scenario], "").await;
+    let dev = "https-reg-2";
+    f.wait_for("telemetry", || async { received(&f.events(dev, None).await) >= 1 }).await;
+    let (status, _, body) =
+        f.rest_as("iothubowner", "DELETE", &format!("/devices/{dev}"), None, &[("If-Match", "*")]).await;
+    assert_eq!(status, 204, "{body}");
+    // Its next request is refused (401 or 404): the device runs its registry step again.
+    f.wait_for("the credential step to run again", || async { f.metrics().credential_reruns("registry") >= 1 }).await;
+    f.wait_for("the device to exist again", || async {
+        f.rest("GET", &format!("/devices/{dev}"), None).await.0 == 200
+    })
+    .await;
+    f.wait_for("telemetry after re-creation", || async { received(&f.events(dev, None).await) >= 1 }).await;
+    f.stop().await;
+}
