@@ -47,6 +47,9 @@ pub enum Command {
     /// Delete what a fleet created in a real hub or an external emulator: the devices of the
     /// config's templates (modules go with them), individual enrollments and DPS registrations.
     Cleanup(CleanupArgs),
+    /// Devices from models: `model import` writes a scenario from DTDL models or an IoT Central
+    /// device template export.
+    Model(crate::tools::model_import::ModelArgs),
 }
 
 #[derive(Debug, Args)]

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Invoke(args) => ExitCode::from(fleetsim::tools::invoke::run(args).await),
             Command::Report(args) => report(args),
             Command::Cleanup(args) => ExitCode::from(fleetsim::tools::cleanup::run(args).await),
+            Command::Model(args) => ExitCode::from(fleetsim::tools::model_import::run(args)),
         }
     })
 }

@@ -261,7 +261,23 @@ impl Agent {
                 .collect();
         };
         let request = match payload_json(payload) {
-            Ok(v) if cmd.request.matches(&v) || (cmd.request == JsonType::None && v.is_null()) => v,
+            Ok(v) if cmd.request_schema.as_ref().is_some_and(|s| s.check(&v).is_ok()) => v,
+            Ok(v)
+                if cmd.request_schema.is_none()
+                    && (cmd.request.matches(&v) || (cmd.request == JsonType::None && v.is_null())) =>
+            {
+                v
+            }
+            Ok(v) if cmd.request_schema.is_some() => {
+                let why = cmd.request_schema.as_ref().and_then(|s| s.check(&v).err()).unwrap_or_default();
+                return respond(
+                    400,
+                    json!({"message": format!("{method}: the request does not fit its schema: {why}")}),
+                )
+                .into_iter()
+                .chain([Out::CommandRan { name: cmd.method_name(), status: 400 }])
+                .collect();
+            }
             Ok(_) | Err(_) => {
                 let msg = format!("{method} expects a {:?} payload", cmd.request).to_lowercase();
                 return respond(400, json!({"message": msg}))
@@ -426,6 +442,7 @@ impl Agent {
     fn apply_and_ack(&mut self, i: usize, value: Value, version: u64, received: Instant, now: Instant) -> Vec<Out> {
         let w = &self.spec.writable[i];
         let valid = w.kind.matches(&value)
+            && w.schema.as_ref().is_none_or(|s| s.check(&value).is_ok())
             && value.as_f64().is_none_or(|x| w.min.is_none_or(|m| x >= m) && w.max.is_none_or(|m| x <= m));
         let latency = now.saturating_duration_since(received);
         if valid {
@@ -514,6 +531,7 @@ mod tests {
             min: None,
             max: None,
             default: Some(json!(10)),
+            schema: None,
         };
         let spec = Behaviour {
             telemetry: Vec::new(),
@@ -745,6 +763,7 @@ mod tests {
                 min: Some(0.0),
                 max: Some(100.0),
                 default,
+                schema: None,
             }],
             c2d_commands: false,
             initial_state: GenState::default(),

@@ -7,6 +7,7 @@
 
 pub mod connection_string;
 pub mod dps;
+pub mod dtdl;
 pub mod encoding;
 pub mod https_headers;
 pub mod property_bag;

@@ -3,5 +3,6 @@
 //! before anything connects, then expanded into identities.
 
 pub mod model;
+pub mod models;
 pub mod schema;
 pub mod value;

@@ -127,6 +127,9 @@ pub struct CommandSpec {
     pub component: Option<String>,
     pub status: u16,
     pub request: JsonType,
+    /// The request's DTDL schema, when the command comes from a model (or says `request_schema`):
+    /// a request that does not fit it is answered 400.
+    pub request_schema: Option<crate::iot::dtdl::Schema>,
     pub response: Option<ValueSpec>,
     pub delay: Duration,
     /// Reported properties set when the command runs (e.g. `state` for turnon/turnoff).
@@ -157,6 +160,9 @@ pub struct WritableSpec {
     pub max: Option<f64>,
     /// Reported with `ac: 203, av: 0` when the twin has no desired value.
     pub default: Option<serde_json::Value>,
+    /// The property's DTDL schema, when it comes from a model (or says `schema`): a value that
+    /// does not fit it is acknowledged 400 with the value in use.
+    pub schema: Option<crate::iot::dtdl::Schema>,
 }
 
 /// What an identity (device or module) does once connected.

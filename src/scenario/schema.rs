@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::model::*;
+use super::models::{Source, Tuning};
 use super::value::{ALL_VARS, Compiler, Template, ValueSpec};
 use crate::tomlread::{Diagnostic, Diagnostics, Doc, Table};
 
@@ -107,7 +108,7 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         }
         None => None,
     };
-    let model_id = t.str(doc, "model_id");
+    let mut model_id = t.str(doc, "model_id");
     let transport = match t.choice(doc, "transport", &["mqtt", "websockets", "https"]) {
         Some("websockets") => Transport::WebSockets,
         Some("https") => Transport::Https {
@@ -141,7 +142,10 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         _ => Provisioning::Dps { individual, transport: dps_transport },
     };
     let keys_file = t.str(doc, "keys_file").map(|k| path.parent().unwrap_or(Path::new(".")).join(k));
-    let own = behaviour(doc, &mut t);
+    let own = match model_source(doc, &mut t, path) {
+        Some(source) => behaviour_from_model(doc, &mut t, &source, &mut model_id),
+        None => behaviour(doc, &mut t),
+    };
     let https = matches!(transport, Transport::Https { .. });
     if https {
         if t.has("model_id") {
@@ -238,9 +242,14 @@ fn https_limits(doc: &mut Doc, t: &Table<'_>, b: &Behaviour) {
 }
 
 fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
+    behaviour_with(doc, t, &mut Compiler::default())
+}
+
+/// A behaviour compiled with `c`, whose state slots it shares with whatever else `c` compiled
+/// (a model's behaviour and a template's own additions to it).
+fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<Behaviour> {
     let before = doc.diags.len();
-    let mut c = Compiler::default();
-    let reported = report_map(doc, &mut c, t, "reported", REPORT_VARS);
+    let reported = report_map(doc, c, t, "reported", REPORT_VARS);
 
     let mut writable = Vec::new();
     let mut writable_names = HashSet::new();
@@ -292,6 +301,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             min,
             max,
             default,
+            schema: super::models::schema_field(doc, &mut w, "schema"),
         });
         w.finish(doc);
     }
@@ -327,7 +337,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
                 None
             }
         };
-        let properties = report_map(doc, &mut c, &mut s, "properties", TELEMETRY_VARS);
+        let properties = report_map(doc, c, &mut s, "properties", TELEMETRY_VARS);
         let send_if = s.table(doc, "send_if").and_then(|mut g| {
             let field = g.req_str(doc, "field");
             let above = g.req_str(doc, "above");
@@ -367,10 +377,10 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
         // An HTTP-like status, as IoT Hub passes it through.
         let status = m.u64_in(doc, "status", 100..=599).unwrap_or(200);
         let response = m.get("response").and_then(|n| c.value(doc, n, &format!("{}.response", m.path), ALL_VARS));
-        let report = report_map(doc, &mut c, &mut m, "report", REPORT_VARS);
+        let report = report_map(doc, c, &mut m, "report", REPORT_VARS);
         let complete = m.table(doc, "complete").map(|mut k| {
             let after = k.duration_in(doc, "after", Duration::ZERO, DAY).unwrap_or_default();
-            let report = report_map(doc, &mut c, &mut k, "report", REPORT_VARS);
+            let report = report_map(doc, c, &mut k, "report", REPORT_VARS);
             if report.is_empty() {
                 k.missing(doc, "report");
             }
@@ -380,7 +390,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
         let reboot = m.table(doc, "reboot").map(|mut r| {
             let downtime = r.duration_in(doc, "downtime", Duration::ZERO, DAY).unwrap_or(Duration::from_secs(5));
             let answer_first = r.choice(doc, "answer", &["before", "after"]) != Some("after");
-            let report = report_map(doc, &mut c, &mut r, "report", REPORT_VARS);
+            let report = report_map(doc, c, &mut r, "report", REPORT_VARS);
             r.finish(doc);
             RebootSpec { downtime, answer_first, report }
         });
@@ -389,6 +399,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
             component,
             status: status as u16,
             request: m.choice(doc, "request", JsonType::NAMES).map_or(JsonType::Any, JsonType::from_name),
+            request_schema: super::models::schema_field(doc, &mut m, "request_schema"),
             response,
             delay: m.duration_in(doc, "delay", Duration::ZERO, DAY).unwrap_or_default(),
             report,
@@ -414,6 +425,115 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
         c2d_commands,
         initial_state: c.initial_state(),
     })
+}
+
+/// Where a template's model comes from: `model = "dtmi:..."` (in `model_dir`, default `models`
+/// beside the scenario file) or `model_file = "path.json"`.
+fn model_source(doc: &mut Doc, t: &mut Table<'_>, path: &Path) -> Option<Source> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let dir = base.join(t.str(doc, "model_dir").unwrap_or_else(|| "models".to_owned()));
+    let id = t.str(doc, "model");
+    let file = t.str(doc, "model_file");
+    match (id, file) {
+        (Some(_), Some(_)) => {
+            doc.error(t.span_of("model_file"), &t.field("model_file"), "give model or model_file, not both");
+            None
+        }
+        (Some(id), None) if !crate::iot::dtdl::valid_dtmi(&id) => {
+            doc.error(t.span_of("model"), &t.field("model"), format!("\"{id}\" is not a DTMI (dtmi:<path>;<version>)"));
+            None
+        }
+        (Some(id), None) => Some(Source::Dtmi { id, dir }),
+        (None, Some(f)) => Some(Source::File { path: base.join(f), dir }),
+        (None, None) => {
+            for key in ["model_dir", "model_interval", "model_values"] {
+                if t.get(key).is_some() {
+                    doc.error(t.span_of(key), &t.field(key), "only applies with model or model_file");
+                }
+            }
+            None
+        }
+    }
+}
+
+/// A template's behaviour from its model, tuned by `model_interval` and `[model_values]`, plus
+/// what the template adds itself (a command or writable property of the same name replaces the
+/// model's). The model id is the model's unless the template names one.
+fn behaviour_from_model(
+    doc: &mut Doc,
+    t: &mut Table<'_>,
+    source: &Source,
+    model_id: &mut Option<String>,
+) -> Option<Behaviour> {
+    let mut tuning = Tuning {
+        interval: t.duration_in(doc, "model_interval", Duration::from_millis(1), 30 * DAY),
+        ..Tuning::default()
+    };
+    if let Some(mut values) = t.table(doc, "model_values") {
+        for e in values.rest() {
+            // Checked where the user wrote it, so a mistake is reported at its own position.
+            let field = format!("{}.{}", values.path, e.key);
+            if Compiler::default().value(doc, &e.node, &field, TELEMETRY_VARS).is_some() {
+                tuning.values.insert(e.key.clone(), super::models::json_to_toml(&super::models::node_json(&e.node)));
+            }
+        }
+        values.finish(doc);
+    }
+    let model = match super::models::load(source) {
+        Ok(m) => m,
+        Err(problems) => {
+            doc.diags.extend(problems);
+            // The template is refused with them; the position of its `model` key ties them to it.
+            doc.error(t.span.clone(), &t.field("model"), "the model has problems (listed with their files)");
+            return None;
+        }
+    };
+    let text = match model.behaviour_toml("", &tuning) {
+        Ok(text) => text,
+        Err(problems) => {
+            doc.diags.extend(problems);
+            doc.error(t.span.clone(), &t.field("model"), "the model has problems (listed with their files)");
+            return None;
+        }
+    };
+    if let Some(unknown) =
+        tuning.values.keys().find(|k| !text.contains(&format!("{} = ", k.rsplit('.').next().unwrap_or(k))))
+    {
+        doc.error(
+            t.span_of("model_values"),
+            &format!("{}.model_values.{unknown}", t.path),
+            "not a telemetry or read-only property of the model",
+        );
+    }
+    let mut c = Compiler::default();
+    let (mut generated, root) = Doc::parse(format!("{} (generated from {})", doc.file, model.id()), text);
+    let from_model = generated.table(&root, "").and_then(|mut g| {
+        let b = behaviour_with(&mut generated, &mut g, &mut c);
+        g.finish(&mut generated);
+        b
+    });
+    doc.diags.extend(generated.into_diags());
+    let own = behaviour_with(doc, t, &mut c)?;
+    let mut b = from_model?;
+    b.telemetry.extend(own.telemetry);
+    for (k, v) in own.reported {
+        b.reported.retain(|(x, _)| *x != k);
+        b.reported.push((k, v));
+    }
+    for cmd in own.commands {
+        b.commands.retain(|x| x.method_name() != cmd.method_name());
+        b.commands.push(cmd);
+    }
+    for w in own.writable {
+        b.writable.retain(|x| (&x.name, &x.component) != (&w.name, &w.component));
+        b.writable.push(w);
+    }
+    b.c2d_commands = own.c2d_commands;
+    b.initial_state = c.initial_state();
+    if model_id.is_none() {
+        *model_id = Some(model.id().to_owned());
+    }
+    Some(b)
 }
 
 /// Device ids must be unique across every template of every file.

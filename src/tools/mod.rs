@@ -7,6 +7,7 @@ pub mod cleanup;
 pub mod devices;
 pub mod fanout;
 pub mod invoke;
+pub mod model_import;
 pub mod twin;
 
 use std::path::PathBuf;
