@@ -6,6 +6,11 @@
 //!
 //!     cargo bench --bench fleet_load -- --devices 10000 [--shards N] [--interval 10] [--rate 2000]
 //!                                       [--steady 30] [--methods 200] [--json PATH]
+//!                                       [--behaviour FILE]
+//!
+//! `--behaviour FILE` replaces the built-in telemetry and `ping` command with the template lines in
+//! FILE (e.g. `model = "dtmi:..."` with an absolute `model_dir`, or hand-written tables under
+//! `devices.`): how memory per device compares between shapes of device.
 //!
 //! Under `cargo test` it runs a 40-device, 2-shard smoke pass that fails unless every device
 //! connects and telemetry is acknowledged.
@@ -31,6 +36,8 @@ struct Args {
     json: Option<PathBuf>,
     /// Worker threads per process (`--threads`); none: one per core.
     threads: Option<usize>,
+    /// Template lines replacing the built-in behaviour (`--behaviour`).
+    behaviour: Option<PathBuf>,
 }
 
 fn args() -> (Args, bool) {
@@ -50,6 +57,7 @@ fn args() -> (Args, bool) {
         methods: num("--methods", if bench { 200.0 } else { 10.0 }) as usize,
         json: get("--json").map(PathBuf::from),
         threads: get("--threads").map(|v| v.parse().expect("a number")),
+        behaviour: get("--behaviour").map(PathBuf::from),
     };
     (args, bench)
 }
@@ -189,17 +197,20 @@ fn main() {
 
     // The scenario: connection-string devices (created in each emulator's registry by the fleet).
     let scenario = d.join("load.toml");
-    std::fs::write(
-        &scenario,
-        format!(
-            "[[devices]]\nname = \"load\"\ncount = {}\nid = \"load-{{n:06}}\"\nprovisioning = \"connection_string\"\n\
-             [devices.telemetry]\ninterval = \"{}s\"\njitter = 0.1\n\
+    let header = format!(
+        "[[devices]]\nname = \"load\"\ncount = {}\nid = \"load-{{n:06}}\"\nprovisioning = \"connection_string\"\n",
+        a.devices
+    );
+    let behaviour = match &a.behaviour {
+        Some(file) => std::fs::read_to_string(file).expect("the --behaviour file"),
+        None => format!(
+            "[devices.telemetry]\ninterval = \"{}s\"\njitter = 0.1\n\
              fields = {{ temp = {{ kind = \"walk\", start = 20, step = 0.5, min = 0, max = 40, decimals = 2 }}, seq = {{ kind = \"counter\" }} }}\n\
              [[devices.commands]]\nname = \"ping\"\nresponse = {{ pong = \"{{now}}\" }}\n",
-            a.devices, a.interval
+            a.interval
         ),
-    )
-    .unwrap();
+    };
+    std::fs::write(&scenario, format!("{header}{behaviour}")).unwrap();
 
     // Fleets, one per emulator.
     let started = Instant::now();
