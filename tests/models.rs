@@ -289,7 +289,10 @@ fn a_v3_model_fits() {
 fn a_model_with_three_components_fits() {
     let t = template("model = \"dtmi:fleetsim:example:Plant;1\"\nmodel_interval = \"1s\"");
     assert_eq!(t.behaviour.telemetry.len(), 4, "one stream for the root and one per component");
-    assert_eq!(t.behaviour.commands.iter().map(|c| c.method_name()).collect::<Vec<_>>(), ["pump*reset", "valve*reset", "tank*reset"]);
+    assert_eq!(
+        t.behaviour.commands.iter().map(|c| c.method_name()).collect::<Vec<_>>(),
+        ["pump*reset", "valve*reset", "tank*reset"]
+    );
     check_against_model(&t, "dtmi:fleetsim:example:Plant;1");
 }
 

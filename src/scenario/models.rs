@@ -1,7 +1,4 @@
-//! Devices from models: a DTDL model (v2 or v3, or an IoT Central device template export) becomes
-//! a scenario template's behaviour. The model is loaded with everything it references (`extends`,
-//! component interfaces), from a model directory laid out as Microsoft's device models repository
-//! (`dtmi/com/example/thermostat-1.json`) or from one file, and compiled into scenario TOML: the
+//! Devices from models: a DTDL model (loaded by `modelrepo`) compiled into scenario TOML: the
 //! same text `fleetsim model import` writes for people to edit, and what a template naming
 //! `model = "dtmi:..."` runs directly. One path, so the two cannot disagree.
 //!
@@ -12,37 +9,15 @@
 //! with a value shaped by the response schema. Components follow the Plug and Play conventions
 //! (`$.sub`, `__t: "c"`, `component*command`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::iot::dtdl::{self, Content, ContentKind, Geo, Interface, Primitive, Schema};
-use crate::tomlread::{Diagnostic, Doc, Node, Table, Val, line_col};
-
-/// `extends` chains are at most this deep (DTDL v2 and v3).
-const MAX_EXTENDS: usize = 10;
-/// Largest model file read.
-const MAX_MODEL_FILE: u64 = 4 * 1024 * 1024;
-
-/// Where a template's model comes from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Source {
-    /// A DTMI, found in `dir` by the repository convention.
-    Dtmi { id: String, dir: PathBuf },
-    /// A file (one interface, or an array: an expanded model or an IoT Central export); what it
-    /// refers to and does not hold is looked for in `dir`.
-    File { path: PathBuf, dir: PathBuf },
-}
-
-/// A model and everything it references.
-#[derive(Debug)]
-pub struct Model {
-    pub root: String,
-    interfaces: BTreeMap<String, (Interface, PathBuf)>,
-}
+use crate::iot::dtdl::{self, Content, ContentKind, Geo, Primitive, Schema};
+pub use crate::modelrepo::{Model, Source, load};
+use crate::tomlread::{Diagnostic, Doc, Node, Table, Val};
 
 /// How the compiled behaviour is tuned (a template's `model_interval` and `[model_values]`).
 #[derive(Debug, Clone, Default)]
@@ -53,317 +28,126 @@ pub struct Tuning {
     pub values: BTreeMap<String, String>,
 }
 
-/// A problem in a model file, located by its JSON pointer (the file's start when the text is not
-/// at hand or the pointer leads nowhere).
-fn problem(path: &Path, text: Option<&str>, pointer: &str, message: impl Into<String>) -> Diagnostic {
-    let (line, column) = match text {
-        Some(t) => json_pointer_offset(t, pointer).map_or((1, 1), |o| line_col(t, o)),
-        None => (1, 1),
-    };
-    Diagnostic { file: path.display().to_string(), line, column, field: pointer.to_owned(), message: message.into() }
-}
-
-/// Loads a model and everything it references; every problem of every file at once.
-pub fn load(source: &Source) -> Result<Model, Vec<Diagnostic>> {
-    let mut interfaces: BTreeMap<String, (Interface, PathBuf)> = BTreeMap::new();
-    let mut problems = Vec::new();
-    let mut read_files = HashSet::new();
-    let (root, dir) = match source {
-        Source::Dtmi { id, dir } => (Some(id.clone()), dir.clone()),
-        Source::File { path, dir } => {
-            let first = read_model_file(path, &mut interfaces, &mut problems);
-            read_files.insert(path.clone());
-            (first, dir.clone())
-        }
-    };
-    let Some(root) = root else {
-        return Err(problems);
-    };
-    // Breadth first over references; each missing DTMI is read from the directory once.
-    let mut wanted = vec![(root.clone(), None::<(PathBuf, String)>)];
-    let mut seen = HashSet::new();
-    while let Some((id, from)) = wanted.pop() {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        if !interfaces.contains_key(&id) {
-            let Some(rel) = dtdl::repository_path(&id) else {
-                problems.push(referenced(&from, format!("\"{id}\" is not a valid DTMI")));
-                continue;
-            };
-            let path = dir.join(&rel);
-            if read_files.insert(path.clone()) {
-                read_model_file(&path, &mut interfaces, &mut problems);
-            }
-            if !interfaces.contains_key(&id) {
-                problems.push(referenced(
-                    &from,
-                    format!("{id} is referenced but not found (looked for {})", path.display()),
-                ));
-                continue;
-            }
-        }
-        let (iface, file) = &interfaces[&id];
-        for e in &iface.extends {
-            wanted.push((e.clone(), Some((file.clone(), format!("{}/extends", iface.pointer)))));
-        }
-        for c in &iface.contents {
-            if let ContentKind::Component { interface } = &c.kind {
-                wanted.push((interface.clone(), Some((file.clone(), format!("{}/schema", c.pointer)))));
-            }
-        }
-    }
-    if problems.is_empty() { Ok(Model { root, interfaces }) } else { Err(problems) }
-}
-
-fn referenced(from: &Option<(PathBuf, String)>, message: String) -> Diagnostic {
-    match from {
-        Some((file, pointer)) => {
-            let text = std::fs::read_to_string(file).ok();
-            problem(file, text.as_deref(), pointer, message)
-        }
-        None => Diagnostic { file: String::new(), line: 0, column: 0, field: "model".into(), message },
-    }
-}
-
-/// Reads one model file into `into`; the DTMI of its first (root) interface.
-fn read_model_file(
-    path: &Path,
-    into: &mut BTreeMap<String, (Interface, PathBuf)>,
-    problems: &mut Vec<Diagnostic>,
-) -> Option<String> {
-    let text = match crate::fsio::read_text_capped(path, MAX_MODEL_FILE) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(crate::tomlread::Diagnostics::file(
-                path,
-                format!("cannot read: {}", crate::tomlread::io_reason(&e)),
-            ));
-            return None;
-        }
-    };
-    let json: Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => {
-            problems.push(Diagnostic {
-                file: path.display().to_string(),
-                line: e.line(),
-                column: e.column(),
-                field: String::new(),
-                message: format!("not JSON: {e}"),
-            });
-            return None;
-        }
-    };
-    let (interfaces, found) = dtdl::parse_document(&json);
-    problems.extend(found.into_iter().map(|p| problem(path, Some(&text), &p.pointer, p.message)));
-    // The root is the first interface written at the top level (nested ones are pushed first).
-    let top = match &json {
-        Value::Array(items) => items.first().and_then(|i| i.get("@id")).and_then(Value::as_str).map(str::to_owned),
-        other => other.get("@id").and_then(Value::as_str).map(str::to_owned),
-    };
-    for i in interfaces {
-        if let Some((_, other)) = into.get(&i.id) {
-            if other != path {
-                problems.push(problem(
-                    path,
-                    Some(&text),
-                    &i.pointer,
-                    format!("{} is also defined in {}", i.id, other.display()),
-                ));
-            }
-            continue;
-        }
-        into.insert(i.id.clone(), (i, path.to_owned()));
-    }
-    top
-}
-
-impl Model {
-    /// An interface's contents with what it extends folded in (bases first); a name defined
-    /// twice along the chain, or a chain deeper than DTDL allows, is a problem.
-    fn contents(&self, id: &str, depth: usize, out: &mut Vec<Content>, problems: &mut Vec<Diagnostic>) {
-        let Some((iface, file)) = self.interfaces.get(id) else { return };
-        if depth > MAX_EXTENDS {
-            problems.push(problem(
-                file,
-                None,
-                &iface.pointer,
-                format!("extends is nested deeper than {MAX_EXTENDS} levels (or is a cycle)"),
-            ));
-            return;
-        }
-        for e in &iface.extends {
-            self.contents(e, depth + 1, out, problems);
-        }
-        for c in &iface.contents {
-            if out.iter().any(|x| x.name == c.name) {
-                let text = std::fs::read_to_string(file).ok();
-                problems.push(problem(
-                    file,
-                    text.as_deref(),
-                    &c.pointer,
-                    format!("\"{}\" is also defined by an interface {id} extends", c.name),
-                ));
-            } else {
-                out.push(c.clone());
-            }
-        }
-    }
-
-    /// The root interface's model id (what the device announces).
-    pub fn id(&self) -> &str {
-        &self.root
-    }
-
-    /// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
-    /// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
-    pub fn behaviour_toml(&self, prefix: &str, tuning: &Tuning) -> Result<String, Vec<Diagnostic>> {
-        let mut problems = Vec::new();
-        let mut root = Vec::new();
-        self.contents(&self.root, 0, &mut root, &mut problems);
-        let mut parts: Vec<(Option<String>, Vec<Content>)> = Vec::new();
-        let mut notes = Vec::new();
-        let mut own = Vec::new();
-        for c in root {
+/// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
+/// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
+/// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
+/// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
+pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<String, Vec<Diagnostic>> {
+    let parts = model.parts()?;
+    let mut notes = Vec::new();
+    let interval = tuning.interval.unwrap_or(Duration::from_secs(10));
+    let mut out = String::new();
+    let mut reported_root = Vec::new();
+    let mut reported_components: Vec<(String, Vec<String>)> = Vec::new();
+    let mut writable = String::new();
+    let mut commands = String::new();
+    for (component, contents) in &parts {
+        let key = |name: &str| match component {
+            Some(c) => format!("{c}.{name}"),
+            None => name.to_owned(),
+        };
+        let mut fields = Vec::new();
+        let mut comments = Vec::new();
+        for c in contents {
+            let tuned = tuning.values.get(&key(&c.name));
             match &c.kind {
-                ContentKind::Component { interface } => {
-                    let mut inner = Vec::new();
-                    self.contents(interface, 0, &mut inner, &mut problems);
-                    if let Some(nested) = inner.iter().find(|x| matches!(x.kind, ContentKind::Component { .. })) {
-                        let (iface, file) = &self.interfaces[interface];
-                        let _ = iface;
-                        problems.push(problem(
-                            file,
-                            None,
-                            &nested.pointer,
-                            "a component's interface cannot have components (DTDL)",
-                        ));
-                    }
-                    parts.push((Some(c.name.clone()), inner));
+                ContentKind::Telemetry { schema } => {
+                    let (value, why) = match tuned {
+                        Some(t) => (t.clone(), "given in model_values".to_owned()),
+                        None => generator(schema, c, true),
+                    };
+                    fields.push(format!("{} = {value}", toml_key(&c.name)));
+                    comments.push(format!("# {}: {why}", key(&c.name)));
                 }
-                _ => own.push(c),
+                ContentKind::Property { schema, writable: false } => {
+                    let (value, why) = match tuned {
+                        Some(t) => (t.clone(), "given in model_values".to_owned()),
+                        None => generator(schema, c, false),
+                    };
+                    let line = format!("{} = {value} # {why}", toml_key(&c.name));
+                    match component {
+                        Some(comp) => match reported_components.iter_mut().find(|(n, _)| n == comp) {
+                            Some((_, lines)) => lines.push(line),
+                            None => reported_components.push((comp.clone(), vec![line])),
+                        },
+                        None => reported_root.push(line),
+                    }
+                }
+                ContentKind::Property { schema, writable: true } => {
+                    let _ = writeln!(
+                        writable,
+                        "\n# Writable property {}: acknowledged {{value, ac, av, ad}}; a value outside its schema is acknowledged 400.",
+                        key(&c.name)
+                    );
+                    let _ = writeln!(writable, "[[{prefix}writable]]\nname = {}", toml_str(&c.name));
+                    if let Some(comp) = component {
+                        let _ = writeln!(writable, "component = {}", toml_str(comp));
+                    }
+                    let _ = writeln!(writable, "schema = {}", json_to_toml(&schema.to_dtdl()));
+                }
+                ContentKind::Command { request, response } => {
+                    let _ = writeln!(
+                        commands,
+                        "\n# Command {}{}.",
+                        key(&c.name),
+                        match request {
+                            Some(_) => ": a request outside its schema is answered 400",
+                            None => "",
+                        }
+                    );
+                    let _ = writeln!(commands, "[[{prefix}commands]]\nname = {}", toml_str(&c.name));
+                    if let Some(comp) = component {
+                        let _ = writeln!(commands, "component = {}", toml_str(comp));
+                    }
+                    if let Some((_, s)) = request {
+                        let _ = writeln!(commands, "request_schema = {}", json_to_toml(&s.to_dtdl()));
+                    }
+                    if let Some((name, s)) = response {
+                        let (value, why) = generator(s, c, false);
+                        let _ = writeln!(commands, "response = {value} # {name}: {why}");
+                    }
+                }
+                ContentKind::Relationship => {
+                    notes.push(format!(
+                        "\n# Relationship {}: not part of what a device sends; not simulated.",
+                        key(&c.name)
+                    ));
+                }
+                ContentKind::Component { .. } => {}
             }
         }
-        parts.insert(0, (None, own));
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        let interval = tuning.interval.unwrap_or(Duration::from_secs(10));
-        let mut out = String::new();
-        let mut reported_root = Vec::new();
-        let mut reported_components: Vec<(String, Vec<String>)> = Vec::new();
-        let mut writable = String::new();
-        let mut commands = String::new();
-        for (component, contents) in &parts {
-            let key = |name: &str| match component {
-                Some(c) => format!("{c}.{name}"),
-                None => name.to_owned(),
-            };
-            let mut fields = Vec::new();
-            let mut comments = Vec::new();
-            for c in contents {
-                let tuned = tuning.values.get(&key(&c.name));
-                match &c.kind {
-                    ContentKind::Telemetry { schema } => {
-                        let (value, why) = match tuned {
-                            Some(t) => (t.clone(), "given in model_values".to_owned()),
-                            None => generator(schema, c, true),
-                        };
-                        fields.push(format!("{} = {value}", toml_key(&c.name)));
-                        comments.push(format!("# {}: {why}", key(&c.name)));
-                    }
-                    ContentKind::Property { schema, writable: false } => {
-                        let (value, why) = match tuned {
-                            Some(t) => (t.clone(), "given in model_values".to_owned()),
-                            None => generator(schema, c, false),
-                        };
-                        let line = format!("{} = {value} # {why}", toml_key(&c.name));
-                        match component {
-                            Some(comp) => match reported_components.iter_mut().find(|(n, _)| n == comp) {
-                                Some((_, lines)) => lines.push(line),
-                                None => reported_components.push((comp.clone(), vec![line])),
-                            },
-                            None => reported_root.push(line),
-                        }
-                    }
-                    ContentKind::Property { schema, writable: true } => {
-                        let _ = writeln!(
-                            writable,
-                            "\n# Writable property {}: acknowledged {{value, ac, av, ad}}; a value outside its schema is acknowledged 400.",
-                            key(&c.name)
-                        );
-                        let _ = writeln!(writable, "[[{prefix}writable]]\nname = {}", toml_str(&c.name));
-                        if let Some(comp) = component {
-                            let _ = writeln!(writable, "component = {}", toml_str(comp));
-                        }
-                        let _ = writeln!(writable, "schema = {}", json_to_toml(&schema.to_dtdl()));
-                    }
-                    ContentKind::Command { request, response } => {
-                        let _ = writeln!(
-                            commands,
-                            "\n# Command {}{}.",
-                            key(&c.name),
-                            match request {
-                                Some(_) => ": a request outside its schema is answered 400",
-                                None => "",
-                            }
-                        );
-                        let _ = writeln!(commands, "[[{prefix}commands]]\nname = {}", toml_str(&c.name));
-                        if let Some(comp) = component {
-                            let _ = writeln!(commands, "component = {}", toml_str(comp));
-                        }
-                        if let Some((_, s)) = request {
-                            let _ = writeln!(commands, "request_schema = {}", json_to_toml(&s.to_dtdl()));
-                        }
-                        if let Some((name, s)) = response {
-                            let (value, why) = generator(s, c, false);
-                            let _ = writeln!(commands, "response = {value} # {name}: {why}");
-                        }
-                    }
-                    ContentKind::Relationship => {
-                        notes.push(format!(
-                            "\n# Relationship {}: not part of what a device sends; not simulated.",
-                            key(&c.name)
-                        ));
-                    }
-                    ContentKind::Component { .. } => {}
-                }
+        if !fields.is_empty() {
+            let _ = writeln!(out, "\n{}", comments.join("\n"));
+            let _ = writeln!(out, "[[{prefix}telemetry]]");
+            if let Some(comp) = component {
+                let _ = writeln!(out, "component = {}", toml_str(comp));
             }
-            if !fields.is_empty() {
-                let _ = writeln!(out, "\n{}", comments.join("\n"));
-                let _ = writeln!(out, "[[{prefix}telemetry]]");
-                if let Some(comp) = component {
-                    let _ = writeln!(out, "component = {}", toml_str(comp));
-                }
-                let _ =
-                    writeln!(out, "interval = {}\njitter = 0.1", toml_str(&crate::tomlread::show_duration(interval)));
-                let _ = writeln!(out, "fields = {{ {} }}", fields.join(", "));
-            }
+            let _ = writeln!(out, "interval = {}\njitter = 0.1", toml_str(&crate::tomlread::show_duration(interval)));
+            let _ = writeln!(out, "fields = {{ {} }}", fields.join(", "));
         }
-        if !reported_root.is_empty() || !reported_components.is_empty() {
-            let _ = writeln!(out, "\n# Read-only properties, reported at every connection.\n[{prefix}reported]");
-            for l in &reported_root {
+    }
+    if !reported_root.is_empty() || !reported_components.is_empty() {
+        let _ = writeln!(out, "\n# Read-only properties, reported at every connection.\n[{prefix}reported]");
+        for l in &reported_root {
+            let _ = writeln!(out, "{l}");
+        }
+        for (comp, lines) in &reported_components {
+            let _ = writeln!(
+                out,
+                "[{prefix}reported.{}]\n__t = \"c\" # the Plug and Play component marker",
+                toml_key(comp)
+            );
+            for l in lines {
                 let _ = writeln!(out, "{l}");
             }
-            for (comp, lines) in &reported_components {
-                let _ = writeln!(
-                    out,
-                    "[{prefix}reported.{}]\n__t = \"c\" # the Plug and Play component marker",
-                    toml_key(comp)
-                );
-                for l in lines {
-                    let _ = writeln!(out, "{l}");
-                }
-            }
         }
-        out.push_str(&writable);
-        out.push_str(&commands);
-        for n in notes {
-            let _ = writeln!(out, "{n}");
-        }
-        Ok(out)
     }
+    out.push_str(&writable);
+    out.push_str(&commands);
+    for n in notes {
+        let _ = writeln!(out, "{n}");
+    }
+    Ok(out)
 }
 
 /// A plausible range for a reading: low, high, the walk's step, decimals.
@@ -599,134 +383,5 @@ pub fn schema_field(doc: &mut Doc, t: &mut Table<'_>, key: &str) -> Option<Schem
             }
             None
         }
-    }
-}
-
-/// The byte offset of the value a JSON pointer names in `text`, found by scanning (serde_json
-/// keeps no positions). `None` if the pointer does not lead anywhere.
-pub fn json_pointer_offset(text: &str, pointer: &str) -> Option<usize> {
-    let b = text.as_bytes();
-    let mut i = skip_ws(b, 0);
-    for raw in pointer.split('/').skip(1) {
-        let want = raw.replace("~1", "/").replace("~0", "~");
-        match b.get(i)? {
-            b'{' => {
-                i = skip_ws(b, i + 1);
-                loop {
-                    if b.get(i)? == &b'}' {
-                        return None;
-                    }
-                    let (key, after) = read_string(b, i)?;
-                    i = skip_ws(b, after);
-                    if b.get(i)? != &b':' {
-                        return None;
-                    }
-                    i = skip_ws(b, i + 1);
-                    if key == want {
-                        break;
-                    }
-                    i = skip_ws(b, skip_value(b, i)?);
-                    if b.get(i)? == &b',' {
-                        i = skip_ws(b, i + 1);
-                    }
-                }
-            }
-            b'[' => {
-                let index: usize = want.parse().ok()?;
-                i = skip_ws(b, i + 1);
-                for _ in 0..index {
-                    i = skip_ws(b, skip_value(b, i)?);
-                    if b.get(i)? != &b',' {
-                        return None;
-                    }
-                    i = skip_ws(b, i + 1);
-                }
-            }
-            _ => return None,
-        }
-    }
-    Some(i)
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while b.get(i).is_some_and(u8::is_ascii_whitespace) {
-        i += 1;
-    }
-    i
-}
-
-/// A string starting at `i`: its (unescaped enough to compare keys) text and the index after it.
-fn read_string(b: &[u8], i: usize) -> Option<(String, usize)> {
-    if b.get(i)? != &b'"' {
-        return None;
-    }
-    let mut j = i + 1;
-    let mut out = Vec::new();
-    while let Some(&c) = b.get(j) {
-        match c {
-            b'"' => return Some((String::from_utf8_lossy(&out).into_owned(), j + 1)),
-            b'\\' => {
-                out.push(*b.get(j + 1)?);
-                j += 2;
-            }
-            _ => {
-                out.push(c);
-                j += 1;
-            }
-        }
-    }
-    None
-}
-
-/// The index after the value starting at `i` (a loop, not recursion: deep documents are fine).
-fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match b.get(i)? {
-        b'"' => Some(read_string(b, i)?.1),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match b.get(j)? {
-                    b'"' => {
-                        j = read_string(b, j)?.1;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let mut j = i;
-            while b.get(j).is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace()) {
-                j += 1;
-            }
-            Some(j)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_pointers_find_their_element() {
-        let text = "{\n  \"a\": [1, {\"b\": \"x\"}, [2, 3]],\n  \"c\": {\"d~e/f\": true}\n}";
-        let at = |p: &str| json_pointer_offset(text, p).map(|o| &text[o..o + 1]);
-        assert_eq!(at("/a/1/b"), Some("\""));
-        assert_eq!(at("/a/2/1"), Some("3"));
-        assert_eq!(at("/c/d~0e~1f"), Some("t"));
-        assert_eq!(at("/a/0"), Some("1"));
-        assert_eq!(at("/a/9"), None);
-        assert_eq!(at("/zz"), None);
-        assert_eq!(line_col(text, json_pointer_offset(text, "/c").unwrap()), (3, 8));
     }
 }

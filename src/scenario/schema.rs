@@ -488,7 +488,7 @@ fn behaviour_from_model(
             return None;
         }
     };
-    let text = match model.behaviour_toml("", &tuning) {
+    let text = match super::models::behaviour_toml(&model, "", &tuning) {
         Ok(text) => text,
         Err(problems) => {
             doc.diags.extend(problems);

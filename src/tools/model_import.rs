@@ -58,7 +58,7 @@ pub fn scenario(args: &ImportArgs) -> Result<String, crate::tomlread::Diagnostic
                 continue;
             }
         };
-        match model.behaviour_toml("devices.", &Tuning::default()) {
+        match models::behaviour_toml(&model, "devices.", &Tuning::default()) {
             Ok(body) => {
                 let name = template_name(model.id(), i);
                 out.push_str(&format!(
