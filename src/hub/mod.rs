@@ -16,6 +16,7 @@ pub mod http;
 pub mod info;
 pub mod methods;
 pub mod metrics;
+pub mod model_check;
 pub mod mqtt;
 pub mod query;
 pub mod registry;
