@@ -444,4 +444,57 @@ async fn the_seed_sensor_runs_from_its_model_alone_against_the_emulator() {
     let body: Value = serde_json::from_str(m["body"].as_str().unwrap()).unwrap();
     assert!((18.0..=28.0).contains(&body["temp"].as_f64().unwrap()), "{body}");
     assert!((30.0..=70.0).contains(&body["humid"].as_f64().unwrap()), "{body}");
+    // The embedded emulator checks the devices against the same model: everything fits.
+    let (status, _, found) = f.rest("GET", &format!("/emulator/devices/{dev}/modelcheck"), None).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["modelId"], "dtmi:com:example:EnvironmentalSensor;1");
+    assert!(found["checked"].as_u64().unwrap() >= 3, "{found}");
+    assert_eq!(found["mismatches"], 0, "{found}");
+}
+
+#[tokio::test]
+async fn the_emulator_counts_what_does_not_fit_the_announced_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.toml");
+    // Announces the seed sensor's model, then sends and reports what it does not describe.
+    std::fs::write(
+        &wrong,
+        "[[devices]]\nname = \"wrong\"\ncount = 1\nid = \"wrong-{n}\"\nprovisioning = \"connection_string\"\n\
+         model_id = \"dtmi:com:example:EnvironmentalSensor;1\"\n\
+         [devices.telemetry]\ninterval = \"100ms\"\nfields = { temp = \"hot\", colour = 3 }\n\
+         [devices.reported]\nstate = \"on\"\n\
+         [[devices.commands]]\nname = \"blink\"\nresponse = { description = 7 }\n",
+    )
+    .unwrap();
+    let f = common::FleetUnderTest::start(&[common::repo("scenarios/environmental-sensor-from-model.toml"), wrong], "")
+        .await;
+    let check = || async { f.rest("GET", "/emulator/devices/wrong-1/modelcheck", None).await.2 };
+    f.wait_for("telemetry and the report checked", || async { check().await["mismatches"].as_u64().unwrap_or(0) >= 3 })
+        .await;
+    let (_, blink) = f.invoke("wrong-1", None, "blink", json!(1)).await;
+    assert_eq!(blink["status"], 200);
+    let found = check().await;
+    let listed: Vec<String> = found["mismatched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}: {}",
+                m["kind"].as_str().unwrap(),
+                m["path"].as_str().unwrap(),
+                m["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "telemetry temp: value: expected double",
+        "telemetry colour: not a telemetry of the model",
+        "property state: value: expected boolean",
+        "command blink: the response: .description: expected string",
+    ] {
+        assert!(listed.iter().any(|r| r.starts_with(want)), "missing {want} in {listed:#?}");
+    }
+    let rendered = f.hub_state().metrics.render();
+    assert!(rendered.contains("fleetsim_hub_model_mismatches_total{kind=\"command\"} 1"), "{rendered}");
 }

@@ -309,6 +309,10 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
             hc.https_addr = *https_addr;
             // The fleet's own endpoint serves the embedded hub's metrics too.
             hc.metrics_addr = None;
+            // Devices built from models are checked against the same models.
+            if hc.models_dir.is_none() {
+                hc.models_dir = templates.iter().find_map(|t| t.model_dir.clone());
+            }
             let running = hub::start(hc).await.context("cannot start the embedded hub")?;
             let info = running.info.clone();
             let w = from_emulator(&info)?;

@@ -38,6 +38,10 @@ pub struct HubConfig {
     pub behaviour: Behaviour,
     /// Failures to inject (all off by default); changeable at run time through `/emulator/faults`.
     pub faults: super::faults::FaultConfig,
+    /// A DTDL model directory (device models repository layout): when set, what devices send is
+    /// checked against the model they announce (`hub/model_check.rs`).
+    #[serde(default)]
+    pub models_dir: Option<PathBuf>,
 }
 
 /// User-supplied TLS material; when absent the emulator makes and keeps its own.
@@ -170,6 +174,7 @@ impl Default for HubConfig {
             enrollments: Vec::new(),
             behaviour: Behaviour::default(),
             faults: Default::default(),
+            models_dir: None,
         }
     }
 }

@@ -133,6 +133,11 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
         generation_id: &st.record.generation_id,
     };
     let D2c { properties, body, retain, will } = m;
+    if let (Some(check), Some(model)) = (&hub.model_check, sender.model_id) {
+        let key = identity.key();
+        let found = check.telemetry(&key, model, properties.get("$.sub"), &body);
+        hub.metrics.model_mismatches.with_label_values(&["telemetry"]).inc_by(found as u64);
+    }
     st.telemetry
         .record(hub.behaviour.telemetry_buffer, || telemetry::receive(properties, body, &sender, retain, will, wall));
     st.record.last_activity = Some(wall);

@@ -82,6 +82,9 @@ pub struct HubMetrics {
     pub identities: IntGaugeVec,
     /// Faults injected, by kind.
     pub faults_injected: IntCounterVec,
+    /// What devices sent that their announced model does not describe, by kind (`telemetry`,
+    /// `property`, `command`); only with a model directory configured.
+    pub model_mismatches: IntCounterVec,
     /// Sequence-numbered telemetry, by kind of arrival (handles resolved once: per-message path).
     sequence: [IntCounter; 4],
 }
@@ -188,6 +191,12 @@ impl Default for HubMetrics {
                 &reg,
                 "fleetsim_hub_faults_injected_total",
                 "Faults injected, by kind",
+                &["kind"],
+            ),
+            model_mismatches: counter_vec(
+                &reg,
+                "fleetsim_hub_model_mismatches_total",
+                "Values devices sent that their announced model does not describe, by kind",
                 &["kind"],
             ),
             sequence: {

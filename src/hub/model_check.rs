@@ -5,7 +5,7 @@
 //! counted per device, with the latest examples, so a device developer learns of a mismatch before
 //! Azure does. Models are read once per DTMI (`modelrepo`) and kept.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::iot::dtdl::{ContentKind, Schema};
 use crate::modelrepo::{self, Source};
 
-/// How many recent mismatches a device keeps.
-const RECENT: usize = 20;
+/// How many distinct mismatched paths a device keeps (each with its count and latest reason).
+const PATHS: usize = 100;
 /// How many devices are tracked at most (beyond it, new devices are not checked): bounded memory.
 const MAX_DEVICES: usize = 1_000_000;
 
@@ -73,6 +73,15 @@ pub struct Mismatch {
     pub reason: String,
 }
 
+/// One mismatched path: how often, and why the latest time.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Mismatched {
+    pub kind: &'static str,
+    pub path: String,
+    pub reason: String,
+    pub count: u64,
+}
+
 /// What the check found for one device.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -84,8 +93,9 @@ pub struct Findings {
     /// Values checked (a telemetry field, a reported property, a command response each count one).
     pub checked: u64,
     pub mismatches: u64,
-    /// The latest mismatches, oldest first.
-    pub recent: VecDeque<Mismatch>,
+    /// Each mismatched path (at most 100, first seen first), like IoT Central's list of
+    /// unmodelled data: a field sent every second is one entry with its count.
+    pub mismatched: Vec<Mismatched>,
 }
 
 /// Checks devices against their models.
@@ -128,10 +138,12 @@ impl ModelCheck {
         f.checked += checked;
         f.mismatches += found.len() as u64;
         for m in found {
-            if f.recent.len() == RECENT {
-                f.recent.pop_front();
+            if let Some(x) = f.mismatched.iter_mut().find(|x| x.kind == m.kind && x.path == m.path) {
+                x.count += 1;
+                x.reason = m.reason;
+            } else if f.mismatched.len() < PATHS {
+                f.mismatched.push(Mismatched { kind: m.kind, path: m.path, reason: m.reason, count: 1 });
             }
-            f.recent.push_back(m);
         }
     }
 
@@ -301,11 +313,12 @@ mod tests {
         assert_eq!(c.telemetry("d", MODEL, Some("deviceInfo"), br#"{"freeMemory": 100}"#), 0);
         assert_eq!(c.telemetry("d", MODEL, Some("nope"), br#"{"x": 1}"#), 1);
         assert_eq!(c.telemetry("d", MODEL, None, b"not json"), 1);
+        assert_eq!(c.telemetry("d", MODEL, None, br#"{"colour": "blue"}"#), 1);
         let f = c.findings("d").unwrap();
-        assert_eq!((f.checked, f.mismatches), (3 + 2 + 1 + 1 + 1, 4));
-        let paths: Vec<&str> = f.recent.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(paths, ["temperature", "colour", "nope", ""]);
-        assert!(f.recent[0].reason.contains("expected double"), "{:?}", f.recent[0]);
+        assert_eq!((f.checked, f.mismatches), (3 + 2 + 1 + 1 + 1 + 1, 5));
+        let paths: Vec<(&str, u64)> = f.mismatched.iter().map(|m| (m.path.as_str(), m.count)).collect();
+        assert_eq!(paths, [("temperature", 1), ("colour", 2), ("nope", 1), ("", 1)]);
+        assert!(f.mismatched[0].reason.contains("expected double"), "{:?}", f.mismatched[0]);
     }
 
     #[test]

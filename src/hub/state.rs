@@ -51,6 +51,8 @@ pub struct HubState {
     pub connections: crate::httpserve::ConnectionBound,
     /// Rate-limits the warning for connections turned away at that bound.
     pub connection_refusals: crate::httpserve::RefusalLog,
+    /// Checks devices against their models, when a model directory is configured.
+    pub model_check: Option<super::model_check::ModelCheck>,
 }
 
 impl HubState {
@@ -120,6 +122,7 @@ impl HubState {
             tasks: tokio_util::task::TaskTracker::new(),
             connections: crate::httpserve::ConnectionBound::new(b.max_connections),
             connection_refusals: Default::default(),
+            model_check: config.models_dir.clone().map(super::model_check::ModelCheck::new),
         };
         state.set_faults(config.faults.clone());
         Ok(state)

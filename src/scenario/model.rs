@@ -199,6 +199,9 @@ pub struct DeviceTemplate {
     pub provisioning: Provisioning,
     /// For Azure: `id,key` lines for individual enrollments or connection-string devices.
     pub keys_file: Option<PathBuf>,
+    /// The model directory, when the behaviour comes from a DTDL model: the embedded emulator
+    /// checks devices against the same models.
+    pub model_dir: Option<PathBuf>,
     pub behaviour: Behaviour,
     pub modules: Vec<ModuleTemplate>,
 }

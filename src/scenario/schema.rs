@@ -142,8 +142,12 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         _ => Provisioning::Dps { individual, transport: dps_transport },
     };
     let keys_file = t.str(doc, "keys_file").map(|k| path.parent().unwrap_or(Path::new(".")).join(k));
-    let own = match model_source(doc, &mut t, path) {
-        Some(source) => behaviour_from_model(doc, &mut t, &source, &mut model_id),
+    let source = model_source(doc, &mut t, path);
+    let model_dir = source.as_ref().map(|s| match s {
+        Source::Dtmi { dir, .. } | Source::File { dir, .. } => dir.clone(),
+    });
+    let own = match &source {
+        Some(source) => behaviour_from_model(doc, &mut t, source, &mut model_id),
         None => behaviour(doc, &mut t),
     };
     let https = matches!(transport, Transport::Https { .. });
@@ -193,6 +197,7 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         transport,
         provisioning,
         keys_file,
+        model_dir,
         behaviour: own?,
         modules,
     })

@@ -114,6 +114,22 @@ pub async fn events_route(
     events(&hub, &t.device, t.module.as_deref(), q.after.unwrap_or(0))
 }
 
+/// `GET /emulator/devices/{id}[/modules/{mid}]/modelcheck`: what the model check found for the
+/// identity (`hub/model_check.rs`): 404 `ModelCheckOff` without a model directory, and `checked: 0`
+/// for an identity that announced no model or sent nothing yet.
+pub async fn model_check_route(State(hub): State<Hub>, t: super::service::Target, headers: HeaderMap) -> ApiResult {
+    auth::service(&hub, &headers, Permissions::SERVICE_CONNECT)?;
+    let Some(check) = &hub.model_check else {
+        return Err(ApiError::hub(404, 404000, "ModelCheckOff", "the emulator has no models_dir: nothing is checked"));
+    };
+    let identity = super::service::find(&hub, &t.device, t.module.as_deref())?;
+    let found = check.findings(&identity.key()).unwrap_or_else(|| crate::hub::model_check::Findings {
+        model_id: identity.lock().record.model_id.clone().unwrap_or_default(),
+        ..Default::default()
+    });
+    Ok(Json(found).into_response())
+}
+
 pub async fn dps_registration(
     State(hub): State<Hub>,
     Path(reg): Path<String>,

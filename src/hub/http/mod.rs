@@ -81,6 +81,8 @@ fn routes(hub: Hub, extra: Router<Hub>) -> Router {
         .route("/emulator/devices/{id}/messages/deviceBound", post(emulator::c2d_send))
         .route("/emulator/devices/{id}/messages/events", get(emulator::events_route))
         .route("/emulator/devices/{id}/modules/{mid}/messages/events", get(emulator::events_route))
+        .route("/emulator/devices/{id}/modelcheck", get(emulator::model_check_route))
+        .route("/emulator/devices/{id}/modules/{mid}/modelcheck", get(emulator::model_check_route))
         .route("/emulator/registrations/{reg}", get(emulator::dps_registration))
         .route("/emulator/faults", get(emulator::faults_get).put(emulator::faults_put).patch(emulator::faults_patch))
         .route("/emulator/faults/drop", post(emulator::faults_drop))

@@ -451,6 +451,11 @@ async fn invoke(hub: &HubState, device: &str, module: Option<&str>, body: &Bytes
                 }
             };
             hub.metrics.method_call("ok");
+            let model = identity.lock().record.model_id.clone();
+            if let (Some(check), Some(model)) = (&hub.model_check, model) {
+                let found = check.command_response(&identity.key(), &model, &body.method_name, resp.status, &payload);
+                hub.metrics.model_mismatches.with_label_values(&["command"]).inc_by(found as u64);
+            }
             Ok(Json(json!({"status": resp.status, "payload": payload})).into_response())
         }
         Err(MethodError::NotOnline { waited }) => {

@@ -203,11 +203,17 @@ impl HubSession {
                 let result = serde_json::from_slice::<Value>(&p.payload)
                     .map_err(|e| format!("the reported patch is not JSON: {e}"))
                     .and_then(|patch| {
-                        self.identity
+                        let version = self
+                            .identity
                             .lock()
                             .twin
                             .patch_reported(&patch, crate::hub::clock::wall())
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string())?;
+                        if let (Some(check), Some(model)) = (&self.hub.model_check, &self.model_id) {
+                            let found = check.reported(&self.key, model, &patch);
+                            self.hub.metrics.model_mismatches.with_label_values(&["property"]).inc_by(found as u64);
+                        }
+                        Ok(version)
                     });
                 match result {
                     Ok(version) => {
