@@ -248,7 +248,7 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
 }
 
 /// CI mode: the report on stdout (and in a file), the verdict in the exit status.
-async fn run_ci(running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitCode {
+async fn run_ci(running: fleet::RunningFleet, ci: &fleetsim::config::ci::CiConfig) -> ExitCode {
     tracing::info!(secs = ci.duration.as_secs_f64(), "CI mode: running, then judging");
     let outcome = fleet::ci::run(running, ci, fleetsim::sys::shutdown_signal()).await;
     let text = serde_json::to_string_pretty(&outcome.report).expect("a JSON value serializes");

@@ -258,7 +258,7 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
     }
 
     // Judge the run: what the first hub acknowledged is its loss, not the fleet's.
-    let ci = fleetsim::fleet::ci::CiConfig {
+    let ci = fleetsim::config::ci::CiConfig {
         duration: Duration::from_millis(500),
         settle: Duration::from_secs(30),
         ..Default::default()
