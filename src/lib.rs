@@ -15,6 +15,7 @@ pub mod httpserve;
 pub mod hub;
 pub mod iot;
 pub mod metrics;
+pub mod problems;
 pub mod provision;
 pub mod scenario;
 pub mod service;

@@ -13,7 +13,8 @@ use self::ci::CiConfig;
 use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
 use crate::device::spec::Settings;
-use crate::tomlread::{Diagnostics, Doc, MAX_DURATION, Node, Table, Val, show_duration};
+use crate::problems::{Problem, Problems};
+use crate::tomlread::{Doc, MAX_DURATION, Node, Table, Val, show_duration};
 
 /// The daemon config `run`, `check` and `cleanup` read when none is named.
 pub const DEFAULT_CONFIG: &str = "config.example.toml";
@@ -156,31 +157,31 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 impl DaemonConfig {
-    pub fn load(path: &Path) -> Result<DaemonConfig, Diagnostics> {
+    pub fn load(path: &Path) -> Result<DaemonConfig, Problems> {
         match Self::read(path) {
             (Some(c), d) if d.is_empty() => Ok(c),
-            (_, d) => Err(Diagnostics(d)),
+            (_, d) => Err(Problems(d)),
         }
     }
 
-    pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Diagnostics> {
+    pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Problems> {
         match Self::parse_all(path, text) {
             (Some(c), d) if d.is_empty() => Ok(c),
-            (_, d) => Err(Diagnostics(d)),
+            (_, d) => Err(Problems(d)),
         }
     }
 
     /// Reads a config as far as it can be read: the config (with defaults where fields are bad)
     /// whenever the file is a TOML table, and every problem. `fleetsim check` uses the partial
     /// config to go on and check the scenario files it names.
-    pub fn read(path: &Path) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
+    pub fn read(path: &Path) -> (Option<DaemonConfig>, Vec<Problem>) {
         match crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE) {
             Ok(text) => Self::parse_all(path, text),
-            Err(e) => (None, vec![Diagnostics::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e)))]),
+            Err(e) => (None, vec![Problem::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e)))]),
         }
     }
 
-    fn parse_all(path: &Path, text: String) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
+    fn parse_all(path: &Path, text: String) -> (Option<DaemonConfig>, Vec<Problem>) {
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let (mut doc, root) = Doc::parse(path.display().to_string(), text);
         let mut cfg = None;
@@ -221,7 +222,7 @@ impl DaemonConfig {
                 ci,
             });
         }
-        (cfg, doc.into_diags())
+        (cfg, doc.into_problems())
     }
 }
 
