@@ -2,7 +2,7 @@
 //! after the hub drops it (then re-fetching the twin and acknowledging what changed meanwhile),
 //! and waiting out a slow DPS assignment.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::FleetUnderTest;
 use serde_json::json;

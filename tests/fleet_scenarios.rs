@@ -2,7 +2,7 @@
 //! TLS, and driven from the service side: commands, long-running commands, writable properties
 //! and their acknowledgements, reboots, module twins and the edge filter.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::time::Duration;
 

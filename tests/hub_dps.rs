@@ -1,7 +1,7 @@
 //! DPS over MQTT and HTTPS: group enrollments with derived keys, individual enrollments made
 //! through the service API, assignment into the registry, and the refusals.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future};
 use fleetsim::iot::sas::{Key, derive_device_key, sign_token};

@@ -8,7 +8,7 @@
 //! (as someone might on a real hub) come back. And the credential step, run again, writes only
 //! what the fleet owns.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -5,7 +5,7 @@
 //! The verdict is the binary's own, and the report is checked for the
 //! things the issue names: nothing lost, nobody stuck, every fault actually fired.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
