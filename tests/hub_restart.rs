@@ -17,7 +17,6 @@ use std::time::Duration;
 use common::Api;
 use fleetsim::metrics::DeviceState;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 /// Every wait here is bounded by this; reconnecting takes a few backoff rounds of at most 1 s.
 const BOUND: Duration = Duration::from_secs(60);
@@ -124,16 +123,12 @@ fn free_ports() -> (u16, u16) {
 }
 
 /// Polls `check` every 100 ms until it holds, failing the test after `BOUND`.
-async fn until<F, Fut>(what: &str, mut check: F)
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + BOUND;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_until_for(what, BOUND, check).await
 }
 
 /// Waits until the emulator in `data_dir` serves both ports (its hub.json is written after it
