@@ -29,6 +29,8 @@ struct Never {
 struct Import {
     line: usize,
     path: Vec<String>,
+    /// Named inside an inline module (`mod tests { … }`), not by the file's own code.
+    inline: bool,
 }
 
 /// The backticked names in a table cell: "`a`, `b::c`" -> ["a", "b::c"]; "—" -> [].
@@ -314,7 +316,7 @@ fn scan(code: &str, module: &[String], root: &str) -> Vec<Import> {
             let (trees, next) = use_tree(&toks, i);
             for segs in trees {
                 if let Some(path) = resolve(&segs, &here, root) {
-                    out.push(Import { line: *line, path });
+                    out.push(Import { line: *line, path, inline: !inline.is_empty() });
                 }
             }
             i = next;
@@ -414,6 +416,27 @@ fn violation(from: &[String], import: &[String], layers: &BTreeMap<String, Layer
         .then(|| format!("`{src_top}` may import only {:?}, not `{dst_top}`", row.may_import))
 }
 
+/// The file an import lands in: the longest prefix of its path that is a file's module.
+fn file_of<'a>(path: &[String], files: &'a BTreeSet<Vec<String>>) -> Option<&'a Vec<String>> {
+    (1..=path.len()).rev().find_map(|n| files.get(&path[..n]))
+}
+
+/// The file-to-file graph of the imports the files' own code makes (test modules left out), as
+/// rows for `find_cycle`. A file and the files under its directory (`mod.rs` and its children)
+/// are one unit: a parent naming its child, or a child its parent, is how modules are declared
+/// and re-exported, not a cycle.
+fn file_graph(imports: &[(Vec<String>, Import)], files: &BTreeSet<Vec<String>>) -> Vec<Layer> {
+    let mut rows: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, imp) in imports {
+        let Some(to) = file_of(&imp.path, files) else { continue };
+        if imp.inline || to.starts_with(from) || from.starts_with(to) {
+            continue;
+        }
+        rows.entry(from.join("::")).or_default().insert(to.join("::"));
+    }
+    rows.into_iter().map(|(name, may_import)| Layer { name, may_import }).collect()
+}
+
 fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).expect("src/ is readable") {
         let p = e.expect("a directory entry").path();
@@ -453,6 +476,9 @@ fn every_import_in_src_keeps_the_layers_of_architecture_md() {
     files.sort();
     let mut modules = BTreeSet::new();
     let mut problems = Vec::new();
+    let file_modules: BTreeSet<Vec<String>> =
+        files.iter().map(|f| module_of(f.strip_prefix(&src).expect("under src/"))).collect();
+    let mut all_imports = Vec::new();
     for f in &files {
         let rel = f.strip_prefix(&src).expect("under src/");
         let module = module_of(rel);
@@ -465,6 +491,7 @@ fn every_import_in_src_keeps_the_layers_of_architecture_md() {
             if let Some(why) = violation(&module, &imp.path, &by_name, &nevers) {
                 problems.push(format!("src/{}:{}: {} ({})", rel.display(), imp.line, why, imp.path.join("::")));
             }
+            all_imports.push((module.clone(), imp));
         }
     }
     for m in &modules {
@@ -476,6 +503,11 @@ fn every_import_in_src_keeps_the_layers_of_architecture_md() {
         if !modules.contains(name) {
             problems.push(format!("ARCHITECTURE.md's layers table names `{name}`, which is not a module of src/"));
         }
+    }
+    // Within a module too, files import one way: a cycle between files (a connection loop and
+    // the sessions it drives naming each other) means a contract that wants a file of its own.
+    if let Some(c) = find_cycle(&file_graph(&all_imports, &file_modules)) {
+        problems.push(format!("src/: files import each other in a cycle: {}", c.join(" -> ")));
     }
     assert!(
         problems.is_empty(),
@@ -563,6 +595,34 @@ fn a_violating_line_is_caught_and_an_allowed_one_is_not() {
     // main.rs names the library `fleetsim`.
     let v: Vec<_> = scan("use fleetsim::hub;", &m("main"), "fleetsim").iter().map(|i| i.path.join("::")).collect();
     assert_eq!(v, ["hub"]);
+}
+
+#[test]
+fn a_cycle_between_files_is_found_and_parent_child_and_test_imports_are_not_cycles() {
+    let files: BTreeSet<Vec<String>> =
+        ["hub", "hub::mqtt", "hub::mqtt::connection", "hub::mqtt::session", "hub::state"]
+            .iter()
+            .map(|s| m(s))
+            .collect();
+    let imports = |list: &[(&str, &str)]| -> Vec<(Vec<String>, Import)> {
+        list.iter()
+            .flat_map(|(from, code)| scan(code, &m(from), "crate").into_iter().map(move |i| (m(from), i)))
+            .collect()
+    };
+    // mod.rs and its children name each other; a test names what it tests: no cycle.
+    let fine = imports(&[
+        ("hub::mqtt", "pub use self::connection::serve;"),
+        ("hub::mqtt::connection", "use super::Wire; use crate::hub::state::HubState;"),
+        ("hub::mqtt::session", "use crate::hub::state::HubState;"),
+        ("hub::state", "#[cfg(test)]\nmod tests { use crate::hub::mqtt::session::Session; }"),
+    ]);
+    assert_eq!(find_cycle(&file_graph(&fine, &files)), None);
+    let cyclic = imports(&[
+        ("hub::mqtt::connection", "use super::session::on_packet;"),
+        ("hub::mqtt::session", "use crate::hub::mqtt::connection::Wire;"),
+    ]);
+    let c = find_cycle(&file_graph(&cyclic, &files)).expect("a cycle");
+    assert_eq!(c, ["hub::mqtt::connection", "hub::mqtt::session", "hub::mqtt::connection"]);
 }
 
 #[test]
