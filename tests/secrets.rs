@@ -43,16 +43,25 @@ fn no_secret_reaches_logs_metrics_or_errors() {
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
-    // The banner names the identities and the metrics endpoint.
+    // The banner names the identities and the metrics endpoint. Bounded: a fleet that prints no
+    // banner within a minute is killed, which ends the read.
     let hub_json = dir.path().join("hub/hub.json");
+    let (banner_read, banner_wait) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        if banner_wait.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid).status();
+        }
+    });
     let mut stdout = String::new();
     let mut out = child.stdout.take().unwrap();
     let mut buf = [0u8; 4096];
     while !stdout.contains("metrics:") {
         let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "fleetsim stopped before its banner: {stdout}");
+        assert!(n > 0, "fleetsim stopped (or was stopped) before its banner: {stdout}");
         stdout.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+    let _ = banner_read.send(());
     let identities: usize = stdout
         .lines()
         .find_map(|l| l.strip_prefix("fleetsim: ")?.split_whitespace().next()?.parse().ok())
