@@ -3,7 +3,7 @@
 //! token, lock expiry and redelivery, TTL, and the refusals Azure gives (401, 404, 400, 412, 413,
 //! 429, 503). Waits poll with a bound; nothing asserts a duration.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future, wait_until};
 use fleetsim::iot::sas::Key;
