@@ -430,6 +430,22 @@ where
     }
 }
 
+/// Polls `check` every 100 ms until it yields a value, failing the test after `WAIT`.
+pub async fn poll_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `check` every 100 ms for all of `window`, failing the test the first time it does not
 /// hold: for what must not happen (a stale acknowledgement overwriting a newer one), where only a
 /// window of watching can tell.
