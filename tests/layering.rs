@@ -83,19 +83,6 @@ fn parse_nevers(section: &str) -> Vec<Never> {
     out
 }
 
-/// The sets of files ARCHITECTURE.md lists as known cycles (debts with an owner): each row's
-/// backticked module paths, sorted.
-fn parse_known_cycles(section: &str) -> Vec<Vec<String>> {
-    table_rows(section, "| files | why they are still a cycle |")
-        .into_iter()
-        .map(|cells| {
-            let mut set = ticked(cells[0]);
-            set.sort();
-            set
-        })
-        .collect()
-}
-
 /// A cycle in the table, as the modules along it, if there is one.
 fn find_cycle(layers: &[Layer]) -> Option<Vec<String>> {
     let edges: BTreeMap<&str, &BTreeSet<String>> = layers.iter().map(|l| (l.name.as_str(), &l.may_import)).collect();
@@ -556,14 +543,8 @@ fn every_import_in_src_keeps_the_layers_of_architecture_md() {
     }
     // Within a module too, files import one way: a cycle between files (a connection loop and
     // the sessions it drives naming each other) means a contract that wants a file of its own.
-    let known = parse_known_cycles(section);
-    let found = cycle_sets(&file_graph(&all_imports, &file_modules));
-    for set in found.iter().filter(|s| !known.contains(s)) {
+    for set in cycle_sets(&file_graph(&all_imports, &file_modules)) {
         problems.push(format!("src/: these files import each other in a cycle: {}", set.join(", ")));
-    }
-    // The list of known cycles only shrinks: a row whose cycle is gone must go too.
-    for set in known.iter().filter(|s| !found.contains(s)) {
-        problems.push(format!("ARCHITECTURE.md lists a cycle that is gone (remove its row): {}", set.join(", ")));
     }
     assert!(problems.is_empty(), "{} problems with ARCHITECTURE.md's layers:\n{}", problems.len(), problems.join("\n"));
 }
@@ -691,8 +672,6 @@ fn the_table_is_read_from_markdown_and_a_cycle_in_it_is_found() {
     assert_eq!(l[1].may_import.iter().map(String::as_str).collect::<Vec<_>>(), ["iot", "sys"]);
     assert!(find_cycle(&l).is_none());
     assert_eq!(parse_nevers(section).len(), 2);
-    let known = "| files | why they are still a cycle |\n|---|---|\n| `hub::state`, `hub::devices` | a debt |\n";
-    assert_eq!(parse_known_cycles(known), [["hub::devices", "hub::state"]]);
     let cyclic = layers(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"])]);
     let c = find_cycle(&cyclic.into_values().collect::<Vec<_>>()).expect("a cycle");
     assert_eq!(c, ["a", "b", "c", "a"]);
