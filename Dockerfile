@@ -10,6 +10,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY benches benches
+COPY testkit testkit
 RUN cargo build --release --locked --bin fleetsim \
  && strip target/release/fleetsim
 

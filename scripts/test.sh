@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-sdks.sh
 log=$(mktemp)
 set +e
-cargo test --locked --all-targets "$@" 2>&1 | tee "$log"
+cargo test --locked --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line with the totals, after the benches' smoke output.

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::config::DEFAULT_CONFIG;
+use crate::tools::cleanup::CleanupArgs;
+use crate::tools::devices::DevicesArgs;
+use crate::tools::invoke::InvokeArgs;
+use crate::tools::twin::TwinArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetsim",
@@ -53,22 +59,6 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-pub struct CleanupArgs {
-    /// The daemon config whose fleet to remove (all shards).
-    #[arg(long, default_value = DEFAULT_CONFIG)]
-    pub config: PathBuf,
-    /// Only look, and say what would be deleted.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Calls in flight at once.
-    #[arg(long, default_value_t = 32)]
-    pub concurrency: usize,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
 pub struct ReportArgs {
     #[command(subcommand)]
     pub command: ReportCommand,
@@ -92,102 +82,10 @@ pub struct MergeArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Where the service API is and how to sign for it.
-#[derive(Debug, Clone, Args)]
-pub struct ServiceOpts {
-    /// An emulator's hub.json (the default when no connection string is given).
-    #[arg(long)]
-    pub hub_json: Option<PathBuf>,
-    /// A service (policy) connection string. Prefer the environment variable
-    /// FLEETSIM_SERVICE_CONNECTION_STRING: arguments are visible to other local users.
-    #[arg(long, env = "FLEETSIM_SERVICE_CONNECTION_STRING", hide_env_values = true)]
-    pub connection_string: Option<String>,
-    /// Extra CA to trust (PEM), e.g. for an emulator reached by connection string.
-    #[arg(long)]
-    pub ca_file: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Which identities a fan-out command acts on. Without one, the command takes a single target.
-#[derive(Debug, Clone, Args)]
-pub struct Selector {
-    /// Every device whose id starts with this.
-    #[arg(long, conflicts_with = "query")]
-    pub prefix: Option<String>,
-    /// Every device a twin query selects, e.g. "SELECT * FROM devices WHERE tags.site = 'oslo'".
-    #[arg(long)]
-    pub query: Option<String>,
-    /// Act on this module of each selected device instead of the device itself.
-    #[arg(long)]
-    pub module: Option<String>,
-    /// Calls in flight at once (1 to 10,000).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub concurrency: u32,
-    /// Select at most this many identities (1 to 10,000,000).
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-    pub limit: u32,
-}
-
-impl Selector {
-    pub fn is_fan_out(&self) -> bool {
-        self.prefix.is_some() || self.query.is_some()
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct DevicesArgs {
-    #[command(flatten)]
-    pub service: ServiceOpts,
-    /// Only devices whose id starts with this.
-    #[arg(long)]
-    pub prefix: Option<String>,
-    /// A twin query instead of every device.
-    #[arg(long, conflicts_with = "prefix")]
-    pub query: Option<String>,
-    /// List modules instead of devices.
-    #[arg(long)]
-    pub modules: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct TwinArgs {
-    #[command(flatten)]
-    pub service: ServiceOpts,
-    #[command(flatten)]
-    pub select: Selector,
-    /// DEVICE or DEVICE/MODULE (omit with --prefix or --query).
-    pub target: Option<String>,
-    /// Merge this JSON object into the desired properties.
-    #[arg(long)]
-    pub desired: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct InvokeArgs {
-    #[command(flatten)]
-    pub service: ServiceOpts,
-    #[command(flatten)]
-    pub select: Selector,
-    /// DEVICE[/MODULE] METHOD, or only METHOD with --prefix or --query.
-    #[arg(required = true, num_args = 1..=2)]
-    pub args: Vec<String>,
-    /// The request payload (JSON).
-    #[arg(long, default_value = "null")]
-    pub payload: String,
-    /// Seconds to wait for the device's answer: 5 to 300, IoT Hub's range.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=300))]
-    pub timeout: u64,
-    /// Seconds to wait for the device to come online: 0 to 300, IoT Hub's range.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=300))]
-    pub connect_timeout: u64,
-}
-
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// The emulator's hub.json.
-    #[arg(long, default_value = ".fleetsim/hub/hub.json")]
+    #[arg(long, default_value = crate::tools::DEFAULT_HUB_JSON)]
     pub hub_json: PathBuf,
     /// The shared access policy: iothubowner, service, registryRead, registryReadWrite, device or
     /// provisioningserviceowner.
@@ -197,9 +95,6 @@ pub struct TokenArgs {
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub ttl: u64,
 }
-
-/// The daemon config `run` and `check` read when none is named.
-pub const DEFAULT_CONFIG: &str = "config.example.toml";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod iot;
 pub mod metrics;
 pub mod modelrepo;
+pub mod problems;
 pub mod provision;
 pub mod scenario;
 pub mod service;

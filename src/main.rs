@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use fleetsim::cli::{CheckArgs, Cli, Command, RunArgs, TokenArgs};
 use fleetsim::config::{DaemonConfig, HubMode};
-use fleetsim::fleet::{self, ConfigProblems, expand::Shard};
+use fleetsim::fleet::{self, StartError, expand::Shard};
 use fleetsim::hub;
+use fleetsim::problems::{Problem, Problems};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc keeps size classes apart, so what a connection ramp frees is reused or returned
@@ -129,7 +130,7 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     let shard: Shard = match args.shard.parse() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: --shard: {e}");
+            eprintln!("error: {}", Problem::field("--shard", e.to_string()));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -151,7 +152,11 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
             match fleetsim::tomlread::parse_duration(d).filter(|d| !d.is_zero() && *d <= max) {
                 Some(d) => ci.duration = d,
                 None => {
-                    eprintln!("error: --duration: \"{d}\" is not a duration from 1s to 365d such as 90s, 10m or 1h");
+                    let p = Problem::field(
+                        "--duration",
+                        format!("\"{d}\" is not a duration from 1s to 365d such as 90s, 10m or 1h"),
+                    );
+                    eprintln!("error: {p}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             }
@@ -162,11 +167,11 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     }
     let mut running = match fleet::start(&cfg, templates, shard).await {
         Ok(r) => r,
-        Err(e) if e.downcast_ref::<ConfigProblems>().is_some() => {
-            eprintln!("{e}");
+        Err(StartError::Usage(problems)) => {
+            eprintln!("{problems}");
             return ExitCode::from(EXIT_CONFIG);
         }
-        Err(e) => {
+        Err(StartError::Runtime(e)) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
@@ -213,8 +218,8 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
 /// position and the running fleet is left exactly as it was.
 async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: &mut fleet::RunningFleet) {
     tracing::info!(config = %config.display(), "reloading scenarios");
-    let refuse = |problems: Vec<String>| {
-        for p in &problems {
+    let refuse = |problems: Problems| {
+        for p in problems.iter() {
             tracing::error!(problem = %p, "reload refused");
         }
         tracing::warn!(problems = problems.len(), "reload refused: the fleet keeps its previous scenarios");
@@ -226,9 +231,11 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
     let loaded = tokio::task::spawn_blocking(move || fleetsim::validate::fleet(Some(&path), &[])).await;
     let (cfg, templates) = match loaded {
         Ok(Ok(fleetsim::validate::Fleet { config: Some(c), templates, .. })) => (c, templates),
-        Ok(Ok(_)) => return refuse(vec![format!("{}: no configuration was read", config.display())]),
-        Ok(Err(e)) => return refuse(e.0.iter().map(|d| d.to_string()).collect()),
-        Err(e) => return refuse(vec![format!("reading the scenarios failed unexpectedly: {e}")]),
+        Ok(Ok(_)) => return refuse(Problem::file(config, "no configuration was read").into()),
+        Ok(Err(problems)) => return refuse(problems),
+        Err(e) => {
+            return refuse(Problem::file(config, format!("reading the scenarios failed unexpectedly: {e}")).into());
+        }
     };
     // By value: `Debug` redacts secrets, so a changed group key would read as unchanged.
     let daemon_part = |c: &DaemonConfig| (c.hub.clone(), c.ramp.clone(), c.settings.clone(), c.metrics_addr);
@@ -244,12 +251,12 @@ async fn reload(config: &std::path::Path, started_with: &DaemonConfig, running: 
             identities = running.identities(),
             "reloaded"
         ),
-        Err(e) => refuse(e.0),
+        Err(problems) => refuse(problems),
     }
 }
 
 /// CI mode: the report on stdout (and in a file), the verdict in the exit status.
-async fn run_ci(running: fleet::RunningFleet, ci: &fleet::ci::CiConfig) -> ExitCode {
+async fn run_ci(running: fleet::RunningFleet, ci: &fleetsim::config::ci::CiConfig) -> ExitCode {
     tracing::info!(secs = ci.duration.as_secs_f64(), "CI mode: running, then judging");
     let outcome = fleet::ci::run(running, ci, fleetsim::sys::shutdown_signal()).await;
     let text = serde_json::to_string_pretty(&outcome.report).expect("a JSON value serializes");

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::iot::dtdl::{self, Content, ContentKind, Interface};
-use crate::tomlread::{Diagnostic, line_col};
+use crate::problems::Problem;
+use crate::tomlread::line_col;
 
 /// `extends` chains are at most this deep (DTDL v2 and v3).
 const MAX_EXTENDS: usize = 10;
@@ -40,16 +41,16 @@ pub struct Model {
 
 /// A problem in a model file, located by its JSON pointer (the file's start when the text is not
 /// at hand or the pointer leads nowhere).
-fn problem(path: &Path, text: Option<&str>, pointer: &str, message: impl Into<String>) -> Diagnostic {
+fn problem(path: &Path, text: Option<&str>, pointer: &str, message: impl Into<String>) -> Problem {
     let (line, column) = match text {
         Some(t) => json_pointer_offset(t, pointer).map_or((1, 1), |o| line_col(t, o)),
         None => (1, 1),
     };
-    Diagnostic { file: path.display().to_string(), line, column, field: pointer.to_owned(), message: message.into() }
+    Problem { file: path.display().to_string(), line, column, field: pointer.to_owned(), message: message.into() }
 }
 
 /// Loads a model and everything it references; every problem of every file at once.
-pub fn load(source: &Source) -> Result<Model, Vec<Diagnostic>> {
+pub fn load(source: &Source) -> Result<Model, Vec<Problem>> {
     let mut interfaces: BTreeMap<String, (Interface, PathBuf)> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut read_files = HashSet::new();
@@ -101,13 +102,13 @@ pub fn load(source: &Source) -> Result<Model, Vec<Diagnostic>> {
     if problems.is_empty() { Ok(Model { root, interfaces }) } else { Err(problems) }
 }
 
-fn referenced(from: &Option<(PathBuf, String)>, message: String) -> Diagnostic {
+fn referenced(from: &Option<(PathBuf, String)>, message: String) -> Problem {
     match from {
         Some((file, pointer)) => {
             let text = std::fs::read_to_string(file).ok();
             problem(file, text.as_deref(), pointer, message)
         }
-        None => Diagnostic { file: String::new(), line: 0, column: 0, field: "model".into(), message },
+        None => Problem { file: String::new(), line: 0, column: 0, field: "model".into(), message },
     }
 }
 
@@ -115,22 +116,19 @@ fn referenced(from: &Option<(PathBuf, String)>, message: String) -> Diagnostic {
 fn read_model_file(
     path: &Path,
     into: &mut BTreeMap<String, (Interface, PathBuf)>,
-    problems: &mut Vec<Diagnostic>,
+    problems: &mut Vec<Problem>,
 ) -> Option<String> {
     let text = match crate::fsio::read_text_capped(path, MAX_MODEL_FILE) {
         Ok(t) => t,
         Err(e) => {
-            problems.push(crate::tomlread::Diagnostics::file(
-                path,
-                format!("cannot read: {}", crate::tomlread::io_reason(&e)),
-            ));
+            problems.push(Problem::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e))));
             return None;
         }
     };
     let json: Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
-            problems.push(Diagnostic {
+            problems.push(Problem {
                 file: path.display().to_string(),
                 line: e.line(),
                 column: e.column(),
@@ -167,7 +165,7 @@ fn read_model_file(
 impl Model {
     /// An interface's contents with what it extends folded in (bases first); a name defined
     /// twice along the chain, or a chain deeper than DTDL allows, is a problem.
-    pub fn contents(&self, id: &str, depth: usize, out: &mut Vec<Content>, problems: &mut Vec<Diagnostic>) {
+    pub fn contents(&self, id: &str, depth: usize, out: &mut Vec<Content>, problems: &mut Vec<Problem>) {
         let Some((iface, file)) = self.interfaces.get(id) else { return };
         if depth > MAX_EXTENDS {
             problems.push(problem(
@@ -202,7 +200,7 @@ impl Model {
     }
 
     /// The root's contents and each component's, `extends` folded in.
-    pub fn parts(&self) -> Result<Vec<Part>, Vec<Diagnostic>> {
+    pub fn parts(&self) -> Result<Vec<Part>, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut root = Vec::new();
         self.contents(&self.root, 0, &mut root, &mut problems);

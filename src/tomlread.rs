@@ -2,86 +2,12 @@
 //! each with its file, line, column and field path. serde stops at the first error, so documents
 //! are parsed into an owned tree that keeps spans, and schemas are checked by walking it.
 
-use std::fmt;
 use std::ops::{Range, RangeInclusive};
 use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
-/// One problem, located.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    /// Dotted path of the offending field, e.g. `devices[0].telemetry.interval`.
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A problem with no file came from command-line flags: there is no position to give.
-        if self.file.is_empty() {
-            return if self.field.is_empty() {
-                write!(f, "{}", self.message)
-            } else {
-                write!(f, "{}: {}", self.field, self.message)
-            };
-        }
-        if self.field.is_empty() {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
-        } else {
-            write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.field, self.message)
-        }
-    }
-}
-
-/// Every diagnostic of a load, printed one per line.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Diagnostics(pub Vec<Diagnostic>);
-
-impl fmt::Display for Diagnostics {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Diagnostics {}
-
-impl Diagnostics {
-    /// Orders problems by file (in the order files were first named), then line and column, so
-    /// a reader can walk a file top to bottom.
-    pub fn sorted(mut self) -> Diagnostics {
-        let mut files: Vec<String> = Vec::new();
-        for d in &self.0 {
-            if !files.contains(&d.file) {
-                files.push(d.file.clone());
-            }
-        }
-        let rank = |f: &str| files.iter().position(|x| x == f).unwrap_or(usize::MAX);
-        self.0.sort_by_key(|d| (rank(&d.file), d.line, d.column));
-        self.0.dedup();
-        self
-    }
-
-    /// One problem about a whole file (it cannot be read, listed ...).
-    pub fn file(path: &std::path::Path, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            file: path.display().to_string(),
-            line: 1,
-            column: 1,
-            field: String::new(),
-            message: message.into(),
-        }
-    }
-}
+use crate::problems::Problem;
 
 /// Why an I/O operation failed, in words: `ErrorKind`'s own text ("entity not found") says
 /// nothing to someone looking at a config file.
@@ -190,10 +116,10 @@ impl Val {
 pub struct Doc {
     pub file: String,
     text: String,
-    pub diags: Vec<Diagnostic>,
-    /// How many of the first `diags` are syntax errors.
+    pub problems: Vec<Problem>,
+    /// How many of the first `problems` are syntax errors.
     syntax: usize,
-    /// Which `diags` are about the document's shape (unknown or missing keys and tables).
+    /// Which `problems` are about the document's shape (unknown or missing keys and tables).
     shape: Vec<usize>,
 }
 
@@ -224,14 +150,15 @@ fn convert_table(t: &DeTable<'_>, doc: &mut Doc) -> Vec<Entry> {
 impl Doc {
     /// Parses a document, recording syntax errors; the tree holds whatever could be read.
     pub fn parse(file: impl Into<String>, text: String) -> (Doc, Node) {
-        let mut doc = Doc { file: file.into(), text: String::new(), diags: Vec::new(), syntax: 0, shape: Vec::new() };
+        let mut doc =
+            Doc { file: file.into(), text: String::new(), problems: Vec::new(), syntax: 0, shape: Vec::new() };
         let (root, errors) = DeTable::parse_recoverable(&text);
         doc.text = text.clone();
         for e in errors {
             let span = e.span().unwrap_or(0..0);
             doc.error(span, "", e.message().trim().to_owned());
         }
-        doc.syntax = doc.diags.len();
+        doc.syntax = doc.problems.len();
         let span = root.span();
         let entries = convert_table(root.get_ref(), &mut doc);
         (doc, Node { span, value: Val::Table(entries) })
@@ -239,7 +166,7 @@ impl Doc {
 
     pub fn error(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
         let (line, column) = line_col(&self.text, span.start);
-        self.diags.push(Diagnostic {
+        self.problems.push(Problem {
             file: self.file.clone(),
             line,
             column,
@@ -249,24 +176,24 @@ impl Doc {
     }
 
     pub fn ok(&self) -> bool {
-        self.diags.is_empty()
+        self.problems.is_empty()
     }
 
     /// A problem with the document's shape: a key or table missing or unknown.
     pub fn shape_error(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
-        self.shape.push(self.diags.len());
+        self.shape.push(self.problems.len());
         self.error(span, field, message);
     }
 
     /// The problems to show. After a syntax error the tree holds only what could be read, so
     /// what it says about the document's shape (a missing `[[devices]]`, a key that landed in
     /// the wrong table) would mislead: those are left out then; bad values are still shown.
-    pub fn into_diags(self) -> Vec<Diagnostic> {
+    pub fn into_problems(self) -> Vec<Problem> {
         if self.syntax == 0 {
-            return self.diags;
+            return self.problems;
         }
         let shape = self.shape;
-        self.diags.into_iter().enumerate().filter(|(i, _)| !shape.contains(i)).map(|(_, d)| d).collect()
+        self.problems.into_iter().enumerate().filter(|(i, _)| !shape.contains(i)).map(|(_, d)| d).collect()
     }
 
     /// 1-based line and column of a span's start in this file.
@@ -619,7 +546,7 @@ mod tests {
         inner.finish(&mut doc);
         t.missing(&mut doc, "needed");
         t.finish(&mut doc);
-        let shown: Vec<String> = doc.diags.iter().map(ToString::to_string).collect();
+        let shown: Vec<String> = doc.problems.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
             [
@@ -634,8 +561,8 @@ mod tests {
     #[test]
     fn syntax_errors_are_located_too() {
         let (doc, _) = Doc::parse("bad.toml", "a = 1\nb = \n".to_owned());
-        assert_eq!(doc.diags.len(), 1);
-        assert_eq!((doc.diags[0].line, doc.diags[0].file.as_str()), (2, "bad.toml"));
+        assert_eq!(doc.problems.len(), 1);
+        assert_eq!((doc.problems[0].line, doc.problems[0].file.as_str()), (2, "bad.toml"));
     }
 
     #[test]
@@ -656,7 +583,7 @@ mod tests {
         let (mut doc, root) = Doc::parse("f.toml", text.to_owned());
         let mut t = doc.table(&root, "").unwrap();
         read(&mut t, &mut doc);
-        doc.diags.iter().map(ToString::to_string).collect()
+        doc.problems.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -699,7 +626,7 @@ mod tests {
         ] {
             let (doc, _) = Doc::parse("deep.toml", text);
             assert!(!doc.ok(), "a 100,000-deep document must be refused");
-            assert!(doc.diags[0].to_string().starts_with("deep.toml:1:"), "{}", doc.diags[0]);
+            assert!(doc.problems[0].to_string().starts_with("deep.toml:1:"), "{}", doc.problems[0]);
         }
     }
 }

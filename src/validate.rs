@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use crate::config::{DaemonConfig, HubMode};
 use crate::fleet::{self, Provides};
 use crate::hub::config::HubConfig;
+use crate::problems::{Problem, Problems};
 use crate::scenario::model::DeviceTemplate;
 use crate::scenario::schema;
-use crate::tomlread::{Diagnostic, Diagnostics, io_reason, line_col, locate};
+use crate::tomlread::{io_reason, line_col, locate};
 
 /// A fleet configuration that passed: the daemon config (when one was given) and its templates.
 #[derive(Debug)]
@@ -29,12 +30,12 @@ pub struct Fleet {
 }
 
 /// Checks a daemon config (if any) with its scenarios plus `extra` scenario files.
-pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Diagnostics> {
-    let mut diags = Vec::new();
+pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Problems> {
+    let mut problems = Vec::new();
     let mut files = Vec::new();
     let cfg = config.and_then(|path| {
         let (cfg, mut d) = DaemonConfig::read(path);
-        diags.append(&mut d);
+        problems.append(&mut d);
         cfg
     });
     if let Some(c) = &cfg {
@@ -44,7 +45,7 @@ pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Diagnost
     let templates = match schema::load(&files) {
         Ok(t) => t,
         Err(mut e) => {
-            diags.append(&mut e.0);
+            problems.append(&mut e.0);
             Vec::new()
         }
     };
@@ -60,7 +61,7 @@ pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Diagnost
                     h.metrics_addr = None;
                 }) {
                     Ok(h) => hub = Some(h),
-                    Err(mut e) => diags.append(&mut e.0),
+                    Err(mut e) => problems.append(&mut e.0),
                 }
             }
             // An external emulator's hub.json and Azure's endpoints are the world at run time,
@@ -69,72 +70,41 @@ pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Diagnost
         }
         if !templates.is_empty() {
             match fleet::load_key_files(&templates) {
-                Ok(keys) => diags.extend(fleet::template_problems(Provides::of_config(&c.hub), &templates, &keys)),
-                Err(e) => diags.extend(e.0.into_iter().map(|m| Diagnostic {
-                    file: String::new(),
-                    line: 0,
-                    column: 0,
-                    field: String::new(),
-                    message: m,
-                })),
+                Ok(keys) => problems.extend(fleet::template_problems(Provides::of_config(&c.hub), &templates, &keys)),
+                Err(e) => problems.extend(e),
             }
         }
     }
-    if diags.is_empty() { Ok(Fleet { config: cfg, templates, hub }) } else { Err(Diagnostics(diags).sorted()) }
+    if problems.is_empty() { Ok(Fleet { config: cfg, templates, hub }) } else { Err(Problems(problems).sorted()) }
 }
 
 /// Checks an emulator configuration: the TOML file (if any), then `apply` (command-line flags,
 /// the fleet's `[hub]` addresses), then `HubConfig::validate`, whose problems are located in the
-/// file by the field path each one starts with.
-pub fn hub(file: Option<&Path>, apply: impl FnOnce(&mut HubConfig)) -> Result<HubConfig, Diagnostics> {
+/// file by their field paths (a field the file does not set, such as a flag's, is placed at the
+/// nearest enclosing table, else at 1:1).
+pub fn hub(file: Option<&Path>, apply: impl FnOnce(&mut HubConfig)) -> Result<HubConfig, Problems> {
     let (mut config, text) = match file {
         None => (HubConfig::default(), None),
         Some(path) => {
             let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
-                .map_err(|e| Diagnostics(vec![Diagnostics::file(path, format!("cannot read: {}", io_reason(&e)))]))?;
+                .map_err(|e| Problem::file(path, format!("cannot read: {}", io_reason(&e))))?;
             match toml::from_str::<HubConfig>(&text) {
                 Ok(c) => (c, Some((path, text))),
                 Err(e) => {
-                    let (line, column) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
-                    return Err(Diagnostics(vec![Diagnostic {
-                        file: path.display().to_string(),
-                        line,
-                        column,
-                        field: String::new(),
-                        message: e.message().trim().to_owned(),
-                    }]));
+                    let at = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+                    return Err(Problem::at(path.display().to_string(), at, "", e.message().trim()).into());
                 }
             }
         }
     };
     apply(&mut config);
-    let Err(e) = config.validate() else { return Ok(config) };
-    let diags = e
-        .to_string()
-        .lines()
-        .map(|problem| {
-            let field: String =
-                problem.chars().take_while(|c| c.is_ascii_alphanumeric() || "_.[]".contains(*c)).collect();
-            match &text {
-                Some((path, text)) => {
-                    let (line, column) = locate(text, &field).unwrap_or((1, 1));
-                    Diagnostic {
-                        file: path.display().to_string(),
-                        line,
-                        column,
-                        field: String::new(),
-                        message: problem.to_owned(),
-                    }
-                }
-                None => Diagnostic {
-                    file: String::new(),
-                    line: 0,
-                    column: 0,
-                    field: String::new(),
-                    message: problem.to_owned(),
-                },
-            }
-        })
-        .collect();
-    Err(Diagnostics(diags).sorted())
+    let Err(problems) = config.validate() else { return Ok(config) };
+    let located = problems.into_iter().map(|p| match &text {
+        Some((path, text)) => {
+            let at = locate(text, &p.field).unwrap_or((1, 1));
+            Problem { file: path.display().to_string(), line: at.0, column: at.1, ..p }
+        }
+        None => p,
+    });
+    Err(Problems(located.collect()).sorted())
 }

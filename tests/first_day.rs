@@ -6,18 +6,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Polls `f` for up to 30 s.
-fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn poll<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    fleetsim_testkit::poll_blocking(what, Duration::from_secs(30), f)
 }
 
 #[test]

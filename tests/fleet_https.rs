@@ -2,7 +2,7 @@
 //! DPS) against the embedded emulator's device REST API, over real TLS. Telemetry arrives with its
 //! sequence stamps and no gaps; a C2D message is polled and completed.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::FleetUnderTest;
 use serde_json::json;

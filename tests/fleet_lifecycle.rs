@@ -2,7 +2,7 @@
 //! after the hub drops it (then re-fetching the twin and acknowledging what changed meanwhile),
 //! and waiting out a slow DPS assignment.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::FleetUnderTest;
 use serde_json::json;
@@ -109,4 +109,39 @@ async fn provisioning_waits_out_a_slow_assignment() {
     // The assignment took at least the hub's delay; the client polled rather than failed.
     let slowest = f.metrics().provision_seconds.get_sample_sum() / 2.0;
     assert!(slowest >= 1.5, "mean provisioning time {slowest}s is below the 1.5 s assignment delay");
+}
+
+/// A start the configuration refuses is a `StartError::Usage` carrying located problems (exit 64
+/// in `main`, by the variant alone): here a `keys_file` gone between `check` and `run`.
+#[tokio::test]
+async fn a_start_the_configuration_refuses_is_a_usage_error_with_its_problems() {
+    common::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.csv");
+    let s = scenario(
+        &dir,
+        "[[devices]]\nid = \"kf-{n}\"\nprovisioning = \"connection_string\"\nkeys_file = \"keys.csv\"\n\
+         [devices.telemetry]\ninterval = \"10s\"\nfields = { a = 1 }\n",
+    );
+    let text = format!(
+        "scenarios = [{:?}]\n[hub]\nmode = \"embedded\"\ndata_dir = {:?}\nmqtt_addr = \"127.0.0.1:0\"\n\
+         https_addr = \"127.0.0.1:0\"\n[metrics]\nenabled = false\n",
+        s.display().to_string(),
+        dir.path().join("hub").display().to_string()
+    );
+    let path = dir.path().join("fleet.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = fleetsim::config::DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let templates = fleetsim::scenario::schema::load(&cfg.scenarios).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!keys.exists());
+    match fleetsim::fleet::start(&cfg, templates, Default::default()).await {
+        Err(fleetsim::fleet::StartError::Usage(problems)) => {
+            assert_eq!(problems.len(), 1, "{problems}");
+            let p = &problems.0[0];
+            assert_eq!((p.file.as_str(), p.line, p.column), (keys.display().to_string().as_str(), 1, 1));
+            assert!(p.message.starts_with("cannot read: no such file"), "{problems}");
+        }
+        Err(e) => panic!("a usage problem expected, got: {e}"),
+        Ok(_) => panic!("a fleet started with a keys_file that cannot be read"),
+    }
 }

@@ -2,7 +2,7 @@
 //! TLS, and driven from the service side: commands, long-running commands, writable properties
 //! and their acknowledgements, reboots, module twins and the edge filter.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::time::Duration;
 
@@ -120,8 +120,7 @@ async fn rebootable_device_goes_down_and_comes_back() {
     let first = f.reported_until(dev, None, "rebootTime", Value::is_string).await;
     let (_, _, d) = f.rest("GET", &format!("/devices/{dev}"), None).await;
     assert_eq!(d["connectionState"], "Connected", "reported after it came back");
-    // A second reboot stamps a new time.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A second reboot stamps a new time (milliseconds, and the downtime is 5 s: no wait needed).
     f.invoke(dev, None, "rebootDevice", json!(null)).await;
     f.reported_until(dev, None, "rebootTime", |v| v.is_string() && *v != first).await;
     assert_eq!(clean_disconnects(), before + 2, "each reboot is a clean disconnect");
@@ -320,8 +319,11 @@ async fn a_retried_acknowledgement_never_undoes_a_newer_one() {
     let (status, _, body) = f.rest("PATCH", "/emulator/faults", Some(json!({"twin_error_rate": 0.0}))).await;
     assert_eq!(status, 200, "{body}");
     f.reported_until("ack-1", None, "level", |v| is_ack(v, json!(4), 200, last)).await;
-    // Long enough for every pending retry (backoff_cap 2 s) to have been sent, were it still queued.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let v = f.reported_until("ack-1", None, "level", |_| true).await;
-    assert!(is_ack(&v, json!(4), 200, last), "an older acknowledgement overwrote the newest: {v}");
+    // No older acknowledgement may follow: watched for longer than any pending retry could wait
+    // (backoff_cap 2 s), failing at the first overwrite.
+    common::holds_for("the newest acknowledgement (an older one overwrote it)", Duration::from_secs(3), || async {
+        let v = f.reported_until("ack-1", None, "level", |_| true).await;
+        is_ack(&v, json!(4), 200, last)
+    })
+    .await;
 }

@@ -1,7 +1,7 @@
 //! Device and module flows against the emulator over real TLS: telemetry, twins, methods, C2D,
 //! module identities and MQTT over WebSockets.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, WAIT};
 use rumqttc::mqttbytes::QoS;

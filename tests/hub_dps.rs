@@ -1,7 +1,7 @@
 //! DPS over MQTT and HTTPS: group enrollments with derived keys, individual enrollments made
 //! through the service API, assignment into the registry, and the refusals.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future};
 use fleetsim::iot::sas::{Key, derive_device_key, sign_token};
@@ -180,6 +180,6 @@ async fn a_slow_assignment_stays_assigning_until_it_is_done() {
     assert_eq!((r.status().as_u16(), r.headers()["retry-after"].to_str().unwrap()), (202, "2"));
     assert_eq!(r.json::<Value>().await.unwrap()["registrationState"]["status"], "assigning");
     assert!(hub.state().registry.get(reg, None).is_none(), "not created before assignment");
-    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
-    assert_eq!(poll().await.unwrap().status(), 200);
+    // Assigned once the delay has passed: polled, as a device would.
+    common::wait_until("the registration to be assigned", || async { poll().await.unwrap().status() == 200 }).await;
 }

@@ -1,7 +1,7 @@
 //! The fault injector, one fault at a time, over real TLS: what a device or a service caller sees
 //! when each is on, and the control route that turns them on and off.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future};
 use fleetsim::hub::faults::FaultConfig;

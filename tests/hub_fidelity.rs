@@ -4,7 +4,7 @@
 //! the route variants real clients send, bulk registry operations and statistics, and the
 //! fleet's registry writes and writable-property acknowledgements.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{FleetUnderTest, TestHub, WAIT, future};
 use fleetsim::iot::sas::{Key, derive_device_key, sign_token};

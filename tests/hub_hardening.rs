@@ -2,7 +2,7 @@
 //! never crashes, hangs or pins the emulator. Each test starts with the instance the issue reported
 //! and goes on to others of the same kind.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future};
 use fleetsim::iot::sas::sign_token;

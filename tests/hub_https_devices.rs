@@ -3,7 +3,7 @@
 //! token, lock expiry and redelivery, TTL, and the refusals Azure gives (401, 404, 400, 412, 413,
 //! 429, 503). Waits poll with a bound; nothing asserts a duration.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future, wait_until};
 use fleetsim::iot::sas::Key;
@@ -29,19 +29,12 @@ async fn call(
 }
 
 /// Polls `check` until it yields a value, failing the test after `common::WAIT`.
-async fn poll<T, F, Fut>(what: &str, mut check: F) -> T
+async fn poll<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    common::poll_until(what, check).await
 }
 
 fn error_code(body: &str) -> String {

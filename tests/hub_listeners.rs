@@ -3,7 +3,7 @@
 //! after its timeouts, new clients are served meanwhile and after, and past the connection bound
 //! a connection is turned away at once and counted. Every loop here is bounded in count and time.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

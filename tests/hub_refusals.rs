@@ -1,7 +1,7 @@
 //! What the emulator refuses, and how: CONNACK 5 for any authentication failure, a closed
 //! connection for protocol violations, forced disconnects for expiry, keep-alive and replacement.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{TestHub, future};
 use fleetsim::hub::config::BadSubscription;

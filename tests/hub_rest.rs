@@ -1,7 +1,7 @@
 //! The service REST API's registry semantics: generated keys, 409 on create-existing, etags,
 //! deletion, listing, statistics, query paging, permissions per policy and api-version.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::TestHub;
 use serde_json::{Value, json};

@@ -8,7 +8,7 @@
 //! (as someone might on a real hub) come back. And the credential step, run again, writes only
 //! what the fleet owns.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,7 +17,6 @@ use std::time::Duration;
 use common::Api;
 use fleetsim::metrics::DeviceState;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 /// Every wait here is bounded by this; reconnecting takes a few backoff rounds of at most 1 s.
 const BOUND: Duration = Duration::from_secs(60);
@@ -124,16 +123,12 @@ fn free_ports() -> (u16, u16) {
 }
 
 /// Polls `check` every 100 ms until it holds, failing the test after `BOUND`.
-async fn until<F, Fut>(what: &str, mut check: F)
+async fn until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + BOUND;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_until_for(what, BOUND, check).await
 }
 
 /// Waits until the emulator in `data_dir` serves both ports (its hub.json is written after it
@@ -258,7 +253,7 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
     }
 
     // Judge the run: what the first hub acknowledged is its loss, not the fleet's.
-    let ci = fleetsim::fleet::ci::CiConfig {
+    let ci = fleetsim::config::ci::CiConfig {
         duration: Duration::from_millis(500),
         settle: Duration::from_secs(30),
         ..Default::default()

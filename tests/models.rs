@@ -5,7 +5,7 @@
 //! `Schema::check`, so the two must agree. Then a fleet runs from a model against the emulator, and
 //! broken models give every problem with its file, position and JSON pointer.
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A template of one-second sensors.
 fn sensors(name: &str, count: u32, id: &str) -> String {
@@ -26,11 +26,7 @@ fn scrape(url: &str) -> String {
 
 /// Polls `f` (bounded) until it holds.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    fleetsim_testkit::poll_blocking(what, Duration::from_secs(60), || f().then_some(()))
 }
 
 /// The log without terminal colour codes.

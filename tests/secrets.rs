@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fleetsim::iot::sas::{Key, derive_device_key};
+use fleetsim_testkit as common;
+use serde_json::json;
 
 const OWNER: &str = "b3duZXIta2V5LWZvci10aGUtc2VjcmV0cy10ZXN0LTAwMDAwMDAwMDA=";
 const GROUP: &str = "Z3JvdXAta2V5LWZvci10aGUtc2VjcmV0cy10ZXN0LTExMTExMTExMTE=";
@@ -41,26 +43,71 @@ fn no_secret_reaches_logs_metrics_or_errors() {
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
-    // Let every device provision, connect and send, then read the metrics.
+    // The banner names the identities and the metrics endpoint. Bounded: a fleet that prints no
+    // banner within a minute is killed, which ends the read.
     let hub_json = dir.path().join("hub/hub.json");
-    for _ in 0..200 {
-        if hub_json.exists() {
-            break;
+    let (banner_read, banner_wait) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        if banner_wait.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid).status();
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_secs(6));
+    });
     let mut stdout = String::new();
     let mut out = child.stdout.take().unwrap();
-    let metrics_url = {
-        let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 4096];
+    while !stdout.contains("metrics:") {
         let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "fleetsim stopped (or was stopped) before its banner: {stdout}");
         stdout.push_str(&String::from_utf8_lossy(&buf[..n]));
-        stdout
-            .lines()
-            .find_map(|l| l.split_once("metrics:").map(|(_, r)| r.split_whitespace().next().unwrap().to_owned()))
-            .expect("metrics address printed")
-    };
+    }
+    let _ = banner_read.send(());
+    let identities: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetsim: ")?.split_whitespace().next()?.parse().ok())
+        .expect("the identity count printed");
+    let metrics_url = stdout
+        .lines()
+        .find_map(|l| l.split_once("metrics:").map(|(_, r)| r.split_whitespace().next().unwrap().to_owned()))
+        .expect("metrics address printed");
+    // Every identity provisioned and connected, and every one with telemetry sent (so every flow
+    // has logged): the hub holds telemetry from each sender. (A module's host device may send
+    // nothing itself.)
+    let scenarios: Vec<_> = ["environmental-sensor", "module-twin", "rebootable-device"]
+        .iter()
+        .map(|s| std::path::PathBuf::from(format!("{root}/scenarios/{s}.toml")))
+        .collect();
+    let templates = fleetsim::scenario::schema::load(&scenarios).unwrap();
+    let senders: u64 = templates
+        .iter()
+        .map(|t| {
+            let modules = t.modules.iter().filter(|m| !m.behaviour.telemetry.is_empty()).count() as u64;
+            t.count * (u64::from(!t.behaviour.telemetry.is_empty()) + modules)
+        })
+        .sum();
+    let identities_in_templates: u64 = templates.iter().map(|t| t.count * (1 + t.modules.len() as u64)).sum();
+    assert_eq!(identities_in_templates, identities as u64, "the banner counts every identity");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let api = common::Api::new(fleetsim::hub::info::HubInfo::load(&hub_json).unwrap());
+        common::wait_until_for("telemetry from every identity at the hub", Duration::from_secs(60), || async {
+            let (mut connected, mut sent) = (0u64, 0u64);
+            for (sql, module) in [("SELECT * FROM devices", false), ("SELECT * FROM devices.modules", true)] {
+                let (status, _, twins) = api.rest("POST", "/devices/query", Some(json!({"query": sql}))).await;
+                assert_eq!(status, 200, "{twins}");
+                for t in twins.as_array().into_iter().flatten() {
+                    let device = t["deviceId"].as_str().unwrap_or_default();
+                    let module = if module { t["moduleId"].as_str() } else { None };
+                    connected += u64::from(t["connectionState"] == "Connected");
+                    if api.events(device, module).await["received"].as_u64().unwrap_or(0) > 0 {
+                        sent += 1;
+                    }
+                }
+            }
+            connected == identities_in_templates && sent >= senders
+        })
+        .await;
+    });
     let metrics = {
         let rest = metrics_url.strip_prefix("http://").unwrap();
         let (host, path) = rest.split_once('/').unwrap();

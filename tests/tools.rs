@@ -2,7 +2,7 @@
 //! twins (one and a sweep), methods (one and a storm), selection by prefix and by twin query,
 //! failures in the exit status, and no secret in any error.
 
-mod common;
+use fleetsim_testkit as common;
 
 use common::{FleetUnderTest, repo};
 use serde_json::{Value, json};

@@ -5,7 +5,7 @@
 //! does not trust (the real emulator without its CA), and DPS refusing the key (the real emulator
 //! with a wrong group key).
 
-mod common;
+use fleetsim_testkit as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

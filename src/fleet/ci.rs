@@ -14,83 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::RunningFleet;
+use crate::config::ci::{CiConfig, Probe};
 use crate::metrics::{DeviceState, FleetMetrics, nearest_rank};
 use crate::service::{ServiceClient, method_outcome};
-
-/// `[ci]` in the daemon config.
-#[derive(Debug, Clone)]
-pub struct CiConfig {
-    pub duration: Duration,
-    /// After `duration`, how long the fleet may take to be all connected again with every
-    /// buffered message acknowledged.
-    pub settle: Duration,
-    pub report: Option<std::path::PathBuf>,
-    /// Turn an external emulator's faults off before the settle period (the embedded one's
-    /// always are: they are this run's own).
-    pub lift_faults: bool,
-    /// Judge messages the hub acknowledged and then lost (an emulator that crashed, a hub that
-    /// forgot identities) against `max_lost` too; by default only the fleet's own losses are.
-    pub judge_hub_loss: bool,
-    pub thresholds: Thresholds,
-    pub probe: Option<Probe>,
-}
-
-/// Pass/fail limits. `None` means not checked.
-#[derive(Debug, Clone)]
-pub struct Thresholds {
-    /// Messages the fleet lost: written, never acknowledged, and not at the hub (needs the
-    /// emulator's sequence counts). With `CiConfig::judge_hub_loss`, also the limit for messages
-    /// the hub acknowledged and then lost.
-    pub max_lost: Option<u64>,
-    /// Messages the fleet's own books cannot place (generated, yet not acked, dropped or queued).
-    pub max_unaccounted: Option<u64>,
-    /// Messages dropped by the buffer policy or at shutdown.
-    pub max_dropped: Option<u64>,
-    /// Identities not connected at the end of the settle period.
-    pub max_stuck: Option<u64>,
-    /// Every identity connected at least once within this long of the start.
-    pub all_connected_within: Option<Duration>,
-    pub method_p99: Option<Duration>,
-    /// (dropped telemetry + failed method probes) / (generated telemetry + method probes).
-    pub max_error_rate: Option<f64>,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            max_lost: Some(0),
-            max_unaccounted: Some(0),
-            max_dropped: None,
-            max_stuck: Some(0),
-            all_connected_within: None,
-            method_p99: None,
-            max_error_rate: None,
-        }
-    }
-}
-
-/// A direct method invoked on a random identity every `every`.
-#[derive(Debug, Clone)]
-pub struct Probe {
-    pub method: String,
-    pub payload: Value,
-    pub every: Duration,
-    pub response_timeout: Duration,
-}
-
-impl Default for CiConfig {
-    fn default() -> Self {
-        CiConfig {
-            duration: Duration::from_secs(60),
-            settle: Duration::from_secs(60),
-            report: None,
-            lift_faults: true,
-            judge_hub_loss: false,
-            thresholds: Thresholds::default(),
-            probe: None,
-        }
-    }
-}
 
 /// An identity the method probe may call.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::device::spec::{Credentials, IdentitySpec};
 use crate::iot::sas::{Key, derive_device_key};
+use crate::problems::Problem;
 use crate::scenario::model::{DeviceTemplate, Provisioning};
 
 /// `i/n`: this process runs every device whose ordinal (across all templates) is `i` mod `n`.
@@ -75,19 +76,20 @@ impl KeyPlan {
 }
 
 /// Reads an `id,key` file (one per line; `#` comments). Errors name the file and line.
-pub fn load_keys_file(path: &Path) -> Result<HashMap<String, Key>, String> {
+pub fn load_keys_file(path: &Path) -> Result<HashMap<String, Key>, Problem> {
     let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
-        .map_err(|e| format!("{}: cannot read: {}", path.display(), crate::tomlread::io_reason(&e)))?;
+        .map_err(|e| Problem::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e))))?;
+    let file = path.display().to_string();
     let mut out = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (id, key) =
-            line.split_once(',').ok_or_else(|| format!("{}:{}: expected `id,key`", path.display(), i + 1))?;
+        let at = (i + 1, 1);
+        let (id, key) = line.split_once(',').ok_or_else(|| Problem::at(&file, at, "", "expected `id,key`"))?;
         let key = Key::from_base64(key.trim())
-            .map_err(|_| format!("{}:{}: the key for {} is not base64", path.display(), i + 1, id.trim()))?;
+            .map_err(|_| Problem::at(&file, at, "", format!("the key for {} is not base64", id.trim())))?;
         out.insert(id.trim().to_owned(), key);
     }
     Ok(out)

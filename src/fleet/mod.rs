@@ -32,10 +32,10 @@ use crate::hub::{self, RunningHub};
 use crate::iot::connection_string::ConnectionString;
 use crate::iot::sas::Key;
 use crate::metrics::{DeviceState, FleetMetrics};
+use crate::problems::{Problem, Problems};
 use crate::provision::dps::DpsEndpoint;
 use crate::provision::registry::ServiceClient;
 use crate::scenario::model::{DeviceTemplate, Provisioning};
-use crate::tomlread::Diagnostic;
 use expand::{KeyPlan, Shard};
 
 pub struct RunningFleet {
@@ -199,11 +199,11 @@ impl Provides {
 
 /// Every way the templates need more than the hub settings provide, each located at its
 /// template (`[[devices]]`) and naming the setting to add.
-pub fn template_problems(p: Provides, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Vec<Diagnostic> {
+pub fn template_problems(p: Provides, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Vec<Problem> {
     let mut problems = Vec::new();
     for t in templates {
         let mut need = |field: &str, message: String| {
-            problems.push(Diagnostic {
+            problems.push(Problem {
                 file: t.file.display().to_string(),
                 line: t.at.0,
                 column: t.at.1,
@@ -261,29 +261,35 @@ pub fn template_problems(p: Provides, templates: &[DeviceTemplate], keys_files: 
 }
 
 /// Checks that the hub configuration can serve every template; all problems at once.
-fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Result<(), ConfigProblems> {
-    let problems = template_problems(Provides::of(w), templates, keys_files);
-    if problems.is_empty() { Ok(()) } else { Err(ConfigProblems(problems.iter().map(ToString::to_string).collect())) }
+fn check_wiring(w: &Wiring, templates: &[DeviceTemplate], keys_files: &KeyFiles) -> Result<(), Problems> {
+    Problems(template_problems(Provides::of(w), templates, keys_files)).or_ok(())
 }
 
-/// The configuration and the scenarios do not fit together (exit status 64 material).
-#[derive(Debug)]
-pub struct ConfigProblems(pub Vec<String>);
+/// Why `start` did not start a fleet. The caller's exit status follows from the variant: a
+/// usage problem is the configuration's (exit 64, EX_USAGE), anything else the world's.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration and the scenarios do not fit together, or a file they name cannot be
+    /// used: every problem, located.
+    #[error("{0}")]
+    Usage(Problems),
+    /// Anything else: a port already bound, an unreachable or unreadable hub.json ...
+    #[error(transparent)]
+    Runtime(#[from] anyhow::Error),
+}
 
-impl std::fmt::Display for ConfigProblems {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.join("\n"))
+impl From<Problems> for StartError {
+    fn from(p: Problems) -> StartError {
+        StartError::Usage(p)
     }
 }
-
-impl std::error::Error for ConfigProblems {}
 
 pub type KeyFiles = HashMap<std::path::PathBuf, HashMap<String, Key>>;
 
 /// The `keys_file`s the templates name, loaded; every unreadable one reported.
-pub fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigProblems> {
+pub fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, Problems> {
     let mut files = HashMap::new();
-    let mut problems = Vec::new();
+    let mut problems = Problems::default();
     for f in templates.iter().filter_map(|t| t.keys_file.clone()) {
         match expand::load_keys_file(&f) {
             Ok(k) => {
@@ -292,10 +298,17 @@ pub fn load_key_files(templates: &[DeviceTemplate]) -> Result<KeyFiles, ConfigPr
             Err(e) => problems.push(e),
         }
     }
-    if problems.is_empty() { Ok(files) } else { Err(ConfigProblems(problems)) }
+    problems.or_ok(files)
 }
 
-pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Shard) -> anyhow::Result<RunningFleet> {
+/// Starts the fleet the config and templates describe (this shard of it): the hub side first,
+/// then one task per identity. `StartError::Usage` when the templates need what the hub settings
+/// do not provide or a `keys_file` cannot be used; `Runtime` for everything the world refuses.
+pub async fn start(
+    cfg: &DaemonConfig,
+    templates: Vec<DeviceTemplate>,
+    shard: Shard,
+) -> Result<RunningFleet, StartError> {
     let keys_files = load_key_files(&templates)?;
 
     let (mut hub, mut hub_info, wiring) = match &cfg.hub {
@@ -424,7 +437,7 @@ pub async fn start(cfg: &DaemonConfig, templates: Vec<DeviceTemplate>, shard: Sh
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-        let local = listener.local_addr()?;
+        let local = listener.local_addr().context("the metrics listener has no address")?;
         metrics_addr = Some(local);
         // The embedded emulator's metrics are served here: hub.json must say so.
         if let Some(h) = hub.as_mut() {

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::expand::{self, KeyPlan};
-use super::{ConfigProblems, RunningFleet, check_wiring, identity_key, load_key_files, spawn_identity};
+use super::{RunningFleet, check_wiring, identity_key, load_key_files, spawn_identity};
+use crate::problems::Problems;
 use crate::scenario::model::DeviceTemplate;
 
 /// What a reload did.
@@ -22,7 +23,7 @@ pub struct ReloadSummary {
 
 impl RunningFleet {
     /// Applies a new set of scenarios. On error nothing has changed.
-    pub async fn reload(&mut self, templates: Vec<DeviceTemplate>) -> Result<ReloadSummary, ConfigProblems> {
+    pub async fn reload(&mut self, templates: Vec<DeviceTemplate>) -> Result<ReloadSummary, Problems> {
         let files = load_key_files(&templates)?;
         check_wiring(&self.wiring, &templates, &files)?;
         let keys = KeyPlan { group: self.wiring.group.clone(), seed: self.wiring.seed.clone(), files };

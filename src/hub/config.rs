@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::tomlread::line_col;
+use crate::problems::{Problem, Problems};
+use crate::tomlread::{io_reason, line_col};
 
 /// The largest `behaviour.max_message_bytes`: WebSocket frames and MQTT packets are bounded by it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -179,39 +180,35 @@ impl Default for HubConfig {
     }
 }
 
-/// A configuration problem, located in its file when it came from one.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse { path: String, line: usize, column: usize, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl HubConfig {
-    /// Reads a TOML file; parse errors carry the file, line and column.
-    pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
+    /// Reads a TOML file. Problems: the file cannot be read (placed at 1:1), or serde's first
+    /// error (located at its span, no field path: serde does not give one).
+    pub fn load(path: &Path) -> Result<HubConfig, Problems> {
         let text = crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+            .map_err(|e| Problem::file(path, format!("cannot read: {}", io_reason(&e))))?;
         toml::from_str(&text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
-            ConfigError::Parse { path: path.display().to_string(), line, column, message: e.message().to_owned() }
+            let at = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+            Problem::at(path.display().to_string(), at, "", e.message().trim()).into()
         })
     }
 
-    /// Checks what serde cannot: names, the relations between fields. Reports every problem.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
+    /// Checks what serde cannot: names, the relations between fields. Reports every problem,
+    /// each with its field path (`behaviour.max_subscriptions`) and a message that begins with
+    /// it; no file position: `validate::hub` locates them in the file the values came from.
+    pub fn validate(&self) -> Result<(), Problems> {
+        let mut problems = Problems::default();
+        let mut problem = |field: &str, message: String| problems.push(Problem::field(field, message));
         if self.hostname.is_empty() || self.hostname.contains(['/', ' ', ':']) {
-            problems.push(format!("hostname `{}` is not a host name", self.hostname));
+            problem("hostname", format!("hostname `{}` is not a host name", self.hostname));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            problems.push("tls.cert_file and tls.key_file go together".to_owned());
+            problem("tls.cert_file", "tls.cert_file and tls.key_file go together".to_owned());
         }
         if self.tls.cert_file.is_some() && self.tls.ca_file.is_none() {
-            problems.push("tls.ca_file is needed with tls.cert_file (clients must be told what to trust)".to_owned());
+            problem(
+                "tls.cert_file",
+                "tls.ca_file is needed with tls.cert_file (clients must be told what to trust)".to_owned(),
+            );
         }
         let b = &self.behaviour;
         const DAY: u64 = 86_400;
@@ -235,13 +232,13 @@ impl HubConfig {
             ("http_idle_timeout_secs", b.http_idle_timeout_secs, 1, DAY),
         ] {
             if !(min..=max).contains(&v) {
-                problems.push(format!("behaviour.{name} must be from {min} to {max}"));
+                problem(&format!("behaviour.{name}"), format!("behaviour.{name} must be from {min} to {max}"));
             }
         }
         if let Some(scope) = &self.keys.id_scope
             && (scope.is_empty() || !scope.chars().all(|c| c.is_ascii_alphanumeric()))
         {
-            problems.push(format!("keys.id_scope `{scope}` must be letters and digits"));
+            problem("keys.id_scope", format!("keys.id_scope `{scope}` must be letters and digits"));
         }
         for (i, e) in self.enrollments.iter().enumerate() {
             let id = match e {
@@ -249,13 +246,17 @@ impl HubConfig {
                 EnrollmentSpec::Group { group_id, .. } => group_id,
             };
             if id.is_empty() || id.len() > 128 {
-                problems.push(format!("enrollments[{i}]: the id must be 1 to 128 characters"));
+                problem(&format!("enrollments[{i}]"), format!("enrollments[{i}]: the id must be 1 to 128 characters"));
             }
         }
+        // `FaultConfig::validate` (shared with the REST route, which answers in one string) gives
+        // one "faults.<field> must ..." sentence per line: the field is its first word.
         if let Err(e) = self.faults.validate() {
-            problems.extend(e.lines().map(str::to_owned));
+            for line in e.lines() {
+                problem(line.split(' ').next().unwrap_or("faults"), line.to_owned());
+            }
         }
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.join("\n"))) }
+        problems.or_ok(())
     }
 
     /// Every name the certificate covers and tokens may use, the main hostname first.

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::c2d::{C2dMessage, Dropped, LockLost, Settle};
+use super::c2d::{C2dMessage, LockLost, Settle};
 use super::faults::Refuse;
 use super::metrics::Refusal;
 use super::registry::{Identity, IdentityState};
@@ -152,23 +152,10 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
     hub.metrics.telemetry_bytes.inc_by(len as u64);
 }
 
-fn count_dropped(hub: &HubState, dropped: Vec<Dropped>) {
-    for d in dropped {
-        hub.metrics.c2d(match d {
-            Dropped::Expired => "expired",
-            Dropped::DeliveryCountExceeded => "dead_lettered",
-        });
-    }
-}
-
 /// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the expired
-/// and the over-delivered, counted).
+/// and the over-delivered, counted): the rule lives with the C2D push in `state.rs`.
 pub fn c2d_deliverable(hub: &HubState, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
-    let mut dropped = Vec::new();
-    let out =
-        st.c2d.take_deliverable(conn_id, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
-    count_dropped(hub, dropped);
-    out
+    hub.c2d_deliverable(st, conn_id)
 }
 
 /// The device acknowledged delivery `id` on a transport without lock tokens (an MQTT PUBACK, or
@@ -191,7 +178,7 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
     let m =
         st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
     drop(st);
-    count_dropped(hub, dropped);
+    hub.count_c2d_dropped(dropped);
     if m.is_some() {
         hub.metrics.c2d("delivered");
     }

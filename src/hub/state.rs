@@ -201,12 +201,32 @@ impl HubState {
         }
     }
 
+    /// Counts C2D messages dropped from a queue: expired, or past the maximum delivery count.
+    pub fn count_c2d_dropped(&self, dropped: Vec<super::c2d::Dropped>) {
+        for d in dropped {
+            self.metrics.c2d(match d {
+                super::c2d::Dropped::Expired => "expired",
+                super::c2d::Dropped::DeliveryCountExceeded => "dead_lettered",
+            });
+        }
+    }
+
+    /// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the
+    /// expired and the over-delivered, counted).
+    pub fn c2d_deliverable(&self, st: &mut IdentityState, conn_id: u64) -> Vec<super::c2d::C2dMessage> {
+        let mut dropped = Vec::new();
+        let out =
+            st.c2d.take_deliverable(conn_id, self.behaviour.c2d_max_delivery_count, super::clock::now(), &mut dropped);
+        self.count_c2d_dropped(dropped);
+        out
+    }
+
     /// Pushes pending C2D messages to a device's live, subscribed session.
     pub fn push_c2d(&self, identity: &Identity, st: &mut IdentityState) {
         let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.c2d.map(|q| (s.conn_id, q))) else {
             return;
         };
-        for m in super::devices::c2d_deliverable(self, st, conn_id) {
+        for m in self.c2d_deliverable(st, conn_id) {
             let qos = super::session::cap_qos(QoS::AtLeastOnce, granted);
             let sent = st.session.as_ref().is_some_and(|s| {
                 s.send(Outbound::Publish {

@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::iot::dtdl::{self, Content, ContentKind, Geo, Primitive, Schema};
 pub use crate::modelrepo::{Model, Source, load};
-use crate::tomlread::{Diagnostic, Doc, Node, Table, Val};
+use crate::problems::Problem;
+use crate::tomlread::{Doc, Node, Table, Val};
 
 /// How the compiled behaviour is tuned (a template's `model_interval` and `[model_values]`).
 #[derive(Debug, Clone, Default)]
@@ -32,7 +33,7 @@ pub struct Tuning {
 /// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
 /// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
 /// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
-pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<String, Vec<Diagnostic>> {
+pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<String, Vec<Problem>> {
     let parts = model.parts()?;
     let mut notes = Vec::new();
     let interval = tuning.interval.unwrap_or(Duration::from_secs(10));

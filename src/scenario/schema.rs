@@ -9,7 +9,8 @@ use std::time::Duration;
 use super::model::*;
 use super::models::{Source, Tuning};
 use super::value::{ALL_VARS, Compiler, Template, ValueSpec};
-use crate::tomlread::{Diagnostic, Diagnostics, Doc, Table};
+use crate::problems::{Problem, Problems};
+use crate::tomlread::{Doc, Table};
 
 /// Placeholders by place.
 const ID_VARS: &[&str] = &["n"];
@@ -29,17 +30,17 @@ fn valid_identity_id(id: &str) -> bool {
 }
 
 /// Reads scenario files; all templates, or every problem found.
-pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Diagnostics> {
-    let mut diags = Vec::new();
+pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Problems> {
+    let mut problems = Vec::new();
     let mut templates = Vec::new();
     for f in files {
         match crate::fsio::read_text_capped(f, crate::fsio::MAX_INPUT_FILE) {
             Ok(text) => {
                 let (t, mut d) = load_text(f, text);
                 templates.extend(t);
-                diags.append(&mut d);
+                problems.append(&mut d);
             }
-            Err(e) => diags.push(Diagnostic {
+            Err(e) => problems.push(Problem {
                 file: f.display().to_string(),
                 line: 1,
                 column: 1,
@@ -48,12 +49,12 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<DeviceTemplate>, Diagnostics> {
             }),
         }
     }
-    check_unique_ids(&templates, &mut diags);
-    if diags.is_empty() { Ok(templates) } else { Err(Diagnostics(diags)) }
+    check_unique_ids(&templates, &mut problems);
+    if problems.is_empty() { Ok(templates) } else { Err(Problems(problems)) }
 }
 
 /// One file's templates and problems.
-pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Diagnostic>) {
+pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Problem>) {
     let (mut doc, root) = Doc::parse(path.display().to_string(), text);
     let mut out = Vec::new();
     if let Some(mut top) = doc.table(&root, "") {
@@ -69,11 +70,11 @@ pub fn load_text(path: &Path, text: String) -> (Vec<DeviceTemplate>, Vec<Diagnos
         top.finish(&mut doc);
     }
     let ok = doc.ok();
-    (if ok { out } else { Vec::new() }, doc.into_diags())
+    (if ok { out } else { Vec::new() }, doc.into_problems())
 }
 
 fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<DeviceTemplate> {
-    let before = doc.diags.len();
+    let before = doc.problems.len();
     let at = doc.position(&t.span);
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = t.str(doc, "name").unwrap_or_else(|| if index == 0 { stem.clone() } else { format!("{stem}-{index}") });
@@ -183,7 +184,7 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         m.finish(doc);
     }
     t.finish(doc);
-    if doc.diags.len() != before {
+    if doc.problems.len() != before {
         return None;
     }
     Some(DeviceTemplate {
@@ -253,7 +254,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
 /// A behaviour compiled with `c`, whose state slots it shares with whatever else `c` compiled
 /// (a model's behaviour and a template's own additions to it).
 fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<Behaviour> {
-    let before = doc.diags.len();
+    let before = doc.problems.len();
     let reported = report_map(doc, c, t, "reported", REPORT_VARS);
 
     let mut writable = Vec::new();
@@ -422,7 +423,7 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
         k.finish(doc);
         v
     });
-    (doc.diags.len() == before).then(|| Behaviour {
+    (doc.problems.len() == before).then(|| Behaviour {
         telemetry,
         reported,
         commands,
@@ -487,7 +488,7 @@ fn behaviour_from_model(
     let model = match super::models::load(source) {
         Ok(m) => m,
         Err(problems) => {
-            doc.diags.extend(problems);
+            doc.problems.extend(problems);
             // The template is refused with them; the position of its `model` key ties them to it.
             doc.error(t.span.clone(), &t.field("model"), "the model has problems (listed with their files)");
             return None;
@@ -496,7 +497,7 @@ fn behaviour_from_model(
     let text = match super::models::behaviour_toml(&model, "", &tuning) {
         Ok(text) => text,
         Err(problems) => {
-            doc.diags.extend(problems);
+            doc.problems.extend(problems);
             doc.error(t.span.clone(), &t.field("model"), "the model has problems (listed with their files)");
             return None;
         }
@@ -517,7 +518,7 @@ fn behaviour_from_model(
         g.finish(&mut generated);
         b
     });
-    doc.diags.extend(generated.into_diags());
+    doc.problems.extend(generated.into_problems());
     let own = behaviour_with(doc, t, &mut c)?;
     let mut b = from_model?;
     b.telemetry.extend(own.telemetry);
@@ -542,13 +543,13 @@ fn behaviour_from_model(
 }
 
 /// Device ids must be unique across every template of every file.
-fn check_unique_ids(templates: &[DeviceTemplate], diags: &mut Vec<Diagnostic>) {
+fn check_unique_ids(templates: &[DeviceTemplate], problems: &mut Vec<Problem>) {
     let mut seen: HashMap<String, (&Path, &str)> = HashMap::new();
     for t in templates {
         for n in t.first..t.first + t.count {
             let id = t.device_id(n);
             if let Some((file, name)) = seen.insert(id.clone(), (&t.file, &t.name)) {
-                diags.push(Diagnostic {
+                problems.push(Problem {
                     file: t.file.display().to_string(),
                     line: 1,
                     column: 1,
@@ -593,7 +594,7 @@ min = 1
 [[devices.commands]]
 name = "rundiagnostics"
 status = 202
-complete = { after = "6s", report = { rundiagnostics = { value = "Diagnostics run complete at {now}." } } }
+complete = { after = "6s", report = { rundiagnostics = { value = "Problems run complete at {now}." } } }
 [[devices.modules]]
 id = "myFirstModule"
 [[devices.modules.telemetry]]

@@ -300,7 +300,7 @@ impl Compiler {
         const KINDS: &[&str] = &["uniform", "gaussian", "walk", "sine", "counter", "choice", "timestamp", "bool"];
         let mut t = doc.table(node, path)?;
         let kind = t.choice(doc, "kind", KINDS)?;
-        let errors_before = doc.diags.len();
+        let errors_before = doc.problems.len();
         // A counter written with integers counts in integers: 2, not 2.0.
         let mut whole = false;
         let num = |t: &mut crate::tomlread::Table<'_>, doc: &mut Doc, key: &str, default: Option<f64>| match (
@@ -386,7 +386,7 @@ impl Compiler {
         | Generator::Sine { min, max, .. }
         | Generator::Walk { min, max, .. }
         | Generator::Gaussian { min, max, .. } = generator
-            && doc.diags.len() == errors_before
+            && doc.problems.len() == errors_before
             && min > max
         {
             doc.error(t.span.clone(), path, format!("min ({min}) is above max ({max})"));
@@ -401,7 +401,7 @@ impl Compiler {
             _ => Rounding::Float(None),
         };
         t.finish(doc);
-        (doc.diags.len() == errors_before).then(|| ValueSpec::Gen(Box::new(generator), rounding))
+        (doc.problems.len() == errors_before).then(|| ValueSpec::Gen(Box::new(generator), rounding))
     }
 }
 
@@ -480,7 +480,7 @@ mod tests {
         let mut t = doc.table(&root, "").unwrap();
         let node = t.get("v").unwrap();
         let spec = c.value(&mut doc, node, "v", ALL_VARS);
-        (spec, doc.diags.iter().map(ToString::to_string).collect(), c.initial_state())
+        (spec, doc.problems.iter().map(ToString::to_string).collect(), c.initial_state())
     }
 
     fn eval(spec: &ValueSpec, state: &mut GenState) -> Value {

@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 
+use clap::Args;
 use serde_json::json;
 
 use super::{EXIT_FAILED, EXIT_USAGE, fanout, stop};
@@ -73,7 +74,7 @@ fn path(kind: Kind, id: &str) -> String {
     }
 }
 
-pub async fn run(args: crate::cli::CleanupArgs) -> u8 {
+pub async fn run(args: CleanupArgs) -> u8 {
     let checked = match crate::validate::fleet(Some(&args.config), &[]) {
         Ok(c) => c,
         Err(e) => {
@@ -192,6 +193,22 @@ pub async fn run(args: crate::cli::CleanupArgs) -> u8 {
         }
     }
     if summary.failed() == 0 { 0 } else { EXIT_FAILED }
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The daemon config whose fleet to remove (all shards).
+    #[arg(long, default_value = crate::config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Only look, and say what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! `fleetsim devices`: the registry as an operator sees it, one line per identity.
 
+use clap::Args;
 use serde_json::Value;
 
-use super::{EXIT_FAILED, connect, stop};
-use crate::cli::DevicesArgs;
+use super::{EXIT_FAILED, ServiceOpts, connect, stop};
 
 pub async fn run(args: DevicesArgs) -> u8 {
     let client = match connect(&args.service) {
@@ -56,4 +56,19 @@ pub async fn run(args: DevicesArgs) -> u8 {
     let connected = rows.iter().filter(|t| t["connectionState"] == "Connected").count();
     println!("{} identities, {connected} connected", rows.len());
     0
+}
+
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    /// Only devices whose id starts with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// A twin query instead of every device.
+    #[arg(long, conflicts_with = "prefix")]
+    pub query: Option<String>,
+    /// List modules instead of devices.
+    #[arg(long)]
+    pub modules: bool,
 }

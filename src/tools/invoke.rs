@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{EXIT_FAILED, EXIT_USAGE, connect, fanout, parse_json, parse_target, report, select, show, stop};
-use crate::cli::InvokeArgs;
+use clap::Args;
+
+use super::{
+    EXIT_FAILED, EXIT_USAGE, Selector, ServiceOpts, connect, fanout, parse_json, parse_target, report, select, show,
+    stop,
+};
 use crate::service::{MethodResult, ServiceClient, ServiceError, method_outcome};
 
 async fn call(
@@ -56,4 +60,24 @@ async fn inner(args: InvokeArgs) -> Result<u8, u8> {
         println!("{}", serde_json::to_string_pretty(&r.payload).expect("JSON prints"));
     }
     Ok(if (200..300).contains(&r.status) { 0 } else { EXIT_FAILED })
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    #[command(flatten)]
+    pub select: Selector,
+    /// DEVICE[/MODULE] METHOD, or only METHOD with --prefix or --query.
+    #[arg(required = true, num_args = 1..=2)]
+    pub args: Vec<String>,
+    /// The request payload (JSON).
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    /// Seconds to wait for the device's answer: 5 to 300, IoT Hub's range.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=300))]
+    pub timeout: u64,
+    /// Seconds to wait for the device to come online: 0 to 300, IoT Hub's range.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub connect_timeout: u64,
 }

@@ -39,7 +39,7 @@ pub struct ImportArgs {
 }
 
 /// The scenario text for `args`, or every problem.
-pub fn scenario(args: &ImportArgs) -> Result<String, crate::tomlread::Diagnostics> {
+pub fn scenario(args: &ImportArgs) -> Result<String, crate::problems::Problems> {
     let mut out = String::from(
         "# Written by `fleetsim model import`: every choice below is the model's or says why it was\n\
          # made. Edit freely; `fleetsim check` validates it.\n",
@@ -70,7 +70,7 @@ pub fn scenario(args: &ImportArgs) -> Result<String, crate::tomlread::Diagnostic
             Err(p) => problems.extend(p),
         }
     }
-    if problems.is_empty() { Ok(out) } else { Err(crate::tomlread::Diagnostics(problems)) }
+    if problems.is_empty() { Ok(out) } else { Err(crate::problems::Problems(problems)) }
 }
 
 /// A template name from a DTMI's last segment: `dtmi:com:example:Thermostat;1` → `thermostat`.

@@ -1,8 +1,12 @@
 //! `fleetsim twin`: show one twin, patch its desired properties, or patch many (a desired-property
 //! sweep, measured like a method storm).
 
-use super::{EXIT_FAILED, EXIT_USAGE, connect, fanout, parse_json, parse_target, report, select, show, stop};
-use crate::cli::TwinArgs;
+use clap::Args;
+
+use super::{
+    EXIT_FAILED, EXIT_USAGE, Selector, ServiceOpts, connect, fanout, parse_json, parse_target, report, select, show,
+    stop,
+};
 
 pub async fn run(args: TwinArgs) -> u8 {
     inner(args).await.unwrap_or_else(|code| code)
@@ -45,4 +49,17 @@ async fn inner(args: TwinArgs) -> Result<u8, u8> {
         println!("{}", serde_json::to_string_pretty(&twin).expect("JSON prints"));
     }
     Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct TwinArgs {
+    #[command(flatten)]
+    pub service: ServiceOpts,
+    #[command(flatten)]
+    pub select: Selector,
+    /// DEVICE or DEVICE/MODULE (omit with --prefix or --query).
+    pub target: Option<String>,
+    /// Merge this JSON object into the desired properties.
+    #[arg(long)]
+    pub desired: Option<String>,
 }

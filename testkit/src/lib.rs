@@ -1,7 +1,8 @@
 //! Test harness: a real emulator on loopback (port 0, its own data dir), a REST helper that signs
 //! service tokens, and a raw MQTT 3.1.1 client over real TLS for the cases no SDK would send.
 //! Waits are bounded so a broken hub fails a test instead of hanging it; nothing asserts speed.
-#![allow(dead_code)]
+//! A crate of its own (used as `common` by the tests), so it is compiled once, not once per test
+//! binary.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -406,16 +407,70 @@ impl MqttClient {
     }
 }
 
-/// Polls `check` until it holds, failing the test after `WAIT`.
-pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+/// Polls `check` every 100 ms until it holds, failing the test after `WAIT`. Tests wait for a
+/// condition this way, never for a fixed time standing in for "it happened".
+pub async fn wait_until<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    wait_until_for(what, WAIT, check).await
+}
+
+/// `wait_until` with its own bound, for conditions that take longer than `WAIT` by design.
+pub async fn wait_until_for<F, Fut>(what: &str, bound: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `check` every 100 ms until it yields a value, failing the test after `WAIT`.
+pub async fn poll_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {WAIT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `check` every 100 ms for all of `window`, failing the test the first time it does not
+/// hold: for what must not happen (a stale acknowledgement overwriting a newer one), where only a
+/// window of watching can tell.
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < end {
+        assert!(check().await, "{what} stopped holding");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` every 100 ms, without a runtime (tests that drive a `fleetsim` process), until it
+/// gives a value; fails the test after `bound`.
+pub fn poll_blocking<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -433,9 +488,9 @@ impl std::ops::Deref for FleetUnderTest {
     }
 }
 
-/// A path under the repository.
+/// A path under the repository (this crate is its `testkit/`).
 pub fn repo(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ is in the repository").join(path)
 }
 
 impl FleetUnderTest {

@@ -3,15 +3,21 @@
 //! runtime knobs. Checked as a whole before anything starts; every problem is reported at once.
 //! Secrets may be inline, `{ env = "VAR" }` or `{ file = "path" }`, and are never echoed.
 
+pub mod ci;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use self::ci::CiConfig;
 use crate::device::outbox::OfflinePolicy;
 use crate::device::ramp::Schedule;
 use crate::device::spec::Settings;
-use crate::fleet::ci::{CiConfig, Probe, Thresholds};
-use crate::tomlread::{Diagnostics, Doc, MAX_DURATION, Node, Table, Val, show_duration};
+use crate::problems::{Problem, Problems};
+use crate::tomlread::{Doc, MAX_DURATION, Node, Table, Val, show_duration};
+
+/// The daemon config `run`, `check` and `cleanup` read when none is named.
+pub const DEFAULT_CONFIG: &str = "config.example.toml";
 
 /// A secret's value. `Debug` shows only where it came from.
 #[derive(Clone, PartialEq, Eq)]
@@ -151,31 +157,31 @@ fn expand_glob(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 impl DaemonConfig {
-    pub fn load(path: &Path) -> Result<DaemonConfig, Diagnostics> {
+    pub fn load(path: &Path) -> Result<DaemonConfig, Problems> {
         match Self::read(path) {
             (Some(c), d) if d.is_empty() => Ok(c),
-            (_, d) => Err(Diagnostics(d)),
+            (_, d) => Err(Problems(d)),
         }
     }
 
-    pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Diagnostics> {
+    pub fn parse(path: &Path, text: String) -> Result<DaemonConfig, Problems> {
         match Self::parse_all(path, text) {
             (Some(c), d) if d.is_empty() => Ok(c),
-            (_, d) => Err(Diagnostics(d)),
+            (_, d) => Err(Problems(d)),
         }
     }
 
     /// Reads a config as far as it can be read: the config (with defaults where fields are bad)
     /// whenever the file is a TOML table, and every problem. `fleetsim check` uses the partial
     /// config to go on and check the scenario files it names.
-    pub fn read(path: &Path) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
+    pub fn read(path: &Path) -> (Option<DaemonConfig>, Vec<Problem>) {
         match crate::fsio::read_text_capped(path, crate::fsio::MAX_INPUT_FILE) {
             Ok(text) => Self::parse_all(path, text),
-            Err(e) => (None, vec![Diagnostics::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e)))]),
+            Err(e) => (None, vec![Problem::file(path, format!("cannot read: {}", crate::tomlread::io_reason(&e)))]),
         }
     }
 
-    fn parse_all(path: &Path, text: String) -> (Option<DaemonConfig>, Vec<crate::tomlread::Diagnostic>) {
+    fn parse_all(path: &Path, text: String) -> (Option<DaemonConfig>, Vec<Problem>) {
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let (mut doc, root) = Doc::parse(path.display().to_string(), text);
         let mut cfg = None;
@@ -203,7 +209,7 @@ impl DaemonConfig {
                 None => Some("127.0.0.1:9100".parse().expect("default")),
             };
             let (settings, progress_interval) = settings(&mut doc, &mut top);
-            let ci = ci(&mut doc, &mut top, &base);
+            let ci = ci::read(&mut doc, &mut top, &base);
             top.finish(&mut doc);
             cfg = Some(DaemonConfig {
                 file: path.to_owned(),
@@ -216,7 +222,7 @@ impl DaemonConfig {
                 ci,
             });
         }
-        (cfg, doc.into_diags())
+        (cfg, doc.into_problems())
     }
 }
 
@@ -356,76 +362,6 @@ fn settings(doc: &mut Doc, top: &mut Table<'_>) -> (Settings, Duration) {
     }
     t.finish(doc);
     (s, progress)
-}
-
-fn ci(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<CiConfig> {
-    let mut t = top.table(doc, "ci")?;
-    let d = CiConfig::default();
-    let duration = match t.duration(doc, "duration") {
-        Some(x) if x.is_zero() => {
-            doc.error(t.span_of("duration"), &t.field("duration"), "must be above zero");
-            d.duration
-        }
-        Some(x) => x,
-        None => {
-            t.missing(doc, "duration");
-            d.duration
-        }
-    };
-    let mut thresholds = Thresholds::default();
-    if let Some(mut th) = t.table(doc, "thresholds") {
-        // A threshold set to -1 is switched off (TOML has no null).
-        let mut limit = |doc: &mut Doc, key: &str, default: Option<u64>| match th.f64(doc, key) {
-            Some(v) if v < 0.0 => None,
-            Some(v) => Some(v as u64),
-            None => default,
-        };
-        thresholds.max_lost = limit(doc, "max_lost", thresholds.max_lost);
-        thresholds.max_unaccounted = limit(doc, "max_unaccounted", thresholds.max_unaccounted);
-        thresholds.max_dropped = limit(doc, "max_dropped", thresholds.max_dropped);
-        thresholds.max_stuck = limit(doc, "max_stuck", thresholds.max_stuck);
-        thresholds.all_connected_within = th.duration(doc, "all_connected_within");
-        thresholds.method_p99 = th.duration(doc, "method_p99");
-        thresholds.max_error_rate = th.f64(doc, "max_error_rate");
-        if thresholds.max_error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
-            doc.error(th.span_of("max_error_rate"), &th.field("max_error_rate"), "is a fraction between 0 and 1");
-        }
-        th.finish(doc);
-    }
-    let probe = t.table(doc, "probe").map(|mut p| {
-        let method = p.req_str(doc, "method").unwrap_or_default();
-        let payload = match p.str(doc, "payload") {
-            Some(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-                doc.error(p.span_of("payload"), &p.field("payload"), format!("is not JSON: {e}"));
-                serde_json::Value::Null
-            }),
-            None => serde_json::Value::Null,
-        };
-        let probe = Probe {
-            method,
-            payload,
-            every: p
-                .duration_in(doc, "every", Duration::from_millis(10), Duration::from_secs(3600))
-                .unwrap_or(Duration::from_secs(1)),
-            // IoT Hub's responseTimeoutInSeconds allows at most 300.
-            response_timeout: p
-                .duration_in(doc, "response_timeout", Duration::from_secs(1), Duration::from_secs(300))
-                .unwrap_or(Duration::from_secs(10)),
-        };
-        p.finish(doc);
-        probe
-    });
-    let cfg = CiConfig {
-        duration,
-        settle: t.duration(doc, "settle").unwrap_or(d.settle),
-        report: t.str(doc, "report").map(|r| base.join(r)),
-        lift_faults: t.bool(doc, "lift_faults").unwrap_or(d.lift_faults),
-        judge_hub_loss: t.bool(doc, "judge_hub_loss").unwrap_or(d.judge_hub_loss),
-        thresholds,
-        probe,
-    };
-    t.finish(doc);
-    Some(cfg)
 }
 
 #[cfg(test)]
