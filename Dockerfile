@@ -21,6 +21,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /var/lib/fleetsim --create-home fleetsim
 COPY --from=build /src/target/release/fleetsim /usr/local/bin/fleetsim
 COPY scenarios /etc/fleetsim/scenarios
+COPY models /etc/fleetsim/models
 COPY deploy/docker/config.toml deploy/docker/hub.toml /etc/fleetsim/
 USER 10001
 WORKDIR /var/lib/fleetsim

@@ -20,9 +20,9 @@ fn fleetsim(args: &[&str]) -> (i32, String, String) {
 fn the_shipped_config_and_scenarios_check_clean() {
     let (code, out, err) = fleetsim(&["check", "--config", "config.example.toml"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "ok: 4 templates, 12 devices, 6 modules");
+    assert_eq!(out.trim(), "ok: 5 templates, 17 devices, 6 modules");
     for (config, want) in [
-        ("soak/soak.toml", "ok: 5 templates, 52 devices, 6 modules"),
+        ("soak/soak.toml", "ok: 6 templates, 57 devices, 6 modules"),
         ("soak/soak-10k.toml", "ok: 1 templates, 10000 devices, 0 modules"),
     ] {
         let (code, out, err) = fleetsim(&["check", "--config", config]);

@@ -373,7 +373,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         let c = DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c.hub, HubMode::Embedded { .. }));
-        assert_eq!(c.scenarios.len(), 4, "{:?}", c.scenarios);
+        assert_eq!(c.scenarios.len(), 5, "{:?}", c.scenarios);
     }
 
     #[test]
