@@ -36,7 +36,7 @@ pub struct HubConfig {
     pub keys: KeyOverrides,
     /// Enrollments to create at start, besides the default symmetric-key group.
     pub enrollments: Vec<EnrollmentSpec>,
-    pub behaviour: Behaviour,
+    pub behaviour: HubBehaviour,
     /// Failures to inject (all off by default); changeable at run time through `/emulator/faults`.
     pub faults: super::faults::FaultConfig,
     /// A DTDL model directory (device models repository layout): when set, what devices send is
@@ -102,7 +102,7 @@ pub enum BadSubscription {
 /// Protocol knobs, several of them behaviours protocol.md could not confirm.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Behaviour {
+pub struct HubBehaviour {
     /// Clock skew tolerated past a SAS token's expiry.
     pub sas_skew_secs: u64,
     pub bad_subscription: BadSubscription,
@@ -138,9 +138,9 @@ pub struct Behaviour {
     pub http_idle_timeout_secs: u64,
 }
 
-impl Default for Behaviour {
+impl Default for HubBehaviour {
     fn default() -> Self {
-        Behaviour {
+        HubBehaviour {
             sas_skew_secs: 0,
             bad_subscription: BadSubscription::Close,
             max_subscriptions: 5,
@@ -173,7 +173,7 @@ impl Default for HubConfig {
             tls: TlsFiles::default(),
             keys: KeyOverrides::default(),
             enrollments: Vec::new(),
-            behaviour: Behaviour::default(),
+            behaviour: HubBehaviour::default(),
             faults: Default::default(),
             models_dir: None,
         }

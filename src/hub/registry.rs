@@ -108,10 +108,7 @@ impl Identity {
 
 /// The registry's map key: `device` or `device/module` (device ids cannot contain `/`).
 pub fn identity_key(device_id: &str, module_id: Option<&str>) -> String {
-    match module_id {
-        Some(m) => format!("{device_id}/{m}"),
-        None => device_id.to_owned(),
-    }
+    crate::iot::username::client_id(device_id, module_id)
 }
 
 /// An id IoT Hub would accept: 1-128 ASCII alphanumerics and `- : . + % _ # * ? ! ( ) , = @ ; $ '`,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{Behaviour, EnrollmentSpec, HubConfig};
+use super::config::{EnrollmentSpec, HubBehaviour, HubConfig};
 use super::dps::{Dps, GroupEnrollment, IndividualEnrollment};
 use super::methods::Methods;
 use super::metrics::HubMetrics;
@@ -32,7 +32,7 @@ pub struct HubState {
     pub hostname: String,
     /// Every name tokens and usernames may use for this hub (the hostname first).
     pub hostnames: Vec<String>,
-    pub behaviour: Behaviour,
+    pub behaviour: HubBehaviour,
     pub policies: Vec<Policy>,
     pub registry: Registry,
     pub dps: Dps,
