@@ -21,6 +21,12 @@ use super::twin_doc::DesiredChange;
 use crate::iot::sas::Key;
 use crate::iot::topic;
 
+/// The Event Hub-compatible name of the built-in endpoint: the hub's name, the first label of its
+/// host name (Azure: "Event Hub-compatible name" defaults to the IoT hub's name).
+pub fn eventhub_name(hostname: &str) -> String {
+    hostname.split('.').next().unwrap_or(hostname).to_owned()
+}
+
 /// A shared access policy with its decoded keys.
 pub struct Policy {
     pub name: &'static str,
@@ -40,6 +46,8 @@ pub struct HubState {
     pub metrics: HubMetrics,
     pub secrets: Secrets,
     pub faults: super::faults::Faults,
+    /// The built-in Event Hubs-compatible endpoint every transport's telemetry is appended to.
+    pub eventhub: super::eventhub::EventHub,
     /// The DPS assignment delay the configuration set, restored when a fault override is lifted.
     configured_assignment_delay: Duration,
     next_conn_id: AtomicU64,
@@ -114,6 +122,13 @@ impl HubState {
             metrics: HubMetrics::default(),
             secrets,
             faults: super::faults::Faults::new(config.faults.clone()),
+            eventhub: super::eventhub::EventHub::new(
+                eventhub_name(&config.hostname),
+                b.eventhub_partitions,
+                b.eventhub_retention_events,
+                Duration::from_secs(b.eventhub_retention_secs),
+                super::clock::wall(),
+            ),
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
