@@ -67,6 +67,11 @@ fn python_device_client() {
 }
 
 #[test]
+fn python_eventhub_consumer_reads_mqtt_telemetry() {
+    python("eventhub_consumer.py");
+}
+
+#[test]
 fn python_module_client() {
     python("module_client.py");
 }
