@@ -256,14 +256,30 @@ mod tests {
     #[test]
     fn the_front_ends_never_import_each_other_and_the_mqtt_contract_is_a_leaf() {
         let mut wrong = Vec::new();
+        let imports = |text: &str, front: &str| {
+            text.contains(&format!("hub::{front}")) || text.contains(&format!("super::super::{front}"))
+        };
         for (path, text) in sources("http") {
-            if text.contains("hub::mqtt") || text.contains("super::super::mqtt") {
+            if imports(&text, "mqtt") {
                 wrong.push(format!("{path} imports the MQTT front end"));
+            }
+            if imports(&text, "amqp") {
+                wrong.push(format!("{path} imports the AMQP front end"));
+            }
+        }
+        for (path, text) in sources("amqp") {
+            for front in ["mqtt", "http"] {
+                if imports(&text, front) || text.contains(&format!("super::{front}")) {
+                    wrong.push(format!("{path} imports the {front} front end"));
+                }
             }
         }
         for (path, text) in sources("mqtt") {
             if text.contains("hub::http") || text.contains("super::super::http") || text.contains("super::http") {
                 wrong.push(format!("{path} imports the HTTPS front end"));
+            }
+            if imports(&text, "amqp") {
+                wrong.push(format!("{path} imports the AMQP front end"));
             }
             let name = path.rsplit('/').next().unwrap_or_default();
             let session = matches!(name, "hub_session.rs" | "dps_session.rs" | "contract.rs");
