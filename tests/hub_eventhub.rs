@@ -294,3 +294,64 @@ async fn management_reads_the_endpoint_and_partitions_and_bad_addresses_are_refu
     }
     let _ = conn.close().await;
 }
+
+#[tokio::test]
+async fn c2d_sent_over_amqp_reaches_the_mqtt_device_and_bad_messages_are_rejected() {
+    use fe2o3_amqp::types::messaging::Outcome;
+    let hub = TestHub::start().await;
+    let key = hub.create_device("c2d").await;
+    let mut device = hub.connect("c2d", None, &key, true).await;
+    device.subscribe(&[("devices/c2d/messages/devicebound/#", QoS::AtLeastOnce)]).await;
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut sender =
+        within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await.unwrap();
+    let message = |to: &str, ack: &str| {
+        let mut app = ApplicationProperties::default();
+        app.0.insert("color".into(), SimpleValue::String("blue".into()));
+        app.0.insert("iothub-ack".into(), SimpleValue::String(ack.into()));
+        Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String("c2d-1".into())),
+                to: Some(to.to_owned()),
+                ..Default::default()
+            })
+            .application_properties(app)
+            .body(Body::Value(AmqpValue(Value::String("hello".into()))))
+            .build()
+    };
+    let outcome = within("send", sender.send(message("/devices/c2d/messages/devicebound", "full"))).await.unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let p = within("the C2D publish", device.next_publish()).await;
+    assert_eq!(&p.payload[..], b"hello");
+    let topic = p.topic.clone();
+    assert!(
+        topic.contains("color=blue") && topic.contains("%24.mid=c2d-1") && topic.contains("iothub-ack=full"),
+        "{topic}"
+    );
+
+    for (to, ack, condition) in [
+        ("/devices/nobody/messages/devicebound", "none", "NotFound"),
+        ("/devices/c2d/messages/events", "none", "InvalidField"),
+        ("/devices/c2d/messages/devicebound", "sometimes", "InvalidField"),
+    ] {
+        let outcome = within("send", sender.send(message(to, ack))).await;
+        let text = format!("{outcome:?}");
+        assert!(text.contains("Rejected") && text.contains(condition), "{to} {ack}: {text}");
+    }
+    let _ = sender.close().await;
+
+    // Without a claim the link is refused.
+    let mut anon = open(&hub, SaslProfile::Anonymous).await.unwrap();
+    let mut session = Session::begin(&mut anon).await.unwrap();
+    let refused =
+        match within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await {
+            Err(e) => format!("{e:?}"),
+            Ok(mut s) => {
+                format!("{:?}", within("send", s.send(message("/devices/c2d/messages/devicebound", "none"))).await)
+            }
+        };
+    assert!(refused.contains("UnauthorizedAccess") || refused.contains("Detached"), "{refused}");
+    let _ = conn.close().await;
+}

@@ -233,6 +233,29 @@ impl HubState {
         out
     }
 
+    /// Queues a C2D message for `identity` (what every service-side sender calls: the emulator's
+    /// REST route, AMQP's `/messages/devicebound`), counts it and pushes it to a live MQTT
+    /// session. Refuses a body over `c2d::MAX_C2D_BODY` and a full queue
+    /// (`behaviour.c2d_max_queue`). Returns the message id.
+    pub fn send_c2d(&self, identity: &Identity, message: super::c2d::NewC2d) -> Result<String, super::c2d::C2dError> {
+        if message.body.len() > super::c2d::MAX_C2D_BODY {
+            return Err(super::c2d::C2dError::TooLarge);
+        }
+        let mut st = identity.lock();
+        let b = &self.behaviour;
+        let id = st.c2d.enqueue(
+            &identity.device_id,
+            message,
+            b.c2d_max_queue,
+            Duration::from_secs(b.c2d_ttl_secs),
+            super::clock::now(),
+            super::clock::wall(),
+        )?;
+        self.metrics.c2d("sent");
+        self.push_c2d(identity, &mut st);
+        Ok(id)
+    }
+
     /// Pushes pending C2D messages to a device's live, subscribed session.
     pub fn push_c2d(&self, identity: &Identity, st: &mut IdentityState) {
         let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.c2d.map(|q| (s.conn_id, q))) else {

@@ -1,4 +1,4 @@
-//! Who an AMQP connection is: the SASL exchange (ANONYMOUS, then claims through `$cbs`; or PLAIN
+//! Who an AMQP connection is: the SASL exchange (ANONYMOUS or MSSBCBS, then claims through `$cbs`; or PLAIN
 //! with a policy and a SharedAccessSignature, or a policy and its key) and the claims a
 //! connection holds ("Control access to IoT Hub": AMQP; "AMQP 1.0 in Azure Service Bus and
 //! Event Hubs protocol guide": claims-based authorization). A claim is a token's audience, the
@@ -101,10 +101,10 @@ impl Claims {
     }
 }
 
-/// The listener's SASL side: offers PLAIN and ANONYMOUS as IoT Hub and Event Hubs do. PLAIN
+/// The listener's SASL side: offers MSSBCBS, PLAIN and ANONYMOUS as IoT Hub and Event Hubs do. PLAIN
 /// takes `{policy}@sas.root.{hub}` with a SharedAccessSignature as the password (IoT Hub), or a
 /// policy name with that policy's key (Event Hubs); what it grants lands in `claims`.
-/// ANONYMOUS grants nothing: the client puts a token on `$cbs` before attaching.
+/// ANONYMOUS and MSSBCBS grant nothing: the client puts a token on `$cbs` before attaching.
 #[derive(Clone)]
 pub struct HubSasl {
     hub: Hub,
@@ -161,15 +161,18 @@ impl HubSasl {
 
 const PLAIN: &str = "PLAIN";
 const ANONYMOUS: &str = "ANONYMOUS";
+/// Microsoft's mechanism for "claims come later, on `$cbs`", which Azure's brokers offer and the
+/// uamqp-based clients (azure-iot-hub's C2D sender) insist on; it carries nothing.
+const MSSBCBS: &str = "MSSBCBS";
 
 impl SaslAcceptor for HubSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from(PLAIN), Symbol::from(ANONYMOUS)])
+        Array::from(vec![Symbol::from(MSSBCBS), Symbol::from(PLAIN), Symbol::from(ANONYMOUS)])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         let code = match init.mechanism.as_str() {
-            ANONYMOUS => SaslCode::Ok,
+            ANONYMOUS | MSSBCBS => SaslCode::Ok,
             PLAIN => match init.initial_response {
                 Some(r) => self.plain(r.as_ref()),
                 None => SaslCode::Auth,

@@ -1,8 +1,9 @@
-//! The AMQP 1.0 front end (TLS, port 5671): the hub's Event Hubs-compatible endpoint and its
-//! service-side nodes, on `fe2o3-amqp`'s acceptor (framing, SASL negotiation, sessions, links and
-//! flow control are the library's; what each address means is ours). A connection authenticates
-//! with SASL (`auth.rs`), may put tokens on `$cbs` and ask `$management` (`nodes.rs`), and opens
-//! receiver links on partitions (`partition.rs`). `pad.rs` writes every performative with all
+//! The AMQP 1.0 front end (TLS, port 5671): the hub's Event Hubs-compatible endpoint, C2D
+//! sending and their service-side nodes, on `fe2o3-amqp`'s acceptor (framing, SASL negotiation,
+//! sessions, links and flow control are the library's; what each address means is ours). A
+//! connection authenticates with SASL (`auth.rs`), may put tokens on `$cbs` and ask
+//! `$management` (`nodes.rs`), opens receiver links on partitions (`partition.rs`) and sender
+//! links on `/messages/devicebound` (C2D, `c2d.rs`). `pad.rs` writes every performative with all
 //! its fields, for the Python clients that need it. It acts on `state::HubState` only; like the
 //! other front ends it never imports `mqtt/` or `http/`.
 //!
@@ -12,6 +13,7 @@
 //! sessions of `MAX_LINKS` links each per connection.
 
 pub mod auth;
+pub mod c2d;
 pub mod nodes;
 pub mod pad;
 pub mod partition;
@@ -22,10 +24,11 @@ use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle, ListenerSessionHandle, SessionAcceptor,
+    SupportedReceiverSettleModes,
 };
 use fe2o3_amqp::connection::OpenError;
 use fe2o3_amqp::link::{Receiver, Sender};
-use fe2o3_amqp::types::definitions::{AmqpError, Error};
+use fe2o3_amqp::types::definitions::{AmqpError, Error, ReceiverSettleMode};
 use fe2o3_amqp::types::messaging::{Body, Target};
 use fe2o3_amqp::types::primitives::Value;
 use tokio::net::TcpListener;
@@ -59,12 +62,50 @@ pub(crate) async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls
 
 /// Where the answers of `$cbs` and `$management` go: the sender link a client attached for them,
 /// by the address it names (its target, which clients also put in `reply-to`) and by node.
+/// Clients may send a request before their reply link is attached (uamqp does), so a request
+/// waits up to `REPLY_LINK_WAIT` for its route.
 #[derive(Clone, Default)]
-struct Replies(Arc<Mutex<HashMap<String, mpsc::Sender<AmqpMessage>>>>);
+struct Replies(Arc<(Mutex<Routes>, tokio::sync::Notify)>);
+
+/// Reply address (or node) to the reply link's queue.
+type Routes = HashMap<String, mpsc::Sender<AmqpMessage>>;
+
+/// How long an answer waits for the reply link it is addressed to.
+const REPLY_LINK_WAIT: Duration = Duration::from_secs(5);
 
 impl Replies {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<AmqpMessage>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.0.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Routes answers for `node` and `target` to `tx`, waking requests waiting for a route.
+    fn register(&self, node: &str, target: &str, tx: &mpsc::Sender<AmqpMessage>) {
+        let mut map = self.lock();
+        map.insert(node.to_owned(), tx.clone());
+        if !target.is_empty() {
+            map.insert(target.to_owned(), tx.clone());
+        }
+        drop(map);
+        self.0.1.notify_waiters();
+    }
+
+    fn find(&self, reply_to: Option<&str>, node: &str) -> Option<mpsc::Sender<AmqpMessage>> {
+        let map = self.lock();
+        reply_to.and_then(|a| map.get(a).cloned()).or_else(|| map.get(node).cloned())
+    }
+
+    /// The route for an answer, waiting (bounded) for the reply link to attach.
+    async fn route(&self, reply_to: Option<&str>, node: &str) -> Option<mpsc::Sender<AmqpMessage>> {
+        let wait = async {
+            loop {
+                let notified = self.0.1.notified();
+                if let Some(tx) = self.find(reply_to, node) {
+                    return tx;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(REPLY_LINK_WAIT, wait).await.ok()
     }
 }
 
@@ -130,7 +171,13 @@ fn path_of(address: &str) -> &str {
 }
 
 async fn serve_session(hub: Hub, claims: Claims, replies: Replies, mut session: ListenerSessionHandle) {
-    let acceptor = LinkAcceptor::builder().build();
+    // Settlement is one-phase on every link (receiver-settle-mode `first`): a client asking for
+    // `second` is answered with `first`, as it may be (AMQP 1.0 section 2.7.3); uamqp asks for
+    // `second` and then waits forever for a settled disposition.
+    let acceptor = LinkAcceptor::builder()
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
+        .build();
     let mut links = JoinSet::new();
     loop {
         let attach = tokio::select! {
@@ -138,6 +185,7 @@ async fn serve_session(hub: Hub, claims: Claims, replies: Replies, mut session: 
             a = session.next_incoming_attach() => a,
         };
         let Some(attach) = attach else { break };
+        tracing::debug!(name = %attach.name, role = ?attach.role, "AMQP attach");
         let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(l) => l,
             Err(e) => {
@@ -153,6 +201,9 @@ async fn serve_session(hub: Hub, claims: Claims, replies: Replies, mut session: 
                         let node = node.to_owned();
                         links.spawn(serve_requests(hub.clone(), claims.clone(), replies.clone(), node, r));
                     }
+                    c2d::ADDRESS => {
+                        links.spawn(attach_c2d(hub.clone(), claims.clone(), r));
+                    }
                     _ => {
                         let why =
                             Error::new(AmqpError::NotImplemented, "this address takes no messages".to_owned(), None);
@@ -167,7 +218,11 @@ async fn serve_session(hub: Hub, claims: Claims, replies: Replies, mut session: 
                 let path = path_of(&source).to_owned();
                 if path == "$cbs" || path == "$management" {
                     let target = s.target().as_ref().and_then(|t| t.address.clone()).unwrap_or_default();
-                    links.spawn(serve_replies(replies.clone(), path, target, s));
+                    // Registered before the next frame is read, so a request right behind the
+                    // attach finds it.
+                    let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+                    replies.register(&path, path_of(&target), &tx);
+                    links.spawn(serve_replies(replies.clone(), tx, rx, s));
                 } else {
                     links.spawn(attach_partition(hub.clone(), claims.clone(), path, s));
                 }
@@ -199,6 +254,19 @@ async fn attach_partition(hub: Hub, claims: Claims, path: String, sender: Sender
     }
 }
 
+/// Checks the claim for `/messages/devicebound` (ServiceConnect, as IoT Hub asks of C2D senders)
+/// and serves the link, or closes it with `amqp:unauthorized-access`.
+async fn attach_c2d(hub: Hub, claims: Claims, r: Receiver) {
+    let resource = format!("{}/{}", hub.hostname, c2d::ADDRESS);
+    let now = unix_secs(crate::hub::clock::wall());
+    if claims.authorizes(&resource, Permissions::SERVICE_CONNECT, now).is_none() {
+        let why = partition::refuse(AmqpError::UnauthorizedAccess, "Unauthorized: put a token on $cbs first");
+        let _ = r.close_with_error(why).await;
+        return;
+    }
+    c2d::serve(hub, claims, r, resource).await;
+}
+
 /// Takes requests on a `$cbs` or `$management` link, answers each on the reply link.
 async fn serve_requests(hub: Hub, claims: Claims, replies: Replies, node: String, mut r: Receiver) {
     loop {
@@ -218,29 +286,25 @@ async fn serve_requests(hub: Hub, claims: Claims, replies: Replies, node: String
         if r.accept(&delivery).await.is_err() {
             break;
         }
-        let route = {
-            let map = replies.lock();
-            reply_to.and_then(|a| map.get(&a).cloned()).or_else(|| map.get(&node).cloned())
-        };
         // No reply link, or one that does not read: the client's request times out, as on Azure.
-        if let Some(tx) = route {
-            let _ = tx.try_send(answer);
+        match replies.route(reply_to.as_deref(), &node).await {
+            Some(tx) => {
+                let _ = tx.try_send(answer);
+            }
+            None => tracing::debug!(node = %node, "AMQP answer dropped: no reply link"),
         }
     }
     let _ = r.close().await;
 }
 
-/// A client's receiver on `$cbs`/`$management`: answers for its target address (and the node).
-async fn serve_replies(replies: Replies, node: String, target: String, mut s: Sender) {
-    let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
-    let target = path_of(&target).to_owned();
-    {
-        let mut map = replies.lock();
-        map.insert(node.clone(), tx.clone());
-        if !target.is_empty() {
-            map.insert(target.clone(), tx.clone());
-        }
-    }
+/// A client's receiver on `$cbs`/`$management`: sends the answers routed to it (`tx` is its
+/// entry in `replies`, removed when the link ends).
+async fn serve_replies(
+    replies: Replies,
+    tx: mpsc::Sender<AmqpMessage>,
+    mut rx: mpsc::Receiver<AmqpMessage>,
+    mut s: Sender,
+) {
     loop {
         tokio::select! {
             m = rx.recv() => match m {
