@@ -145,6 +145,9 @@ pub struct HubArgs {
     /// HTTPS: service API, DPS, MQTT over WebSockets. Default 127.0.0.1:8443.
     #[arg(long)]
     pub https_addr: Option<SocketAddr>,
+    /// AMQP 1.0 over TLS (the Event Hubs-compatible endpoint). Default 127.0.0.1:5671.
+    #[arg(long)]
+    pub amqp_addr: Option<SocketAddr>,
     /// Prometheus endpoint. Default 127.0.0.1:9464.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,

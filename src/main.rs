@@ -70,6 +70,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         if let Some(a) = args.https_addr {
             config.https_addr = a;
         }
+        if let Some(a) = args.amqp_addr {
+            config.amqp_addr = Some(a);
+        }
         if let Some(a) = args.metrics_addr {
             config.metrics_addr = Some(a);
         }
@@ -94,6 +97,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
     println!("fleetsim hub ready: {}", running.info_path.display());
     println!("  mqtt  {}  (hub and DPS, TLS)", running.info.mqtt_addr);
     println!("  https {}  (service API, DPS, {})", running.info.https_addr, running.info.websocket_url);
+    if let Some(a) = running.info.amqp_addr {
+        println!("  amqp  {a}  (Event Hubs-compatible endpoint `{}`, TLS)", running.info.eventhub_name);
+    }
     if let Some(m) = &running.info.metrics_url {
         println!("  metrics {m}");
     }

@@ -57,6 +57,7 @@ pub fn fleet(config: Option<&Path>, extra: &[PathBuf]) -> Result<Fleet, Problems
                     h.data_dir = data_dir.clone();
                     h.mqtt_addr = *mqtt_addr;
                     h.https_addr = *https_addr;
+                    h.amqp_addr = Some(std::net::SocketAddr::new(mqtt_addr.ip(), 0));
                     // The fleet's own endpoint serves the embedded hub's metrics.
                     h.metrics_addr = None;
                 }) {

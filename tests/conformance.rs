@@ -67,6 +67,16 @@ fn python_device_client() {
 }
 
 #[test]
+fn python_eventhub_consumer_reads_mqtt_telemetry() {
+    python("eventhub_consumer.py");
+}
+
+#[test]
+fn python_registry_manager_sends_c2d_over_amqp() {
+    python("c2d_over_amqp.py");
+}
+
+#[test]
 fn python_module_client() {
     python("module_client.py");
 }

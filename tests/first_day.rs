@@ -87,7 +87,18 @@ fn the_emulator_logs_each_connection_with_its_identity_and_cause() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
-        .args(["hub", "--data-dir", "d", "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--no-metrics"])
+        .args([
+            "hub",
+            "--data-dir",
+            "d",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
+            "--amqp-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+        ])
         .args(["--log", "fleetsim=debug"])
         .current_dir(dir.path())
         .env_remove("RUST_LOG")

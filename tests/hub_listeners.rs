@@ -72,6 +72,7 @@ async fn idle_and_half_sent_connections_are_closed_and_new_clients_are_served() 
     })
     .await;
     let (mqtt, https) = (hub.info.mqtt_addr, hub.info.https_addr);
+    let amqp = hub.info.amqp_addr.expect("the AMQP listener is on");
     let metrics: SocketAddr =
         hub.info.metrics_url.as_deref().unwrap()["http://".len()..].trim_end_matches("/metrics").parse().unwrap();
     let mut stalled: Vec<Stalled> = Vec::new();
@@ -101,13 +102,21 @@ async fn idle_and_half_sent_connections_are_closed_and_new_clients_are_served() 
             s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
             stalled.push(Box::pin(async move { ("https idle h2".to_owned(), server_closes(s).await) }));
         }
+        // AMQP: no TLS; TLS and no protocol header; half a SASL protocol header.
+        let s = tcp(amqp).await;
+        stalled.push(Box::pin(async move { ("amqp tcp only".to_owned(), server_closes(s).await) }));
+        let s = tls(&hub, amqp, &[]).await;
+        stalled.push(Box::pin(async move { ("amqp no header".to_owned(), server_closes(s).await) }));
+        let mut s = tls(&hub, amqp, &[]).await;
+        s.write_all(b"AMQP\x03").await.unwrap();
+        stalled.push(Box::pin(async move { ("amqp half header".to_owned(), server_closes(s).await) }));
         // Metrics (plain HTTP): half-sent headers.
         let mut s = tcp(metrics).await;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         stalled.push(Box::pin(async move { ("metrics half headers".to_owned(), server_closes(s).await) }));
     }
     let total = stalled.len();
-    assert!(total >= 6 * EACH, "a few hundred stalled connections");
+    assert!(total >= 9 * EACH, "a few hundred stalled connections");
     // New clients are served while the stalled ones are still open.
     served(&hub).await;
     let key = hub.create_device("d1").await;
@@ -127,10 +136,11 @@ async fn past_the_connection_bound_connections_are_turned_away_and_counted() {
         c.behaviour.connect_timeout_secs = 2;
     })
     .await;
-    // Fill the bound with idle TCP connections to both TLS listeners.
+    // Fill the bound with idle TCP connections to the three TLS listeners.
     let mut held = Vec::new();
     for i in 0..BOUND {
-        held.push(tcp(if i % 2 == 0 { hub.info.mqtt_addr } else { hub.info.https_addr }).await);
+        let amqp = hub.info.amqp_addr.expect("the AMQP listener is on");
+        held.push(tcp([hub.info.mqtt_addr, hub.info.https_addr, amqp][i % 3]).await);
     }
     // The accept loop has taken every one of them once the next one is refused at once.
     let mut refused = 0;

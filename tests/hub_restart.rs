@@ -94,6 +94,7 @@ impl HubProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
             .args(["hub", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}"), "--https-addr", &format!("127.0.0.1:{https}")])
+            .args(["--amqp-addr", "127.0.0.1:0"])
             .arg("--no-metrics")
             .stdout(Stdio::null())
             .stderr(log)

@@ -28,6 +28,8 @@ pub fn spawn_hub(data_dir: &Path, threads: Option<usize>, config: Option<&Path>)
             "127.0.0.1:0",
             "--https-addr",
             "127.0.0.1:0",
+            "--amqp-addr",
+            "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
             "--log",

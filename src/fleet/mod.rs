@@ -320,6 +320,9 @@ pub async fn start(
             hc.data_dir = data_dir.clone();
             hc.mqtt_addr = *mqtt_addr;
             hc.https_addr = *https_addr;
+            // The fleet's config names no AMQP address: the embedded hub's endpoint takes a free
+            // port beside MQTT (hub.json tells it), so fleets and tests never collide on 5671.
+            hc.amqp_addr = Some(std::net::SocketAddr::new(mqtt_addr.ip(), 0));
             // The fleet's own endpoint serves the embedded hub's metrics too.
             hc.metrics_addr = None;
             // Devices built from models are checked against the same models.

@@ -78,7 +78,13 @@ pub struct NewC2d {
 pub enum C2dError {
     #[error("the device already has the maximum number of messages queued")]
     QueueFull,
+    /// IoT Hub's limit on a C2D message body: 64 KB ("IoT Hub quotas and throttling").
+    #[error("a C2D message is at most 64 KB")]
+    TooLarge,
 }
+
+/// The largest C2D body IoT Hub takes.
+pub const MAX_C2D_BODY: usize = 64 * 1024;
 
 /// Why a queued message left the queue without being completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

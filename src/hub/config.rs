@@ -30,6 +30,10 @@ pub struct HubConfig {
     pub mqtt_addr: SocketAddr,
     /// HTTPS: service REST API, DPS device and service APIs, MQTT over WebSockets.
     pub https_addr: SocketAddr,
+    /// AMQP 1.0 over TLS: the Event Hubs-compatible endpoint and the service side (IoT Hub and
+    /// Event Hubs both listen on 5671, "AMQP 1.0 in Azure Service Bus and Event Hubs protocol
+    /// guide"); `None` turns it off.
+    pub amqp_addr: Option<SocketAddr>,
     /// Plain-HTTP Prometheus endpoint; `None` turns it off.
     pub metrics_addr: Option<SocketAddr>,
     pub tls: TlsFiles,
@@ -136,6 +140,18 @@ pub struct HubBehaviour {
     /// How long an HTTPS connection may sit with no request in progress before it is closed.
     /// WebSocket connections are not affected: MQTT keep-alive governs them.
     pub http_idle_timeout_secs: u64,
+    /// The idle timeout the AMQP listener announces in its `open` (milliseconds on the wire): a
+    /// peer that sends nothing, not even an empty frame, for this long is closed (AMQP 1.0
+    /// section 2.4.5). Azure's brokers announce 240 s.
+    pub amqp_idle_timeout_secs: u64,
+    /// Partitions of the Event Hubs-compatible endpoint (IoT Hub: 2 to 128, default 4); a device's
+    /// messages always go to the same one (a stable hash of the device id).
+    pub eventhub_partitions: u32,
+    /// Events each partition retains, oldest dropped first (0 keeps none: the endpoint serves
+    /// nothing, for load tests).
+    pub eventhub_retention_events: usize,
+    /// How long an event is retained (IoT Hub's built-in endpoint: 1 day by default, up to 7).
+    pub eventhub_retention_secs: u64,
 }
 
 impl Default for HubBehaviour {
@@ -157,6 +173,10 @@ impl Default for HubBehaviour {
             max_connections: 0,
             http_header_timeout_secs: crate::httpserve::Limits::DEFAULT.header_timeout.as_secs(),
             http_idle_timeout_secs: crate::httpserve::Limits::DEFAULT.idle_timeout.as_secs(),
+            amqp_idle_timeout_secs: 240,
+            eventhub_partitions: 4,
+            eventhub_retention_events: 10_000,
+            eventhub_retention_secs: 86_400,
         }
     }
 }
@@ -169,6 +189,7 @@ impl Default for HubConfig {
             extra_hostnames: Vec::new(),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 8883)),
             https_addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            amqp_addr: Some(SocketAddr::from(([127, 0, 0, 1], 5671))),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             tls: TlsFiles::default(),
             keys: KeyOverrides::default(),
@@ -230,6 +251,10 @@ impl HubConfig {
             ("max_connections", b.max_connections as u64, 0, 10_000_000),
             ("http_header_timeout_secs", b.http_header_timeout_secs, 1, 3600),
             ("http_idle_timeout_secs", b.http_idle_timeout_secs, 1, DAY),
+            ("amqp_idle_timeout_secs", b.amqp_idle_timeout_secs, 1, DAY),
+            ("eventhub_partitions", b.eventhub_partitions as u64, 1, 128),
+            ("eventhub_retention_events", b.eventhub_retention_events as u64, 0, 10_000_000),
+            ("eventhub_retention_secs", b.eventhub_retention_secs, 1, 7 * DAY),
         ] {
             if !(min..=max).contains(&v) {
                 problem(&format!("behaviour.{name}"), format!("behaviour.{name} must be from {min} to {max}"));
@@ -307,6 +332,8 @@ mod tests {
         (b.http_header_timeout_secs, b.http_idle_timeout_secs) = (0, huge);
         (b.max_message_bytes, b.c2d_max_delivery_count, b.c2d_max_queue) = (usize::MAX, 0, 0);
         b.c2d_lock_timeout_secs = huge;
+        (b.amqp_idle_timeout_secs, b.eventhub_retention_secs) = (huge, huge);
+        (b.eventhub_partitions, b.eventhub_retention_events) = (0, usize::MAX);
         c.faults.token_lifetime_secs = huge;
         c.faults.puback_delay_ms = huge;
         c.faults.storm_every_secs = huge;
@@ -325,6 +352,10 @@ mod tests {
             "behaviour.c2d_max_delivery_count must be from 1 to 100",
             "behaviour.c2d_max_queue",
             "behaviour.c2d_lock_timeout_secs must be from 1 to 3600",
+            "behaviour.amqp_idle_timeout_secs must be from 1 to 86400",
+            "behaviour.eventhub_partitions must be from 1 to 128",
+            "behaviour.eventhub_retention_events must be from 0 to 10000000",
+            "behaviour.eventhub_retention_secs must be from 1 to 604800",
             "faults.token_lifetime_secs must be from 0 to 31536000",
             "faults.puback_delay_ms",
             "faults.storm_every_secs",
@@ -332,7 +363,7 @@ mod tests {
         ] {
             assert!(err.contains(field), "{field} missing from:\n{err}");
         }
-        assert_eq!(err.lines().count(), 16, "{err}");
+        assert_eq!(err.lines().count(), 20, "{err}");
     }
 
     #[test]
@@ -342,6 +373,7 @@ mod tests {
         c.validate().unwrap();
         let d = HubConfig::default();
         assert_eq!((c.mqtt_addr, c.https_addr, c.metrics_addr), (d.mqtt_addr, d.https_addr, d.metrics_addr));
+        assert_eq!(c.amqp_addr, d.amqp_addr);
         assert_eq!(format!("{:?}", c.behaviour), format!("{:?}", d.behaviour));
     }
 

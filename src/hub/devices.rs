@@ -120,7 +120,8 @@ pub struct D2c<'a> {
     pub will: bool,
 }
 
-/// Stores an accepted message in the identity's telemetry log, notes its activity, counts the
+/// Stores an accepted message in the identity's telemetry log and the Event Hubs-compatible
+/// endpoint (`eventhub.rs`), notes its activity, counts the
 /// fleet's sequence stamp (`iot::sequence::PROPERTY`) and the telemetry metrics. `model_id` is
 /// the one the connection announced, if any, else the identity's.
 pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentityState, model_id: Option<&str>, m: D2c) {
@@ -138,8 +139,16 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
         let found = check.telemetry(&key, model, properties.get("$.sub"), &body);
         hub.metrics.model_mismatches.with_label_values(&["telemetry"]).inc_by(found as u64);
     }
-    st.telemetry
-        .record(hub.behaviour.telemetry_buffer, || telemetry::receive(properties, body, &sender, retain, will, wall));
+    let make = || telemetry::receive(properties, body.clone(), &sender, retain, will, wall);
+    // Built once for both readers: the identity's read-back ring and the Event Hubs-compatible
+    // endpoint (each may keep nothing, for load tests).
+    let mut built = None;
+    if hub.eventhub.enabled() {
+        let m = make();
+        hub.eventhub.append(&identity.device_id, Arc::new(m.clone()), wall);
+        built = Some(m);
+    }
+    st.telemetry.record(hub.behaviour.telemetry_buffer, || built.take().unwrap_or_else(make));
     st.record.last_activity = Some(wall);
     if let Some((run, n)) = properties.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
         let tracker = match &mut st.sequence {

@@ -31,6 +31,19 @@ pub struct HubInfo {
     pub group_key: String,
     pub metrics_url: Option<String>,
     pub websocket_url: String,
+    /// The AMQP listener (Event Hubs-compatible endpoint), when it is on.
+    #[serde(default)]
+    pub amqp_addr: Option<SocketAddr>,
+    /// The Event Hub-compatible name: the hub's name (its host name's first label).
+    #[serde(default)]
+    pub eventhub_name: String,
+    /// The Event Hub-compatible endpoint, `sb://{hostname}[:port]/`.
+    #[serde(default)]
+    pub eventhub_endpoint: Option<String>,
+    /// `Endpoint=...;SharedAccessKeyName=service;SharedAccessKey=...;EntityPath={name}`, what the
+    /// Event Hubs clients take (Azure portal: "Event Hub-compatible endpoint").
+    #[serde(default)]
+    pub eventhub_connection_string: Option<String>,
     pub pid: u32,
 }
 
@@ -40,6 +53,7 @@ impl std::fmt::Debug for HubInfo {
             .field("hostname", &self.hostname)
             .field("mqtt_addr", &self.mqtt_addr)
             .field("https_addr", &self.https_addr)
+            .field("amqp_addr", &self.amqp_addr)
             .field("id_scope", &self.id_scope)
             .finish_non_exhaustive()
     }

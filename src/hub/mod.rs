@@ -3,14 +3,16 @@
 //! `start` validates the configuration, loads or makes the keys and TLS material, binds every
 //! listener (port 0 works, for tests), writes hub.json and returns a handle. Device traffic enters
 //! through `mqtt` (TLS, or WebSockets via `mqtt::websocket`, whose route this file merges into the
-//! HTTPS router); service traffic through `http`. Both act on the
+//! HTTPS router); service traffic through `http`, and Event Hubs consumers through `amqp`. All act on the
 //! shared `state::HubState`: `registry` (identities, twins, sessions), `dps`, `methods`, `c2d`.
 
+pub mod amqp;
 pub mod c2d;
 pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod dps;
+pub mod eventhub;
 pub mod faults;
 pub mod http;
 pub mod info;
@@ -129,6 +131,12 @@ pub(crate) async fn tls_accept_loop<F, Fut>(
     }
 }
 
+/// The Event Hub-compatible endpoint as Azure writes it (`sb://{namespace host}/`), with the port
+/// when it is not AMQP's 5671.
+fn eventhub_endpoint(hostname: &str, port: u16) -> String {
+    if port == 5671 { format!("sb://{hostname}/") } else { format!("sb://{hostname}:{port}/") }
+}
+
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
@@ -145,6 +153,14 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
 
     let mqtt = bind(config.mqtt_addr, "MQTT").await?;
     let https = bind(config.https_addr, "HTTPS").await?;
+    let amqp = match config.amqp_addr {
+        Some(a) => Some(bind(a, "AMQP").await?),
+        None => None,
+    };
+    let amqp_addr = match &amqp {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let metrics = match config.metrics_addr {
         Some(a) => Some(bind(a, "metrics").await?),
         None => None,
@@ -159,6 +175,10 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
         tokio::spawn(mqtt::accept_loop(hub.clone(), mqtt, tls.mqtt.clone())),
         tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone(), mqtt::websocket::routes())),
     ];
+    if let Some(a) = amqp {
+        // No ALPN, as for MQTT: AMQP clients negotiate none.
+        tasks.push(tokio::spawn(amqp::accept_loop(hub.clone(), a, tls.mqtt.clone())));
+    }
     if let Some(m) = metrics {
         tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));
     }
@@ -196,6 +216,17 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
         group_key: s.default_group.primary.clone(),
         metrics_url,
         websocket_url: format!("wss://{}:{}/$iothub/websocket", config.hostname, https_addr.port()),
+        amqp_addr,
+        eventhub_name: hub.eventhub.name.clone(),
+        eventhub_endpoint: amqp_addr.map(|a| eventhub_endpoint(&config.hostname, a.port())),
+        eventhub_connection_string: amqp_addr.map(|a| {
+            format!(
+                "Endpoint={};SharedAccessKeyName=service;SharedAccessKey={};EntityPath={}",
+                eventhub_endpoint(&config.hostname, a.port()),
+                s.policies["service"].primary,
+                hub.eventhub.name
+            )
+        }),
         pid: std::process::id(),
     };
     let info_path = data_dir.join("hub.json");
@@ -226,14 +257,30 @@ mod tests {
     #[test]
     fn the_front_ends_never_import_each_other_and_the_mqtt_contract_is_a_leaf() {
         let mut wrong = Vec::new();
+        let imports = |text: &str, front: &str| {
+            text.contains(&format!("hub::{front}")) || text.contains(&format!("super::super::{front}"))
+        };
         for (path, text) in sources("http") {
-            if text.contains("hub::mqtt") || text.contains("super::super::mqtt") {
+            if imports(&text, "mqtt") {
                 wrong.push(format!("{path} imports the MQTT front end"));
+            }
+            if imports(&text, "amqp") {
+                wrong.push(format!("{path} imports the AMQP front end"));
+            }
+        }
+        for (path, text) in sources("amqp") {
+            for front in ["mqtt", "http"] {
+                if imports(&text, front) || text.contains(&format!("super::{front}")) {
+                    wrong.push(format!("{path} imports the {front} front end"));
+                }
             }
         }
         for (path, text) in sources("mqtt") {
             if text.contains("hub::http") || text.contains("super::super::http") || text.contains("super::http") {
                 wrong.push(format!("{path} imports the HTTPS front end"));
+            }
+            if imports(&text, "amqp") {
+                wrong.push(format!("{path} imports the AMQP front end"));
             }
             let name = path.rsplit('/').next().unwrap_or_default();
             let session = matches!(name, "hub_session.rs" | "dps_session.rs" | "contract.rs");

@@ -21,6 +21,12 @@ use super::twin_doc::DesiredChange;
 use crate::iot::sas::Key;
 use crate::iot::topic;
 
+/// The Event Hub-compatible name of the built-in endpoint: the hub's name, the first label of its
+/// host name (Azure: "Event Hub-compatible name" defaults to the IoT hub's name).
+pub fn eventhub_name(hostname: &str) -> String {
+    hostname.split('.').next().unwrap_or(hostname).to_owned()
+}
+
 /// A shared access policy with its decoded keys.
 pub struct Policy {
     pub name: &'static str,
@@ -40,6 +46,8 @@ pub struct HubState {
     pub metrics: HubMetrics,
     pub secrets: Secrets,
     pub faults: super::faults::Faults,
+    /// The built-in Event Hubs-compatible endpoint every transport's telemetry is appended to.
+    pub eventhub: super::eventhub::EventHub,
     /// The DPS assignment delay the configuration set, restored when a fault override is lifted.
     configured_assignment_delay: Duration,
     next_conn_id: AtomicU64,
@@ -116,6 +124,13 @@ impl HubState {
             metrics: HubMetrics::default(),
             secrets,
             faults: super::faults::Faults::new(config.faults.clone()),
+            eventhub: super::eventhub::EventHub::new(
+                eventhub_name(&config.hostname),
+                b.eventhub_partitions,
+                b.eventhub_retention_events,
+                Duration::from_secs(b.eventhub_retention_secs),
+                super::clock::wall(),
+            ),
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -219,6 +234,29 @@ impl HubState {
             st.c2d.take_deliverable(conn_id, self.behaviour.c2d_max_delivery_count, super::clock::now(), &mut dropped);
         self.count_c2d_dropped(dropped);
         out
+    }
+
+    /// Queues a C2D message for `identity` (what every service-side sender calls: the emulator's
+    /// REST route, AMQP's `/messages/devicebound`), counts it and pushes it to a live MQTT
+    /// session. Refuses a body over `c2d::MAX_C2D_BODY` and a full queue
+    /// (`behaviour.c2d_max_queue`). Returns the message id.
+    pub fn send_c2d(&self, identity: &Identity, message: super::c2d::NewC2d) -> Result<String, super::c2d::C2dError> {
+        if message.body.len() > super::c2d::MAX_C2D_BODY {
+            return Err(super::c2d::C2dError::TooLarge);
+        }
+        let mut st = identity.lock();
+        let b = &self.behaviour;
+        let id = st.c2d.enqueue(
+            &identity.device_id,
+            message,
+            b.c2d_max_queue,
+            Duration::from_secs(b.c2d_ttl_secs),
+            super::clock::now(),
+            super::clock::wall(),
+        )?;
+        self.metrics.c2d("sent");
+        self.push_c2d(identity, &mut st);
+        Ok(id)
     }
 
     /// Pushes pending C2D messages to a device's live, subscribed session.

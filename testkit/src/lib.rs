@@ -73,6 +73,7 @@ impl TestHub {
             data_dir: dir.path().to_owned(),
             mqtt_addr: "127.0.0.1:0".parse().unwrap(),
             https_addr: "127.0.0.1:0".parse().unwrap(),
+            amqp_addr: Some("127.0.0.1:0".parse().unwrap()),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
         };

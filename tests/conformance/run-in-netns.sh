@@ -4,6 +4,7 @@
 # usage: run-in-netns.sh FLEETSIM DATA_DIR COMMAND [ARGS...]
 # With FLEETSIM_RUN_CONFIG set, `fleetsim run --config $FLEETSIM_RUN_CONFIG` (a fleet with its
 # embedded hub, whose data_dir must be DATA_DIR) is started instead of `fleetsim hub`.
+# FLEETSIM_HUB_ARGS adds flags to `fleetsim hub` (for example `--log debug` while investigating).
 set -euo pipefail
 fleetsim=$1
 dir=$2
@@ -15,7 +16,7 @@ exec unshare --net -- bash -c '
     if [ -n "${FLEETSIM_RUN_CONFIG:-}" ]; then
         "$fleetsim" run --config "$FLEETSIM_RUN_CONFIG" >"$dir/hub.log" 2>&1 &
     else
-        "$fleetsim" hub --data-dir "$dir" --mqtt-addr 127.0.0.1:8883 --https-addr 127.0.0.1:443 \
+        "$fleetsim" hub --data-dir "$dir" --mqtt-addr 127.0.0.1:8883 --https-addr 127.0.0.1:443 --amqp-addr 127.0.0.1:5671 ${FLEETSIM_HUB_ARGS:-} \
             --metrics-addr 127.0.0.1:9464 >"$dir/hub.log" 2>&1 &
     fi
     hub=$!

@@ -52,9 +52,6 @@ pub async fn c2d_send(State(hub): State<Hub>, Path(d): Path<String>, headers: He
         Some(Value::String(s)) => Bytes::from(s),
         Some(other) => Bytes::from(other.to_string()),
     };
-    if payload.len() > 64 * 1024 {
-        return Err(ApiError::hub(413, 413001, "MessageTooLarge", "a C2D message is at most 64 KB"));
-    }
     let properties = req
         .properties
         .into_iter()
@@ -72,23 +69,10 @@ pub async fn c2d_send(State(hub): State<Hub>, Path(d): Path<String>, headers: He
         properties,
     };
     let identity = super::service::find(&hub, &d, None)?;
-    let mut st = identity.lock();
-    let b = &hub.behaviour;
-    let id = st
-        .c2d
-        .enqueue(
-            &d,
-            message,
-            b.c2d_max_queue,
-            Duration::from_secs(b.c2d_ttl_secs),
-            crate::hub::clock::now(),
-            crate::hub::clock::wall(),
-        )
-        .map_err(|e| match e {
-            C2dError::QueueFull => ApiError::hub(403, 403004, "DeviceMaximumQueueDepthExceeded", e.to_string()),
-        })?;
-    hub.metrics.c2d("sent");
-    hub.push_c2d(&identity, &mut st);
+    let id = hub.send_c2d(&identity, message).map_err(|e| match e {
+        C2dError::QueueFull => ApiError::hub(403, 403004, "DeviceMaximumQueueDepthExceeded", e.to_string()),
+        C2dError::TooLarge => ApiError::hub(413, 413001, "MessageTooLarge", e.to_string()),
+    })?;
     Ok(Json(json!({"messageId": id})).into_response())
 }
 

@@ -1,0 +1,339 @@
+//! The built-in Event Hubs-compatible endpoint's store: every accepted device-to-cloud message,
+//! whatever transport carried it, appended to one of the endpoint's partitions (a stable hash of
+//! the device id) with the sequence number, offset and enqueued time Event Hubs readers see, kept
+//! within a bound of events and of time ("Read device-to-cloud messages from the built-in
+//! endpoint"). No I/O: the AMQP front end reads it (`amqp/`), `devices.rs` feeds it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::telemetry::StoredMessage;
+
+/// One event in a partition, as Event Hubs numbers it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// `x-opt-sequence-number`: from 0, per partition, without gaps.
+    pub sequence_number: i64,
+    /// `x-opt-offset`: increasing per partition (the byte position of the event's body in the
+    /// partition's stream, as Event Hubs offsets are), sent as a decimal string.
+    pub offset: i64,
+    /// `x-opt-enqueued-time`.
+    pub enqueued: SystemTime,
+    pub message: Arc<StoredMessage>,
+}
+
+/// Where a reader starts, from the `apache.org:selector-filter:string` of its link's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// No filter, or `x-opt-offset > '-1'`: the oldest retained event.
+    Start,
+    /// `x-opt-offset > '@latest'`: only events enqueued after the link attached.
+    Latest,
+    /// `x-opt-offset > 'N'` (`>=` when inclusive).
+    Offset { value: i64, inclusive: bool },
+    /// `x-opt-sequence-number > 'N'` (`>=` when inclusive).
+    Sequence { value: i64, inclusive: bool },
+    /// `x-opt-enqueued-time > 'MS'` (milliseconds since the Unix epoch; `>=` when inclusive).
+    Enqueued { ms: i64, inclusive: bool },
+}
+
+/// A selector the endpoint does not understand; the AMQP front end refuses the link with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported filter expression `{0}`")]
+pub struct BadFilter(pub String);
+
+impl Position {
+    /// Parses the selector the Event Hubs clients send: `amqp.annotation.x-opt-offset > '12'`,
+    /// `amqp.annotation.x-opt-sequence-number >= '5'`, `amqp.annotation.x-opt-enqueued-time >
+    /// '1700000000000'`, with `'-1'` (start) and `'@latest'` for offsets (the Event Hubs AMQP
+    /// filter grammar the SDKs share; the value is quoted, whitespace around the operator free).
+    pub fn parse(selector: &str) -> Result<Position, BadFilter> {
+        let bad = || BadFilter(selector.chars().take(200).collect());
+        let s = selector.trim();
+        let rest = s.strip_prefix("amqp.annotation.").ok_or_else(bad)?;
+        let (field, rest) = rest.split_once(|c: char| c.is_whitespace() || c == '>').ok_or_else(bad)?;
+        let rest = rest.trim_start();
+        let rest = rest.strip_prefix('>').unwrap_or(rest);
+        let (inclusive, rest) = match rest.strip_prefix('=') {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let value = rest.trim().strip_prefix('\'').and_then(|v| v.strip_suffix('\'')).ok_or_else(bad)?;
+        let number = || value.parse::<i64>().map_err(|_| bad());
+        match field {
+            "x-opt-offset" if value == "@latest" => Ok(Position::Latest),
+            "x-opt-offset" => match number()? {
+                -1 => Ok(Position::Start),
+                v if v < -1 => Err(bad()),
+                v => Ok(Position::Offset { value: v, inclusive }),
+            },
+            "x-opt-sequence-number" => Ok(Position::Sequence { value: number()?, inclusive }),
+            "x-opt-enqueued-time" => Ok(Position::Enqueued { ms: number()?, inclusive }),
+            _ => Err(bad()),
+        }
+    }
+
+    fn admits(&self, e: &Event) -> bool {
+        let cmp = |have: i64, want: i64, inclusive: bool| if inclusive { have >= want } else { have > want };
+        match *self {
+            Position::Start | Position::Latest => true,
+            Position::Offset { value, inclusive } => cmp(e.offset, value, inclusive),
+            Position::Sequence { value, inclusive } => cmp(e.sequence_number, value, inclusive),
+            Position::Enqueued { ms, inclusive } => cmp(unix_ms(e.enqueued), ms, inclusive),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (AMQP timestamps), 0 before it.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
+/// What `$management` reads of a partition (`com.microsoft:partition`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The oldest retained sequence number; the next one to be written when empty.
+    pub begin_sequence_number: i64,
+    /// -1 before the first event.
+    pub last_enqueued_sequence_number: i64,
+    /// "-1" before the first event.
+    pub last_enqueued_offset: i64,
+    pub last_enqueued_time: Option<SystemTime>,
+    pub is_empty: bool,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    events: VecDeque<Event>,
+    next_sequence: i64,
+    next_offset: i64,
+    last: Option<(i64, i64, SystemTime)>,
+}
+
+impl Log {
+    fn evict(&mut self, keep: usize, oldest: Option<SystemTime>) {
+        while self.events.len() > keep || self.events.front().is_some_and(|e| oldest.is_some_and(|o| e.enqueued < o)) {
+            self.events.pop_front();
+        }
+    }
+}
+
+/// One partition: its log and a signal readers wait on (the next sequence number to be written).
+#[derive(Debug)]
+pub struct Partition {
+    log: Mutex<Log>,
+    written: watch::Sender<i64>,
+}
+
+/// The endpoint: its name (the hub's name, as Azure names the compatible Event Hub), creation
+/// time and partitions.
+#[derive(Debug)]
+pub struct EventHub {
+    pub name: String,
+    pub created: SystemTime,
+    partitions: Vec<Partition>,
+    retention_events: usize,
+    retention: Duration,
+}
+
+impl EventHub {
+    /// An endpoint named `name` with `partitions` partitions (at least one), each retaining at
+    /// most `retention_events` events for at most `retention`.
+    pub fn new(name: String, partitions: u32, retention_events: usize, retention: Duration, now: SystemTime) -> Self {
+        let partitions = (0..partitions.max(1))
+            .map(|_| Partition { log: Mutex::new(Log::default()), written: watch::Sender::new(0) })
+            .collect();
+        EventHub { name, created: now, partitions, retention_events, retention }
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// Whether anything is stored at all (`eventhub_retention_events` > 0).
+    pub fn enabled(&self) -> bool {
+        self.retention_events > 0
+    }
+
+    /// The partition a device's messages go to: FNV-1a of the device id, modulo the count, so
+    /// that one device's events stay in order in one partition across restarts.
+    pub fn partition_for(&self, device_id: &str) -> usize {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in device_id.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        (h as usize) % self.partitions.len()
+    }
+
+    /// Parses a partition id as the endpoint names them ("0" to "count-1").
+    pub fn partition(&self, id: &str) -> Option<usize> {
+        let n: usize = id.parse().ok()?;
+        (n < self.partitions.len() && n.to_string() == id).then_some(n)
+    }
+
+    /// Appends a message from `device_id`, stamped `now`, and wakes the partition's readers.
+    pub fn append(&self, device_id: &str, message: Arc<StoredMessage>, now: SystemTime) {
+        if !self.enabled() {
+            return;
+        }
+        let p = &self.partitions[self.partition_for(device_id)];
+        let next = {
+            let mut log = p.log.lock().unwrap_or_else(|e| e.into_inner());
+            let (sequence_number, offset) = (log.next_sequence, log.next_offset);
+            let len = i64::try_from(message.body.len()).unwrap_or(i64::MAX);
+            log.next_sequence += 1;
+            log.next_offset = log.next_offset.saturating_add(len.max(1));
+            log.last = Some((sequence_number, offset, now));
+            log.events.push_back(Event { sequence_number, offset, enqueued: now, message });
+            log.evict(self.retention_events, now.checked_sub(self.retention));
+            log.next_sequence
+        };
+        p.written.send_replace(next);
+    }
+
+    /// The first sequence number a reader starting at `from` may receive: for `Latest`, the next
+    /// one to be written; otherwise the first retained event `from` admits (or the next to be
+    /// written when none is retained yet).
+    pub fn start(&self, partition: usize, from: Position, now: SystemTime) -> i64 {
+        let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
+        log.evict(self.retention_events, now.checked_sub(self.retention));
+        if from == Position::Latest {
+            return log.next_sequence;
+        }
+        log.events.iter().find(|e| from.admits(e)).map_or(log.next_sequence, |e| e.sequence_number)
+    }
+
+    /// Up to `max` retained events of a partition from sequence number `next` on (past retention,
+    /// from the oldest retained one), oldest first.
+    pub fn read(&self, partition: usize, next: i64, max: usize, now: SystemTime) -> Vec<Event> {
+        let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
+        log.evict(self.retention_events, now.checked_sub(self.retention));
+        let first = log.events.front().map_or(log.next_sequence, |e| e.sequence_number);
+        let skip = usize::try_from(next.saturating_sub(first)).unwrap_or(0);
+        log.events.iter().skip(skip).take(max).cloned().collect()
+    }
+
+    /// A receiver that changes whenever the partition is written.
+    pub fn watch(&self, partition: usize) -> watch::Receiver<i64> {
+        self.partitions[partition].written.subscribe()
+    }
+
+    /// What `$management` reports of a partition.
+    pub fn info(&self, partition: usize, now: SystemTime) -> PartitionInfo {
+        let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
+        log.evict(self.retention_events, now.checked_sub(self.retention));
+        let begin = log.events.front().map_or(log.next_sequence, |e| e.sequence_number);
+        let (last_seq, last_offset, last_time) = match log.last {
+            Some((s, o, t)) => (s, o, Some(t)),
+            None => (-1, -1, None),
+        };
+        PartitionInfo {
+            begin_sequence_number: begin,
+            last_enqueued_sequence_number: last_seq,
+            last_enqueued_offset: last_offset,
+            last_enqueued_time: last_time,
+            is_empty: log.events.is_empty(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: &'static [u8]) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            seq: 0,
+            enqueued: SystemTime::UNIX_EPOCH,
+            system: Vec::new(),
+            application: Vec::new(),
+            body: bytes::Bytes::from_static(body),
+        })
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn parses_the_selectors_the_sdks_send() {
+        assert_eq!(Position::parse("amqp.annotation.x-opt-offset > '-1'"), Ok(Position::Start));
+        assert_eq!(Position::parse("amqp.annotation.x-opt-offset > '@latest'"), Ok(Position::Latest));
+        assert_eq!(
+            Position::parse("amqp.annotation.x-opt-offset >= '120'"),
+            Ok(Position::Offset { value: 120, inclusive: true })
+        );
+        assert_eq!(
+            Position::parse("amqp.annotation.x-opt-sequence-number>'7'"),
+            Ok(Position::Sequence { value: 7, inclusive: false })
+        );
+        assert_eq!(
+            Position::parse("amqp.annotation.x-opt-enqueued-time > '1700000000000'"),
+            Ok(Position::Enqueued { ms: 1_700_000_000_000, inclusive: false })
+        );
+        for bad in [
+            "",
+            "amqp.annotation.x-opt-offset",
+            "amqp.annotation.x-opt-offset > 12",
+            "amqp.annotation.x-opt-offset > '-2'",
+            "amqp.annotation.x-opt-offset > 'abc'",
+            "amqp.annotation.x-opt-partition-key > '1'",
+            "sys.x > '1'",
+        ] {
+            assert!(Position::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_events_per_partition_and_bounds_them_by_count_and_age() {
+        let eh = EventHub::new("hub".into(), 4, 3, Duration::from_secs(60), at(0));
+        let p = eh.partition_for("d1");
+        assert_eq!(p, eh.partition_for("d1"), "stable");
+        for (i, body) in [&b"a"[..], b"bb", b"ccc", b"dddd"].into_iter().enumerate() {
+            eh.append("d1", message(body), at(i as u64));
+        }
+        let all = eh.read(p, 0, 10, at(4));
+        assert_eq!(all.iter().map(|e| e.sequence_number).collect::<Vec<_>>(), [1, 2, 3], "count-bounded");
+        assert_eq!(all.iter().map(|e| e.offset).collect::<Vec<_>>(), [1, 3, 6], "offsets advance by body size");
+        let info = eh.info(p, at(4));
+        assert_eq!((info.begin_sequence_number, info.last_enqueued_sequence_number, info.is_empty), (1, 3, false));
+        assert_eq!(info.last_enqueued_offset, 6);
+        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: false }, at(4)), 3);
+        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: true }, at(4)), 2);
+        assert_eq!(eh.start(p, Position::Sequence { value: 1, inclusive: false }, at(4)), 2);
+        let ms = unix_ms(at(2));
+        assert_eq!(eh.start(p, Position::Enqueued { ms, inclusive: true }, at(4)), 2);
+        assert_eq!(eh.start(p, Position::Latest, at(4)), 4);
+        assert_eq!(eh.start(p, Position::Start, at(4)), 1);
+        assert_eq!(eh.read(p, 3, 10, at(4)).len(), 1);
+        // Age: all four are older than 60 s at t=64.
+        assert!(eh.read(p, 0, 10, at(64)).is_empty());
+        let info = eh.info(p, at(64));
+        assert_eq!((info.begin_sequence_number, info.last_enqueued_sequence_number, info.is_empty), (4, 3, true));
+        let other = (p + 1) % 4;
+        assert_eq!(eh.info(other, at(0)).last_enqueued_sequence_number, -1);
+    }
+
+    #[test]
+    fn partition_ids_are_the_canonical_numbers() {
+        let eh = EventHub::new("hub".into(), 4, 1, Duration::from_secs(1), at(0));
+        assert_eq!(eh.partition("3"), Some(3));
+        for bad in ["4", "-1", "01", "", "x"] {
+            assert_eq!(eh.partition(bad), None, "{bad}");
+        }
+        let spread: std::collections::HashSet<usize> = (0..64).map(|i| eh.partition_for(&format!("dev-{i}"))).collect();
+        assert_eq!(spread.len(), 4, "devices spread over every partition");
+    }
+
+    #[test]
+    fn nothing_is_stored_when_retention_is_zero() {
+        let eh = EventHub::new("hub".into(), 2, 0, Duration::from_secs(1), at(0));
+        eh.append("d", message(b"x"), at(0));
+        assert!(!eh.enabled());
+        assert!(eh.info(eh.partition_for("d"), at(0)).is_empty);
+    }
+}

@@ -1,0 +1,357 @@
+//! Issue 13: the Event Hubs-compatible endpoint over real AMQP 1.0 and TLS, with `fe2o3-amqp` as
+//! the client. Telemetry a device sends over MQTT reaches a partition reader with the annotations
+//! IoT Hub adds; SASL PLAIN (token or key) and `$cbs` put-token authorize, anything else is
+//! refused with Azure's errors (`amqp:unauthorized-access`, status 401); a claim that expires ends
+//! the links it admitted; selector filters and `$management` reads work. Every wait is bounded.
+
+use fleetsim_testkit as common;
+
+use std::time::Duration;
+
+use common::{TestHub, future};
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties, Source};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
+use fe2o3_amqp::{Connection, Session};
+use fleetsim::iot::sas::{Key, sign_token};
+use rumqttc::mqttbytes::QoS;
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Longest any single AMQP step may take before the test fails.
+const STEP: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+async fn open(hub: &TestHub, sasl: SaslProfile) -> Result<ConnectionHandle<()>, String> {
+    let addr = hub.info.amqp_addr.expect("the AMQP listener is on");
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = TlsConnector::from(hub.tls.clone()).connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    within(
+        "open",
+        Connection::builder().container_id("test").hostname("localhost").sasl_profile(sasl).open_with_stream(tls),
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))
+}
+
+fn plain_with_token(hub: &TestHub, policy: &str) -> SaslProfile {
+    SaslProfile::Plain {
+        username: format!("{policy}@sas.root.{}", hub.info.eventhub_name),
+        password: hub.service_token(policy),
+    }
+}
+
+fn partition_address(hub: &TestHub, group: &str, device: &str) -> String {
+    let p = hub.state().eventhub.partition_for(device);
+    format!("amqps://localhost/{}/ConsumerGroups/{group}/Partitions/{p}", hub.info.eventhub_name)
+}
+
+fn selector(expr: &str) -> Source {
+    let filter = Described { descriptor: Descriptor::Code(0x0000_0137_0000_000A), value: Value::String(expr.into()) };
+    Source::builder().address("x").add_to_filter("apache.org:selector-filter:string", filter).build()
+}
+
+async fn reader(session: &mut SessionHandle<()>, address: &str, filter: Option<&str>) -> Result<Receiver, String> {
+    let mut source = match filter {
+        Some(f) => selector(f),
+        None => Source::builder().build(),
+    };
+    source.address = Some(address.to_owned());
+    within("attach", Receiver::builder().name(format!("r-{address}")).source(source).target("me").attach(session))
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn next(r: &mut Receiver) -> Result<Message<Body<Value>>, String> {
+    let d = within("an event", r.recv::<Body<Value>>()).await.map_err(|e| format!("{e:?}"))?;
+    r.accept(&d).await.map_err(|e| format!("{e:?}"))?;
+    Ok(d.into_message())
+}
+
+fn annotation<'m>(m: &'m Message<Body<Value>>, name: &str) -> Option<&'m Value> {
+    m.message_annotations.as_ref()?.0.get(&OwnedKey::Symbol(Symbol::from(name)))
+}
+
+fn body(m: &Message<Body<Value>>) -> Vec<u8> {
+    match &m.body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
+        other => panic!("expected data sections, got {other:?}"),
+    }
+}
+
+/// A request on `$cbs`/`$management` and its answer (status code, body).
+async fn request(session: &mut SessionHandle<()>, node: &str, props: &[(&str, &str)], body: Value) -> (i64, Value) {
+    let mut sender = within("request link", Sender::attach(session, format!("{node}-req"), node)).await.unwrap();
+    let reply_to = format!("{node}-reply");
+    let source = Source::builder().address(node).build();
+    let mut receiver = within(
+        "reply link",
+        Receiver::builder().name(format!("{node}-resp")).source(source).target(reply_to.clone()).attach(session),
+    )
+    .await
+    .unwrap();
+    let mut app = ApplicationProperties::default();
+    for (k, v) in props {
+        app.0.insert((*k).to_owned(), SimpleValue::String((*v).to_owned()));
+    }
+    let msg = Message::builder()
+        .properties(Properties {
+            message_id: Some(MessageId::String("req-1".into())),
+            reply_to: Some(reply_to),
+            ..Default::default()
+        })
+        .application_properties(app)
+        .body(Body::Value(AmqpValue(body)))
+        .build();
+    within("request sent", sender.send(msg)).await.unwrap();
+    let answer = next(&mut receiver).await.unwrap();
+    let correlation = answer.properties.as_ref().and_then(|p| p.correlation_id.clone());
+    assert_eq!(correlation, Some(MessageId::String("req-1".into())), "the answer names the request");
+    let status = match answer.application_properties.as_ref().and_then(|a| a.0.get("status-code")) {
+        Some(SimpleValue::Int(c)) => i64::from(*c),
+        other => panic!("no status-code: {other:?}"),
+    };
+    let _ = sender.close().await;
+    let _ = receiver.close().await;
+    let value = match answer.body {
+        Body::Value(v) => v.0,
+        _ => Value::Null,
+    };
+    (status, value)
+}
+
+async fn put_token(session: &mut SessionHandle<()>, audience: &str, token: String) -> i64 {
+    let props = [("operation", "put-token"), ("type", "servicebus.windows.net:sastoken"), ("name", audience)];
+    request(session, "$cbs", &props, Value::String(token)).await.0
+}
+
+#[tokio::test]
+async fn mqtt_telemetry_reaches_an_amqp_partition_reader_with_iot_hub_annotations() {
+    let hub = TestHub::start().await;
+    let key = hub.create_device("d1").await;
+    let module_key = hub.create_module("d1", "m1").await;
+    let mut device = hub.connect("d1", None, &key, true).await;
+    device
+        .publish(
+            "devices/d1/messages/events/%24.mid=msg-1&%24.ct=application%2Fjson&alert=high",
+            "{\"t\":1}",
+            QoS::AtLeastOnce,
+        )
+        .await;
+    let mut module = hub.connect("d1", Some("m1"), &module_key, true).await;
+    module.publish("devices/d1/modules/m1/messages/events/", "from the module", QoS::AtLeastOnce).await;
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.expect("SASL PLAIN with a service token");
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut r = reader(&mut session, &partition_address(&hub, "$Default", "d1"), None).await.unwrap();
+    let first = next(&mut r).await.unwrap();
+    assert_eq!(body(&first), b"{\"t\":1}");
+    assert_eq!(annotation(&first, "x-opt-sequence-number"), Some(&Value::Long(0)));
+    assert_eq!(annotation(&first, "x-opt-offset"), Some(&Value::String("0".into())));
+    assert!(matches!(annotation(&first, "x-opt-enqueued-time"), Some(Value::Timestamp(_))));
+    assert!(matches!(annotation(&first, "iothub-enqueuedtime"), Some(Value::Timestamp(_))));
+    assert_eq!(annotation(&first, "iothub-connection-device-id"), Some(&Value::String("d1".into())));
+    assert_eq!(annotation(&first, "iothub-connection-module-id"), None);
+    assert_eq!(annotation(&first, "iothub-message-source"), Some(&Value::String("Telemetry".into())));
+    let props = first.properties.as_ref().unwrap();
+    assert_eq!(props.message_id, Some(MessageId::String("msg-1".into())));
+    assert_eq!(props.content_type.as_ref().map(|s| s.as_str()), Some("application/json"));
+    let app = &first.application_properties.as_ref().unwrap().0;
+    assert_eq!(app.get("alert"), Some(&SimpleValue::String("high".into())));
+
+    let second = next(&mut r).await.unwrap();
+    assert_eq!(body(&second), b"from the module");
+    assert_eq!(
+        annotation(&second, "x-opt-sequence-number"),
+        Some(&Value::Long(1)),
+        "the same device, the same partition"
+    );
+    assert_eq!(annotation(&second, "iothub-connection-module-id"), Some(&Value::String("m1".into())));
+
+    // Another consumer group reads the same events independently, from a selector position.
+    let mut r2 = reader(
+        &mut session,
+        &partition_address(&hub, "analytics", "d1"),
+        Some("amqp.annotation.x-opt-sequence-number > '0'"),
+    )
+    .await
+    .unwrap();
+    let only = next(&mut r2).await.unwrap();
+    assert_eq!(annotation(&only, "x-opt-sequence-number"), Some(&Value::Long(1)));
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn links_need_a_claim_and_end_when_it_expires() {
+    let hub = TestHub::start().await;
+    let name = hub.info.eventhub_name.clone();
+    let address = partition_address(&hub, "$Default", "d1");
+
+    let refused = open(
+        &hub,
+        SaslProfile::Plain {
+            username: "service@sas.root.localhost".into(),
+            password: "SharedAccessSignature sr=x".into(),
+        },
+    )
+    .await;
+    assert!(refused.is_err(), "a bad SASL PLAIN password fails the connection");
+    let refused =
+        open(&hub, SaslProfile::Plain { username: "service".into(), password: "bm90IHRoZSBrZXk=".into() }).await;
+    assert!(refused.is_err(), "a wrong policy key fails the connection");
+
+    let mut conn = open(&hub, SaslProfile::Anonymous).await.expect("ANONYMOUS is offered");
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let denied = match reader(&mut session, &address, None).await {
+        Err(e) => e,
+        Ok(mut r) => next(&mut r).await.expect_err("no claim, no events"),
+    };
+    assert!(denied.contains("UnauthorizedAccess"), "{denied}");
+
+    let key = hub.policy_key("service");
+    let audience = format!("sb://localhost/{name}");
+    let wrong_key = sign_token(&audience, &Key::from_bytes(b"guess".to_vec()), future(60), Some("service"));
+    assert_eq!(put_token(&mut session, &audience, wrong_key).await, 401);
+    let elsewhere = sign_token("sb://elsewhere/x", &key, future(60), Some("service"));
+    assert_eq!(put_token(&mut session, "sb://elsewhere/x", elsewhere).await, 401);
+    let no_service_connect = sign_token(&audience, &hub.policy_key("registryRead"), future(60), Some("registryRead"));
+    assert_eq!(put_token(&mut session, &audience, no_service_connect).await, 202, "a valid token is accepted");
+    let denied = match reader(&mut session, &address, None).await {
+        Err(e) => e,
+        Ok(mut r) => next(&mut r).await.expect_err("registryRead cannot read events"),
+    };
+    assert!(denied.contains("UnauthorizedAccess"), "{denied}");
+
+    // A short-lived token admits the link; when it runs out, the link is closed.
+    let short = sign_token(&audience, &key, future(2), Some("service"));
+    assert_eq!(put_token(&mut session, &audience, short).await, 202);
+    let mut r = reader(&mut session, &address, None).await.expect("the claim admits the link");
+    let ended = next(&mut r).await.expect_err("the link ends when its claim expires");
+    assert!(ended.contains("UnauthorizedAccess"), "{ended}");
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn management_reads_the_endpoint_and_partitions_and_bad_addresses_are_refused() {
+    let hub = TestHub::start_with(|c| c.behaviour.eventhub_partitions = 2).await;
+    let name = hub.info.eventhub_name.clone();
+    let key = hub.create_device("d1").await;
+    let mut device = hub.connect("d1", None, &key, true).await;
+    device.publish("devices/d1/messages/events/", "x", QoS::AtLeastOnce).await;
+    let p = hub.state().eventhub.partition_for("d1").to_string();
+
+    let mut conn = open(&hub, plain_with_token(&hub, "iothubowner")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let read = |ty: &'static str| [("operation", "READ"), ("type", ty), ("name", name.as_str())];
+    let (status, info) = request(&mut session, "$management", &read("com.microsoft:eventhub"), Value::Null).await;
+    assert_eq!(status, 200);
+    let Value::Map(m) = info else { panic!("a map") };
+    assert_eq!(m.get(&Value::String("name".into())), Some(&Value::String(name.clone())));
+    let ids = m.get(&Value::String("partition_ids".into())).expect("partition_ids");
+    assert_eq!(format!("{ids:?}").matches("String").count(), 2, "{ids:?}");
+
+    common::wait_until("the event is in its partition", || async {
+        hub.state().eventhub.info(p.parse().unwrap(), std::time::SystemTime::now()).last_enqueued_sequence_number == 0
+    })
+    .await;
+    let mut props = read("com.microsoft:partition").to_vec();
+    props.push(("partition", p.as_str()));
+    let (status, info) = request(&mut session, "$management", &props, Value::Null).await;
+    assert_eq!(status, 200);
+    let Value::Map(m) = info else { panic!("a map") };
+    assert_eq!(m.get(&Value::String("last_enqueued_sequence_number".into())), Some(&Value::Long(0)));
+    assert_eq!(m.get(&Value::String("is_partition_empty".into())), Some(&Value::Bool(false)));
+    props.pop();
+    props.push(("partition", "7"));
+    assert_eq!(request(&mut session, "$management", &props, Value::Null).await.0, 404);
+    let other = [("operation", "READ"), ("type", "com.microsoft:eventhub"), ("name", "nothere")];
+    assert_eq!(request(&mut session, "$management", &other, Value::Null).await.0, 404);
+
+    for (address, filter, condition) in [
+        (format!("amqps://localhost/{name}/ConsumerGroups/$Default/Partitions/9"), None, "NotFound"),
+        ("amqps://localhost/other/ConsumerGroups/$Default/Partitions/0".to_owned(), None, "NotFound"),
+        (format!("{name}/Partitions/0"), None, "NotFound"),
+        (
+            format!("amqps://localhost/{name}/ConsumerGroups/$Default/Partitions/0"),
+            Some("amqp.annotation.x-opt-offset > 12"),
+            "InvalidField",
+        ),
+    ] {
+        let e = match reader(&mut session, &address, filter).await {
+            Err(e) => e,
+            Ok(mut r) => next(&mut r).await.expect_err("refused"),
+        };
+        assert!(e.contains(condition), "{address} {filter:?}: {e}");
+    }
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn c2d_sent_over_amqp_reaches_the_mqtt_device_and_bad_messages_are_rejected() {
+    use fe2o3_amqp::types::messaging::Outcome;
+    let hub = TestHub::start().await;
+    let key = hub.create_device("c2d").await;
+    let mut device = hub.connect("c2d", None, &key, true).await;
+    device.subscribe(&[("devices/c2d/messages/devicebound/#", QoS::AtLeastOnce)]).await;
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut sender =
+        within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await.unwrap();
+    let message = |to: &str, ack: &str| {
+        let mut app = ApplicationProperties::default();
+        app.0.insert("color".into(), SimpleValue::String("blue".into()));
+        app.0.insert("iothub-ack".into(), SimpleValue::String(ack.into()));
+        Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String("c2d-1".into())),
+                to: Some(to.to_owned()),
+                ..Default::default()
+            })
+            .application_properties(app)
+            .body(Body::Value(AmqpValue(Value::String("hello".into()))))
+            .build()
+    };
+    let outcome = within("send", sender.send(message("/devices/c2d/messages/devicebound", "full"))).await.unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let p = within("the C2D publish", device.next_publish()).await;
+    assert_eq!(&p.payload[..], b"hello");
+    let topic = p.topic.clone();
+    assert!(
+        topic.contains("color=blue") && topic.contains("%24.mid=c2d-1") && topic.contains("iothub-ack=full"),
+        "{topic}"
+    );
+
+    for (to, ack, condition) in [
+        ("/devices/nobody/messages/devicebound", "none", "NotFound"),
+        ("/devices/c2d/messages/events", "none", "InvalidField"),
+        ("/devices/c2d/messages/devicebound", "sometimes", "InvalidField"),
+    ] {
+        let outcome = within("send", sender.send(message(to, ack))).await;
+        let text = format!("{outcome:?}");
+        assert!(text.contains("Rejected") && text.contains(condition), "{to} {ack}: {text}");
+    }
+    let _ = sender.close().await;
+
+    // Without a claim the link is refused.
+    let mut anon = open(&hub, SaslProfile::Anonymous).await.unwrap();
+    let mut session = Session::begin(&mut anon).await.unwrap();
+    let refused =
+        match within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await {
+            Err(e) => format!("{e:?}"),
+            Ok(mut s) => {
+                format!("{:?}", within("send", s.send(message("/devices/c2d/messages/devicebound", "none"))).await)
+            }
+        };
+    assert!(refused.contains("UnauthorizedAccess") || refused.contains("Detached"), "{refused}");
+    let _ = conn.close().await;
+}
