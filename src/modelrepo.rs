@@ -68,6 +68,9 @@ pub fn load(source: &Source) -> Result<Model, Vec<Problem>> {
     // Breadth first over references; each missing DTMI is read from the directory once.
     let mut wanted = vec![(root.clone(), None::<(PathBuf, String)>)];
     let mut seen = HashSet::new();
+    // Interfaces in files named otherwise (an IoT Central export dropped into the directory),
+    // indexed the first time the repository path does not have one.
+    let mut index: Option<BTreeMap<String, PathBuf>> = None;
     while let Some((id, from)) = wanted.pop() {
         if !seen.insert(id.clone()) {
             continue;
@@ -78,13 +81,23 @@ pub fn load(source: &Source) -> Result<Model, Vec<Problem>> {
                 continue;
             };
             let path = dir.join(&rel);
-            if read_files.insert(path.clone()) {
+            // Missing at its repository path is not yet a problem: another file may hold it.
+            if path.exists() && read_files.insert(path.clone()) {
                 read_model_file(&path, &mut interfaces, &mut problems);
+            }
+            if !interfaces.contains_key(&id)
+                && let Some(other) = index.get_or_insert_with(|| index_dir(&dir)).get(&id)
+                && read_files.insert(other.clone())
+            {
+                read_model_file(other, &mut interfaces, &mut problems);
             }
             if !interfaces.contains_key(&id) {
                 problems.push(referenced(
                     &from,
-                    format!("{id} is referenced but not found (looked for {})", path.display()),
+                    format!(
+                        "{id} is referenced but not found (looked for {} and in the other files there)",
+                        path.display()
+                    ),
                 ));
                 continue;
             }
@@ -110,6 +123,45 @@ fn referenced(from: &Option<(PathBuf, String)>, message: String) -> Problem {
         }
         None => Problem { file: String::new(), line: 0, column: 0, field: "model".into(), message },
     }
+}
+
+/// The top-level interfaces of every JSON file under `dir` (at most 8 levels and 10,000 files),
+/// by DTMI. Files that are not JSON are passed over: only a file that is used can be a problem.
+fn index_dir(dir: &Path) -> BTreeMap<String, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(dir.to_owned(), 0)];
+    let mut files = 0;
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                if depth < 8 {
+                    stack.push((path, depth + 1));
+                }
+                continue;
+            }
+            files += 1;
+            if files > 10_000 {
+                return out;
+            }
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Ok(text) = crate::fsio::read_text_capped(&path, MAX_MODEL_FILE) else { continue };
+            let Ok(json) = serde_json::from_str::<Value>(&text) else { continue };
+            let top: Vec<&Value> = match &json {
+                Value::Array(items) => items.iter().collect(),
+                other => vec![other],
+            };
+            for i in top {
+                if let Some(id) = i.get("@id").and_then(Value::as_str) {
+                    out.entry(id.to_owned()).or_insert_with(|| path.clone());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reads one model file into `into`; the DTMI of its first (root) interface.

@@ -498,3 +498,65 @@ async fn the_emulator_counts_what_does_not_fit_the_announced_model() {
     let rendered = f.hub_state().metrics.render();
     assert!(rendered.contains("fleetsim_hub_model_mismatches_total{kind=\"command\"} 1"), "{rendered}");
 }
+
+#[tokio::test]
+async fn every_fixture_runs_as_a_fleet_and_the_emulator_finds_nothing_unmodelled() {
+    let models = models_dir().display().to_string();
+    let export = models_dir().join("iotcentral/thermostat-template.json").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fixtures.toml");
+    let template = |name: &str, source: &str| {
+        format!(
+            "[[devices]]\nname = \"{name}\"\ncount = 2\nid = \"{name}-{{n}}\"\nprovisioning = \"connection_string\"\n\
+             model_dir = {models:?}\n{source}\nmodel_interval = \"200ms\"\n"
+        )
+    };
+    let text = [
+        template("climate", "model = \"dtmi:fleetsim:example:ClimateSensor;1\""),
+        template("tracker", "model = \"dtmi:fleetsim:example:Tracker;1\""),
+        template("plant", "model = \"dtmi:fleetsim:example:Plant;1\""),
+        template("central", &format!("model_file = {export:?}")),
+    ]
+    .concat();
+    std::fs::write(&path, text).unwrap();
+    let f = common::FleetUnderTest::start(&[path], "").await;
+    assert_eq!(f.fleet().identities(), 8);
+    // Commands and writable properties through the service API, so responses and acks are checked too.
+    for (dev, method, payload) in [
+        ("climate-1", "reboot", json!(5)),
+        ("climate-1", "getReport", json!(null)),
+        ("climate-1", "deviceInfo*ping", json!(null)),
+        ("plant-2", "valve*reset", json!(null)),
+        ("central-1", "thermostat1*getMaxMinReport", json!("2026-11-29T10:00:00Z")),
+    ] {
+        let (_, r) = f.invoke(dev, None, method, payload).await;
+        assert_eq!(r["status"], 200, "{dev} {method}: {r}");
+    }
+    let v = f.set_desired("climate-2", None, json!({"mode": 1, "labels": {"room": "lab"}})).await;
+    f.reported_until("climate-2", None, "mode", |r| r["ac"] == 200 && r["av"] == v).await;
+    let v = f.set_desired("central-2", None, json!({"thermostat1": {"__t": "c", "targetTemperature": 22.5}})).await;
+    f.wait_for("the component acknowledgement", || async {
+        let twin = f.twin("central-2", None).await;
+        twin["properties"]["reported"]["thermostat1"]["targetTemperature"]["av"] == v
+    })
+    .await;
+    for dev in ["climate-1", "climate-2", "tracker-1", "tracker-2", "plant-1", "plant-2", "central-1", "central-2"] {
+        let check = || async { f.rest("GET", &format!("/emulator/devices/{dev}/modelcheck"), None).await.2 };
+        f.wait_for(&format!("{dev}: plenty checked"), || async {
+            let found = check().await;
+            if found.get("modelProblem").is_some() || found["mismatches"] != 0 {
+                panic!("{dev}: {found:#}");
+            }
+            found["checked"].as_u64().unwrap_or(0) >= 30
+        })
+        .await;
+        let found = check().await;
+        assert_eq!(found["mismatches"], 0, "{dev}: {found:#}");
+        assert!(found.get("modelProblem").is_none(), "{dev}: {found:#}");
+    }
+    let rendered = f.hub_state().metrics.render();
+    assert!(
+        !rendered.lines().any(|l| l.starts_with("fleetsim_hub_model_mismatches_total{") && !l.ends_with(" 0")),
+        "{rendered}"
+    );
+}

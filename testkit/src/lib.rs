@@ -164,14 +164,26 @@ impl Api {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut req = self.http.request(method.parse().unwrap(), self.url(path)).header("authorization", token);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = tokio::time::timeout(WAIT, req.send()).await.expect("REST call hung").unwrap();
+        let request = || {
+            let mut req = self.http.request(method.parse().unwrap(), self.url(path)).header("authorization", token);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            req
+        };
+        // A pooled connection the hub closed under us (a `drop` fault closes every connection, the
+        // HTTPS ones included) fails the request before it is sent: one fresh attempt, as any
+        // HTTP client library would make for a connection lost before the request went out.
+        let resp = match tokio::time::timeout(WAIT, request().send()).await.expect("REST call hung") {
+            Ok(r) => r,
+            Err(e) if e.is_request() => {
+                tokio::time::timeout(WAIT, request().send()).await.expect("REST call hung").unwrap()
+            }
+            Err(e) => panic!("{e}"),
+        };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.unwrap();
