@@ -77,10 +77,11 @@ async fn offline<F: std::future::Future>(fut: F, generate: bool, core: &mut Core
     }
 }
 
-/// An open link, whichever the transport.
+/// An open link, whichever the transport. The HTTPS link (and below, its session) is boxed so
+/// that the far more common MQTT identity's task is not sized for it.
 enum Opened {
     Mqtt(MqttLink),
-    Https(HttpsLink),
+    Https(Box<HttpsLink>),
 }
 
 /// Runs one identity until `cancel` fires (the fleet stops, or a reload removes the identity).
@@ -159,7 +160,7 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                 let until = Until { renew_at, cancel, grace: shared.settings.shutdown_grace };
                 let end = match link {
                     Opened::Mqtt(l) => session::run(l, &mut core, ctx, until).await,
-                    Opened::Https(l) => session::run(l, &mut core, ctx, until).await,
+                    Opened::Https(l) => Box::pin(session::run(*l, &mut core, ctx, until)).await,
                 };
                 match end {
                     End::Shutdown => break,
@@ -277,7 +278,7 @@ async fn connect(
         let poll = module.is_none().then_some(poll_interval);
         let link =
             tokio::time::timeout(timeout, HttpsLink::open(client, poll)).await.map_err(|_| OpenError::Timeout)??;
-        return Ok(Opened::Https(link));
+        return Ok(Opened::Https(Box::new(link)));
     }
     let ep = Endpoint { host: dial_host, port, websocket: spec.transport == Transport::WebSockets };
     let io = tokio::time::timeout(timeout, transport::open(&ep, shared.tls.clone()))
