@@ -7,6 +7,7 @@
 //! them is refused there, as any token without a policy is.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -260,9 +261,7 @@ pub async fn complete_or_reject(
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult {
-    auth::api_version(&uri)?;
-    let token = lock_token(&params)?;
-    let identity = authenticate(&hub, &headers, &who(params)?)?;
+    let (identity, token) = locked(&hub, params, &headers, &uri)?;
     let reject = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p.split('=').next().is_some_and(|n| n.eq_ignore_ascii_case("reject"))));
@@ -277,10 +276,22 @@ pub async fn abandon(
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult {
-    auth::api_version(&uri)?;
-    let token = lock_token(&params)?;
-    let identity = authenticate(&hub, &headers, &who(params)?)?;
+    let (identity, token) = locked(&hub, params, &headers, &uri)?;
     settle(&hub, &identity, &token, Settle::Abandon)
+}
+
+/// What settling a message by lock token needs: the API version checked, the lock token, and the
+/// device its SAS token authenticates.
+fn locked(
+    hub: &HubState,
+    params: HashMap<String, String>,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(Arc<Identity>, String), ApiError> {
+    auth::api_version(uri)?;
+    let token = lock_token(&params)?;
+    let identity = authenticate(hub, headers, &who(params)?)?;
+    Ok((identity, token))
 }
 
 #[cfg(test)]
