@@ -139,13 +139,13 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
         let found = check.telemetry(&key, model, properties.get("$.sub"), &body);
         hub.metrics.model_mismatches.with_label_values(&["telemetry"]).inc_by(found as u64);
     }
-    let make = || telemetry::receive(properties, body.clone(), &sender, retain, will, wall);
-    // Built once for both readers: the identity's read-back ring and the Event Hubs-compatible
-    // endpoint (each may keep nothing, for load tests).
+    let make = || Arc::new(telemetry::receive(properties, body.clone(), &sender, retain, will, wall));
+    // Built once and shared by both readers: the identity's read-back ring and the Event
+    // Hubs-compatible endpoint (each may keep nothing, for load tests).
     let mut built = None;
     if hub.eventhub.enabled() {
         let m = make();
-        hub.eventhub.append(&identity.device_id, Arc::new(m.clone()), wall);
+        hub.eventhub.append(&identity.device_id, m.clone(), wall);
         built = Some(m);
     }
     st.telemetry.record(hub.behaviour.telemetry_buffer, || built.take().unwrap_or_else(make));

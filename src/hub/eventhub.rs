@@ -247,7 +247,6 @@ mod tests {
 
     fn message(body: &'static [u8]) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
-            seq: 0,
             enqueued: SystemTime::UNIX_EPOCH,
             system: Vec::new(),
             application: Vec::new(),

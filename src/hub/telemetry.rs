@@ -3,6 +3,7 @@
 //! identity in a bounded ring so that tests and tools can read them back.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -24,11 +25,10 @@ const SYSTEM_PROPERTIES: [(&str, &str); 9] = [
     ("$.ifid", "interface-id"),
 ];
 
-/// One received message as the back end would see it.
+/// One received message as the back end would see it. Immutable once built, so the identity's
+/// ring and the Event Hubs-compatible endpoint share one copy.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
-    /// Position in this identity's stream, from 1; gaps in what is kept mean the ring overflowed.
-    pub seq: u64,
     pub enqueued: SystemTime,
     pub system: Vec<(String, String)>,
     pub application: Vec<(String, Option<String>)>,
@@ -36,7 +36,9 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    pub fn to_json(&self) -> Value {
+    /// The message as the emulator's read-back route shows it; `seq` is its position in the
+    /// identity's stream (`TelemetryLog`).
+    pub fn to_json(&self, seq: u64) -> Value {
         let mut system = Map::new();
         for (k, v) in &self.system {
             system.insert(k.clone(), json!(v));
@@ -46,7 +48,7 @@ impl StoredMessage {
             app.insert(k.clone(), json!(v));
         }
         let mut m = json!({
-            "seq": self.seq,
+            "seq": seq,
             "enqueuedTime": iso8601(self.enqueued),
             "systemProperties": system,
             "properties": app,
@@ -107,7 +109,7 @@ pub fn receive(
     if let Some(model) = from.model_id {
         system.push(("dt-dataschema".into(), model.to_owned()));
     }
-    StoredMessage { seq: 0, enqueued: at, system, application, body }
+    StoredMessage { enqueued: at, system, application, body }
 }
 
 /// The size IoT Hub counts against the 256 KB limit: body plus property names and values.
@@ -115,32 +117,31 @@ pub fn message_size(bag: &PropertyBag, body_len: usize) -> usize {
     body_len + bag.iter().map(|(k, v)| k.len() + v.map_or(0, str::len)).sum::<usize>()
 }
 
-/// The last `capacity` messages of one identity, and how many it ever sent.
+/// The last `capacity` messages of one identity, each with its position in the identity's stream
+/// (from 1; gaps in what is kept mean the ring overflowed), and how many it ever sent.
 #[derive(Debug, Default)]
 pub struct TelemetryLog {
     pub received: u64,
-    kept: VecDeque<StoredMessage>,
+    kept: VecDeque<(u64, Arc<StoredMessage>)>,
 }
 
 impl TelemetryLog {
     /// Counts a message and keeps it, built by `make`, when the ring has room for any: with
     /// capacity 0 (load tests) nothing is built at all.
-    pub fn record(&mut self, capacity: usize, make: impl FnOnce() -> StoredMessage) {
+    pub fn record(&mut self, capacity: usize, make: impl FnOnce() -> Arc<StoredMessage>) {
         self.received += 1;
         if capacity == 0 {
             return;
         }
-        let mut m = make();
-        m.seq = self.received;
         if self.kept.len() == capacity {
             self.kept.pop_front();
         }
-        self.kept.push_back(m);
+        self.kept.push_back((self.received, make()));
     }
 
-    /// Kept messages with `seq > after`, oldest first.
-    pub fn since(&self, after: u64) -> impl Iterator<Item = &StoredMessage> {
-        self.kept.iter().filter(move |m| m.seq > after)
+    /// Kept messages with their position `> after`, oldest first.
+    pub fn since(&self, after: u64) -> impl Iterator<Item = (u64, &StoredMessage)> {
+        self.kept.iter().filter(move |(seq, _)| *seq > after).map(|(seq, m)| (*seq, &**m))
     }
 }
 
@@ -154,7 +155,7 @@ mod tests {
             PropertyBag::parse("%24.mid=7&%24.ct=application%2Fjson&%24.sub=thermostat1&alert=high&flag").unwrap();
         let from = Sender { device_id: "d", module_id: Some("m"), model_id: Some("dtmi:x;1"), generation_id: "1" };
         let m = receive(&bag, Bytes::from_static(b"{}"), &from, true, false, SystemTime::UNIX_EPOCH);
-        let v = m.to_json();
+        let v = m.to_json(1);
         assert_eq!(v["systemProperties"]["message-id"], "7");
         assert_eq!(v["systemProperties"]["dt-subject"], "thermostat1");
         assert_eq!(v["systemProperties"]["dt-dataschema"], "dtmi:x;1");
@@ -172,15 +173,23 @@ mod tests {
         let from = Sender { device_id: "d", module_id: None, model_id: None, generation_id: "1" };
         for i in 0..5u8 {
             log.record(3, || {
-                receive(&PropertyBag::default(), Bytes::from(vec![i]), &from, false, false, SystemTime::UNIX_EPOCH)
+                Arc::new(receive(
+                    &PropertyBag::default(),
+                    Bytes::from(vec![i]),
+                    &from,
+                    false,
+                    false,
+                    SystemTime::UNIX_EPOCH,
+                ))
             });
         }
         assert_eq!(log.received, 5);
         let mut counting = TelemetryLog::default();
         counting.record(0, || panic!("nothing is built when nothing is kept"));
         assert_eq!((counting.received, counting.since(0).count()), (1, 0));
-        assert_eq!(log.since(0).map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(log.since(0).map(|(seq, _)| seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(log.since(4).count(), 1);
-        assert!(log.since(0).next().unwrap().to_json().get("bodyBase64").is_none());
+        let (seq, first) = log.since(0).next().unwrap();
+        assert!(first.to_json(seq).get("bodyBase64").is_none());
     }
 }

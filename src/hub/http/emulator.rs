@@ -84,7 +84,7 @@ pub struct EventsQuery {
 fn events(hub: &HubState, device: &str, module: Option<&str>, after: u64) -> ApiResult {
     let identity = super::service::find(hub, device, module)?;
     let st = identity.lock();
-    let messages: Vec<Value> = st.telemetry.since(after).map(|m| m.to_json()).collect();
+    let messages: Vec<Value> = st.telemetry.since(after).map(|(seq, m)| m.to_json(seq)).collect();
     Ok(Json(json!({"received": st.telemetry.received, "messages": messages})).into_response())
 }
 
