@@ -362,6 +362,24 @@ fn inline_settings_tune_and_extend_what_the_model_implies() {
 }
 
 #[test]
+fn model_values_must_name_a_telemetry_or_read_only_property() {
+    // `kind` and `interval` appear in the generated text as keys of other things; `mode` is
+    // writable, `reboot` a command, `temprature` a misspelling: none can be tuned.
+    let (_dir, path) = scenario(
+        "model = \"dtmi:fleetsim:example:ClimateSensor;1\"\n[devices.model_values]\n\
+         temperature = 20\nkind = 1\ninterval = 2\nmode = 1\nreboot = 1\ntemprature = 3\n\"deviceInfo.memory\" = 4\n",
+    );
+    let err = fleetsim::scenario::schema::load(std::slice::from_ref(&path)).unwrap_err().to_string();
+    for key in ["kind", "interval", "mode", "reboot", "temprature"] {
+        assert!(
+            err.contains(&format!("devices[0].model_values.{key}: not a telemetry or read-only property of the model")),
+            "{key} in:\n{err}"
+        );
+    }
+    assert!(!err.contains("model_values.temperature:") && !err.contains("deviceInfo.memory:"), "{err}");
+}
+
+#[test]
 fn broken_models_give_every_problem_with_file_position_and_pointer() {
     let bad = models_dir().join("bad");
     let (_dir, path) = scenario(&format!("model_file = {:?}", bad.join("broken.json").display().to_string()));

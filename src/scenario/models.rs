@@ -9,7 +9,7 @@
 //! with a value shaped by the response schema. Components follow the Plug and Play conventions
 //! (`$.sub`, `__t: "c"`, `component*command`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -30,10 +30,13 @@ pub struct Tuning {
 }
 
 /// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
-/// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
-/// The behaviour as scenario TOML: tables named `{prefix}telemetry`, `{prefix}reported`,
-/// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice.
-pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<String, Vec<Problem>> {
+/// `{prefix}writable`, `{prefix}commands`, with a comment on every generated choice; and which of
+/// `tuning.values`' keys named a telemetry or read-only property (and so were used).
+pub fn behaviour_toml(
+    model: &Model,
+    prefix: &str,
+    tuning: &Tuning,
+) -> Result<(String, BTreeSet<String>), Vec<Problem>> {
     let parts = model.parts()?;
     let mut notes = Vec::new();
     let interval = tuning.interval.unwrap_or(Duration::from_secs(10));
@@ -42,6 +45,7 @@ pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<St
     let mut reported_components: Vec<(String, Vec<String>)> = Vec::new();
     let mut writable = String::new();
     let mut commands = String::new();
+    let mut used = BTreeSet::new();
     for (component, contents) in &parts {
         let key = |name: &str| match component {
             Some(c) => format!("{c}.{name}"),
@@ -50,7 +54,15 @@ pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<St
         let mut fields = Vec::new();
         let mut comments = Vec::new();
         for c in contents {
-            let tuned = tuning.values.get(&key(&c.name));
+            let tuned = match &c.kind {
+                ContentKind::Telemetry { .. } | ContentKind::Property { writable: false, .. } => {
+                    let k = key(&c.name);
+                    tuning.values.get(&k).inspect(|_| {
+                        used.insert(k.clone());
+                    })
+                }
+                _ => None,
+            };
             match &c.kind {
                 ContentKind::Telemetry { schema } => {
                     let (value, why) = match tuned {
@@ -148,7 +160,7 @@ pub fn behaviour_toml(model: &Model, prefix: &str, tuning: &Tuning) -> Result<St
     for n in notes {
         let _ = writeln!(out, "{n}");
     }
-    Ok(out)
+    Ok((out, used))
 }
 
 /// A plausible range for a reading: low, high, the walk's step, decimals.

@@ -494,17 +494,15 @@ fn behaviour_from_model(
             return None;
         }
     };
-    let text = match super::models::behaviour_toml(&model, "", &tuning) {
-        Ok(text) => text,
+    let (text, used) = match super::models::behaviour_toml(&model, "", &tuning) {
+        Ok(generated) => generated,
         Err(problems) => {
             doc.problems.extend(problems);
             doc.error(t.span.clone(), &t.field("model"), "the model has problems (listed with their files)");
             return None;
         }
     };
-    if let Some(unknown) =
-        tuning.values.keys().find(|k| !text.contains(&format!("{} = ", k.rsplit('.').next().unwrap_or(k))))
-    {
+    for unknown in tuning.values.keys().filter(|k| !used.contains(*k)) {
         doc.error(
             t.span_of("model_values"),
             &format!("{}.model_values.{unknown}", t.path),

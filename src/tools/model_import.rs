@@ -59,7 +59,7 @@ pub fn scenario(args: &ImportArgs) -> Result<String, crate::problems::Problems> 
             }
         };
         match models::behaviour_toml(&model, "devices.", &Tuning::default()) {
-            Ok(body) => {
+            Ok((body, _)) => {
                 let name = template_name(model.id(), i);
                 out.push_str(&format!(
                     "\n[[devices]]\nname = {name:?}\ncount = {}\nid = \"{name}-{{n:04}}\"\nmodel_id = {:?}\nprovisioning = \"dps\"\n{body}",
