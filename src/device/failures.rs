@@ -20,8 +20,6 @@ pub struct Failure {
     pub hint: &'static str,
 }
 
-pub use crate::sys::error_chain as chain;
-
 /// Classifies a failure to reach an endpoint from its cause chain.
 pub fn network(detail: String) -> Failure {
     let lower = detail.to_ascii_lowercase();
@@ -147,7 +145,7 @@ mod tests {
     fn causes_are_classified_from_the_whole_chain() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
         let outer = std::io::Error::other(io);
-        assert!(chain(&outer).contains("Connection refused"));
+        assert!(crate::sys::error_chain(&outer).contains("Connection refused"));
         assert_eq!(network("x: failed to lookup address information: Name or service not known".into()).kind, "dns");
         assert_eq!(network("tcp connect error: Connection refused (os error 111)".into()).kind, "tcp_refused");
         assert_eq!(network("invalid peer certificate: UnknownIssuer".into()).kind, "tls_certificate");

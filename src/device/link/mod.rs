@@ -83,7 +83,7 @@ impl OpenError {
 
     /// Classified for the operator; `at` is `host:port`.
     pub fn failure(&self, at: &str) -> Failure {
-        let detail = format!("{at}: {}", failures::chain(self));
+        let detail = format!("{at}: {}", crate::sys::error_chain(self));
         match self {
             OpenError::Mqtt(ConnectError::Refused(code)) => failures::connack(*code as u8, detail),
             OpenError::Mqtt(ConnectError::Timeout) | OpenError::Timeout => {
