@@ -13,7 +13,27 @@ fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// Topic, filter, property-bag, username and sequence-stamp parsers, and the twin query language.
+/// A message for route conditions to read: JSON body, one application property.
+struct RouteProbe;
+
+impl crate::iot::route_condition::MessageView for RouteProbe {
+    fn property(&self, name: &str) -> Option<&str> {
+        (name == "a").then_some("x")
+    }
+    fn system_property(&self, name: &str) -> Option<&str> {
+        match name {
+            "contentType" => Some("application/json"),
+            "contentEncoding" => Some("utf-8"),
+            _ => None,
+        }
+    }
+    fn body(&self) -> &[u8] {
+        br#"{"t":1,"s":"x","o":{"k":[1,"2",null]}}"#
+    }
+}
+
+/// Topic, filter, property-bag, username and sequence-stamp parsers, the twin query language,
+/// and IoT Edge routes with their conditions.
 pub fn topics(data: &[u8]) {
     use crate::iot::property_bag::PropertyBag;
     use crate::iot::topic::{CloudPublish, DevicePublish, Filter};
@@ -25,6 +45,12 @@ pub fn topics(data: &[u8]) {
     let _ = crate::iot::username::Username::parse(&s);
     if let Ok(q) = crate::hub::query::Query::parse(&s) {
         q.matches(&serde_json::json!({"deviceId": "d", "tags": {"a": 1}, "properties": {"reported": {"b": "x"}}}));
+    }
+    for route in [s.to_string(), format!("FROM /messages/* WHERE {s} INTO $upstream")] {
+        if let Ok(r) = crate::iot::route::Route::parse(&route) {
+            let source = crate::iot::route::MessageSource::Module { module: "m", output: Some("o") };
+            r.takes(source, &RouteProbe);
+        }
     }
     if let Some((run, n)) = crate::iot::sequence::parse(&s) {
         assert_eq!(crate::iot::sequence::parse(&crate::iot::sequence::stamp(run, n)), Some((run, n)));

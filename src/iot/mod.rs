@@ -11,6 +11,8 @@ pub mod dtdl;
 pub mod encoding;
 pub mod https_headers;
 pub mod property_bag;
+pub mod route;
+pub mod route_condition;
 pub mod sas;
 pub mod sequence;
 pub mod time;
