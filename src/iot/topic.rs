@@ -304,6 +304,12 @@ pub fn c2d(device_id: &str, properties: &PropertyBag) -> String {
 }
 
 /// The DPS reply topic; the Python client splits on `$`, so the rid must come right after `?`.
+/// A message routed to a module's input (IoT Edge `BrokeredEndpoint`); the bag carries the
+/// sender (`$.cdid`, `$.cmid`) and the original properties. Inverted by [`CloudPublish::parse`].
+pub fn module_input(device_id: &str, module_id: &str, input: &str, properties: &PropertyBag) -> String {
+    format!("devices/{device_id}/modules/{module_id}/inputs/{input}/{}", properties.encode())
+}
+
 pub fn dps_response(status: u16, rid: &str, retry_after: Option<u64>) -> String {
     match retry_after {
         Some(r) => format!("{DPS_RES}{status}/?$rid={rid}&retry-after={r}"),
@@ -397,6 +403,12 @@ mod tests {
         assert_eq!(properties.get("iothub-ack"), Some("Full"));
         let i = CloudPublish::parse("devices/E/modules/M/inputs/in1/%24.cdid=E").unwrap();
         assert!(matches!(i, CloudPublish::ModuleInput { ref input, .. } if input == "in1"));
+        let bag = PropertyBag::parse("%24.cdid=E&%24.cmid=tempSensor&MessageType=Alert").unwrap();
+        let built = module_input("E", "filterModule", "input1", &bag);
+        assert_eq!(
+            CloudPublish::parse(&built).unwrap(),
+            CloudPublish::ModuleInput { input: "input1".into(), properties: bag }
+        );
     }
 
     #[test]
