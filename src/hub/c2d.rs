@@ -31,6 +31,9 @@ pub struct C2dMessage {
     /// An HTTPS receive's lock: the token and until when it holds. While it holds, no transport
     /// delivers the message again.
     pub lock: Option<Lock>,
+    /// The module input an IoT Edge route delivers it to (`edge.rs`); `None` for C2D. Input
+    /// messages are redelivered until they expire, with no delivery limit, as Edge hub does.
+    pub input: Option<String>,
 }
 
 /// The lock an HTTPS receive takes on a message (state Invisible).
@@ -41,6 +44,14 @@ pub struct Lock {
 }
 
 impl C2dMessage {
+    /// The MQTT topic it is published on: a module input, or the device's C2D topic.
+    pub fn topic(&self, device_id: &str, module_id: Option<&str>) -> String {
+        match (&self.input, module_id) {
+            (Some(input), Some(module)) => crate::iot::topic::module_input(device_id, module, input, &self.properties),
+            _ => crate::iot::topic::c2d(device_id, &self.properties),
+        }
+    }
+
     fn locked(&self, now: Instant) -> bool {
         self.lock.as_ref().is_some_and(|l| l.until > now)
     }
@@ -148,8 +159,43 @@ impl C2dQueue {
             delivery_count: 0,
             sent_on: None,
             lock: None,
+            input: None,
         });
         Ok(message_id)
+    }
+
+    /// Queues a message an IoT Edge route delivers to module input `input`, with its property bag
+    /// as routed. A full queue (`max_queue`) drops its oldest message first; returns whether one was
+    /// dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue_input(
+        &mut self,
+        input: &str,
+        properties: PropertyBag,
+        body: Bytes,
+        ttl: Duration,
+        max_queue: usize,
+        now: Instant,
+        wall: SystemTime,
+    ) -> bool {
+        let dropped = self.messages.len() >= max_queue.max(1);
+        if dropped {
+            self.messages.pop_front();
+        }
+        self.next_id += 1;
+        self.messages.push_back(C2dMessage {
+            id: self.next_id,
+            body,
+            properties,
+            expires: now + ttl,
+            enqueued_at: wall,
+            expires_at: wall + ttl,
+            delivery_count: 0,
+            sent_on: None,
+            lock: None,
+            input: Some(input.to_string()),
+        });
+        dropped
     }
 
     /// Messages to send on MQTT connection `conn_id`: every one not already sent on it nor locked
@@ -165,7 +211,11 @@ impl C2dQueue {
             if m.expires <= now {
                 dropped.push(Dropped::Expired);
                 false
-            } else if m.delivery_count >= max_delivery && m.sent_on != Some(conn_id) && !m.locked(now) {
+            } else if m.delivery_count >= max_delivery
+                && m.input.is_none()
+                && m.sent_on != Some(conn_id)
+                && !m.locked(now)
+            {
                 dropped.push(Dropped::DeliveryCountExceeded);
                 false
             } else {

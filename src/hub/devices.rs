@@ -126,7 +126,6 @@ pub struct D2c<'a> {
 /// the one the connection announced, if any, else the identity's.
 pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentityState, model_id: Option<&str>, m: D2c) {
     let wall = crate::hub::clock::wall();
-    let len = m.body.len();
     let sender = Sender {
         device_id: &identity.device_id,
         module_id: identity.module_id.as_deref(),
@@ -149,7 +148,13 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
         built = Some(m);
     }
     st.telemetry.record(hub.behaviour.telemetry_buffer, || built.take().unwrap_or_else(make));
-    st.record.last_activity = Some(wall);
+    arrived(hub, st, properties, body.len());
+}
+
+/// What every message that reached the hub counts, stored upstream or routed elsewhere: the
+/// identity's activity, the fleet's sequence stamp and the telemetry metrics.
+fn arrived(hub: &HubState, st: &mut IdentityState, properties: &PropertyBag, len: usize) {
+    st.record.last_activity = Some(crate::hub::clock::wall());
     if let Some((run, n)) = properties.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
         let tracker = match &mut st.sequence {
             Some(t) if t.run == run => t,
@@ -159,6 +164,27 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
     }
     hub.metrics.telemetry_received.inc();
     hub.metrics.telemetry_bytes.inc_by(len as u64);
+}
+
+/// Accepts a device-to-cloud message from `identity`: IoT Edge routing first (`edge.rs`: a module
+/// of an Edge device with routes goes where they say, perhaps only to other modules' inputs),
+/// then storing what goes upstream. Locks the identity for the store and, after releasing it,
+/// each input's module in turn, so two modules routing to each other cannot deadlock.
+pub fn accept_telemetry(hub: &HubState, identity: &Identity, model_id: Option<&str>, m: D2c) {
+    let Some(plan) = super::edge::plan(hub, identity, m.properties, &m.body) else {
+        store_telemetry(hub, identity, &mut identity.lock(), model_id, m);
+        return;
+    };
+    let (properties, body) = (m.properties, m.body.clone());
+    {
+        let mut st = identity.lock();
+        if plan.upstream {
+            store_telemetry(hub, identity, &mut st, model_id, m);
+        } else {
+            arrived(hub, &mut st, properties, body.len());
+        }
+    }
+    super::edge::deliver(hub, identity, &plan, properties, &body);
 }
 
 /// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the expired

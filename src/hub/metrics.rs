@@ -85,6 +85,9 @@ pub struct HubMetrics {
     /// What devices sent that their announced model does not describe, by kind (`telemetry`,
     /// `property`, `command`); only with a model directory configured.
     pub model_mismatches: IntCounterVec,
+    /// IoT Edge routing of modules' messages, by outcome (`module_input`, `unrouted`,
+    /// `no_such_module`, `input_overflow`, `bad_routes`); upstream messages count as telemetry.
+    pub edge_routed: IntCounterVec,
     /// Sequence-numbered telemetry, by kind of arrival (handles resolved once: per-message path).
     sequence: [IntCounter; 4],
 }
@@ -198,6 +201,12 @@ impl Default for HubMetrics {
                 "fleetsim_hub_model_mismatches_total",
                 "Values devices sent that their announced model does not describe, by kind",
                 &["kind"],
+            ),
+            edge_routed: counter_vec(
+                &reg,
+                "fleetsim_hub_edge_routed_total",
+                "IoT Edge routing of modules' messages, by outcome",
+                &["outcome"],
             ),
             sequence: {
                 let v = counter_vec(

@@ -12,6 +12,8 @@ pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod dps;
+pub mod edge;
+pub mod edge_routes;
 pub mod eventhub;
 pub mod faults;
 pub mod http;
@@ -150,6 +152,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
     let secrets = Secrets::load_or_create(&data_dir, &config.keys)?;
     let tls = tls::load_or_create(&config.tls, &data_dir, &config.all_hostnames())?;
     let hub: Hub = Arc::new(HubState::new(&config, secrets)?);
+    edge::refresh_all(&hub);
 
     let mqtt = bind(config.mqtt_addr, "MQTT").await?;
     let https = bind(config.https_addr, "HTTPS").await?;

@@ -101,6 +101,12 @@ impl Subscriptions {
         }
     }
 
+    /// The subscription an identity's queued messages travel on: a module's queue holds what IoT
+    /// Edge routes deliver to its inputs (modules get no C2D), a device's holds C2D.
+    pub fn queue(&self, module: bool) -> Option<QoS> {
+        if module { self.module_inputs } else { self.c2d }
+    }
+
     pub fn count(&self) -> usize {
         [self.c2d, self.methods, self.twin_responses, self.twin_desired, self.module_inputs]
             .iter()

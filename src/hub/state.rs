@@ -61,6 +61,8 @@ pub struct HubState {
     pub connection_refusals: crate::httpserve::RefusalLog,
     /// Checks devices against their models, when a model directory is configured.
     pub model_check: Option<super::model_check::ModelCheck>,
+    /// Each Edge device's routes, read from its `$edgeHub` twin.
+    pub edge: super::edge_routes::EdgeRoutes,
 }
 
 impl HubState {
@@ -138,6 +140,7 @@ impl HubState {
             connections: crate::httpserve::ConnectionBound::new(b.max_connections),
             connection_refusals: Default::default(),
             model_check: config.models_dir.clone().map(super::model_check::ModelCheck::new),
+            edge: super::edge_routes::EdgeRoutes::default(),
         };
         state.set_faults(config.faults.clone());
         Ok(state)
@@ -261,14 +264,16 @@ impl HubState {
 
     /// Pushes pending C2D messages to a device's live, subscribed session.
     pub fn push_c2d(&self, identity: &Identity, st: &mut IdentityState) {
-        let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.c2d.map(|q| (s.conn_id, q))) else {
+        let module = identity.module_id.is_some();
+        let Some((conn_id, granted)) = st.session.as_ref().and_then(|s| s.subs.queue(module).map(|q| (s.conn_id, q)))
+        else {
             return;
         };
         for m in self.c2d_deliverable(st, conn_id) {
             let qos = super::session::cap_qos(QoS::AtLeastOnce, granted);
             let sent = st.session.as_ref().is_some_and(|s| {
                 s.send(Outbound::Publish {
-                    topic: topic::c2d(&identity.device_id, &m.properties),
+                    topic: m.topic(&identity.device_id, identity.module_id.as_deref()),
                     payload: m.body.clone(),
                     qos,
                     c2d_id: Some(m.id),

@@ -192,10 +192,9 @@ pub async fn send_event(
     if let Some(delay) = devices::ack_delay(&hub) {
         tokio::time::sleep(delay).await;
     }
-    let mut st = identity.lock();
     for (bag, body) in messages {
         let m = D2c { properties: &bag, body, retain: false, will: false };
-        devices::store_telemetry(&hub, &identity, &mut st, None, m);
+        devices::accept_telemetry(&hub, &identity, None, m);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -49,6 +49,7 @@ fn routes(hub: Hub, extra: Router<Hub>) -> Router {
             get(service::identity_get).put(service::identity_put).delete(service::identity_delete),
         )
         .route("/devices/{id}/commands", axum::routing::delete(service::c2d_purge))
+        .route("/devices/{id}/applyConfigurationContent", post(service::apply_configuration))
         // The device API of HTTPS devices; `devicebound` is how the Node SDK spells it.
         .route("/devices/{id}/messages/events", post(device_api::send_event))
         .route("/devices/{id}/modules/{mid}/messages/events", post(device_api::send_event))

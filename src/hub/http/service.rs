@@ -158,6 +158,7 @@ pub(super) fn put_identity(
             r.status_updated = Some(now);
         }
         r.status_reason = body.status_reason.clone();
+        let became_edge = body.capabilities.as_ref().and_then(|c| c.iot_edge).is_some_and(|e| e && !r.iot_edge);
         if let Some(edge) = body.capabilities.as_ref().and_then(|c| c.iot_edge) {
             r.iot_edge = edge;
         }
@@ -168,7 +169,13 @@ pub(super) fn put_identity(
         if !enabled && let Some(s) = st.session.take() {
             s.send(Outbound::Close(crate::hub::session::CloseReason::IdentityRemoved));
         }
-        return Ok(Json(identity_json(&existing, &st)).into_response());
+        let response = Json(identity_json(&existing, &st)).into_response();
+        drop(st);
+        if became_edge && module.is_none() {
+            crate::hub::edge::ensure_system_modules(hub, device);
+            hub.refresh_identity_gauges();
+        }
+        return Ok(response);
     }
     let mut record = Record::new(primary.unwrap_or_else(Key::generate), secondary.unwrap_or_else(Key::generate));
     record.enabled = enabled;
@@ -187,6 +194,10 @@ pub(super) fn put_identity(
         ),
         other => ApiError::hub(409, 409001, "DeviceAlreadyExists", other.to_string()),
     })?;
+    // IoT Hub gives an Edge device its `$edgeAgent` and `$edgeHub` modules when it is created.
+    if module.is_none() && created.lock().record.iot_edge {
+        crate::hub::edge::ensure_system_modules(hub, device);
+    }
     hub.refresh_identity_gauges();
     let st = created.lock();
     Ok(Json(identity_json(&created, &st)).into_response())
@@ -206,6 +217,9 @@ pub(super) fn delete_identity(hub: &HubState, device: &str, module: Option<&str>
         return Err(ApiError::precondition_failed());
     }
     hub.remove_identity(device, module);
+    if matches!(module, None | Some("$edgeHub")) {
+        crate::hub::edge::refresh(hub, device);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -342,7 +356,32 @@ pub(super) fn twin_update(
     if let Some(change) = change {
         hub.notify_desired(&st, &change);
     }
-    Ok(Json(twin_json(&identity, &st)).into_response())
+    let response = Json(twin_json(&identity, &st)).into_response();
+    drop(st);
+    // Edge hub reads its routes from its own twin, whoever writes it.
+    if module == Some("$edgeHub") {
+        crate::hub::edge::refresh(hub, device);
+    }
+    Ok(response)
+}
+
+/// `POST /devices/{id}/applyConfigurationContent`: applies an IoT Edge deployment (REST
+/// "Configuration - Apply On Edge Device": 204 No Content; 404 DeviceNotFound; 400 ArgumentInvalid
+/// for content the emulator refuses, such as a route that does not parse, with its column).
+pub async fn apply_configuration(
+    State(hub): State<Hub>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult {
+    guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
+    let content: Value = parse_json(&body)?;
+    crate::hub::edge::apply(&hub, &device, &content).map_err(|e| match e {
+        crate::hub::edge::ApplyError::DeviceNotFound => ApiError::device_not_found(&device),
+        crate::hub::edge::ApplyError::Invalid(why) => ApiError::bad_request(why),
+    })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub async fn twin_get_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {

@@ -89,7 +89,8 @@ impl HubSession {
             st.record.model_id = Some(m.clone());
         }
         wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)));
-        let redeliver = if subs.c2d.is_some() { devices::c2d_deliverable(hub, &mut st, conn_id) } else { Vec::new() };
+        let queued = subs.queue(identity.module_id.is_some());
+        let redeliver = if queued.is_some() { devices::c2d_deliverable(hub, &mut st, conn_id) } else { Vec::new() };
         drop(st);
         identity.changed.notify_waiters();
         hub.metrics.accepted_hub.inc();
@@ -123,8 +124,10 @@ impl HubSession {
     }
 
     fn send_c2d(&mut self, m: C2dMessage, wire: &mut Wire) {
-        let qos = cap_qos(QoS::AtLeastOnce, self.subs.c2d.unwrap_or(QoS::AtMostOnce));
-        let pkid = Self::publish(wire, topic::c2d(&self.identity.device_id, &m.properties), m.body, qos);
+        let granted = self.subs.queue(self.identity.module_id.is_some()).unwrap_or(QoS::AtMostOnce);
+        let qos = cap_qos(QoS::AtLeastOnce, granted);
+        let pkid =
+            Self::publish(wire, m.topic(&self.identity.device_id, self.identity.module_id.as_deref()), m.body, qos);
         self.hub.metrics.c2d("delivered");
         if qos == QoS::AtLeastOnce {
             self.c2d_inflight.push((pkid, m.id));
@@ -191,8 +194,8 @@ impl HubSession {
         }
         match parsed {
             DevicePublish::Telemetry { properties, .. } => {
-                let mut st = self.identity.lock();
-                self.store_telemetry(&mut st, &properties, p.payload, p.retain, false);
+                let m = devices::D2c { properties: &properties, body: p.payload, retain: p.retain, will: false };
+                devices::accept_telemetry(&self.hub, &self.identity, self.model_id.as_deref(), m);
             }
             DevicePublish::TwinGet { rid } => {
                 let view = self.identity.lock().twin.device_view();
@@ -275,8 +278,11 @@ impl HubSession {
         if let Some(sess) = st.session.as_mut().filter(|s| s.conn_id == self.conn_id) {
             sess.subs = self.subs;
         }
-        let redeliver =
-            if newly.c2d.is_some() { devices::c2d_deliverable(&self.hub, &mut st, self.conn_id) } else { Vec::new() };
+        let redeliver = if newly.queue(self.identity.module_id.is_some()).is_some() {
+            devices::c2d_deliverable(&self.hub, &mut st, self.conn_id)
+        } else {
+            Vec::new()
+        };
         drop(st);
         for m in redeliver {
             self.send_c2d(m, wire);
