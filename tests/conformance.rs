@@ -82,6 +82,11 @@ fn python_module_client() {
 }
 
 #[test]
+fn python_edge_deployment_routes_module_to_module() {
+    python("edge_routes.py");
+}
+
+#[test]
 fn python_provisioning_then_hub() {
     python("provisioning.py");
 }
