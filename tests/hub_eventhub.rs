@@ -129,6 +129,25 @@ async fn request(session: &mut SessionHandle<()>, node: &str, props: &[(&str, &s
     (status, value)
 }
 
+/// A hub whose endpoint carries telemetry only (no twin, lifecycle or connection events), for
+/// tests that count sequence numbers.
+fn telemetry_only(c: &mut fleetsim::hub::config::HubConfig) {
+    c.behaviour.eventhub_twin_change_events = false;
+    c.behaviour.eventhub_device_lifecycle_events = false;
+    c.behaviour.eventhub_connection_state_events = false;
+}
+
+fn app_str<'m>(m: &'m Message<Body<Value>>, key: &str) -> Option<&'m str> {
+    match m.application_properties.as_ref()?.0.get(key)? {
+        SimpleValue::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn json_body(m: &Message<Body<Value>>) -> serde_json::Value {
+    serde_json::from_slice(&body(m)).expect("a JSON body")
+}
+
 async fn put_token(session: &mut SessionHandle<()>, audience: &str, token: String) -> i64 {
     let props = [("operation", "put-token"), ("type", "servicebus.windows.net:sastoken"), ("name", audience)];
     request(session, "$cbs", &props, Value::String(token)).await.0
@@ -136,7 +155,7 @@ async fn put_token(session: &mut SessionHandle<()>, audience: &str, token: Strin
 
 #[tokio::test]
 async fn mqtt_telemetry_reaches_an_amqp_partition_reader_with_iot_hub_annotations() {
-    let hub = TestHub::start().await;
+    let hub = TestHub::start_with(telemetry_only).await;
     let key = hub.create_device("d1").await;
     let module_key = hub.create_module("d1", "m1").await;
     let mut device = hub.connect("d1", None, &key, true).await;
@@ -242,7 +261,11 @@ async fn links_need_a_claim_and_end_when_it_expires() {
 
 #[tokio::test]
 async fn management_reads_the_endpoint_and_partitions_and_bad_addresses_are_refused() {
-    let hub = TestHub::start_with(|c| c.behaviour.eventhub_partitions = 2).await;
+    let hub = TestHub::start_with(|c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_partitions = 2;
+    })
+    .await;
     let name = hub.info.eventhub_name.clone();
     let key = hub.create_device("d1").await;
     let mut device = hub.connect("d1", None, &key, true).await;
@@ -354,4 +377,110 @@ async fn c2d_sent_over_amqp_reaches_the_mqtt_device_and_bad_messages_are_rejecte
         };
     assert!(refused.contains("UnauthorizedAccess") || refused.contains("Detached"), "{refused}");
     let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn twin_lifecycle_and_connection_events_reach_the_endpoint_as_iot_hub_routes_them() {
+    use serde_json::json;
+    let hub = TestHub::start().await;
+    let key = hub.create_device("ev1").await;
+    let mut device = hub.connect("ev1", None, &key, true).await;
+    device.subscribe(&[("$iothub/twin/res/#", QoS::AtLeastOnce)]).await;
+    device.publish("$iothub/twin/PATCH/properties/reported/?$rid=p1", r#"{"fw":"1.2"}"#, QoS::AtLeastOnce).await;
+    assert_eq!(device.next_publish().await.topic, "$iothub/twin/res/204/?$rid=p1&$version=2");
+    let (status, _, _) = hub
+        .rest("PATCH", "/twins/ev1", Some(json!({"properties": {"desired": {"rate": 5}}, "tags": {"site": "a"}})))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = hub.rest("PUT", "/twins/ev1", Some(json!({"properties": {"desired": {"only": true}}}))).await;
+    assert_eq!(status, 200);
+    device.send(rumqttc::mqttbytes::v4::Packet::Disconnect).await;
+    assert!(device.closed().await);
+    common::wait_until("the disconnect is seen", || async {
+        hub.state().registry.get("ev1", None).is_some_and(|i| i.lock().session.is_none())
+    })
+    .await;
+    let (status, _, _) = hub.rest("DELETE", "/devices/ev1", None).await;
+    assert_eq!(status, 204);
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut r = reader(&mut session, &partition_address(&hub, "$Default", "ev1"), None).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(next(&mut r).await.unwrap());
+    }
+    let kinds: Vec<(String, String, String)> = seen
+        .iter()
+        .map(|m| {
+            let source = match annotation(m, "iothub-message-source") {
+                Some(Value::String(s)) => s.clone(),
+                other => panic!("no source: {other:?}"),
+            };
+            (source, app_str(m, "iothub-message-schema").unwrap().to_owned(), app_str(m, "opType").unwrap().to_owned())
+        })
+        .collect();
+    let k = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        kinds,
+        [
+            k("deviceLifecycleEvents", "deviceLifecycleNotification", "createDeviceIdentity"),
+            k("deviceConnectionStateEvents", "deviceConnectionStateNotification", "deviceConnected"),
+            k("twinChangeEvents", "twinChangeNotification", "updateTwin"),
+            k("twinChangeEvents", "twinChangeNotification", "updateTwin"),
+            k("twinChangeEvents", "twinChangeNotification", "replaceTwin"),
+            k("deviceConnectionStateEvents", "deviceConnectionStateNotification", "deviceDisconnected"),
+            k("deviceLifecycleEvents", "deviceLifecycleNotification", "deleteDeviceIdentity"),
+        ]
+    );
+    for m in &seen {
+        assert_eq!(annotation(m, "iothub-connection-device-id"), Some(&Value::String("ev1".into())));
+        assert_eq!(
+            (app_str(m, "hubName"), app_str(m, "deviceId")),
+            (Some(hub.info.eventhub_name.as_str()), Some("ev1"))
+        );
+        assert!(app_str(m, "operationTimestamp").is_some_and(|t| t.ends_with('Z')));
+        let props = m.properties.as_ref().expect("system properties");
+        assert_eq!(props.content_type.as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(props.content_encoding.as_ref().map(|s| s.as_str()), Some("utf-8"));
+        assert!(props.correlation_id.is_some());
+    }
+    let created = json_body(&seen[0]);
+    assert_eq!((created["deviceId"].as_str(), created["version"].as_u64()), (Some("ev1"), Some(1)));
+    assert_eq!(created["properties"]["reported"]["$version"], 1);
+    let reported = json_body(&seen[2]);
+    assert_eq!(reported["version"], 2, "the twin's version after the patch");
+    assert_eq!(reported["properties"]["reported"]["fw"], "1.2");
+    assert_eq!(reported["properties"]["reported"]["$version"], 2);
+    assert!(reported["properties"]["reported"]["$metadata"]["fw"]["$lastUpdated"].is_string());
+    let desired = json_body(&seen[3]);
+    assert_eq!(desired["properties"]["desired"]["rate"], 5);
+    assert_eq!(desired["properties"]["desired"]["$version"], 2);
+    assert_eq!(desired["tags"], json!({"site": "a"}));
+    let replaced = json_body(&seen[4]);
+    assert_eq!(replaced["properties"]["desired"]["only"], true);
+    assert!(replaced["properties"]["desired"].get("rate").is_none(), "a replace carries the whole section");
+    assert_eq!(replaced["tags"], json!({}));
+    let seq = |m: &Message<Body<Value>>| json_body(m)["sequenceNumber"].as_str().unwrap().to_owned();
+    assert!(seq(&seen[1]) < seq(&seen[5]));
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn switched_off_sources_leave_only_telemetry() {
+    let hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("quiet").await;
+    let mut device = hub.connect("quiet", None, &key, true).await;
+    device.subscribe(&[("$iothub/twin/res/#", QoS::AtLeastOnce)]).await;
+    device.publish("$iothub/twin/PATCH/properties/reported/?$rid=p1", r#"{"x":1}"#, QoS::AtLeastOnce).await;
+    device.next_publish().await;
+    device.publish("devices/quiet/messages/events/", "t", QoS::AtLeastOnce).await;
+    let p = hub.state().eventhub.partition_for("quiet");
+    common::wait_until("the telemetry is in its partition", || async {
+        hub.state().eventhub.info(p, std::time::SystemTime::now()).last_enqueued_sequence_number == 0
+    })
+    .await;
+    let events = hub.state().eventhub.read(p, 0, 10, std::time::SystemTime::now());
+    assert_eq!(events.len(), 1, "only the telemetry");
+    assert_eq!(events[0].message.source, fleetsim::hub::telemetry::Source::Telemetry);
 }

@@ -152,6 +152,13 @@ pub struct HubBehaviour {
     pub eventhub_retention_events: usize,
     /// How long an event is retained (IoT Hub's built-in endpoint: 1 day by default, up to 7).
     pub eventhub_retention_secs: u64,
+    /// Twin change events (`iothub-message-source` `twinChangeEvents`) on the endpoint, as a
+    /// route from that source to the built-in endpoint sends them on Azure.
+    pub eventhub_twin_change_events: bool,
+    /// Device and module creation and deletion events (`deviceLifecycleEvents`).
+    pub eventhub_device_lifecycle_events: bool,
+    /// Device connect and disconnect events (`deviceConnectionStateEvents`).
+    pub eventhub_connection_state_events: bool,
 }
 
 impl Default for HubBehaviour {
@@ -177,6 +184,9 @@ impl Default for HubBehaviour {
             eventhub_partitions: 4,
             eventhub_retention_events: 10_000,
             eventhub_retention_secs: 86_400,
+            eventhub_twin_change_events: true,
+            eventhub_device_lifecycle_events: true,
+            eventhub_connection_state_events: true,
         }
     }
 }

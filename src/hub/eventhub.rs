@@ -247,6 +247,7 @@ mod tests {
 
     fn message(body: &'static [u8]) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
+            source: crate::hub::telemetry::Source::Telemetry,
             enqueued: SystemTime::UNIX_EPOCH,
             system: Vec::new(),
             application: Vec::new(),

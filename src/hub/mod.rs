@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod dps;
 pub mod eventhub;
+pub mod events;
 pub mod faults;
 pub mod http;
 pub mod info;

@@ -47,7 +47,9 @@ pub struct HubState {
     pub secrets: Secrets,
     pub faults: super::faults::Faults,
     /// The built-in Event Hubs-compatible endpoint every transport's telemetry is appended to.
-    pub eventhub: super::eventhub::EventHub,
+    pub eventhub: Arc<super::eventhub::EventHub>,
+    /// Appends the hub's non-telemetry events (twin changes, lifecycle, connection state) to it.
+    pub events: super::events::Emitter,
     /// The DPS assignment delay the configuration set, restored when a fault override is lifted.
     configured_assignment_delay: Duration,
     next_conn_id: AtomicU64,
@@ -113,24 +115,36 @@ impl HubState {
                 }),
             }
         }
+        let eventhub = Arc::new(super::eventhub::EventHub::new(
+            eventhub_name(&config.hostname),
+            b.eventhub_partitions,
+            b.eventhub_retention_events,
+            Duration::from_secs(b.eventhub_retention_secs),
+            super::clock::wall(),
+        ));
+        let switches = super::events::Switches {
+            twin_changes: b.eventhub_twin_change_events,
+            lifecycle: b.eventhub_device_lifecycle_events,
+            connection_state: b.eventhub_connection_state_events,
+        };
+        let events =
+            super::events::Emitter::new(eventhub.clone(), eventhub.name.clone(), switches, super::clock::wall());
+        let registry = Registry::default();
+        let on_created = events.clone();
+        registry.on_created(move |identity, st| on_created.lifecycle(identity, st, true, super::clock::wall()));
         let state = HubState {
             hostname: config.hostname.clone(),
             hostnames: config.all_hostnames(),
             behaviour: config.behaviour.clone(),
             policies,
-            registry: Registry::default(),
+            registry,
             dps,
             methods: Methods::default(),
             metrics: HubMetrics::default(),
             secrets,
             faults: super::faults::Faults::new(config.faults.clone()),
-            eventhub: super::eventhub::EventHub::new(
-                eventhub_name(&config.hostname),
-                b.eventhub_partitions,
-                b.eventhub_retention_events,
-                Duration::from_secs(b.eventhub_retention_secs),
-                super::clock::wall(),
-            ),
+            eventhub,
+            events,
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -185,11 +199,13 @@ impl HubState {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Deletes a device (with its modules) or a module, closing their connections.
+    /// Deletes a device (with its modules) or a module, closing their connections; each removed
+    /// identity is a lifecycle event.
     pub fn remove_identity(&self, device_id: &str, module_id: Option<&str>) -> bool {
         let removed = self.registry.remove(device_id, module_id);
         for identity in &removed {
             let mut st = identity.lock();
+            self.events.lifecycle(identity, &st, false, super::clock::wall());
             st.removed = true;
             if let Some(s) = st.session.take() {
                 s.send(Outbound::Close(CloseReason::IdentityRemoved));

@@ -87,7 +87,7 @@ pub fn to_amqp(e: &Event) -> Message<Body<Value>> {
         .insert(annotation("x-opt-sequence-number"), Value::Long(e.sequence_number))
         .insert(annotation("x-opt-offset"), Value::String(e.offset.to_string()))
         .insert(annotation("x-opt-enqueued-time"), Value::Timestamp(Timestamp::from_milliseconds(unix_ms(e.enqueued))))
-        .insert(annotation("iothub-message-source"), Value::String("Telemetry".into()))
+        .insert(annotation("iothub-message-source"), Value::String(m.source.as_str().into()))
         .build();
     for (k, v) in &m.system {
         match k.as_str() {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::ApiError;
+use crate::hub::events;
 use crate::hub::methods::MethodError;
 use crate::hub::registry::{Identity, Record, RegistryError, etag_matches, identity_json, twin_json};
 use crate::hub::secrets::Permissions;
@@ -339,6 +340,15 @@ pub(super) fn twin_update(
         ApiError::bad_request(e.to_string())
     })?;
     hub.metrics.twin_op(op, "ok");
+    let body = if replace {
+        let (tags, props) = st.twin.service_parts();
+        events::twin_body(st.twin.version, Some(tags), props.get("desired").cloned(), None)
+    } else {
+        let desired = change.as_ref().and_then(|c| c.patch.as_object()).map(|p| st.twin.desired_change(p));
+        events::twin_body(st.twin.version, body.tags.clone(), desired, None)
+    };
+    let op = if replace { events::TwinOp::Replace } else { events::TwinOp::Update };
+    hub.events.twin_changed(&identity, op, body, now);
     if let Some(change) = change {
         hub.notify_desired(&st, &change);
     }
