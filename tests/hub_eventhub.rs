@@ -243,7 +243,7 @@ async fn links_need_a_claim_and_end_when_it_expires() {
     let elsewhere = sign_token("sb://elsewhere/x", &key, future(60), Some("service"));
     assert_eq!(put_token(&mut session, "sb://elsewhere/x", elsewhere).await, 401);
     let no_service_connect = sign_token(&audience, &hub.policy_key("registryRead"), future(60), Some("registryRead"));
-    assert_eq!(put_token(&mut session, &audience, no_service_connect).await, 202, "a valid token is accepted");
+    assert_eq!(put_token(&mut session, &audience, no_service_connect).await, 200, "a valid token is accepted");
     let denied = match reader(&mut session, &address, None).await {
         Err(e) => e,
         Ok(mut r) => next(&mut r).await.expect_err("registryRead cannot read events"),
@@ -252,7 +252,7 @@ async fn links_need_a_claim_and_end_when_it_expires() {
 
     // A short-lived token admits the link; when it runs out, the link is closed.
     let short = sign_token(&audience, &key, future(2), Some("service"));
-    assert_eq!(put_token(&mut session, &audience, short).await, 202);
+    assert_eq!(put_token(&mut session, &audience, short).await, 200);
     let mut r = reader(&mut session, &address, None).await.expect("the claim admits the link");
     let ended = next(&mut r).await.expect_err("the link ends when its claim expires");
     assert!(ended.contains("UnauthorizedAccess"), "{ended}");
@@ -483,4 +483,96 @@ async fn switched_off_sources_leave_only_telemetry() {
     let events = hub.state().eventhub.read(p, 0, 10, std::time::SystemTime::now());
     assert_eq!(events.len(), 1, "only the telemetry");
     assert_eq!(events[0].message.source, fleetsim::hub::telemetry::Source::Telemetry);
+}
+
+#[tokio::test]
+async fn c2d_feedback_reaches_the_feedback_receiver_for_the_outcomes_each_sender_asked_for() {
+    use fe2o3_amqp::types::messaging::Outcome;
+    use fe2o3_amqp::types::primitives::Timestamp;
+    let hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("fb").await;
+    hub.create_device("off").await;
+    let mut device = hub.connect("fb", None, &key, true).await;
+    device.subscribe(&[("devices/fb/messages/devicebound/#", QoS::AtLeastOnce)]).await;
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut sender =
+        within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await.unwrap();
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let message = |device: &str, id: &str, ack: &str, ttl_ms: Option<i64>| {
+        let mut app = ApplicationProperties::default();
+        app.0.insert("iothub-ack".into(), SimpleValue::String(ack.into()));
+        Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String(id.into())),
+                to: Some(format!("/devices/{device}/messages/devicebound")),
+                absolute_expiry_time: ttl_ms.map(|t| Timestamp::from_milliseconds(now_ms() + t)),
+                ..Default::default()
+            })
+            .application_properties(app)
+            .body(Body::Value(AmqpValue(Value::String(id.into()))))
+            .build()
+    };
+    for m in [
+        message("fb", "m-ok", "full", None),
+        message("fb", "m-none", "none", None),
+        message("off", "m-pos", "positive", Some(1000)),
+        message("off", "m-neg", "negative", Some(1000)),
+        message("off", "m-purge", "full", None),
+    ] {
+        let outcome = within("send", sender.send(m)).await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    // The connected device takes (and acknowledges) both of its messages.
+    for _ in 0..2 {
+        within("the C2D publish", device.next_publish()).await;
+    }
+    common::wait_until("the offline device's messages expire", || async {
+        hub.state().registry.get("off", None).is_some_and(|i| i.lock().c2d.len() == 1)
+    })
+    .await;
+    let (status, _, purged) = hub.rest("DELETE", "/devices/off/commands", None).await;
+    assert_eq!((status, purged["totalMessagesPurged"].as_u64()), (200, Some(1)));
+
+    let source = Source::builder().address("amqps://localhost/messages/serviceBound/feedback").build();
+    let mut r =
+        within("feedback link", Receiver::builder().name("fb").source(source).target("me").attach(&mut session))
+            .await
+            .unwrap();
+    // Released: the records come back in a later message.
+    let first = within("a feedback message", r.recv::<Body<Value>>()).await.unwrap();
+    let released: Vec<serde_json::Value> = serde_json::from_slice(&body(first.message())).unwrap();
+    r.release(&first).await.unwrap();
+    let mut records = Vec::new();
+    while records.len() < 3 {
+        let m = next(&mut r).await.unwrap();
+        let props = m.properties.as_ref().unwrap();
+        assert_eq!(
+            props.content_type.as_ref().map(|s| s.as_str()),
+            Some("application/vnd.microsoft.iothub.feedback.json")
+        );
+        let batch: Vec<serde_json::Value> = serde_json::from_slice(&body(&m)).expect("a JSON array");
+        records.extend(batch);
+    }
+    assert!(released.iter().all(|r| records.contains(r)), "released records are delivered again");
+    let mut got: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            for field in ["deviceGenerationId", "enqueuedTimeUtc", "description"] {
+                assert!(r[field].is_string(), "{field} in {r}");
+            }
+            let s = |k: &str| r[k].as_str().unwrap().to_owned();
+            (s("originalMessageId"), s("deviceId"), s("statusCode"))
+        })
+        .collect();
+    got.sort();
+    let t = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        got,
+        [t("m-neg", "off", "Expired"), t("m-ok", "fb", "Success"), t("m-purge", "off", "Purged")],
+        "no record for ack=none, nor for a positive-only message that expired"
+    );
+    assert!(hub.state().feedback.is_empty());
+    let _ = conn.close().await;
 }

@@ -529,7 +529,12 @@ pub async fn query(State(hub): State<Hub>, headers: HeaderMap, uri: Uri, body: B
 pub async fn c2d_purge(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
     let identity = find(&hub, &d, None)?;
-    let purged = identity.lock().c2d.purge();
+    let st = &mut *identity.lock();
+    let removed = st.c2d.purge();
+    for m in &removed {
+        hub.c2d_outcome(&identity.device_id, st, m, crate::hub::feedback::Status::Purged);
+    }
+    let purged = removed.len();
     Ok(Json(json!({"totalMessagesPurged": purged, "deviceId": d, "moduleId": null})).into_response())
 }
 

@@ -92,7 +92,8 @@ impl HubSession {
             st.record.model_id = Some(m.clone());
         }
         wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)));
-        let redeliver = if subs.c2d.is_some() { devices::c2d_deliverable(hub, &mut st, conn_id) } else { Vec::new() };
+        let redeliver =
+            if subs.c2d.is_some() { devices::c2d_deliverable(hub, &identity, &mut st, conn_id) } else { Vec::new() };
         drop(st);
         identity.changed.notify_waiters();
         hub.metrics.accepted_hub.inc();
@@ -279,8 +280,11 @@ impl HubSession {
         if let Some(sess) = st.session.as_mut().filter(|s| s.conn_id == self.conn_id) {
             sess.subs = self.subs;
         }
-        let redeliver =
-            if newly.c2d.is_some() { devices::c2d_deliverable(&self.hub, &mut st, self.conn_id) } else { Vec::new() };
+        let redeliver = if newly.c2d.is_some() {
+            devices::c2d_deliverable(&self.hub, &self.identity, &mut st, self.conn_id)
+        } else {
+            Vec::new()
+        };
         drop(st);
         for m in redeliver {
             self.send_c2d(m, wire);
