@@ -576,3 +576,48 @@ async fn c2d_feedback_reaches_the_feedback_receiver_for_the_outcomes_each_sender
     assert!(hub.state().feedback.is_empty());
     let _ = conn.close().await;
 }
+
+#[tokio::test]
+async fn a_start_past_the_end_is_refused_and_consumer_groups_come_from_the_config() {
+    let hub = TestHub::start_with(|c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_consumer_groups = vec!["analytics".into()];
+    })
+    .await;
+    let key = hub.create_device("pe").await;
+    let mut device = hub.connect("pe", None, &key, true).await;
+    for i in 0..3 {
+        device.publish("devices/pe/messages/events/", format!("m{i}"), QoS::AtLeastOnce).await;
+    }
+    let p = hub.state().eventhub.partition_for("pe");
+    common::wait_until("three events", || async {
+        hub.state().eventhub.info(p, std::time::SystemTime::now()).last_enqueued_sequence_number == 2
+    })
+    .await;
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let address = |group: &str| partition_address(&hub, group, "pe");
+
+    let refused =
+        match reader(&mut session, &address("$Default"), Some("amqp.annotation.x-opt-sequence-number > '5'")).await {
+            Err(e) => e,
+            Ok(mut r) => next(&mut r).await.expect_err("past the end"),
+        };
+    assert!(
+        refused.contains("com.microsoft:argument-error")
+            && refused
+                .contains("The supplied sequence number '5' is invalid. The last sequence number in the system is '2'"),
+        "{refused}"
+    );
+    // Just past the last event is where new events will come: allowed.
+    let mut r =
+        reader(&mut session, &address("analytics"), Some("amqp.annotation.x-opt-sequence-number > '1'")).await.unwrap();
+    let m = next(&mut r).await.unwrap();
+    assert_eq!(annotation(&m, "x-opt-sequence-number"), Some(&Value::Long(2)));
+    let unknown = match reader(&mut session, &address("nobody"), None).await {
+        Err(e) => e,
+        Ok(mut r) => next(&mut r).await.expect_err("an unknown consumer group"),
+    };
+    assert!(unknown.contains("NotFound"), "{unknown}");
+    let _ = conn.close().await;
+}

@@ -188,7 +188,8 @@ mod tests {
     use std::time::Duration;
 
     fn hub(switches: Switches) -> (Arc<EventHub>, Emitter) {
-        let eh = Arc::new(EventHub::new("hub".into(), 1, 100, Duration::from_secs(60), crate::hub::clock::wall()));
+        let keep = super::super::eventhub::Retention { events: 100, bytes: u64::MAX, age: Duration::from_secs(60) };
+        let eh = Arc::new(EventHub::new("hub".into(), 1, keep, crate::hub::clock::wall()));
         let em = Emitter::new(eh.clone(), "hub".into(), switches, SystemTime::UNIX_EPOCH);
         (eh, em)
     }

@@ -121,8 +121,11 @@ impl HubState {
         let eventhub = Arc::new(super::eventhub::EventHub::new(
             eventhub_name(&config.hostname),
             b.eventhub_partitions,
-            b.eventhub_retention_events,
-            Duration::from_secs(b.eventhub_retention_secs),
+            super::eventhub::Retention {
+                events: b.eventhub_retention_events,
+                bytes: b.eventhub_retention_bytes,
+                age: Duration::from_secs(b.eventhub_retention_secs),
+            },
             super::clock::wall(),
         ));
         let switches = super::events::Switches {
