@@ -77,6 +77,11 @@ fn python_registry_manager_sends_c2d_over_amqp() {
 }
 
 #[test]
+fn node_service_client_c2d_feedback() {
+    node("c2d_feedback.js");
+}
+
+#[test]
 fn python_module_client() {
     python("module_client.py");
 }

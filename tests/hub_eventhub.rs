@@ -129,6 +129,25 @@ async fn request(session: &mut SessionHandle<()>, node: &str, props: &[(&str, &s
     (status, value)
 }
 
+/// A hub whose endpoint carries telemetry only (no twin, lifecycle or connection events), for
+/// tests that count sequence numbers.
+fn telemetry_only(c: &mut fleetsim::hub::config::HubConfig) {
+    c.behaviour.eventhub_twin_change_events = false;
+    c.behaviour.eventhub_device_lifecycle_events = false;
+    c.behaviour.eventhub_connection_state_events = false;
+}
+
+fn app_str<'m>(m: &'m Message<Body<Value>>, key: &str) -> Option<&'m str> {
+    match m.application_properties.as_ref()?.0.get(key)? {
+        SimpleValue::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn json_body(m: &Message<Body<Value>>) -> serde_json::Value {
+    serde_json::from_slice(&body(m)).expect("a JSON body")
+}
+
 async fn put_token(session: &mut SessionHandle<()>, audience: &str, token: String) -> i64 {
     let props = [("operation", "put-token"), ("type", "servicebus.windows.net:sastoken"), ("name", audience)];
     request(session, "$cbs", &props, Value::String(token)).await.0
@@ -136,7 +155,7 @@ async fn put_token(session: &mut SessionHandle<()>, audience: &str, token: Strin
 
 #[tokio::test]
 async fn mqtt_telemetry_reaches_an_amqp_partition_reader_with_iot_hub_annotations() {
-    let hub = TestHub::start().await;
+    let hub = TestHub::start_with(telemetry_only).await;
     let key = hub.create_device("d1").await;
     let module_key = hub.create_module("d1", "m1").await;
     let mut device = hub.connect("d1", None, &key, true).await;
@@ -224,7 +243,7 @@ async fn links_need_a_claim_and_end_when_it_expires() {
     let elsewhere = sign_token("sb://elsewhere/x", &key, future(60), Some("service"));
     assert_eq!(put_token(&mut session, "sb://elsewhere/x", elsewhere).await, 401);
     let no_service_connect = sign_token(&audience, &hub.policy_key("registryRead"), future(60), Some("registryRead"));
-    assert_eq!(put_token(&mut session, &audience, no_service_connect).await, 202, "a valid token is accepted");
+    assert_eq!(put_token(&mut session, &audience, no_service_connect).await, 200, "a valid token is accepted");
     let denied = match reader(&mut session, &address, None).await {
         Err(e) => e,
         Ok(mut r) => next(&mut r).await.expect_err("registryRead cannot read events"),
@@ -233,7 +252,7 @@ async fn links_need_a_claim_and_end_when_it_expires() {
 
     // A short-lived token admits the link; when it runs out, the link is closed.
     let short = sign_token(&audience, &key, future(2), Some("service"));
-    assert_eq!(put_token(&mut session, &audience, short).await, 202);
+    assert_eq!(put_token(&mut session, &audience, short).await, 200);
     let mut r = reader(&mut session, &address, None).await.expect("the claim admits the link");
     let ended = next(&mut r).await.expect_err("the link ends when its claim expires");
     assert!(ended.contains("UnauthorizedAccess"), "{ended}");
@@ -242,7 +261,11 @@ async fn links_need_a_claim_and_end_when_it_expires() {
 
 #[tokio::test]
 async fn management_reads_the_endpoint_and_partitions_and_bad_addresses_are_refused() {
-    let hub = TestHub::start_with(|c| c.behaviour.eventhub_partitions = 2).await;
+    let hub = TestHub::start_with(|c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_partitions = 2;
+    })
+    .await;
     let name = hub.info.eventhub_name.clone();
     let key = hub.create_device("d1").await;
     let mut device = hub.connect("d1", None, &key, true).await;
@@ -353,5 +376,248 @@ async fn c2d_sent_over_amqp_reaches_the_mqtt_device_and_bad_messages_are_rejecte
             }
         };
     assert!(refused.contains("UnauthorizedAccess") || refused.contains("Detached"), "{refused}");
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn twin_lifecycle_and_connection_events_reach_the_endpoint_as_iot_hub_routes_them() {
+    use serde_json::json;
+    let hub = TestHub::start().await;
+    let key = hub.create_device("ev1").await;
+    let mut device = hub.connect("ev1", None, &key, true).await;
+    device.subscribe(&[("$iothub/twin/res/#", QoS::AtLeastOnce)]).await;
+    device.publish("$iothub/twin/PATCH/properties/reported/?$rid=p1", r#"{"fw":"1.2"}"#, QoS::AtLeastOnce).await;
+    assert_eq!(device.next_publish().await.topic, "$iothub/twin/res/204/?$rid=p1&$version=2");
+    let (status, _, _) = hub
+        .rest("PATCH", "/twins/ev1", Some(json!({"properties": {"desired": {"rate": 5}}, "tags": {"site": "a"}})))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = hub.rest("PUT", "/twins/ev1", Some(json!({"properties": {"desired": {"only": true}}}))).await;
+    assert_eq!(status, 200);
+    device.send(rumqttc::mqttbytes::v4::Packet::Disconnect).await;
+    assert!(device.closed().await);
+    common::wait_until("the disconnect is seen", || async {
+        hub.state().registry.get("ev1", None).is_some_and(|i| i.lock().session.is_none())
+    })
+    .await;
+    let (status, _, _) = hub.rest("DELETE", "/devices/ev1", None).await;
+    assert_eq!(status, 204);
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut r = reader(&mut session, &partition_address(&hub, "$Default", "ev1"), None).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(next(&mut r).await.unwrap());
+    }
+    let kinds: Vec<(String, String, String)> = seen
+        .iter()
+        .map(|m| {
+            let source = match annotation(m, "iothub-message-source") {
+                Some(Value::String(s)) => s.clone(),
+                other => panic!("no source: {other:?}"),
+            };
+            (source, app_str(m, "iothub-message-schema").unwrap().to_owned(), app_str(m, "opType").unwrap().to_owned())
+        })
+        .collect();
+    let k = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        kinds,
+        [
+            k("deviceLifecycleEvents", "deviceLifecycleNotification", "createDeviceIdentity"),
+            k("deviceConnectionStateEvents", "deviceConnectionStateNotification", "deviceConnected"),
+            k("twinChangeEvents", "twinChangeNotification", "updateTwin"),
+            k("twinChangeEvents", "twinChangeNotification", "updateTwin"),
+            k("twinChangeEvents", "twinChangeNotification", "replaceTwin"),
+            k("deviceConnectionStateEvents", "deviceConnectionStateNotification", "deviceDisconnected"),
+            k("deviceLifecycleEvents", "deviceLifecycleNotification", "deleteDeviceIdentity"),
+        ]
+    );
+    for m in &seen {
+        assert_eq!(annotation(m, "iothub-connection-device-id"), Some(&Value::String("ev1".into())));
+        assert_eq!(
+            (app_str(m, "hubName"), app_str(m, "deviceId")),
+            (Some(hub.info.eventhub_name.as_str()), Some("ev1"))
+        );
+        assert!(app_str(m, "operationTimestamp").is_some_and(|t| t.ends_with('Z')));
+        let props = m.properties.as_ref().expect("system properties");
+        assert_eq!(props.content_type.as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(props.content_encoding.as_ref().map(|s| s.as_str()), Some("utf-8"));
+        assert!(props.correlation_id.is_some());
+    }
+    let created = json_body(&seen[0]);
+    assert_eq!((created["deviceId"].as_str(), created["version"].as_u64()), (Some("ev1"), Some(1)));
+    assert_eq!(created["properties"]["reported"]["$version"], 1);
+    let reported = json_body(&seen[2]);
+    assert_eq!(reported["version"], 2, "the twin's version after the patch");
+    assert_eq!(reported["properties"]["reported"]["fw"], "1.2");
+    assert_eq!(reported["properties"]["reported"]["$version"], 2);
+    assert!(reported["properties"]["reported"]["$metadata"]["fw"]["$lastUpdated"].is_string());
+    let desired = json_body(&seen[3]);
+    assert_eq!(desired["properties"]["desired"]["rate"], 5);
+    assert_eq!(desired["properties"]["desired"]["$version"], 2);
+    assert_eq!(desired["tags"], json!({"site": "a"}));
+    let replaced = json_body(&seen[4]);
+    assert_eq!(replaced["properties"]["desired"]["only"], true);
+    assert!(replaced["properties"]["desired"].get("rate").is_none(), "a replace carries the whole section");
+    assert_eq!(replaced["tags"], json!({}));
+    let seq = |m: &Message<Body<Value>>| json_body(m)["sequenceNumber"].as_str().unwrap().to_owned();
+    assert!(seq(&seen[1]) < seq(&seen[5]));
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn switched_off_sources_leave_only_telemetry() {
+    let hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("quiet").await;
+    let mut device = hub.connect("quiet", None, &key, true).await;
+    device.subscribe(&[("$iothub/twin/res/#", QoS::AtLeastOnce)]).await;
+    device.publish("$iothub/twin/PATCH/properties/reported/?$rid=p1", r#"{"x":1}"#, QoS::AtLeastOnce).await;
+    device.next_publish().await;
+    device.publish("devices/quiet/messages/events/", "t", QoS::AtLeastOnce).await;
+    let p = hub.state().eventhub.partition_for("quiet");
+    common::wait_until("the telemetry is in its partition", || async {
+        hub.state().eventhub.info(p, std::time::SystemTime::now()).last_enqueued_sequence_number == 0
+    })
+    .await;
+    let events = hub.state().eventhub.read(p, 0, 10, std::time::SystemTime::now());
+    assert_eq!(events.len(), 1, "only the telemetry");
+    assert_eq!(events[0].message.source, fleetsim::hub::telemetry::Source::Telemetry);
+}
+
+#[tokio::test]
+async fn c2d_feedback_reaches_the_feedback_receiver_for_the_outcomes_each_sender_asked_for() {
+    use fe2o3_amqp::types::messaging::Outcome;
+    use fe2o3_amqp::types::primitives::Timestamp;
+    let hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("fb").await;
+    hub.create_device("off").await;
+    let mut device = hub.connect("fb", None, &key, true).await;
+    device.subscribe(&[("devices/fb/messages/devicebound/#", QoS::AtLeastOnce)]).await;
+
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut sender =
+        within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await.unwrap();
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let message = |device: &str, id: &str, ack: &str, ttl_ms: Option<i64>| {
+        let mut app = ApplicationProperties::default();
+        app.0.insert("iothub-ack".into(), SimpleValue::String(ack.into()));
+        Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String(id.into())),
+                to: Some(format!("/devices/{device}/messages/devicebound")),
+                absolute_expiry_time: ttl_ms.map(|t| Timestamp::from_milliseconds(now_ms() + t)),
+                ..Default::default()
+            })
+            .application_properties(app)
+            .body(Body::Value(AmqpValue(Value::String(id.into()))))
+            .build()
+    };
+    for m in [
+        message("fb", "m-ok", "full", None),
+        message("fb", "m-none", "none", None),
+        message("off", "m-pos", "positive", Some(1000)),
+        message("off", "m-neg", "negative", Some(1000)),
+        message("off", "m-purge", "full", None),
+    ] {
+        let outcome = within("send", sender.send(m)).await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    // The connected device takes (and acknowledges) both of its messages.
+    for _ in 0..2 {
+        within("the C2D publish", device.next_publish()).await;
+    }
+    common::wait_until("the offline device's messages expire", || async {
+        hub.state().registry.get("off", None).is_some_and(|i| i.lock().c2d.len() == 1)
+    })
+    .await;
+    let (status, _, purged) = hub.rest("DELETE", "/devices/off/commands", None).await;
+    assert_eq!((status, purged["totalMessagesPurged"].as_u64()), (200, Some(1)));
+
+    let source = Source::builder().address("amqps://localhost/messages/serviceBound/feedback").build();
+    let mut r =
+        within("feedback link", Receiver::builder().name("fb").source(source).target("me").attach(&mut session))
+            .await
+            .unwrap();
+    // Released: the records come back in a later message.
+    let first = within("a feedback message", r.recv::<Body<Value>>()).await.unwrap();
+    let released: Vec<serde_json::Value> = serde_json::from_slice(&body(first.message())).unwrap();
+    r.release(&first).await.unwrap();
+    let mut records = Vec::new();
+    while records.len() < 3 {
+        let m = next(&mut r).await.unwrap();
+        let props = m.properties.as_ref().unwrap();
+        assert_eq!(
+            props.content_type.as_ref().map(|s| s.as_str()),
+            Some("application/vnd.microsoft.iothub.feedback.json")
+        );
+        let batch: Vec<serde_json::Value> = serde_json::from_slice(&body(&m)).expect("a JSON array");
+        records.extend(batch);
+    }
+    assert!(released.iter().all(|r| records.contains(r)), "released records are delivered again");
+    let mut got: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            for field in ["deviceGenerationId", "enqueuedTimeUtc", "description"] {
+                assert!(r[field].is_string(), "{field} in {r}");
+            }
+            let s = |k: &str| r[k].as_str().unwrap().to_owned();
+            (s("originalMessageId"), s("deviceId"), s("statusCode"))
+        })
+        .collect();
+    got.sort();
+    let t = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        got,
+        [t("m-neg", "off", "Expired"), t("m-ok", "fb", "Success"), t("m-purge", "off", "Purged")],
+        "no record for ack=none, nor for a positive-only message that expired"
+    );
+    assert!(hub.state().feedback.is_empty());
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn a_start_past_the_end_is_refused_and_consumer_groups_come_from_the_config() {
+    let hub = TestHub::start_with(|c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_consumer_groups = vec!["analytics".into()];
+    })
+    .await;
+    let key = hub.create_device("pe").await;
+    let mut device = hub.connect("pe", None, &key, true).await;
+    for i in 0..3 {
+        device.publish("devices/pe/messages/events/", format!("m{i}"), QoS::AtLeastOnce).await;
+    }
+    let p = hub.state().eventhub.partition_for("pe");
+    common::wait_until("three events", || async {
+        hub.state().eventhub.info(p, std::time::SystemTime::now()).last_enqueued_sequence_number == 2
+    })
+    .await;
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let address = |group: &str| partition_address(&hub, group, "pe");
+
+    let refused =
+        match reader(&mut session, &address("$Default"), Some("amqp.annotation.x-opt-sequence-number > '5'")).await {
+            Err(e) => e,
+            Ok(mut r) => next(&mut r).await.expect_err("past the end"),
+        };
+    assert!(
+        refused.contains("com.microsoft:argument-error")
+            && refused
+                .contains("The supplied sequence number '5' is invalid. The last sequence number in the system is '2'"),
+        "{refused}"
+    );
+    // Just past the last event is where new events will come: allowed.
+    let mut r =
+        reader(&mut session, &address("analytics"), Some("amqp.annotation.x-opt-sequence-number > '1'")).await.unwrap();
+    let m = next(&mut r).await.unwrap();
+    assert_eq!(annotation(&m, "x-opt-sequence-number"), Some(&Value::Long(2)));
+    let unknown = match reader(&mut session, &address("nobody"), None).await {
+        Err(e) => e,
+        Ok(mut r) => next(&mut r).await.expect_err("an unknown consumer group"),
+    };
+    assert!(unknown.contains("NotFound"), "{unknown}");
     let _ = conn.close().await;
 }

@@ -99,9 +99,29 @@ pub const MAX_C2D_BODY: usize = 64 * 1024;
 
 /// Why a queued message left the queue without being completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dropped {
+pub enum DropReason {
     Expired,
     DeliveryCountExceeded,
+}
+
+/// A message that left the queue without being completed, for the counters and the feedback
+/// its sender may have asked for.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub why: DropReason,
+    pub message: C2dMessage,
+}
+
+impl C2dMessage {
+    /// The message id the hub delivered it under (`$.mid`).
+    pub fn message_id(&self) -> &str {
+        self.properties.get("$.mid").unwrap_or_default()
+    }
+
+    /// The feedback its sender asked for (`iothub-ack`: none, positive, negative, full).
+    pub fn ack(&self) -> &str {
+        self.properties.get("iothub-ack").unwrap_or("none")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -198,6 +218,26 @@ impl C2dQueue {
         dropped
     }
 
+    /// Removes the messages `why` gives a reason for, into `dropped`.
+    fn drop_where(&mut self, dropped: &mut Vec<Dropped>, why: impl Fn(&C2dMessage) -> Option<DropReason>) {
+        let mut kept = VecDeque::with_capacity(self.messages.len());
+        for m in self.messages.drain(..) {
+            match why(&m) {
+                Some(why) => dropped.push(Dropped { why, message: m }),
+                None => kept.push_back(m),
+            }
+        }
+        self.messages = kept;
+    }
+
+    /// Drops the expired messages (whether or not any transport is delivering): IoT Hub expires
+    /// a message at its time, and its sender hears of it then.
+    pub fn expire(&mut self, now: Instant, dropped: &mut Vec<Dropped>) {
+        if self.messages.iter().any(|m| m.expires <= now) {
+            self.drop_where(dropped, |m| (m.expires <= now).then_some(DropReason::Expired));
+        }
+    }
+
     /// Messages to send on MQTT connection `conn_id`: every one not already sent on it nor locked
     /// by an HTTPS receive, after dropping the expired and the over-delivered. Marks them sent.
     pub fn take_deliverable(
@@ -207,19 +247,17 @@ impl C2dQueue {
         now: Instant,
         dropped: &mut Vec<Dropped>,
     ) -> Vec<C2dMessage> {
-        self.messages.retain(|m| {
+        self.drop_where(dropped, |m| {
             if m.expires <= now {
-                dropped.push(Dropped::Expired);
-                false
+                Some(DropReason::Expired)
             } else if m.delivery_count >= max_delivery
                 && m.input.is_none()
                 && m.sent_on != Some(conn_id)
                 && !m.locked(now)
             {
-                dropped.push(Dropped::DeliveryCountExceeded);
-                false
+                Some(DropReason::DeliveryCountExceeded)
             } else {
-                true
+                None
             }
         });
         let mut out = Vec::new();
@@ -244,15 +282,13 @@ impl C2dQueue {
         dropped: &mut Vec<Dropped>,
     ) -> Option<C2dMessage> {
         let free = |m: &C2dMessage| !m.locked(now) && (m.sent_on.is_none() || m.sent_on != live_conn);
-        self.messages.retain(|m| {
+        self.drop_where(dropped, |m| {
             if m.expires <= now {
-                dropped.push(Dropped::Expired);
-                false
+                Some(DropReason::Expired)
             } else if m.delivery_count >= max_delivery && free(m) {
-                dropped.push(Dropped::DeliveryCountExceeded);
-                false
+                Some(DropReason::DeliveryCountExceeded)
             } else {
-                true
+                None
             }
         });
         let m = self.messages.iter_mut().find(|m| free(m))?;
@@ -280,18 +316,16 @@ impl C2dQueue {
         }
     }
 
-    /// The device acknowledged message `id`: it is done.
-    pub fn complete(&mut self, id: u64) -> bool {
-        let before = self.messages.len();
-        self.messages.retain(|m| m.id != id);
-        self.messages.len() != before
+    /// The device acknowledged message `id`: it is done, and returned (`None` if it was not
+    /// queued any more).
+    pub fn complete(&mut self, id: u64) -> Option<C2dMessage> {
+        let i = self.messages.iter().position(|m| m.id == id)?;
+        self.messages.remove(i)
     }
 
-    /// Empties the queue (service purge); returns how many were removed.
-    pub fn purge(&mut self) -> usize {
-        let n = self.messages.len();
-        self.messages.clear();
-        n
+    /// Empties the queue (service purge); returns what was removed.
+    pub fn purge(&mut self) -> Vec<C2dMessage> {
+        self.messages.drain(..).collect()
     }
 }
 
@@ -322,7 +356,8 @@ mod tests {
         assert_eq!(first[0].properties.get("iothub-ack"), Some("full"));
         assert_eq!(first[0].properties.get("$.to"), Some("/devices/d/messages/deviceBound"));
         assert!(q.take_deliverable(1, 100, now, &mut dropped).is_empty(), "not twice on one connection");
-        assert!(q.complete(first[0].id));
+        assert!(q.complete(first[0].id).is_some());
+        assert!(q.complete(first[0].id).is_none(), "completed once");
         let again = q.take_deliverable(2, 100, now, &mut dropped);
         assert_eq!((again.len(), again[0].delivery_count), (1, 2));
         assert!(dropped.is_empty());
@@ -348,10 +383,13 @@ mod tests {
         );
         let mut dropped = Vec::new();
         assert_eq!(q.take_deliverable(1, 1, now + Duration::from_secs(2), &mut dropped).len(), 1);
-        assert_eq!(dropped, [Dropped::Expired]);
+        let why = |d: &[Dropped]| d.iter().map(|d| d.why).collect::<Vec<_>>();
+        assert_eq!(why(&dropped), [DropReason::Expired]);
+        assert_eq!(dropped[0].message.body.as_ref(), b"b", "the dropped message comes back for its feedback");
+        assert_eq!(dropped[0].message.ack(), "full");
         assert!(q.take_deliverable(2, 1, now, &mut dropped).is_empty());
-        assert_eq!(dropped, [Dropped::Expired, Dropped::DeliveryCountExceeded]);
-        assert_eq!(q.purge(), 0);
+        assert_eq!(why(&dropped), [DropReason::Expired, DropReason::DeliveryCountExceeded]);
+        assert!(q.purge().is_empty());
     }
 
     #[test]
@@ -398,7 +436,7 @@ mod tests {
         assert_eq!(m.delivery_count, 2);
         q.settle(&m.lock.unwrap().token, Settle::Abandon, now).unwrap();
         assert!(q.take_locked(None, lock, 2, now, &mut dropped).is_none());
-        assert_eq!(dropped, [Dropped::DeliveryCountExceeded]);
+        assert_eq!(dropped.iter().map(|d| d.why).collect::<Vec<_>>(), [DropReason::DeliveryCountExceeded]);
         assert!(q.is_empty());
     }
 }

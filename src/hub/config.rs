@@ -150,8 +150,21 @@ pub struct HubBehaviour {
     /// Events each partition retains, oldest dropped first (0 keeps none: the endpoint serves
     /// nothing, for load tests).
     pub eventhub_retention_events: usize,
+    /// Bytes each partition retains (bodies plus property names and values), oldest dropped
+    /// first: the emulator keeps the endpoint in memory, so this bounds it.
+    pub eventhub_retention_bytes: u64,
     /// How long an event is retained (IoT Hub's built-in endpoint: 1 day by default, up to 7).
     pub eventhub_retention_secs: u64,
+    /// Consumer groups readers may name besides `$Default` (IoT Hub: created on the hub's
+    /// built-in endpoint). Empty: any name is taken, created on first use.
+    pub eventhub_consumer_groups: Vec<String>,
+    /// Twin change events (`iothub-message-source` `twinChangeEvents`) on the endpoint, as a
+    /// route from that source to the built-in endpoint sends them on Azure.
+    pub eventhub_twin_change_events: bool,
+    /// Device and module creation and deletion events (`deviceLifecycleEvents`).
+    pub eventhub_device_lifecycle_events: bool,
+    /// Device connect and disconnect events (`deviceConnectionStateEvents`).
+    pub eventhub_connection_state_events: bool,
 }
 
 impl Default for HubBehaviour {
@@ -176,7 +189,12 @@ impl Default for HubBehaviour {
             amqp_idle_timeout_secs: 240,
             eventhub_partitions: 4,
             eventhub_retention_events: 10_000,
+            eventhub_retention_bytes: 64 * 1024 * 1024,
             eventhub_retention_secs: 86_400,
+            eventhub_consumer_groups: Vec::new(),
+            eventhub_twin_change_events: true,
+            eventhub_device_lifecycle_events: true,
+            eventhub_connection_state_events: true,
         }
     }
 }
@@ -199,6 +217,16 @@ impl Default for HubConfig {
             models_dir: None,
         }
     }
+}
+
+/// A consumer group name Event Hubs accepts: 1 to 50 letters, digits, `.`, `-` and `_`,
+/// starting and ending with a letter or digit ("Event Hubs quotas and limits": naming rules).
+pub fn valid_consumer_group(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    (1..=50).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+        && edge(name.chars().next())
+        && edge(name.chars().last())
 }
 
 impl HubConfig {
@@ -255,9 +283,20 @@ impl HubConfig {
             ("eventhub_partitions", b.eventhub_partitions as u64, 1, 128),
             ("eventhub_retention_events", b.eventhub_retention_events as u64, 0, 10_000_000),
             ("eventhub_retention_secs", b.eventhub_retention_secs, 1, 7 * DAY),
+            ("eventhub_retention_bytes", b.eventhub_retention_bytes, 1024, 1 << 40),
         ] {
             if !(min..=max).contains(&v) {
                 problem(&format!("behaviour.{name}"), format!("behaviour.{name} must be from {min} to {max}"));
+            }
+        }
+        for group in &b.eventhub_consumer_groups {
+            if !valid_consumer_group(group) {
+                problem(
+                    "behaviour.eventhub_consumer_groups",
+                    format!(
+                        "behaviour.eventhub_consumer_groups: `{group}` is not a consumer group name (1 to 50 letters, digits, `.`, `-`, `_`, starting and ending with a letter or digit)"
+                    ),
+                );
             }
         }
         if let Some(scope) = &self.keys.id_scope
@@ -322,6 +361,20 @@ mod tests {
     }
 
     #[test]
+    fn consumer_groups_follow_the_event_hubs_naming_rules() {
+        for good in ["analytics", "a", "tail-1.x_y", &"a".repeat(50)] {
+            assert!(valid_consumer_group(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "$Default", "has space", &"a".repeat(51)] {
+            assert!(!valid_consumer_group(bad), "{bad}");
+        }
+        let mut c = HubConfig::default();
+        c.behaviour.eventhub_consumer_groups = vec!["ok".into(), "not ok".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`not ok` is not a consumer group name") && !err.contains("`ok`"), "{err}");
+    }
+
+    #[test]
     fn every_number_is_range_checked() {
         // Issue 10: 2^64-1 seconds overflowed `Instant + Duration` inside connection tasks.
         let huge = u64::MAX;
@@ -334,6 +387,7 @@ mod tests {
         b.c2d_lock_timeout_secs = huge;
         (b.amqp_idle_timeout_secs, b.eventhub_retention_secs) = (huge, huge);
         (b.eventhub_partitions, b.eventhub_retention_events) = (0, usize::MAX);
+        b.eventhub_retention_bytes = huge;
         c.faults.token_lifetime_secs = huge;
         c.faults.puback_delay_ms = huge;
         c.faults.storm_every_secs = huge;
@@ -356,6 +410,7 @@ mod tests {
             "behaviour.eventhub_partitions must be from 1 to 128",
             "behaviour.eventhub_retention_events must be from 0 to 10000000",
             "behaviour.eventhub_retention_secs must be from 1 to 604800",
+            "behaviour.eventhub_retention_bytes must be from 1024 to 1099511627776",
             "faults.token_lifetime_secs must be from 0 to 31536000",
             "faults.puback_delay_ms",
             "faults.storm_every_secs",
@@ -363,7 +418,7 @@ mod tests {
         ] {
             assert!(err.contains(field), "{field} missing from:\n{err}");
         }
-        assert_eq!(err.lines().count(), 20, "{err}");
+        assert_eq!(err.lines().count(), 21, "{err}");
     }
 
     #[test]

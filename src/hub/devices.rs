@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::c2d::{C2dMessage, LockLost, Settle};
 use super::faults::Refuse;
+use super::feedback::Status;
 use super::metrics::Refusal;
 use super::registry::{Identity, IdentityState};
 use super::secrets::Permissions;
@@ -189,15 +190,17 @@ pub fn accept_telemetry(hub: &HubState, identity: &Identity, model_id: Option<&s
 
 /// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the expired
 /// and the over-delivered, counted): the rule lives with the C2D push in `state.rs`.
-pub fn c2d_deliverable(hub: &HubState, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
-    hub.c2d_deliverable(st, conn_id)
+pub fn c2d_deliverable(hub: &HubState, identity: &Identity, st: &mut IdentityState, conn_id: u64) -> Vec<C2dMessage> {
+    hub.c2d_deliverable(&identity.device_id, st, conn_id)
 }
 
 /// The device acknowledged delivery `id` on a transport without lock tokens (an MQTT PUBACK, or
 /// a QoS 0 delivery): the message is done.
 pub fn c2d_acknowledged(hub: &HubState, identity: &Identity, id: u64) {
-    if identity.lock().c2d.complete(id) {
+    let st = &mut *identity.lock();
+    if let Some(m) = st.c2d.complete(id) {
         hub.metrics.c2d("completed");
+        hub.c2d_outcome(&identity.device_id, st, &m, Status::Success);
     }
 }
 
@@ -212,8 +215,8 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
     let lock = Duration::from_secs(hub.behaviour.c2d_lock_timeout_secs);
     let m =
         st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
+    hub.count_c2d_dropped(&identity.device_id, &st, dropped);
     drop(st);
-    hub.count_c2d_dropped(dropped);
     if m.is_some() {
         hub.metrics.c2d("delivered");
     }
@@ -224,7 +227,13 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
 /// dead-lettered ("Understand cloud-to-device messaging": the message life cycle); an abandoned
 /// one is Enqueued again and counts against the maximum delivery count on its next receive.
 pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Settle) -> Result<(), LockLost> {
-    identity.lock().c2d.settle(lock_token, how, crate::hub::clock::now())?;
+    let st = &mut *identity.lock();
+    let m = st.c2d.settle(lock_token, how, crate::hub::clock::now())?;
+    match how {
+        Settle::Complete => hub.c2d_outcome(&identity.device_id, st, &m, Status::Success),
+        Settle::Reject => hub.c2d_outcome(&identity.device_id, st, &m, Status::Rejected),
+        Settle::Abandon => {}
+    }
     hub.metrics.c2d(match how {
         Settle::Complete => "completed",
         Settle::Reject => "rejected",
@@ -282,6 +291,46 @@ mod tests {
         c2d_settle(&b.hub, &id, &token(&second), Settle::Abandon).unwrap();
         assert!(c2d_receive(&b.hub, &id).is_none(), "past the maximum delivery count: dead-lettered");
         assert!(id.lock().c2d.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn https_settlement_and_dead_lettering_give_the_feedback_the_sender_asked_for() {
+        let b = bench(|c| c.behaviour.c2d_max_delivery_count = 1);
+        identity(&b.hub, "d1", None);
+        let id = b.hub.registry.get("d1", None).unwrap();
+        let send = |mid: &str, ack: &str| {
+            let m = NewC2d {
+                body: Bytes::from_static(b"x"),
+                message_id: Some(mid.into()),
+                ack: Some(ack.into()),
+                ..Default::default()
+            };
+            id.lock().c2d.enqueue("d1", m, 50, Duration::from_secs(3600), clock::now(), clock::wall()).unwrap();
+        };
+        let token = |m: &C2dMessage| m.lock.clone().unwrap().token;
+        send("done", "positive");
+        send("refused", "negative");
+        send("abandoned", "full");
+        send("quiet", "positive");
+        let m = c2d_receive(&b.hub, &id).unwrap();
+        c2d_settle(&b.hub, &id, &token(&m), Settle::Complete).unwrap();
+        let m = c2d_receive(&b.hub, &id).unwrap();
+        c2d_settle(&b.hub, &id, &token(&m), Settle::Reject).unwrap();
+        let m = c2d_receive(&b.hub, &id).unwrap();
+        c2d_settle(&b.hub, &id, &token(&m), Settle::Abandon).unwrap();
+        let m = c2d_receive(&b.hub, &id).unwrap();
+        assert_eq!(m.message_id(), "quiet", "the abandoned one is past its delivery count");
+        c2d_settle(&b.hub, &id, &token(&m), Settle::Reject).unwrap();
+        let records = b.hub.feedback.take_batch(clock::wall());
+        let got: Vec<(&str, &str)> =
+            records.iter().map(|r| (r.original_message_id.as_str(), r.status.code())).collect();
+        assert_eq!(
+            got,
+            [("done", "Success"), ("refused", "Rejected"), ("abandoned", "DeliveryCountExceeded")],
+            "a positive-only sender hears nothing of a rejection"
+        );
+        assert_eq!(records[0].device_id, "d1");
+        assert_eq!(records[0].device_generation_id, id.lock().record.generation_id);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,9 @@
 //! The built-in Event Hubs-compatible endpoint's store: every accepted device-to-cloud message,
 //! whatever transport carried it, appended to one of the endpoint's partitions (a stable hash of
 //! the device id) with the sequence number, offset and enqueued time Event Hubs readers see, kept
-//! within a bound of events and of time ("Read device-to-cloud messages from the built-in
-//! endpoint"). No I/O: the AMQP front end reads it (`amqp/`), `devices.rs` feeds it.
+//! within a bound of events, of bytes and of time ("Read device-to-cloud messages from the
+//! built-in endpoint"). No I/O: the AMQP front end reads it (`amqp/`), `devices.rs` and
+//! `events.rs` feed it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,33 @@ pub enum Position {
     Sequence { value: i64, inclusive: bool },
     /// `x-opt-enqueued-time > 'MS'` (milliseconds since the Unix epoch; `>=` when inclusive).
     Enqueued { ms: i64, inclusive: bool },
+}
+
+/// A start position past the end of a partition: Event Hubs detaches such a receiver with
+/// `com.microsoft:argument-error` and this text ("The supplied sequence number '488' is invalid.
+/// The last sequence number in the system is '482'", as its brokers word it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("The supplied {what} '{supplied}' is invalid. The last {what} in the system is '{last}'")]
+pub struct BeyondEnd {
+    pub what: &'static str,
+    pub supplied: i64,
+    pub last: i64,
+}
+
+/// How much a partition keeps: at most `events` events, `bytes` bytes (bodies and property names
+/// and values) and events no older than `age`; the oldest go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub events: usize,
+    pub bytes: u64,
+    pub age: Duration,
+}
+
+/// What an event counts against the byte bound: its body and its properties' names and values.
+fn event_size(m: &StoredMessage) -> u64 {
+    let props: usize = m.system.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + m.application.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len)).sum::<usize>();
+    (m.body.len() + props) as u64
 }
 
 /// A selector the endpoint does not understand; the AMQP front end refuses the link with it.
@@ -108,15 +136,22 @@ pub struct PartitionInfo {
 #[derive(Debug, Default)]
 struct Log {
     events: VecDeque<Event>,
+    /// What the retained events count against `Retention::bytes`.
+    bytes: u64,
     next_sequence: i64,
     next_offset: i64,
     last: Option<(i64, i64, SystemTime)>,
 }
 
 impl Log {
-    fn evict(&mut self, keep: usize, oldest: Option<SystemTime>) {
-        while self.events.len() > keep || self.events.front().is_some_and(|e| oldest.is_some_and(|o| e.enqueued < o)) {
-            self.events.pop_front();
+    fn evict(&mut self, keep: &Retention, now: SystemTime) {
+        let oldest = now.checked_sub(keep.age);
+        while self.events.len() > keep.events
+            || self.bytes > keep.bytes
+            || self.events.front().is_some_and(|e| oldest.is_some_and(|o| e.enqueued < o))
+        {
+            let Some(e) = self.events.pop_front() else { break };
+            self.bytes = self.bytes.saturating_sub(event_size(&e.message));
         }
     }
 }
@@ -135,18 +170,17 @@ pub struct EventHub {
     pub name: String,
     pub created: SystemTime,
     partitions: Vec<Partition>,
-    retention_events: usize,
-    retention: Duration,
+    retention: Retention,
 }
 
 impl EventHub {
-    /// An endpoint named `name` with `partitions` partitions (at least one), each retaining at
-    /// most `retention_events` events for at most `retention`.
-    pub fn new(name: String, partitions: u32, retention_events: usize, retention: Duration, now: SystemTime) -> Self {
+    /// An endpoint named `name` with `partitions` partitions (at least one), each retaining what
+    /// `retention` allows.
+    pub fn new(name: String, partitions: u32, retention: Retention, now: SystemTime) -> Self {
         let partitions = (0..partitions.max(1))
             .map(|_| Partition { log: Mutex::new(Log::default()), written: watch::Sender::new(0) })
             .collect();
-        EventHub { name, created: now, partitions, retention_events, retention }
+        EventHub { name, created: now, partitions, retention }
     }
 
     pub fn partition_count(&self) -> usize {
@@ -155,7 +189,7 @@ impl EventHub {
 
     /// Whether anything is stored at all (`eventhub_retention_events` > 0).
     pub fn enabled(&self) -> bool {
-        self.retention_events > 0
+        self.retention.events > 0
     }
 
     /// The partition a device's messages go to: FNV-1a of the device id, modulo the count, so
@@ -188,8 +222,9 @@ impl EventHub {
             log.next_sequence += 1;
             log.next_offset = log.next_offset.saturating_add(len.max(1));
             log.last = Some((sequence_number, offset, now));
+            log.bytes = log.bytes.saturating_add(event_size(&message));
             log.events.push_back(Event { sequence_number, offset, enqueued: now, message });
-            log.evict(self.retention_events, now.checked_sub(self.retention));
+            log.evict(&self.retention, now);
             log.next_sequence
         };
         p.written.send_replace(next);
@@ -197,21 +232,31 @@ impl EventHub {
 
     /// The first sequence number a reader starting at `from` may receive: for `Latest`, the next
     /// one to be written; otherwise the first retained event `from` admits (or the next to be
-    /// written when none is retained yet).
-    pub fn start(&self, partition: usize, from: Position, now: SystemTime) -> i64 {
+    /// written when none is retained yet). A position older than what is retained starts at the
+    /// oldest retained event, as Event Hubs does; a sequence number or offset past the end of the
+    /// partition is refused (`BeyondEnd`).
+    pub fn start(&self, partition: usize, from: Position, now: SystemTime) -> Result<i64, BeyondEnd> {
         let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
-        log.evict(self.retention_events, now.checked_sub(self.retention));
-        if from == Position::Latest {
-            return log.next_sequence;
+        log.evict(&self.retention, now);
+        let (last_sequence, last_offset) = log.last.map_or((-1, -1), |(s, o, _)| (s, o));
+        match from {
+            Position::Latest => return Ok(log.next_sequence),
+            Position::Sequence { value, inclusive } if value > last_sequence + i64::from(inclusive) => {
+                return Err(BeyondEnd { what: "sequence number", supplied: value, last: last_sequence });
+            }
+            Position::Offset { value, .. } if value > last_offset => {
+                return Err(BeyondEnd { what: "offset", supplied: value, last: last_offset });
+            }
+            _ => {}
         }
-        log.events.iter().find(|e| from.admits(e)).map_or(log.next_sequence, |e| e.sequence_number)
+        Ok(log.events.iter().find(|e| from.admits(e)).map_or(log.next_sequence, |e| e.sequence_number))
     }
 
     /// Up to `max` retained events of a partition from sequence number `next` on (past retention,
     /// from the oldest retained one), oldest first.
     pub fn read(&self, partition: usize, next: i64, max: usize, now: SystemTime) -> Vec<Event> {
         let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
-        log.evict(self.retention_events, now.checked_sub(self.retention));
+        log.evict(&self.retention, now);
         let first = log.events.front().map_or(log.next_sequence, |e| e.sequence_number);
         let skip = usize::try_from(next.saturating_sub(first)).unwrap_or(0);
         log.events.iter().skip(skip).take(max).cloned().collect()
@@ -225,7 +270,7 @@ impl EventHub {
     /// What `$management` reports of a partition.
     pub fn info(&self, partition: usize, now: SystemTime) -> PartitionInfo {
         let mut log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
-        log.evict(self.retention_events, now.checked_sub(self.retention));
+        log.evict(&self.retention, now);
         let begin = log.events.front().map_or(log.next_sequence, |e| e.sequence_number);
         let (last_seq, last_offset, last_time) = match log.last {
             Some((s, o, t)) => (s, o, Some(t)),
@@ -247,6 +292,7 @@ mod tests {
 
     fn message(body: &'static [u8]) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
+            source: crate::hub::telemetry::Source::Telemetry,
             enqueued: SystemTime::UNIX_EPOCH,
             system: Vec::new(),
             application: Vec::new(),
@@ -287,9 +333,13 @@ mod tests {
         }
     }
 
+    fn keep(events: usize, bytes: u64, secs: u64) -> Retention {
+        Retention { events, bytes, age: Duration::from_secs(secs) }
+    }
+
     #[test]
     fn numbers_events_per_partition_and_bounds_them_by_count_and_age() {
-        let eh = EventHub::new("hub".into(), 4, 3, Duration::from_secs(60), at(0));
+        let eh = EventHub::new("hub".into(), 4, keep(3, u64::MAX, 60), at(0));
         let p = eh.partition_for("d1");
         assert_eq!(p, eh.partition_for("d1"), "stable");
         for (i, body) in [&b"a"[..], b"bb", b"ccc", b"dddd"].into_iter().enumerate() {
@@ -301,13 +351,27 @@ mod tests {
         let info = eh.info(p, at(4));
         assert_eq!((info.begin_sequence_number, info.last_enqueued_sequence_number, info.is_empty), (1, 3, false));
         assert_eq!(info.last_enqueued_offset, 6);
-        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: false }, at(4)), 3);
-        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: true }, at(4)), 2);
-        assert_eq!(eh.start(p, Position::Sequence { value: 1, inclusive: false }, at(4)), 2);
+        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: false }, at(4)), Ok(3));
+        assert_eq!(eh.start(p, Position::Offset { value: 3, inclusive: true }, at(4)), Ok(2));
+        assert_eq!(eh.start(p, Position::Sequence { value: 1, inclusive: false }, at(4)), Ok(2));
         let ms = unix_ms(at(2));
-        assert_eq!(eh.start(p, Position::Enqueued { ms, inclusive: true }, at(4)), 2);
-        assert_eq!(eh.start(p, Position::Latest, at(4)), 4);
-        assert_eq!(eh.start(p, Position::Start, at(4)), 1);
+        assert_eq!(eh.start(p, Position::Enqueued { ms, inclusive: true }, at(4)), Ok(2));
+        assert_eq!(eh.start(p, Position::Latest, at(4)), Ok(4));
+        assert_eq!(eh.start(p, Position::Start, at(4)), Ok(1));
+        assert_eq!(
+            eh.start(p, Position::Sequence { value: 0, inclusive: true }, at(4)),
+            Ok(1),
+            "older: the oldest kept"
+        );
+        assert_eq!(eh.start(p, Position::Sequence { value: 3, inclusive: false }, at(4)), Ok(4), "just the new ones");
+        assert_eq!(eh.start(p, Position::Sequence { value: 4, inclusive: true }, at(4)), Ok(4));
+        let beyond = eh.start(p, Position::Sequence { value: 4, inclusive: false }, at(4)).unwrap_err();
+        assert_eq!(
+            beyond.to_string(),
+            "The supplied sequence number '4' is invalid. The last sequence number in the system is '3'"
+        );
+        assert_eq!(eh.start(p, Position::Offset { value: 6, inclusive: false }, at(4)), Ok(4));
+        assert!(eh.start(p, Position::Offset { value: 7, inclusive: true }, at(4)).is_err());
         assert_eq!(eh.read(p, 3, 10, at(4)).len(), 1);
         // Age: all four are older than 60 s at t=64.
         assert!(eh.read(p, 0, 10, at(64)).is_empty());
@@ -319,7 +383,7 @@ mod tests {
 
     #[test]
     fn partition_ids_are_the_canonical_numbers() {
-        let eh = EventHub::new("hub".into(), 4, 1, Duration::from_secs(1), at(0));
+        let eh = EventHub::new("hub".into(), 4, keep(1, u64::MAX, 1), at(0));
         assert_eq!(eh.partition("3"), Some(3));
         for bad in ["4", "-1", "01", "", "x"] {
             assert_eq!(eh.partition(bad), None, "{bad}");
@@ -329,8 +393,21 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_drops_the_oldest() {
+        let eh = EventHub::new("hub".into(), 1, keep(100, 10, 60), at(0));
+        for body in [&b"aaaa"[..], b"bbbb", b"cccc"] {
+            eh.append("d", message(body), at(0));
+        }
+        let kept = eh.read(0, 0, 10, at(0));
+        assert_eq!(kept.iter().map(|e| e.sequence_number).collect::<Vec<_>>(), [1, 2], "12 bytes > 10: one dropped");
+        assert_eq!(eh.info(0, at(0)).begin_sequence_number, 1);
+        eh.append("d", message(b"0123456789ab"), at(0));
+        assert!(eh.read(0, 0, 10, at(0)).is_empty(), "an event larger than the bound is not kept either");
+    }
+
+    #[test]
     fn nothing_is_stored_when_retention_is_zero() {
-        let eh = EventHub::new("hub".into(), 2, 0, Duration::from_secs(1), at(0));
+        let eh = EventHub::new("hub".into(), 2, keep(0, u64::MAX, 1), at(0));
         eh.append("d", message(b"x"), at(0));
         assert!(!eh.enabled());
         assert!(eh.info(eh.partition_for("d"), at(0)).is_empty);

@@ -15,7 +15,9 @@ pub mod dps;
 pub mod edge;
 pub mod edge_routes;
 pub mod eventhub;
+pub mod events;
 pub mod faults;
+pub mod feedback;
 pub mod http;
 pub mod info;
 pub mod methods;
@@ -186,6 +188,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
         tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));
     }
     tasks.push(tokio::spawn(state::fault_schedule(hub.clone())));
+    tasks.push(tokio::spawn(state::c2d_expiry(hub.clone())));
     hub.refresh_identity_gauges();
 
     let rest_host = if https_addr.port() == 443 {

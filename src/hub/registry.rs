@@ -137,9 +137,28 @@ pub enum RegistryError {
 #[derive(Debug, Default)]
 pub struct Registry {
     map: RwLock<BTreeMap<String, Arc<Identity>>>,
+    on_created: CreatedHook,
+}
+
+/// Told of every identity the registry creates, whichever path created it (the service REST
+/// API, a DPS assignment, a test), after it is in the map: the hub's device lifecycle events.
+type OnCreated = Box<dyn Fn(&Identity, &IdentityState) + Send + Sync>;
+
+#[derive(Default)]
+struct CreatedHook(std::sync::OnceLock<OnCreated>);
+
+impl std::fmt::Debug for CreatedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "CreatedHook(set)" } else { "CreatedHook(unset)" })
+    }
 }
 
 impl Registry {
+    /// Sets what is told of each identity created from now on (once; a second call is ignored).
+    pub fn on_created(&self, hook: impl Fn(&Identity, &IdentityState) + Send + Sync + 'static) {
+        let _ = self.on_created.0.set(Box::new(hook));
+    }
+
     pub fn get(&self, device_id: &str, module_id: Option<&str>) -> Option<Arc<Identity>> {
         self.read().get(&identity_key(device_id, module_id)).cloned()
     }
@@ -189,6 +208,10 @@ impl Registry {
             changed: Notify::new(),
         });
         map.insert(key, identity.clone());
+        drop(map);
+        if let Some(hook) = self.on_created.0.get() {
+            hook(&identity, &identity.lock());
+        }
         Ok(identity)
     }
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{EnrollmentSpec, HubBehaviour, HubConfig};
 use super::dps::{Dps, GroupEnrollment, IndividualEnrollment};
+use super::feedback::Status;
 use super::methods::Methods;
 use super::metrics::HubMetrics;
 use super::registry::{Identity, IdentityState, Registry};
@@ -47,7 +48,11 @@ pub struct HubState {
     pub secrets: Secrets,
     pub faults: super::faults::Faults,
     /// The built-in Event Hubs-compatible endpoint every transport's telemetry is appended to.
-    pub eventhub: super::eventhub::EventHub,
+    pub eventhub: Arc<super::eventhub::EventHub>,
+    /// Appends the hub's non-telemetry events (twin changes, lifecycle, connection state) to it.
+    pub events: super::events::Emitter,
+    /// C2D feedback records waiting for the service (`/messages/servicebound/feedback`).
+    pub feedback: super::feedback::FeedbackQueue,
     /// The DPS assignment delay the configuration set, restored when a fault override is lifted.
     configured_assignment_delay: Duration,
     next_conn_id: AtomicU64,
@@ -115,24 +120,40 @@ impl HubState {
                 }),
             }
         }
+        let eventhub = Arc::new(super::eventhub::EventHub::new(
+            eventhub_name(&config.hostname),
+            b.eventhub_partitions,
+            super::eventhub::Retention {
+                events: b.eventhub_retention_events,
+                bytes: b.eventhub_retention_bytes,
+                age: Duration::from_secs(b.eventhub_retention_secs),
+            },
+            super::clock::wall(),
+        ));
+        let switches = super::events::Switches {
+            twin_changes: b.eventhub_twin_change_events,
+            lifecycle: b.eventhub_device_lifecycle_events,
+            connection_state: b.eventhub_connection_state_events,
+        };
+        let events =
+            super::events::Emitter::new(eventhub.clone(), eventhub.name.clone(), switches, super::clock::wall());
+        let registry = Registry::default();
+        let on_created = events.clone();
+        registry.on_created(move |identity, st| on_created.lifecycle(identity, st, true, super::clock::wall()));
         let state = HubState {
             hostname: config.hostname.clone(),
             hostnames: config.all_hostnames(),
             behaviour: config.behaviour.clone(),
             policies,
-            registry: Registry::default(),
+            registry,
             dps,
             methods: Methods::default(),
             metrics: HubMetrics::default(),
             secrets,
             faults: super::faults::Faults::new(config.faults.clone()),
-            eventhub: super::eventhub::EventHub::new(
-                eventhub_name(&config.hostname),
-                b.eventhub_partitions,
-                b.eventhub_retention_events,
-                Duration::from_secs(b.eventhub_retention_secs),
-                super::clock::wall(),
-            ),
+            eventhub,
+            events,
+            feedback: Default::default(),
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -188,11 +209,13 @@ impl HubState {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Deletes a device (with its modules) or a module, closing their connections.
+    /// Deletes a device (with its modules) or a module, closing their connections; each removed
+    /// identity is a lifecycle event.
     pub fn remove_identity(&self, device_id: &str, module_id: Option<&str>) -> bool {
         let removed = self.registry.remove(device_id, module_id);
         for identity in &removed {
             let mut st = identity.lock();
+            self.events.lifecycle(identity, &st, false, super::clock::wall());
             st.removed = true;
             if let Some(s) = st.session.take() {
                 s.send(Outbound::Close(CloseReason::IdentityRemoved));
@@ -219,24 +242,62 @@ impl HubState {
         }
     }
 
-    /// Counts C2D messages dropped from a queue: expired, or past the maximum delivery count.
-    pub fn count_c2d_dropped(&self, dropped: Vec<super::c2d::Dropped>) {
-        for d in dropped {
-            self.metrics.c2d(match d {
-                super::c2d::Dropped::Expired => "expired",
-                super::c2d::Dropped::DeliveryCountExceeded => "dead_lettered",
+    /// A C2D message of device `device_id` (state `st`) reached its end with `status`: queues the
+    /// feedback record its sender asked for, if any (`feedback.rs`).
+    pub fn c2d_outcome(&self, device_id: &str, st: &IdentityState, m: &super::c2d::C2dMessage, status: Status) {
+        if status.wanted_by(m.ack()) {
+            self.feedback.push(super::feedback::Record {
+                original_message_id: m.message_id().to_owned(),
+                device_id: device_id.to_owned(),
+                device_generation_id: st.record.generation_id.clone(),
+                at: super::clock::wall(),
+                status,
             });
+        }
+    }
+
+    /// Counts C2D messages dropped from device `device_id`'s queue (expired, or past the maximum
+    /// delivery count) and queues the feedback their senders asked for.
+    pub fn count_c2d_dropped(&self, device_id: &str, st: &IdentityState, dropped: Vec<super::c2d::Dropped>) {
+        use super::c2d::DropReason;
+        for d in dropped {
+            let (metric, status) = match d.why {
+                DropReason::Expired => ("expired", Status::Expired),
+                DropReason::DeliveryCountExceeded => ("dead_lettered", Status::DeliveryCountExceeded),
+            };
+            self.metrics.c2d(metric);
+            self.c2d_outcome(device_id, st, &d.message, status);
         }
     }
 
     /// C2D messages a live MQTT connection `conn_id` should now receive (after dropping the
     /// expired and the over-delivered, counted).
-    pub fn c2d_deliverable(&self, st: &mut IdentityState, conn_id: u64) -> Vec<super::c2d::C2dMessage> {
+    pub fn c2d_deliverable(
+        &self,
+        device_id: &str,
+        st: &mut IdentityState,
+        conn_id: u64,
+    ) -> Vec<super::c2d::C2dMessage> {
         let mut dropped = Vec::new();
         let out =
             st.c2d.take_deliverable(conn_id, self.behaviour.c2d_max_delivery_count, super::clock::now(), &mut dropped);
-        self.count_c2d_dropped(dropped);
+        self.count_c2d_dropped(device_id, st, dropped);
         out
+    }
+
+    /// Expires every queued C2D message whose time has come, so that its sender's `Expired`
+    /// feedback does not wait for the device to come back (see `c2d_expiry`).
+    pub fn expire_c2d(&self) {
+        let now = super::clock::now();
+        for identity in self.registry.all() {
+            let mut st = identity.lock();
+            if st.c2d.is_empty() {
+                continue;
+            }
+            let mut dropped = Vec::new();
+            st.c2d.expire(now, &mut dropped);
+            self.count_c2d_dropped(&identity.device_id, &st, dropped);
+        }
     }
 
     /// Queues a C2D message for `identity` (what every service-side sender calls: the emulator's
@@ -269,7 +330,7 @@ impl HubState {
         else {
             return;
         };
-        for m in self.c2d_deliverable(st, conn_id) {
+        for m in self.c2d_deliverable(&identity.device_id, st, conn_id) {
             let qos = super::session::cap_qos(QoS::AtLeastOnce, granted);
             let sent = st.session.as_ref().is_some_and(|s| {
                 s.send(Outbound::Publish {
@@ -281,8 +342,8 @@ impl HubState {
             });
             if sent {
                 self.metrics.c2d("delivered");
-                if qos == QoS::AtMostOnce {
-                    st.c2d.complete(m.id);
+                if qos == QoS::AtMostOnce && st.c2d.complete(m.id).is_some() {
+                    self.c2d_outcome(&identity.device_id, st, &m, Status::Success);
                 }
             }
         }
@@ -291,6 +352,19 @@ impl HubState {
 
 /// Convenience for handlers holding an `Arc`.
 pub type Hub = Arc<HubState>;
+
+/// Expires queued C2D messages once a second until the hub stops (their `Expired` feedback).
+pub async fn c2d_expiry(hub: Hub) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hub.shutdown.cancelled() => return,
+        }
+        hub.expire_c2d();
+    }
+}
 
 /// Fires the scheduled faults (drops, storms, outages) once a second until the hub stops.
 pub async fn fault_schedule(hub: Hub) {

@@ -25,10 +25,38 @@ const SYSTEM_PROPERTIES: [(&str, &str); 9] = [
     ("$.ifid", "interface-id"),
 ];
 
+/// Where an event on the Event Hubs-compatible endpoint came from: the `iothub-message-source`
+/// annotation IoT Hub stamps on every routed message ("IoT Hub message routing": data sources;
+/// "Azure IoT Hub non-telemetry event schemas").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A device-to-cloud message.
+    Telemetry,
+    /// A device or module twin was changed or replaced.
+    TwinChangeEvents,
+    /// A device or module was created or deleted.
+    DeviceLifecycleEvents,
+    /// A device connected or disconnected.
+    DeviceConnectionStateEvents,
+}
+
+impl Source {
+    /// The annotation's value, as IoT Hub writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Telemetry => "Telemetry",
+            Source::TwinChangeEvents => "twinChangeEvents",
+            Source::DeviceLifecycleEvents => "deviceLifecycleEvents",
+            Source::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+        }
+    }
+}
+
 /// One received message as the back end would see it. Immutable once built, so the identity's
 /// ring and the Event Hubs-compatible endpoint share one copy.
 #[derive(Debug, Clone)]
 pub struct StoredMessage {
+    pub source: Source,
     pub enqueued: SystemTime,
     pub system: Vec<(String, String)>,
     pub application: Vec<(String, Option<String>)>,
@@ -109,7 +137,7 @@ pub fn receive(
     if let Some(model) = from.model_id {
         system.push(("dt-dataschema".into(), model.to_owned()));
     }
-    StoredMessage { enqueued: at, system, application, body }
+    StoredMessage { source: Source::Telemetry, enqueued: at, system, application, body }
 }
 
 /// The size IoT Hub counts against the 256 KB limit: body plus property names and values.

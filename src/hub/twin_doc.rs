@@ -209,6 +209,28 @@ impl TwinDoc {
         json!({ "desired": desired, "reported": reported })
     }
 
+    /// A reported patch as a twin change event carries it: the patch's members (nulls for
+    /// deletions) with their `$metadata` and the section's `$version` ("Azure IoT Hub
+    /// non-telemetry event schemas": device twin change events).
+    pub fn reported_change(&self, patch: &Map<String, Value>) -> Value {
+        Self::change(patch, &self.reported_meta, self.reported_version)
+    }
+
+    /// A desired change (the `patch` of a `DesiredChange`, `$version` included) as a twin change
+    /// event carries it, with the members' `$metadata`.
+    pub fn desired_change(&self, patch: &Map<String, Value>) -> Value {
+        Self::change(patch, &self.desired_meta, self.desired_version)
+    }
+
+    fn change(patch: &Map<String, Value>, meta: &Meta, version: u64) -> Value {
+        let members: Map<String, Value> =
+            patch.iter().filter(|(k, _)| !k.starts_with('$')).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut m = members.clone();
+        m.insert("$metadata".into(), meta.render(&members));
+        m.insert("$version".into(), json!(version));
+        Value::Object(m)
+    }
+
     /// The `properties` and `tags` parts of the service view.
     pub fn service_parts(&self) -> (Value, Value) {
         let section = |values: &Map<String, Value>, meta: &Meta, version: u64| {

@@ -3,7 +3,8 @@
 //! sessions, links and flow control are the library's; what each address means is ours). A
 //! connection authenticates with SASL (`auth.rs`), may put tokens on `$cbs` and ask
 //! `$management` (`nodes.rs`), opens receiver links on partitions (`partition.rs`) and sender
-//! links on `/messages/devicebound` (C2D, `c2d.rs`). `pad.rs` writes every performative with all
+//! links on `/messages/devicebound` (C2D, `c2d.rs`) and receiver links on
+//! `/messages/servicebound/feedback` (C2D feedback, `feedback.rs`). `pad.rs` writes every performative with all
 //! its fields, for the Python clients that need it. It acts on `state::HubState` only; like the
 //! other front ends it never imports `mqtt/` or `http/`.
 //!
@@ -14,6 +15,8 @@
 
 pub mod auth;
 pub mod c2d;
+pub mod feedback;
+pub mod header;
 pub mod nodes;
 pub mod pad;
 pub mod partition;
@@ -112,15 +115,30 @@ impl Replies {
 async fn serve(hub: Hub, tls: super::TlsConn) {
     let claims = Claims::default();
     let idle_ms = u32::try_from(hub.behaviour.amqp_idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
-    let acceptor = ConnectionAcceptor::builder()
+    let builder = ConnectionAcceptor::builder()
         .container_id(format!("fleetsim-{}", hub.eventhub.name))
         .max_frame_size(MAX_FRAME)
         .channel_max(MAX_SESSIONS - 1)
-        .idle_time_out(idle_ms)
-        .sasl_acceptor(HubSasl::new(hub.clone(), claims.clone()))
-        .build();
+        .idle_time_out(idle_ms);
     let open_timeout = Duration::from_secs(hub.behaviour.connect_timeout_secs);
-    let mut conn = match tokio::time::timeout(open_timeout, acceptor.accept(pad::PadPerformatives::new(tls))).await {
+    let mut tls = tls;
+    let mut head = [0u8; header::LEN];
+    match tokio::time::timeout(open_timeout, tokio::io::AsyncReadExt::read_exact(&mut tls, &mut head)).await {
+        Ok(Ok(_)) => {}
+        _ => {
+            tracing::debug!("AMQP connection sent no protocol header within the connect timeout");
+            return;
+        }
+    }
+    let stream = pad::PadPerformatives::new(header::Replay::new(head, tls));
+    // Without SASL a connection starts with no claim: it must put a token on `$cbs`.
+    let accepted = if header::wants_sasl(&head) {
+        let acceptor = builder.sasl_acceptor(HubSasl::new(hub.clone(), claims.clone())).build();
+        tokio::time::timeout(open_timeout, acceptor.accept(stream)).await
+    } else {
+        tokio::time::timeout(open_timeout, builder.build().accept(stream)).await
+    };
+    let mut conn = match accepted {
         Ok(Ok(c)) => c,
         Ok(Err(OpenError::SaslError { .. })) => {
             hub.metrics.refused(Refusal::BadCredentials);
@@ -223,6 +241,8 @@ async fn serve_session(hub: Hub, claims: Claims, replies: Replies, mut session: 
                     let (tx, rx) = mpsc::channel(REPLY_QUEUE);
                     replies.register(&path, path_of(&target), &tx);
                     links.spawn(serve_replies(replies.clone(), tx, rx, s));
+                } else if path.eq_ignore_ascii_case(feedback::ADDRESS) {
+                    links.spawn(attach_feedback(hub.clone(), claims.clone(), s));
                 } else {
                     links.spawn(attach_partition(hub.clone(), claims.clone(), path, s));
                 }
@@ -265,6 +285,19 @@ async fn attach_c2d(hub: Hub, claims: Claims, r: Receiver) {
         return;
     }
     c2d::serve(hub, claims, r, resource).await;
+}
+
+/// Checks the claim for `/messages/servicebound/feedback` (ServiceConnect, as for C2D) and serves
+/// the link, or closes it with `amqp:unauthorized-access`.
+async fn attach_feedback(hub: Hub, claims: Claims, s: Sender) {
+    let resource = format!("{}/{}", hub.hostname, feedback::ADDRESS);
+    let now = unix_secs(crate::hub::clock::wall());
+    if claims.authorizes(&resource, Permissions::SERVICE_CONNECT, now).is_none() {
+        let why = partition::refuse(AmqpError::UnauthorizedAccess, "Unauthorized: put a token on $cbs first");
+        let _ = s.close_with_error(why).await;
+        return;
+    }
+    feedback::serve(hub, claims, s, resource).await;
 }
 
 /// Takes requests on a `$cbs` or `$management` link, answers each on the reply link.

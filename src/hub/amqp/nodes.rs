@@ -40,7 +40,8 @@ fn response(request: &AmqpMessage, status: i32, description: &str, body: Value) 
 }
 
 /// `$cbs` put-token: the body is the token (a string), `name` its audience, `type`
-/// `servicebus.windows.net:sastoken`. 202 and a new claim when the token holds; 401 with the
+/// `servicebus.windows.net:sastoken`. 200 and a new claim when the token holds (IoT Hub's answer:
+/// Microsoft's Node service client takes nothing else, the Python clients any 2xx); 401 with the
 /// reason otherwise; 400 for a request that is not a put-token.
 pub fn cbs(hub: &HubState, claims: &Claims, request: &AmqpMessage) -> AmqpMessage {
     if app_str(request, "operation") != Some("put-token") {
@@ -60,7 +61,7 @@ pub fn cbs(hub: &HubState, claims: &Claims, request: &AmqpMessage) -> AmqpMessag
         Ok(claim) => {
             tracing::debug!(audience = %claim.resource, "AMQP claim accepted");
             claims.add(claim);
-            response(request, 202, "Accepted", Value::Null)
+            response(request, 200, "OK", Value::Null)
         }
         Err(e) => {
             tracing::debug!(error = %e, "AMQP claim refused");

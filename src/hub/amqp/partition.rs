@@ -6,7 +6,7 @@
 //! (`amqp:unauthorized-access`, as Event Hubs closes a link whose token was not renewed).
 
 use fe2o3_amqp::link::Sender;
-use fe2o3_amqp::types::definitions::{AmqpError, Error};
+use fe2o3_amqp::types::definitions::{AmqpError, Error, ErrorCondition};
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Batch, Body, Data, Message, MessageAnnotations, MessageId, Properties, Source,
@@ -18,6 +18,10 @@ use crate::hub::eventhub::{Event, Position, unix_ms};
 use crate::hub::secrets::Permissions;
 use crate::hub::state::Hub;
 use crate::iot::time::unix_secs;
+
+/// The condition Event Hubs detaches a receiver with when its start position is past the end of
+/// the partition.
+pub const ARGUMENT_ERROR: &str = "com.microsoft:argument-error";
 
 /// The filter key the Event Hubs clients put their selector under.
 const SELECTOR: &str = "apache.org:selector-filter:string";
@@ -36,9 +40,10 @@ pub fn refuse(condition: AmqpError, description: &str) -> Error {
     Error::new(condition, description.to_owned(), None)
 }
 
-/// Parses `{name}/ConsumerGroups/{group}/Partitions/{id}` (scheme and host already removed);
-/// consumer group names are free (IoT Hub creates them on demand in the emulator: `$Default`
-/// and any other), partition ids must exist.
+/// Parses `{name}/ConsumerGroups/{group}/Partitions/{id}` (scheme and host already removed).
+/// The consumer group must be `$Default` or one of `behaviour.eventhub_consumer_groups`, or, when
+/// that list is empty, any name (created on first use); the partition must exist. Refusals are
+/// `amqp:not-found`, as Event Hubs answers for an entity it does not have.
 pub fn parse_address(hub: &Hub, path: &str) -> Result<Address, Error> {
     let parts: Vec<&str> = path.split('/').collect();
     let [name, cg_key, group, p_key, id] = parts.as_slice() else {
@@ -50,7 +55,13 @@ pub fn parse_address(hub: &Hub, path: &str) -> Result<Address, Error> {
     if !name.eq_ignore_ascii_case(&hub.eventhub.name) {
         return Err(refuse(AmqpError::NotFound, "no such event hub"));
     }
-    if group.is_empty() || group.len() > 50 {
+    let groups = &hub.behaviour.eventhub_consumer_groups;
+    let known = if groups.is_empty() {
+        !group.is_empty() && group.len() <= 50
+    } else {
+        group.eq_ignore_ascii_case("$Default") || groups.iter().any(|g| g.eq_ignore_ascii_case(group))
+    };
+    if !known {
         return Err(refuse(AmqpError::NotFound, "no such consumer group"));
     }
     let partition = hub.eventhub.partition(id).ok_or_else(|| refuse(AmqpError::NotFound, "no such partition"))?;
@@ -87,7 +98,7 @@ pub fn to_amqp(e: &Event) -> Message<Body<Value>> {
         .insert(annotation("x-opt-sequence-number"), Value::Long(e.sequence_number))
         .insert(annotation("x-opt-offset"), Value::String(e.offset.to_string()))
         .insert(annotation("x-opt-enqueued-time"), Value::Timestamp(Timestamp::from_milliseconds(unix_ms(e.enqueued))))
-        .insert(annotation("iothub-message-source"), Value::String("Telemetry".into()))
+        .insert(annotation("iothub-message-source"), Value::String(m.source.as_str().into()))
         .build();
     for (k, v) in &m.system {
         match k.as_str() {
@@ -125,7 +136,14 @@ pub async fn serve(hub: Hub, claims: Claims, mut sender: Sender, resource: Strin
     let eh = &hub.eventhub;
     let p = addr.partition;
     let mut written = eh.watch(p);
-    let mut next = eh.start(p, from, crate::hub::clock::wall());
+    let mut next = match eh.start(p, from, crate::hub::clock::wall()) {
+        Ok(n) => n,
+        Err(beyond) => {
+            let why = Error::new(ErrorCondition::Custom(Symbol::from(ARGUMENT_ERROR)), beyond.to_string(), None);
+            let _ = sender.close_with_error(why).await;
+            return;
+        }
+    };
     loop {
         let now = crate::hub::clock::wall();
         let Some(expiry) = claims.authorizes(&resource, Permissions::SERVICE_CONNECT, unix_secs(now)) else {

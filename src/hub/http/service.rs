@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::auth;
 use super::error::ApiError;
+use crate::hub::events;
 use crate::hub::methods::MethodError;
 use crate::hub::registry::{Identity, Record, RegistryError, etag_matches, identity_json, twin_json};
 use crate::hub::secrets::Permissions;
@@ -353,6 +354,15 @@ pub(super) fn twin_update(
         ApiError::bad_request(e.to_string())
     })?;
     hub.metrics.twin_op(op, "ok");
+    let body = if replace {
+        let (tags, props) = st.twin.service_parts();
+        events::twin_body(st.twin.version, Some(tags), props.get("desired").cloned(), None)
+    } else {
+        let desired = change.as_ref().and_then(|c| c.patch.as_object()).map(|p| st.twin.desired_change(p));
+        events::twin_body(st.twin.version, body.tags.clone(), desired, None)
+    };
+    let op = if replace { events::TwinOp::Replace } else { events::TwinOp::Update };
+    hub.events.twin_changed(&identity, op, body, now);
     if let Some(change) = change {
         hub.notify_desired(&st, &change);
     }
@@ -558,7 +568,12 @@ pub async fn query(State(hub): State<Hub>, headers: HeaderMap, uri: Uri, body: B
 pub async fn c2d_purge(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
     let identity = find(&hub, &d, None)?;
-    let purged = identity.lock().c2d.purge();
+    let st = &mut *identity.lock();
+    let removed = st.c2d.purge();
+    for m in &removed {
+        hub.c2d_outcome(&identity.device_id, st, m, crate::hub::feedback::Status::Purged);
+    }
+    let purged = removed.len();
     Ok(Json(json!({"totalMessagesPurged": purged, "deviceId": d, "moduleId": null})).into_response())
 }
 

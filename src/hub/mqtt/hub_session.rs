@@ -17,6 +17,7 @@ use super::contract::{PacketSession, Step, Wire};
 use crate::hub::c2d::C2dMessage;
 use crate::hub::config::BadSubscription;
 use crate::hub::devices;
+use crate::hub::events;
 use crate::hub::methods::MethodResponse;
 use crate::hub::metrics::Refusal;
 use crate::hub::registry::{Identity, IdentityState};
@@ -71,9 +72,7 @@ impl HubSession {
         if !st.record.enabled {
             return Err(Refusal::IdentityDisabled);
         }
-        if let Some(old) = st.session.take() {
-            old.send(Outbound::Close(CloseReason::Replaced));
-        }
+        let replaced = st.session.take().map(|old| old.send(Outbound::Close(CloseReason::Replaced))).is_some();
         let session_present = !connect.clean_session && st.saved_subs.is_some();
         let subs = if connect.clean_session {
             st.saved_subs = None;
@@ -83,6 +82,10 @@ impl HubSession {
         };
         st.session = Some(Session { conn_id, tx: tx.clone(), subs, persistent: !connect.clean_session });
         let wall = crate::hub::clock::wall();
+        // A connection that takes over from a live one leaves the device connected: no event.
+        if !replaced {
+            hub.events.connection(&identity, true, wall);
+        }
         st.record.connection_state_updated = Some(wall);
         st.record.last_activity = Some(wall);
         if let Some(m) = &u.model_id {
@@ -90,7 +93,8 @@ impl HubSession {
         }
         wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)));
         let queued = subs.queue(identity.module_id.is_some());
-        let redeliver = if queued.is_some() { devices::c2d_deliverable(hub, &mut st, conn_id) } else { Vec::new() };
+        let redeliver =
+            if queued.is_some() { devices::c2d_deliverable(hub, &identity, &mut st, conn_id) } else { Vec::new() };
         drop(st);
         identity.changed.notify_waiters();
         hub.metrics.accepted_hub.inc();
@@ -206,12 +210,13 @@ impl HubSession {
                 let result = serde_json::from_slice::<Value>(&p.payload)
                     .map_err(|e| format!("the reported patch is not JSON: {e}"))
                     .and_then(|patch| {
-                        let version = self
-                            .identity
-                            .lock()
-                            .twin
-                            .patch_reported(&patch, crate::hub::clock::wall())
-                            .map_err(|e| e.to_string())?;
+                        let now = crate::hub::clock::wall();
+                        let mut st = self.identity.lock();
+                        let version = st.twin.patch_reported(&patch, now).map_err(|e| e.to_string())?;
+                        let change = patch.as_object().map(|p| st.twin.reported_change(p));
+                        let body = events::twin_body(st.twin.version, None, None, change);
+                        self.hub.events.twin_changed(&self.identity, events::TwinOp::Update, body, now);
+                        drop(st);
                         if let (Some(check), Some(model)) = (&self.hub.model_check, &self.model_id) {
                             let found = check.reported(&self.key, model, &patch);
                             self.hub.metrics.model_mismatches.with_label_values(&["property"]).inc_by(found as u64);
@@ -279,7 +284,7 @@ impl HubSession {
             sess.subs = self.subs;
         }
         let redeliver = if newly.queue(self.identity.module_id.is_some()).is_some() {
-            devices::c2d_deliverable(&self.hub, &mut st, self.conn_id)
+            devices::c2d_deliverable(&self.hub, &self.identity, &mut st, self.conn_id)
         } else {
             Vec::new()
         };
@@ -358,7 +363,9 @@ impl PacketSession for HubSession {
             if self.persistent {
                 st.saved_subs = Some(self.subs);
             }
-            st.record.connection_state_updated = Some(crate::hub::clock::wall());
+            let wall = crate::hub::clock::wall();
+            st.record.connection_state_updated = Some(wall);
+            self.hub.events.connection(&self.identity, false, wall);
         }
         // The Will stands in for telemetry when the device vanished without DISCONNECT.
         if reason != CloseReason::ClientDisconnect

@@ -2,7 +2,9 @@
 Hubs-compatible endpoint: from the connection string in hub.json, over AMQP/TLS on 5671 trusting
 the emulator's CA, it lists the partitions, reads the hub and partition properties, and receives
 the telemetry Microsoft's Python device client sent over MQTT, with its properties and the
-annotations IoT Hub adds. A wrong key is refused."""
+annotations IoT Hub adds, and the non-telemetry events the hub routes with it: the device's
+creation, its connection and its reported patch as a twinChangeEvents event. A wrong key is
+refused."""
 
 import json
 import threading
@@ -37,6 +39,7 @@ for i in range(3):
     msg.content_encoding = "utf-8"
     msg.custom_properties["alert"] = f"level-{i}"
     device.send_message(msg)
+device.patch_twin_reported_properties({"firmware": "1.2.3"})
 
 received = []
 done = Box()
@@ -48,8 +51,12 @@ def on_event(partition_context, event):
         return
     with lock:
         received.append((partition_context.partition_id, event))
-        if len(received) >= 3:
+        if any(source(e) == "twinChangeEvents" for _, e in received):
             done.put(True)
+
+
+def source(event):
+    return event.system_properties.get(b"iothub-message-source", b"").decode()
 
 
 worker = threading.Thread(
@@ -58,13 +65,31 @@ worker = threading.Thread(
     daemon=True,
 )
 worker.start()
-done.get("three events through the Event Hubs-compatible endpoint")
+done.get("the telemetry and the twin change through the Event Hubs-compatible endpoint")
 consumer.close()
 worker.join(WAIT)
 
 partitions = {p for p, _ in received}
 check(len(partitions) == 1, "one device's events all come from one partition")
-events = [e for _, e in received]
+everything = [e for _, e in received]
+sources = [source(e) for e in everything]
+check(sources == ["deviceLifecycleEvents", "deviceConnectionStateEvents", "Telemetry", "Telemetry", "Telemetry",
+                  "twinChangeEvents"], f"creation, connection, telemetry and the twin change, in order ({sources})")
+check([e.sequence_number for e in everything] == list(range(6)), "x-opt-sequence-number counts from 0 per partition")
+twin = everything[-1]
+check(twin.body_as_json()["properties"]["reported"]["firmware"] == "1.2.3", "the twin change event carries the patch")
+check(twin.body_as_json()["properties"]["reported"]["$version"] == 2, "with the reported section's version")
+check(twin.properties.get(b"opType") == b"updateTwin", "opType updateTwin")
+check(twin.properties.get(b"iothub-message-schema") == b"twinChangeNotification", "iothub-message-schema")
+check(twin.properties.get(b"hubName") == NAME.encode() and twin.properties.get(b"deviceId") == b"eh-dev-1",
+      "hubName and deviceId application properties")
+check(twin.system_properties.get(b"content-type") == b"application/json", "a JSON body")
+check(twin.system_properties.get(b"iothub-connection-device-id") == b"eh-dev-1", "the device's id as the connection")
+created = everything[0]
+check(created.properties.get(b"opType") == b"createDeviceIdentity" and created.body_as_json()["deviceId"] == "eh-dev-1",
+      "the device's creation as a lifecycle event")
+check(everything[1].properties.get(b"opType") == b"deviceConnected", "its connection as a connection state event")
+events = [e for e in everything if source(e) == "Telemetry"]
 check([json.loads(e.body_as_str()) for e in events] == [{"n": 0}, {"n": 1}, {"n": 2}], "bodies arrive as sent, in order")
 first = events[0]
 sysp = first.system_properties
@@ -76,14 +101,13 @@ check(sysp.get(b"content-type") == b"application/json", "content type as the AMQ
 check(isinstance(sysp.get(b"iothub-enqueuedtime"), int) and sysp[b"iothub-enqueuedtime"] > 0, "iothub-enqueuedtime annotation")
 check(sysp.get(b"iothub-message-source") == b"Telemetry", "iothub-message-source annotation")
 check(sysp.get(b"iothub-connection-auth-method") is not None, "iothub-connection-auth-method annotation")
-check([e.sequence_number for e in events] == [0, 1, 2], "x-opt-sequence-number counts from 0 per partition")
 check(len({e.offset for e in events}) == 3, "x-opt-offset differs per event")
 check(first.enqueued_time is not None, "x-opt-enqueued-time annotation")
 
 pid = received[0][0]
 consumer = EventHubConsumerClient.from_connection_string(CS, consumer_group="$Default", connection_verify=HUB["ca_file"])
 p = consumer.get_partition_properties(pid)
-check(p["last_enqueued_sequence_number"] == 2 and p["beginning_sequence_number"] == 0 and not p["is_empty"],
+check(p["last_enqueued_sequence_number"] == 5 and p["beginning_sequence_number"] == 0 and not p["is_empty"],
       "get_partition_properties reports the partition's sequence numbers")
 
 # Starting after the first event's sequence number gives the rest, in a consumer group of any name.
@@ -100,15 +124,16 @@ def on_later(partition_context, event):
 
 worker = threading.Thread(
     target=consumer.receive,
-    kwargs={"on_event": on_later, "partition_id": pid, "starting_position": 0, "starting_position_inclusive": False,
+    kwargs={"on_event": on_later, "partition_id": pid, "starting_position": events[0].sequence_number,
+            "starting_position_inclusive": False,
             "max_wait_time": 1},
     daemon=True,
 )
 worker.start()
-more.get("events after sequence number 0")
+more.get("events after the first telemetry's sequence number")
 consumer.close()
 worker.join(WAIT)
-check([e.sequence_number for e in after[:2]] == [1, 2], "a sequence-number start position skips what came before")
+check([e.sequence_number for e in after[:2]] == [3, 4], "a sequence-number start position skips what came before")
 device.shutdown()
 
 bad = CS.replace(CS.split("SharedAccessKey=")[1].split(";")[0], "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXk=")
