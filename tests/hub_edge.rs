@@ -6,6 +6,8 @@
 use fleetsim_testkit as common;
 
 use common::{TestHub, poll_until};
+use fleetsim::hub::eventhub::Position;
+use fleetsim::hub::telemetry::Source;
 use fleetsim::iot::property_bag::PropertyBag;
 use fleetsim::iot::sas::Key;
 use fleetsim::iot::topic::CloudPublish;
@@ -94,6 +96,23 @@ async fn edge_devices_get_system_modules_and_deployments_set_module_twins() {
     assert_eq!(twin["properties"]["desired"]["TemperatureThreshold"], 25.0);
     let (_, _, twin) = hub.rest("GET", "/twins/edge1/modules/$edgeHub", None).await;
     assert_eq!(twin["properties"]["desired"]["routes"]["sensorToFilter"], TO_FILTER);
+    // The deployment's twin writes are twin change events (replaceTwin) on the built-in endpoint,
+    // and the modules it created are lifecycle events, as for any other writer.
+    let eh = &hub.state().eventhub;
+    let now = std::time::SystemTime::now();
+    let p = eh.partition_for("edge1");
+    let start = eh.start(p, Position::Start, now).unwrap();
+    let events = eh.read(p, start, 1000, now);
+    let of = |source: Source, module: &str| {
+        events
+            .iter()
+            .filter(|e| e.message.source == source)
+            .filter(|e| e.message.application.iter().any(|(k, v)| k == "moduleId" && v.as_deref() == Some(module)))
+            .count()
+    };
+    assert_eq!(of(Source::TwinChangeEvents, "filterModule"), 1, "one replaceTwin for filterModule");
+    assert_eq!(of(Source::TwinChangeEvents, "$edgeHub"), 1);
+    assert_eq!(of(Source::DeviceLifecycleEvents, "tempSensor"), 1, "tempSensor's creation");
 
     // A second deployment replaces desired properties (and keeps the modules).
     let (status, _, _) = hub

@@ -164,11 +164,18 @@ pub fn apply(hub: &HubState, device_id: &str, content: &Value) -> Result<(), App
         let Some(identity) = hub.registry.get(device_id, Some(&module)) else { continue };
         let mut st = identity.lock();
         let (tags, _) = st.twin.service_parts();
-        match st.twin.replace_service(Some(&tags), Some(&desired), super::clock::wall()) {
-            Ok(Some(change)) => hub.notify_desired(&st, &change),
-            Ok(None) => {}
+        let now = super::clock::wall();
+        let change = match st.twin.replace_service(Some(&tags), Some(&desired), now) {
+            Ok(change) => change,
             // Checked above; a twin that changed shape since is refused now.
             Err(e) => return invalid(format!("modulesContent.{module}: {e}")),
+        };
+        // A twin replaced by a deployment is a twin change event, as a service PUT is.
+        let (tags, props) = st.twin.service_parts();
+        let body = super::events::twin_body(st.twin.version, Some(tags), props.get("desired").cloned(), None);
+        hub.events.twin_changed(&identity, super::events::TwinOp::Replace, body, now);
+        if let Some(change) = change {
+            hub.notify_desired(&st, &change);
         }
     }
     refresh(hub, device_id);
