@@ -56,6 +56,9 @@ pub enum Command {
     /// Devices from models: `model import` writes a scenario from DTDL models or an IoT Central
     /// device template export.
     Model(crate::tools::model_import::ModelArgs),
+    /// IoT Edge: `edge env DEVICE MODULE` prints the IOTEDGE_* environment that lets module code
+    /// built for IoT Edge run against the emulator.
+    Edge(crate::tools::edge_env::EdgeArgs),
 }
 
 #[derive(Debug, Args)]

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             Command::Report(args) => report(args),
             Command::Cleanup(args) => ExitCode::from(fleetsim::tools::cleanup::run(args).await),
             Command::Model(args) => ExitCode::from(fleetsim::tools::model_import::run(args)),
+            Command::Edge(args) => ExitCode::from(fleetsim::tools::edge_env::run(args).await),
         }
     })
 }

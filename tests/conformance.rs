@@ -92,6 +92,11 @@ fn python_edge_deployment_routes_module_to_module() {
 }
 
 #[test]
+fn python_module_from_edge_environment() {
+    python("edge_module_env.py");
+}
+
+#[test]
 fn python_provisioning_then_hub() {
     python("provisioning.py");
 }

@@ -296,3 +296,73 @@ async fn routes_follow_the_edge_hub_twin_and_its_deletion() {
     sensor.puback(pkid).await;
     assert_eq!(hub.events("edge1", Some("tempSensor")).await["received"], 2);
 }
+
+/// One HTTP/1.1 request over the workload socket: status and body.
+async fn workload(uri: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = uri.strip_prefix("unix://").unwrap();
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(common::WAIT, s.read_to_string(&mut reply)).await.unwrap().unwrap();
+    let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // The reply may be chunked: the JSON is the part between the braces.
+    let json = body.find('{').and_then(|a| body.rfind('}').map(|b| &body[a..=b])).unwrap_or("null");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_workload_api_signs_with_the_module_key_and_refuses_the_rest() {
+    let hub = TestHub::start().await;
+    let uri = hub.info.edge_workload_uri.clone().expect("the workload socket is served");
+    edge_device(&hub, "edge1").await;
+    let (status, _, _) = hub
+        .rest(
+            "POST",
+            "/devices/edge1/applyConfigurationContent",
+            Some(deployment(json!({"toFilter": TO_FILTER}), 25.0)),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, _, m) = hub.rest("GET", "/devices/edge1/modules/filterModule", None).await;
+    let genid = m["generationId"].as_str().unwrap();
+    let key = Key::from_base64(m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+    let secondary = Key::from_base64(m["authentication"]["symmetricKey"]["secondaryKey"].as_str().unwrap()).unwrap();
+
+    let (status, bundle) = workload(&uri, "GET", "/trust-bundle?api-version=2019-01-30", "").await;
+    assert_eq!(status, 200);
+    let ca = std::fs::read_to_string(&hub.info.ca_file).unwrap();
+    assert_eq!(bundle["certificate"], ca);
+
+    let data = "localhost%2Fdevices%2Fedge1%2Fmodules%2FfilterModule\n1700000000";
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data);
+    let sign = |key_id: &str, algo: &str, data: &str| json!({"keyId": key_id, "algo": algo, "data": data}).to_string();
+    let path = format!("/modules/filterModule/genid/{genid}/sign?api-version=2019-01-30");
+    let (status, digest) = workload(&uri, "POST", &path, &sign("primary", "HMACSHA256", &b64)).await;
+    assert_eq!(status, 200, "{digest}");
+    assert_eq!(digest["digest"], key.sign(data.as_bytes()));
+    let (status, digest) = workload(&uri, "POST", &path, &sign("secondary", "HMACSHA256", &b64)).await;
+    assert_eq!((status, digest["digest"].as_str()), (200, Some(secondary.sign(data.as_bytes()).as_str())));
+
+    for (path, body, want) in [
+        (
+            "/modules/filterModule/genid/999/sign?api-version=2019-01-30".to_string(),
+            sign("primary", "HMACSHA256", &b64),
+            404,
+        ),
+        ("/modules/nosuch/genid/1/sign?api-version=2019-01-30".to_string(), sign("primary", "HMACSHA256", &b64), 404),
+        (path.clone(), sign("tertiary", "HMACSHA256", &b64), 400),
+        (path.clone(), sign("primary", "HMACSHA1", &b64), 400),
+        (path.clone(), sign("primary", "HMACSHA256", "not base64!"), 400),
+        (path.clone(), "{broken".to_string(), 400),
+        (format!("/modules/filterModule/genid/{genid}/sign"), sign("primary", "HMACSHA256", &b64), 400),
+    ] {
+        let (status, reply) = workload(&uri, "POST", &path, &body).await;
+        assert_eq!(status, want, "{path} {body}: {reply}");
+    }
+}

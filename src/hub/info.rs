@@ -44,6 +44,10 @@ pub struct HubInfo {
     /// Event Hubs clients take (Azure portal: "Event Hub-compatible endpoint").
     #[serde(default)]
     pub eventhub_connection_string: Option<String>,
+    /// `IOTEDGE_WORKLOADURI` for modules run against the emulator (`unix://{data dir}/workload.sock`),
+    /// when the socket is served.
+    #[serde(default)]
+    pub edge_workload_uri: Option<String>,
     pub pid: u32,
 }
 

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod dps;
 pub mod edge;
 pub mod edge_routes;
+pub mod edge_workload;
 pub mod eventhub;
 pub mod events;
 pub mod faults;
@@ -189,6 +190,16 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
     }
     tasks.push(tokio::spawn(state::fault_schedule(hub.clone())));
     tasks.push(tokio::spawn(state::c2d_expiry(hub.clone())));
+    let workload_socket = edge_workload::socket_path(&data_dir);
+    let edge_workload_uri = match edge_workload::bind(&workload_socket) {
+        Some(listener) => {
+            let ca_pem = std::fs::read_to_string(&tls.ca_file)
+                .with_context(|| format!("cannot read {}", tls.ca_file.display()))?;
+            tasks.push(tokio::spawn(edge_workload::serve(hub.clone(), listener, ca_pem)));
+            Some(edge_workload::uri(&workload_socket))
+        }
+        None => None,
+    };
     hub.refresh_identity_gauges();
 
     let rest_host = if https_addr.port() == 443 {
@@ -233,6 +244,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
                 hub.eventhub.name
             )
         }),
+        edge_workload_uri,
         pid: std::process::id(),
     };
     let info_path = data_dir.join("hub.json");

@@ -5,6 +5,7 @@
 
 pub mod cleanup;
 pub mod devices;
+pub mod edge_env;
 pub mod fanout;
 pub mod invoke;
 pub mod model_import;

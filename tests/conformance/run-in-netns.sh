@@ -4,6 +4,7 @@
 # usage: run-in-netns.sh FLEETSIM DATA_DIR COMMAND [ARGS...]
 # With FLEETSIM_RUN_CONFIG set, `fleetsim run --config $FLEETSIM_RUN_CONFIG` (a fleet with its
 # embedded hub, whose data_dir must be DATA_DIR) is started instead of `fleetsim hub`.
+# The command sees HUB_JSON (the hub.json) and FLEETSIM (the binary, for tool commands).
 # FLEETSIM_HUB_ARGS adds flags to `fleetsim hub` (for example `--log debug` while investigating).
 set -euo pipefail
 fleetsim=$1
@@ -26,7 +27,7 @@ exec unshare --net -- bash -c '
         sleep 0.05
     done
     [ -s "$dir/hub.json" ] || { echo "hub did not write hub.json"; cat "$dir/hub.log"; exit 1; }
-    export HUB_JSON="$dir/hub.json" REQUESTS_CA_BUNDLE="$dir/ca.pem" SSL_CERT_FILE="$dir/ca.pem" NODE_EXTRA_CA_CERTS="$dir/ca.pem"
+    export FLEETSIM="$fleetsim" HUB_JSON="$dir/hub.json" REQUESTS_CA_BUNDLE="$dir/ca.pem" SSL_CERT_FILE="$dir/ca.pem" NODE_EXTRA_CA_CERTS="$dir/ca.pem"
     set +e
     "$@"
     rc=$?
