@@ -13,25 +13,6 @@ fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// A message for route conditions to read: JSON body, one application property.
-struct RouteProbe;
-
-impl crate::iot::route_condition::MessageView for RouteProbe {
-    fn property(&self, name: &str) -> Option<&str> {
-        (name == "a").then_some("x")
-    }
-    fn system_property(&self, name: &str) -> Option<&str> {
-        match name {
-            "contentType" => Some("application/json"),
-            "contentEncoding" => Some("utf-8"),
-            _ => None,
-        }
-    }
-    fn body(&self) -> &[u8] {
-        br#"{"t":1,"s":"x","o":{"k":[1,"2",null]}}"#
-    }
-}
-
 /// Topic, filter, property-bag, username and sequence-stamp parsers, the twin query language,
 /// and IoT Edge routes with their conditions.
 pub fn topics(data: &[u8]) {
@@ -46,10 +27,13 @@ pub fn topics(data: &[u8]) {
     if let Ok(q) = crate::hub::query::Query::parse(&s) {
         q.matches(&serde_json::json!({"deviceId": "d", "tags": {"a": 1}, "properties": {"reported": {"b": "x"}}}));
     }
+    use crate::iot::route_condition::{JSON_UTF8, Parts};
     for route in [s.to_string(), format!("FROM /messages/* WHERE {s} INTO $upstream")] {
         if let Ok(r) = crate::iot::route::Route::parse(&route) {
             let source = crate::iot::route::MessageSource::Module { module: "m", output: Some("o") };
-            r.takes(source, &RouteProbe);
+            let body = br#"{"t":1,"s":"x","o":{"k":[1,"2",null]}}"#;
+            let probe = Parts { properties: &[("a", "x")], system: &JSON_UTF8, body };
+            r.takes(source, &probe);
         }
     }
     if let Some((run, n)) = crate::iot::sequence::parse(&s) {

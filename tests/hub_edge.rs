@@ -50,6 +50,13 @@ async fn edge_device(hub: &TestHub, id: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Applies the tutorial deployment with `routes` to edge1; it must be taken.
+async fn deploy(hub: &TestHub, routes: Value) {
+    let (status, _, body) =
+        hub.rest("POST", "/devices/edge1/applyConfigurationContent", Some(deployment(routes, 25.0))).await;
+    assert_eq!(status, 204, "{body}");
+}
+
 async fn module_key(hub: &TestHub, device: &str, module: &str) -> Key {
     let (status, _, body) = hub.rest("GET", &format!("/devices/{device}/modules/{module}"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -88,9 +95,7 @@ async fn edge_devices_get_system_modules_and_deployments_set_module_twins() {
 
     let routes =
         json!({"sensorToFilter": TO_FILTER, "filterToIoTHub": {"route": UPSTREAM, "priority": 0, "timeToLiveSecs": 0}});
-    let (status, _, body) =
-        hub.rest("POST", "/devices/edge1/applyConfigurationContent", Some(deployment(routes, 25.0))).await;
-    assert_eq!(status, 204, "{body}");
+    deploy(&hub, routes).await;
     assert_eq!(module_ids(&hub, "edge1").await, ["$edgeAgent", "$edgeHub", "filterModule", "tempSensor"]);
     let (_, _, twin) = hub.rest("GET", "/twins/edge1/modules/filterModule", None).await;
     assert_eq!(twin["properties"]["desired"]["TemperatureThreshold"], 25.0);
@@ -160,9 +165,7 @@ async fn module_outputs_reach_inputs_and_upstream_as_the_routes_say() {
         "filterToIoTHub": UPSTREAM,
         "hotOnly": "FROM /messages/modules/tempSensor/* WHERE $body.machine.temperature > 30 INTO BrokeredEndpoint(\"/modules/filterModule/inputs/hot\")"
     });
-    let (status, _, _) =
-        hub.rest("POST", "/devices/edge1/applyConfigurationContent", Some(deployment(routes, 25.0))).await;
-    assert_eq!(status, 204);
+    deploy(&hub, routes).await;
     let sensor_key = module_key(&hub, "edge1", "tempSensor").await;
     let filter_key = module_key(&hub, "edge1", "filterModule").await;
 
@@ -222,14 +225,7 @@ async fn module_outputs_reach_inputs_and_upstream_as_the_routes_say() {
 async fn inputs_are_kept_while_the_module_is_offline_and_redelivered_until_acknowledged() {
     let hub = TestHub::start().await;
     edge_device(&hub, "edge1").await;
-    let (status, _, _) = hub
-        .rest(
-            "POST",
-            "/devices/edge1/applyConfigurationContent",
-            Some(deployment(json!({"toFilter": TO_FILTER}), 25.0)),
-        )
-        .await;
-    assert_eq!(status, 204);
+    deploy(&hub, json!({"toFilter": TO_FILTER})).await;
     let sensor_key = module_key(&hub, "edge1", "tempSensor").await;
     let filter_key = module_key(&hub, "edge1", "filterModule").await;
     let mut sensor = hub.connect("edge1", Some("tempSensor"), &sensor_key, true).await;
@@ -269,14 +265,7 @@ async fn inputs_are_kept_while_the_module_is_offline_and_redelivered_until_ackno
 async fn routes_follow_the_edge_hub_twin_and_its_deletion() {
     let hub = TestHub::start().await;
     edge_device(&hub, "edge1").await;
-    let (status, _, _) = hub
-        .rest(
-            "POST",
-            "/devices/edge1/applyConfigurationContent",
-            Some(deployment(json!({"toFilter": TO_FILTER}), 25.0)),
-        )
-        .await;
-    assert_eq!(status, 204);
+    deploy(&hub, json!({"toFilter": TO_FILTER})).await;
     let sensor_key = module_key(&hub, "edge1", "tempSensor").await;
     let mut sensor = hub.connect("edge1", Some("tempSensor"), &sensor_key, true).await;
     let pkid = sensor.publish(&format!("{SENSOR_TOPIC}1"), reading(20.0), QoS::AtLeastOnce).await;
@@ -321,14 +310,7 @@ async fn the_workload_api_signs_with_the_module_key_and_refuses_the_rest() {
     let hub = TestHub::start().await;
     let uri = hub.info.edge_workload_uri.clone().expect("the workload socket is served");
     edge_device(&hub, "edge1").await;
-    let (status, _, _) = hub
-        .rest(
-            "POST",
-            "/devices/edge1/applyConfigurationContent",
-            Some(deployment(json!({"toFilter": TO_FILTER}), 25.0)),
-        )
-        .await;
-    assert_eq!(status, 204);
+    deploy(&hub, json!({"toFilter": TO_FILTER})).await;
     let (_, _, m) = hub.rest("GET", "/devices/edge1/modules/filterModule", None).await;
     let genid = m["generationId"].as_str().unwrap();
     let key = Key::from_base64(m["authentication"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();

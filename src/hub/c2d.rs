@@ -169,19 +169,32 @@ impl C2dQueue {
             bag.push(k, v);
         }
         let ttl = m.ttl.unwrap_or(default_ttl).min(default_ttl);
+        self.push(m.body, bag, ttl, (now, wall), None);
+        Ok(message_id)
+    }
+
+    /// Appends a message under the id already taken (`next_id`), fresh: never delivered.
+    fn push(
+        &mut self,
+        body: Bytes,
+        properties: PropertyBag,
+        ttl: Duration,
+        at: (Instant, SystemTime),
+        input: Option<String>,
+    ) {
+        let (now, wall) = at;
         self.messages.push_back(C2dMessage {
             id: self.next_id,
-            body: m.body,
-            properties: bag,
+            body,
+            properties,
             expires: now + ttl,
             enqueued_at: wall,
             expires_at: wall + ttl,
             delivery_count: 0,
             sent_on: None,
             lock: None,
-            input: None,
+            input,
         });
-        Ok(message_id)
     }
 
     /// Queues a message an IoT Edge route delivers to module input `input`, with its property bag
@@ -203,18 +216,7 @@ impl C2dQueue {
             self.messages.pop_front();
         }
         self.next_id += 1;
-        self.messages.push_back(C2dMessage {
-            id: self.next_id,
-            body,
-            properties,
-            expires: now + ttl,
-            enqueued_at: wall,
-            expires_at: wall + ttl,
-            delivery_count: 0,
-            sent_on: None,
-            lock: None,
-            input: Some(input.to_string()),
-        });
+        self.push(body, properties, ttl, (now, wall), Some(input.to_string()));
         dropped
     }
 

@@ -189,28 +189,16 @@ fn parse_sink(raw: &str, column: usize) -> Result<Sink, RouteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iot::route_condition::{JSON_UTF8, Parts};
 
-    struct Msg(&'static [(&'static str, &'static str)], &'static str);
-
-    impl MessageView for Msg {
-        fn property(&self, name: &str) -> Option<&str> {
-            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
-        }
-        fn system_property(&self, name: &str) -> Option<&str> {
-            match name {
-                "contentType" => Some("application/json"),
-                "contentEncoding" => Some("utf-8"),
-                _ => None,
-            }
-        }
-        fn body(&self) -> &[u8] {
-            self.1.as_bytes()
-        }
+    fn msg(properties: &'static [(&'static str, &'static str)], body: &'static str) -> Parts<'static> {
+        Parts { properties, system: &JSON_UTF8, body: body.as_bytes() }
     }
 
     const TEMP: MessageSource = MessageSource::Module { module: "tempSensor", output: Some("temperatureOutput") };
     const FILTER: MessageSource = MessageSource::Module { module: "filterModule", output: Some("output1") };
-    const PLAIN: Msg = Msg(&[], r#"{"machine":{"temperature":30}}"#);
+    const PLAIN: Parts<'static> =
+        Parts { properties: &[], system: &JSON_UTF8, body: br#"{"machine":{"temperature":30}}"# };
 
     fn route(text: &str) -> Route {
         Route::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
@@ -265,10 +253,10 @@ mod tests {
         assert!(r.takes(TEMP, &PLAIN));
         let alert = route("from /messages/* where MessageType = 'Alert' into BrokeredEndpoint('/modules/m/inputs/i/')");
         assert!(!alert.takes(TEMP, &PLAIN));
-        assert!(alert.takes(TEMP, &Msg(&[("MessageType", "Alert")], "{}")));
+        assert!(alert.takes(TEMP, &msg(&[("MessageType", "Alert")], "{}")));
         // A keyword inside a string or a name is not a keyword.
         let quoted = route("FROM /messages/* WHERE note = 'FROM here INTO there' INTO $upstream");
-        assert!(quoted.takes(TEMP, &Msg(&[("note", "FROM here INTO there")], "{}")));
+        assert!(quoted.takes(TEMP, &msg(&[("note", "FROM here INTO there")], "{}")));
         route("FROM /messages/* WHERE INTOLERANT = 'x' INTO $upstream");
     }
 
@@ -307,14 +295,14 @@ mod tests {
             r#"SELECT * FROM /messages/modules/a/outputs/* WHERE {$body.x[0]['k']} >= -1.5e3 AND NOT is_null(p) OR concat(a, 'b', "c\u0041") = 'x' ?? true INTO BrokeredEndpoint("/modules/m/inputs/i")"#,
             "FROM /* WHERE 'Ünï' || $connectionDeviceId <> substring('abc', 1, 1) /* c */ INTO $upstream",
         ];
-        let msg = Msg(&[("p", "v")], r#"{"x":[{"k":-2000}]}"#);
+        let probe = msg(&[("p", "v")], r#"{"x":[{"k":-2000}]}"#);
         let mut seen = 0;
         for seed in seeds {
             let chars: Vec<char> = seed.chars().collect();
             for cut in 0..=chars.len() {
                 let prefix: String = chars[..cut].iter().collect();
                 if let Ok(r) = Route::parse(&prefix) {
-                    r.takes(TEMP, &msg);
+                    r.takes(TEMP, &probe);
                 }
                 // Drop, double or replace one character with each of a few troublemakers.
                 for bad in ["", "((", "'", "\\", "$", "\u{0}", "é", "}", "[", "*"] {
@@ -322,7 +310,7 @@ mod tests {
                     mutated.push_str(bad);
                     mutated.extend(chars.iter().skip(cut + 1));
                     if let Ok(r) = Route::parse(&mutated) {
-                        r.takes(TEMP, &msg);
+                        r.takes(TEMP, &probe);
                     }
                     seen += 1;
                 }

@@ -60,6 +60,29 @@ pub trait MessageView {
     fn body(&self) -> &[u8];
 }
 
+/// A message held as plain slices (for tests, fuzzing, and callers that have the parts at hand).
+#[derive(Debug, Clone, Copy)]
+pub struct Parts<'a> {
+    pub properties: &'a [(&'a str, &'a str)],
+    pub system: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// The system properties of a JSON body in UTF-8, the body conditions can read.
+pub const JSON_UTF8: [(&str, &str); 2] = [("contentType", "application/json"), ("contentEncoding", "utf-8")];
+
+impl MessageView for Parts<'_> {
+    fn property(&self, name: &str) -> Option<&str> {
+        self.properties.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+    fn system_property(&self, name: &str) -> Option<&str> {
+        self.system.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+}
+
 /// A compiled condition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
