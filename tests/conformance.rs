@@ -72,6 +72,11 @@ fn python_eventhub_consumer_reads_mqtt_telemetry() {
 }
 
 #[test]
+fn python_eventhub_consumer_over_websockets() {
+    python("eventhub_websocket.py");
+}
+
+#[test]
 fn python_registry_manager_sends_c2d_over_amqp() {
     python("c2d_over_amqp.py");
 }

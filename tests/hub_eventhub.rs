@@ -621,3 +621,36 @@ async fn a_start_past_the_end_is_refused_and_consumer_groups_come_from_the_confi
     assert!(unknown.contains("NotFound"), "{unknown}");
     let _ = conn.close().await;
 }
+
+#[tokio::test]
+async fn amqp_over_websockets_answers_on_both_paths_and_needs_its_subprotocol() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let hub = TestHub::start().await;
+    let connect = |path: &'static str, protocol: &'static str| {
+        let hub = &hub;
+        async move {
+            let mut req = format!("wss://localhost:{}{path}", hub.info.https_port).into_client_request().unwrap();
+            req.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+            let tcp = TcpStream::connect(hub.info.https_addr).await.unwrap();
+            let connector = tokio_tungstenite::Connector::Rustls(hub.tls.clone());
+            tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector)).await
+        }
+    };
+    for path in ["/$servicebus/websocket", "/$servicebus/websocket/", "/$iothub/websocket"] {
+        let (mut ws, resp) = within("upgrade", connect(path, "AMQPWSB10")).await.unwrap();
+        assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "AMQPWSB10", "{path}");
+        ws.send(Ws::Binary(bytes::Bytes::from_static(b"AMQP\x03\x01\x00\x00"))).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 8 {
+            match within("the SASL header back", ws.next()).await {
+                Some(Ok(Ws::Binary(b))) => got.extend_from_slice(&b),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        assert_eq!(&got[..8], b"AMQP\x03\x01\x00\x00", "{path}: the hub answers as an AMQP SASL peer");
+    }
+    let refused = within("upgrade", connect("/$servicebus/websocket", "mqtt")).await;
+    assert!(format!("{refused:?}").contains("400"), "{refused:?}");
+}

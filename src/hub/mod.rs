@@ -3,7 +3,8 @@
 //! `start` validates the configuration, loads or makes the keys and TLS material, binds every
 //! listener (port 0 works, for tests), writes hub.json and returns a handle. Device traffic enters
 //! through `mqtt` (TLS, or WebSockets via `mqtt::websocket`, whose route this file merges into the
-//! HTTPS router); service traffic through `http`, and Event Hubs consumers through `amqp`. All act on the
+//! HTTPS router); service traffic through `http`, and Event Hubs consumers and the AMQP service
+//! links through `amqp` (TLS, or WebSockets via `amqp::websocket`, merged the same way). All act on the
 //! shared `state::HubState`: `registry` (identities, twins, sessions), `dps`, `methods`, `c2d`.
 
 pub mod amqp;
@@ -77,10 +78,34 @@ impl RunningHub {
 }
 
 /// The HTTPS listener's router as the hub serves it: the `http` front end's routes with the
-/// MQTT front end's WebSocket endpoint merged in (for tests and fuzzing, which serve it without a
-/// listener).
+/// MQTT and AMQP front ends' WebSocket endpoints merged in (for tests and fuzzing, which serve it
+/// without a listener).
 pub fn https_router(hub: Hub) -> axum::Router {
-    http::router(hub, mqtt::websocket::routes())
+    http::router(hub, websocket_routes())
+}
+
+/// The WebSocket endpoints the HTTPS port carries: `/$iothub/websocket` (MQTT, or AMQP when the
+/// client asks for `AMQPWSB10`: IoT Hub's service clients use this path too) and
+/// `/$servicebus/websocket` (AMQP; the Event Hubs clients' path, with or without a trailing `/`).
+fn websocket_routes() -> axum::Router<Hub> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/$iothub/websocket", get(iothub_websocket))
+        .route("/$servicebus/websocket", get(amqp::websocket::upgrade))
+        .route("/$servicebus/websocket/", get(amqp::websocket::upgrade))
+}
+
+/// `/$iothub/websocket`: the subprotocol picks the front end.
+async fn iothub_websocket(
+    state: axum::extract::State<Hub>,
+    slot: Option<axum::Extension<crate::httpserve::ConnectionSlot>>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    let amqp = ws
+        .requested_protocols()
+        .filter_map(|p| p.to_str().ok())
+        .any(|p| p.trim().eq_ignore_ascii_case(amqp::websocket::SUBPROTOCOL));
+    if amqp { amqp::websocket::upgrade(state, slot, ws).await } else { mqtt::websocket::upgrade(state, slot, ws).await }
 }
 
 /// A TLS connection, established and handed to its listener's handler.
@@ -179,7 +204,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
 
     let mut tasks = vec![
         tokio::spawn(mqtt::accept_loop(hub.clone(), mqtt, tls.mqtt.clone())),
-        tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone(), mqtt::websocket::routes())),
+        tokio::spawn(http::accept_loop(hub.clone(), https, tls.https.clone(), websocket_routes())),
     ];
     if let Some(a) = amqp {
         // No ALPN, as for MQTT: AMQP clients negotiate none.

@@ -1,4 +1,4 @@
-//! The AMQP 1.0 front end (TLS, port 5671): the hub's Event Hubs-compatible endpoint, C2D
+//! The AMQP 1.0 front end (TLS, port 5671, and WebSockets on the HTTPS port, `websocket.rs`): the hub's Event Hubs-compatible endpoint, C2D
 //! sending and their service-side nodes, on `fe2o3-amqp`'s acceptor (framing, SASL negotiation,
 //! sessions, links and flow control are the library's; what each address means is ours). A
 //! connection authenticates with SASL (`auth.rs`), may put tokens on `$cbs` and ask
@@ -20,6 +20,7 @@ pub mod header;
 pub mod nodes;
 pub mod pad;
 pub mod partition;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -112,7 +113,12 @@ impl Replies {
     }
 }
 
-async fn serve(hub: Hub, tls: super::TlsConn) {
+/// Serves one AMQP connection over `stream` (TLS from the listener, or a WebSocket's bytes
+/// from `websocket.rs`) until it closes or the hub stops.
+pub(crate) async fn serve<S>(hub: Hub, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     let claims = Claims::default();
     let idle_ms = u32::try_from(hub.behaviour.amqp_idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
     let builder = ConnectionAcceptor::builder()
@@ -121,16 +127,16 @@ async fn serve(hub: Hub, tls: super::TlsConn) {
         .channel_max(MAX_SESSIONS - 1)
         .idle_time_out(idle_ms);
     let open_timeout = Duration::from_secs(hub.behaviour.connect_timeout_secs);
-    let mut tls = tls;
+    let mut stream = stream;
     let mut head = [0u8; header::LEN];
-    match tokio::time::timeout(open_timeout, tokio::io::AsyncReadExt::read_exact(&mut tls, &mut head)).await {
+    match tokio::time::timeout(open_timeout, tokio::io::AsyncReadExt::read_exact(&mut stream, &mut head)).await {
         Ok(Ok(_)) => {}
         _ => {
             tracing::debug!("AMQP connection sent no protocol header within the connect timeout");
             return;
         }
     }
-    let stream = pad::PadPerformatives::new(header::Replay::new(head, tls));
+    let stream = pad::PadPerformatives::new(header::Replay::new(head, stream));
     // Without SASL a connection starts with no claim: it must put a token on `$cbs`.
     let accepted = if header::wants_sasl(&head) {
         let acceptor = builder.sasl_acceptor(HubSasl::new(hub.clone(), claims.clone())).build();

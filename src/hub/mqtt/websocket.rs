@@ -1,25 +1,19 @@
 //! MQTT over WebSockets at `/$iothub/websocket` (subprotocol `mqtt`, matched without regard to
 //! case since the C SDK sends `MQTT`). The WebSocket is bridged to an in-memory byte pipe so the
 //! very same MQTT connection code serves it. The route is served by the HTTPS listener: the
-//! composition root (`hub/mod.rs`) merges [`routes`] into its router, so `http/` never imports
-//! the MQTT front end.
+//! composition root (`hub/mod.rs`) routes the path to [`upgrade`] (the AMQP binding shares it),
+//! so `http/` never imports the MQTT front end.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Router};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connection;
 use crate::hub::state::Hub;
-
-/// The WebSocket endpoint's route, for the HTTPS router.
-pub fn routes() -> Router<Hub> {
-    Router::new().route("/$iothub/websocket", get(upgrade))
-}
 
 /// Bytes in flight each way between the WebSocket and the MQTT task.
 const PIPE_BYTES: usize = 64 * 1024;
@@ -28,7 +22,7 @@ const PIPE_BYTES: usize = 64 * 1024;
 /// the socket. Frames and messages are bounded by the largest MQTT packet the hub accepts, so an
 /// anonymous peer cannot make the hub buffer more than that (issue 10: 16 MiB frames were
 /// buffered before the MQTT size limit applied).
-async fn upgrade(
+pub async fn upgrade(
     State(hub): State<Hub>,
     slot: Option<Extension<crate::httpserve::ConnectionSlot>>,
     ws: WebSocketUpgrade,

@@ -2,9 +2,10 @@
 // reads their feedback with getFeedbackReceiver: a message the Node device client (MQTT) completes
 // gives a Success record, one that expires before its offline device connects an Expired record,
 // each in a feedback message of content type application/vnd.microsoft.iothub.feedback.json
-// whose body is the JSON array of records IoT Hub documents.
+// whose body is the JSON array of records IoT Hub documents; and the same over AMQP over WebSockets
+// (AmqpWs: wss://host:443/$iothub/websocket, subprotocol AMQPWSB10).
 'use strict';
-const { Client: ServiceClient } = require('azure-iothub');
+const { Client: ServiceClient, AmqpWs } = require('azure-iothub');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 const { hub, rest, check, within, fail } = require('./common');
@@ -53,8 +54,28 @@ async function main() {
   check(byId['n-fb-expired'] && byId['n-fb-expired'].statusCode === 'Expired' && byId['n-fb-expired'].deviceId === 'node-fb-2', 'Expired for the one that expired');
   check(records.every((r) => typeof r.deviceGenerationId === 'string' && typeof r.enqueuedTimeUtc === 'string' && typeof r.description === 'string'), 'each record has deviceGenerationId, enqueuedTimeUtc and description');
   check(feedbackTypes.size === 1 && feedbackTypes.has('application/vnd.microsoft.iothub.feedback.json'), `feedback content type (${[...feedbackTypes]})`);
-  await device.close();
   await new Promise((resolve) => service.close(() => resolve()));
+
+  // The same service client over AMQP over WebSockets (wss://host:443/$iothub/websocket).
+  const again = new Promise((resolve) => device.on('message', (msg) => msg.messageId === 'n-fb-ws' && resolve(msg)));
+  const overWs = ServiceClient.fromConnectionString(hub.service_connection_string, AmqpWs);
+  await within(new Promise((resolve, reject) => overWs.open(cb(resolve, reject))), 'service open over WebSockets');
+  const wsReceiver = await within(new Promise((resolve, reject) => overWs.getFeedbackReceiver(cb(resolve, reject))), 'getFeedbackReceiver over WebSockets');
+  const wsRecord = new Promise((resolve) => wsReceiver.on('message', (msg) => {
+    const found = JSON.parse(msg.getData().toString()).find((r) => r.originalMessageId === 'n-fb-ws');
+    wsReceiver.complete(msg, () => {});
+    if (found) resolve(found);
+  }));
+  const viaWs = new Message('over websockets');
+  viaWs.messageId = 'n-fb-ws';
+  viaWs.ack = 'positive';
+  await within(new Promise((resolve, reject) => overWs.send('node-fb-1', viaWs, cb(resolve, reject))), 'send over WebSockets');
+  const arrived = await within(again, 'the WebSocket-sent message at the device');
+  check(arrived.getData().toString() === 'over websockets', 'Client.send over AmqpWs reaches the device');
+  const record = await within(wsRecord, 'feedback over WebSockets');
+  check(record.statusCode === 'Success', 'its Success feedback arrives over AmqpWs');
+  await device.close();
+  await new Promise((resolve) => overWs.close(() => resolve()));
 }
 
 main().then(() => process.exit(0), fail);
