@@ -58,6 +58,26 @@ impl ServiceClient {
         self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), json!({"deviceId": device_id}), key).await
     }
 
+    /// An IoT Edge device: `capabilities.iotEdge` set, as `az iot hub device-identity create
+    /// --edge-enabled` writes it. A device that already exists with this key is left as it is.
+    pub async fn ensure_edge_device(&self, device_id: &str, key: &Key) -> Result<(), ServiceError> {
+        let body = json!({"deviceId": device_id, "capabilities": {"iotEdge": true}});
+        self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), body, key).await
+    }
+
+    /// Applies an IoT Edge deployment to one device: `POST
+    /// /devices/{id}/applyConfigurationContent` with `{"modulesContent": ...}` (REST
+    /// "Configuration - Apply On Edge Device", api-version 2021-04-12), which sets the
+    /// `$edgeAgent`, `$edgeHub` and module twins' desired properties.
+    ///
+    /// # Errors
+    /// The hub's answer when not 2xx (a 404 from a hub without deployments, a 400 for a route it
+    /// refuses), or no answer.
+    pub async fn apply_configuration(&self, device_id: &str, content: &serde_json::Value) -> Result<(), ServiceError> {
+        let path = format!("/devices/{}/applyConfigurationContent?api-version=2021-04-12", url_encode(device_id));
+        self.request(reqwest::Method::POST, &path, Some(content), &[]).await.map(|_| ())
+    }
+
     pub async fn ensure_module(&self, device_id: &str, module_id: &str, key: &Key) -> Result<(), ServiceError> {
         self.ensure_identity(
             &format!("/devices/{}/modules/{}", url_encode(device_id), url_encode(module_id)),
@@ -104,11 +124,37 @@ pub struct Ensured {
 }
 
 impl Ensured {
-    /// Ensures the device once; later calls for the same id return at once.
-    pub async fn device(&self, service: &ServiceClient, device_id: &str, key: &Key) -> Result<(), ServiceError> {
+    /// Ensures the device once; later calls for the same id return at once. With a
+    /// `deployment` (an IoT Edge device's `{"modulesContent": ...}`) the device is created Edge
+    /// enabled and the deployment applied. A hub that has no deployments API (404) leaves the
+    /// device without one: a WARN names the device, and the fleet goes on.
+    pub async fn device(
+        &self,
+        service: &ServiceClient,
+        device_id: &str,
+        key: &Key,
+        deployment: Option<&serde_json::Value>,
+    ) -> Result<(), ServiceError> {
         let cell =
             self.devices.lock().unwrap_or_else(|p| p.into_inner()).entry(device_id.to_owned()).or_default().clone();
-        cell.get_or_try_init(|| service.ensure_device(device_id, key)).await.map(|_| ())
+        cell.get_or_try_init(|| async {
+            let Some(content) = deployment else { return service.ensure_device(device_id, key).await };
+            service.ensure_edge_device(device_id, key).await?;
+            match service.apply_configuration(device_id, content).await {
+                Err(ServiceError::Status { status: 404, error_code, .. }) => {
+                    tracing::warn!(
+                        device = %device_id,
+                        %error_code,
+                        "the hub answered 404 to applyConfigurationContent: this Edge device has no deployment \
+                         (no routes, no module desired properties from it)"
+                    );
+                    Ok(())
+                }
+                other => other,
+            }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Forgets a device (the hub refused it as unknown: `device::recovery`), so the next `device`
