@@ -52,6 +52,8 @@ fn judged(f: &FleetUnderTest) -> u64 {
 /// The tutorial's flow, whoever routes.
 async fn above_the_threshold_arrives_marked_and_below_does_not(f: &FleetUnderTest) {
     assert_eq!(f.fleet().identities(), 3);
+    let (status, _, device) = f.rest("GET", &format!("/devices/{DEV}"), None).await;
+    assert_eq!((status, &device["capabilities"]["iotEdge"]), (200, &json!(true)), "{device}");
     // Everything is above zero: every reading reaches IoT Hub, through the filter.
     set_threshold(f, 0.0).await;
     f.wait_for("three alerts upstream", || async { received(f, "filterModule").await >= 3 }).await;
