@@ -106,6 +106,19 @@ async fn the_filter_tutorial_with_the_fleet_as_edge_hub() {
     assert_eq!(f.metrics().edge_routed_count("no_receiver") + f.metrics().edge_routed_count("inbox_full"), 0);
 }
 
+#[tokio::test]
+async fn the_filter_tutorial_with_the_emulator_as_edge_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = FleetUnderTest::start(&[tutorial(dir.path(), "hub")], "").await;
+    // The fleet applied the deployment: the emulator holds the routes and the module's desired.
+    let hub_twin = f.twin(DEV, Some("$edgeHub")).await;
+    let routes = &hub_twin["properties"]["desired"]["routes"];
+    assert_eq!(routes["filterToIoTHub"], "FROM /messages/modules/filterModule/outputs/output1 INTO $upstream");
+    assert_eq!(f.twin(DEV, FILTER).await["properties"]["desired"]["TemperatureThreshold"], 25);
+    above_the_threshold_arrives_marked_and_below_does_not(&f).await;
+    assert_eq!(f.metrics().edge_routed_count("module_input") + f.metrics().edge_routed_count("upstream"), 0);
+}
+
 /// The README shows the tutorial's deployment and filter: those lines are the shipped scenario's.
 #[test]
 fn the_readme_excerpt_is_the_shipped_scenario() {
