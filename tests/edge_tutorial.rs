@@ -132,3 +132,36 @@ fn the_readme_excerpt_is_the_shipped_scenario() {
         rest = &rest[at + line.len()..];
     }
 }
+
+/// A device an earlier, non-Edge scenario created with the same key becomes an Edge device (its
+/// operator-set status kept), so the deployment that follows is not refused; the deployment
+/// applied through the registry client is the one the emulator then routes by.
+#[tokio::test]
+async fn an_existing_device_is_made_an_edge_device_and_takes_the_deployment() {
+    use fleetsim::iot::sas::Key;
+    use fleetsim::provision::registry::ServiceClient;
+    let hub = common::TestHub::start().await;
+    let http = fleetsim::service::https_client(&hub.tls).unwrap();
+    let registry = ServiceClient::new(http, &hub.info.service_connection_string.parse().unwrap()).unwrap();
+    let ours = Key::generate();
+    // Created before, not as an Edge device, with the fleet's key, and disabled by an operator.
+    let (status, _, _) = hub
+        .rest("PUT", "/devices/plain-1", Some(json!({"deviceId": "plain-1", "status": "disabled", "authentication": {"type": "sas", "symmetricKey": {"primaryKey": ours.to_base64(), "secondaryKey": ours.to_base64()}}})))
+        .await;
+    assert_eq!(status, 200);
+    let (_, _, d) = hub.rest("GET", "/devices/plain-1", None).await;
+    assert_eq!(d["capabilities"]["iotEdge"], false, "{d}");
+
+    let templates = fleetsim::scenario::schema::load(&[repo("scenarios/edge-filter.toml")]).unwrap();
+    let content = templates[0].modules_content().unwrap();
+    let ensured = fleetsim::provision::registry::Ensured::default();
+    ensured.device(&registry, "plain-1", &ours, Some(&content)).await.unwrap();
+    let (_, _, d) = hub.rest("GET", "/devices/plain-1", None).await;
+    assert_eq!((&d["capabilities"]["iotEdge"], &d["status"]), (&json!(true), &json!("disabled")), "{d}");
+    let (_, _, twin) = hub.rest("GET", "/twins/plain-1/modules/$edgeHub", None).await;
+    assert_eq!(
+        twin["properties"]["desired"]["routes"],
+        content["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
+    );
+    assert_eq!(twin["properties"]["desired"]["storeAndForwardConfiguration"]["timeToLiveSecs"], 7200);
+}

@@ -22,7 +22,15 @@ impl ServiceClient {
     /// what the fleet owns: an identity that exists with this key is left alone, and one with
     /// another key gets the key but keeps its `status` (a device an operator disabled stays
     /// disabled: PUT replaces the whole identity, and an absent `status` would enable it).
-    async fn ensure_identity(&self, path: &str, mut body: serde_json::Value, key: &Key) -> Result<(), ServiceError> {
+    /// `fits` says whether an existing identity is otherwise as the fleet needs it (an Edge
+    /// device must have `capabilities.iotEdge`); one that does not is written like a re-key.
+    async fn ensure_identity(
+        &self,
+        path: &str,
+        mut body: serde_json::Value,
+        key: &Key,
+        fits: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<(), ServiceError> {
         let ours = key.to_base64();
         body["authentication"] = json!({"type": "sas", "symmetricKey": {"primaryKey": ours, "secondaryKey": ours}});
         match self.put(path, body.clone(), None).await {
@@ -32,7 +40,7 @@ impl ServiceClient {
         }
         let (_, existing) = self.request(reqwest::Method::GET, path, None, &[]).await?;
         let auth = &existing["authentication"];
-        if auth["type"] == "sas" && auth["symmetricKey"]["primaryKey"] == ours.as_str() {
+        if auth["type"] == "sas" && auth["symmetricKey"]["primaryKey"] == ours.as_str() && fits(&existing) {
             return Ok(());
         }
         self.rekey(path, body, &existing, "status").await
@@ -55,14 +63,22 @@ impl ServiceClient {
     }
 
     pub async fn ensure_device(&self, device_id: &str, key: &Key) -> Result<(), ServiceError> {
-        self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), json!({"deviceId": device_id}), key).await
+        self.ensure_identity(
+            &format!("/devices/{}", url_encode(device_id)),
+            json!({"deviceId": device_id}),
+            key,
+            |_| true,
+        )
+        .await
     }
 
     /// An IoT Edge device: `capabilities.iotEdge` set, as `az iot hub device-identity create
-    /// --edge-enabled` writes it. A device that already exists with this key is left as it is.
+    /// --edge-enabled` writes it. A device that exists with this key but without the capability
+    /// (created by an earlier, non-Edge scenario) is written again with it, keeping its status.
     pub async fn ensure_edge_device(&self, device_id: &str, key: &Key) -> Result<(), ServiceError> {
         let body = json!({"deviceId": device_id, "capabilities": {"iotEdge": true}});
-        self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), body, key).await
+        let edge = |d: &serde_json::Value| d["capabilities"]["iotEdge"] == true;
+        self.ensure_identity(&format!("/devices/{}", url_encode(device_id)), body, key, edge).await
     }
 
     /// Applies an IoT Edge deployment to one device: `POST
@@ -83,6 +99,7 @@ impl ServiceClient {
             &format!("/devices/{}/modules/{}", url_encode(device_id), url_encode(module_id)),
             json!({"deviceId": device_id, "moduleId": module_id}),
             key,
+            |_| true,
         )
         .await
     }
