@@ -164,4 +164,13 @@ async fn an_existing_device_is_made_an_edge_device_and_takes_the_deployment() {
         content["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
     );
     assert_eq!(twin["properties"]["desired"]["storeAndForwardConfiguration"]["timeToLiveSecs"], 7200);
+
+    // The same deployment again writes nothing; a changed one (a reload) is applied.
+    ensured.device(&registry, "plain-1", &ours, Some(&content)).await.unwrap();
+    let mut changed = content.clone();
+    changed["modulesContent"]["$edgeHub"]["properties.desired"]["storeAndForwardConfiguration"]["timeToLiveSecs"] =
+        json!(60);
+    ensured.device(&registry, "plain-1", &ours, Some(&changed)).await.unwrap();
+    let (_, _, twin) = hub.rest("GET", "/twins/plain-1/modules/$edgeHub", None).await;
+    assert_eq!(twin["properties"]["desired"]["storeAndForwardConfiguration"]["timeToLiveSecs"], 60);
 }

@@ -137,14 +137,18 @@ impl ServiceClient {
 /// the entry unset, so the next caller tries again.
 #[derive(Debug, Default)]
 pub struct Ensured {
-    devices: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    devices: Mutex<HashMap<String, EnsuredDevice>>,
 }
+
+/// One device's write: the deployment it was ensured with (Edge devices), and the write's cell.
+type EnsuredDevice = (Option<serde_json::Value>, Arc<OnceCell<()>>);
 
 impl Ensured {
     /// Ensures the device once; later calls for the same id return at once. With a
     /// `deployment` (an IoT Edge device's `{"modulesContent": ...}`) the device is created Edge
     /// enabled and the deployment applied. A hub that has no deployments API (404) leaves the
-    /// device without one: a WARN names the device, and the fleet goes on.
+    /// device without one: a WARN names the device, and the fleet goes on. A different deployment
+    /// (a reload changed the template) writes the device again and applies it.
     pub async fn device(
         &self,
         service: &ServiceClient,
@@ -152,8 +156,14 @@ impl Ensured {
         key: &Key,
         deployment: Option<&serde_json::Value>,
     ) -> Result<(), ServiceError> {
-        let cell =
-            self.devices.lock().unwrap_or_else(|p| p.into_inner()).entry(device_id.to_owned()).or_default().clone();
+        let cell = {
+            let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = devices.entry(device_id.to_owned()).or_default();
+            if entry.0.as_ref() != deployment {
+                *entry = (deployment.cloned(), Arc::default());
+            }
+            entry.1.clone()
+        };
         cell.get_or_try_init(|| async {
             let Some(content) = deployment else { return service.ensure_device(device_id, key).await };
             service.ensure_edge_device(device_id, key).await?;
