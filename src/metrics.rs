@@ -77,6 +77,8 @@ pub struct FleetMetrics {
     reconnects: IntCounterVec,
     pub token_renewals: IntCounter,
     pub c2d_received: IntCounter,
+    module_inputs: IntCounterVec,
+    edge_routed: IntCounterVec,
     twin: IntCounterVec,
     credential_reruns: IntCounterVec,
     /// First connections ever made: unlike `ever_connected`, a reload never lowers it, so rates
@@ -162,6 +164,19 @@ impl Default for FleetMetrics {
             reconnects: cv("fleetsim_reconnects_total", "Connections lost and re-made, by cause", &["cause"]),
             token_renewals: c("fleetsim_token_renewals_total", "SAS renewals (reconnects with a fresh token)"),
             c2d_received: c("fleetsim_c2d_received_total", "Cloud-to-device messages received"),
+            module_inputs: cv(
+                "fleetsim_module_inputs_total",
+                "Messages that arrived on module inputs (IoT Edge), by what the module did: forwarded, \
+                 filtered (send_if), consumed (no output), unhandled (no such input)",
+                &["result"],
+            ),
+            edge_routed: cv(
+                "fleetsim_edge_routed_total",
+                "Module messages the fleet routed as a simulated Edge device's Edge hub (routing = \"fleet\"), \
+                 by where they went: upstream, module_input, unrouted (no route took them), inbox_full \
+                 (the receiving module's inbox was full), no_receiver (the module is not running)",
+                &["result"],
+            ),
             twin: cv(
                 "fleetsim_twin_requests_total",
                 "Twin GET and reported PATCH answers by status class",
@@ -184,6 +199,12 @@ impl Default for FleetMetrics {
         }
         for step in Self::RERUN_STEPS {
             m.credential_reruns.with_label_values(&[step]);
+        }
+        for result in Self::INPUT_RESULTS {
+            m.module_inputs.with_label_values(&[result]);
+        }
+        for result in Self::EDGE_ROUTED {
+            m.edge_routed.with_label_values(&[result]);
         }
         m
     }
@@ -252,6 +273,30 @@ impl FleetMetrics {
 
     pub fn command(&self, name: &str, status: u16) {
         self.commands.with_label_values(&[name, &status.to_string()]).inc();
+    }
+
+    /// What a module did with messages on its inputs; the labels of `fleetsim_module_inputs_total`.
+    pub const INPUT_RESULTS: [&'static str; 4] = ["forwarded", "filtered", "consumed", "unhandled"];
+
+    pub fn module_input(&self, result: &'static str) {
+        debug_assert!(Self::INPUT_RESULTS.contains(&result));
+        self.module_inputs.with_label_values(&[result]).inc();
+    }
+
+    pub fn module_inputs(&self, result: &str) -> u64 {
+        self.module_inputs.with_label_values(&[result]).get()
+    }
+
+    /// Where the fleet's Edge routing sent module messages; the labels of `fleetsim_edge_routed_total`.
+    pub const EDGE_ROUTED: [&'static str; 5] = ["upstream", "module_input", "unrouted", "inbox_full", "no_receiver"];
+
+    pub fn edge_routed(&self, result: &'static str) {
+        debug_assert!(Self::EDGE_ROUTED.contains(&result));
+        self.edge_routed.with_label_values(&[result]).inc();
+    }
+
+    pub fn edge_routed_count(&self, result: &str) -> u64 {
+        self.edge_routed.with_label_values(&[result]).get()
     }
 
     pub fn writable_ack(&self, status: u16) {

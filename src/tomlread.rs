@@ -196,6 +196,11 @@ impl Doc {
         self.problems.into_iter().enumerate().filter(|(i, _)| !shape.contains(i)).map(|(_, d)| d).collect()
     }
 
+    /// The file's text under a span (a value as written, quotes included), when it is in range.
+    pub fn source(&self, span: &Range<usize>) -> Option<&str> {
+        self.text.get(span.clone())
+    }
+
     /// 1-based line and column of a span's start in this file.
     pub fn position(&self, span: &Range<usize>) -> (usize, usize) {
         line_col(&self.text, span.start)

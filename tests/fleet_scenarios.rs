@@ -1,6 +1,6 @@
 //! The four seed scenarios, run as shipped by the fleet against its embedded emulator over real
 //! TLS, and driven from the service side: commands, long-running commands, writable properties
-//! and their acknowledgements, reboots, module twins and the edge filter.
+//! and their acknowledgements, reboots, module twins (the edge filter is `edge_tutorial.rs`).
 
 use fleetsim_testkit as common;
 
@@ -147,51 +147,6 @@ async fn a_module_follows_its_desired_telemetry_interval() {
     .await;
     let v = f.set_desired(dev, module, json!({"telemetryInterval": 0})).await;
     f.reported_until(dev, module, "telemetryInterval", |r| is_ack(r, json!(1), 400, v)).await;
-}
-
-#[tokio::test]
-async fn the_edge_filter_sends_only_what_is_above_its_threshold() {
-    let f = FleetUnderTest::start(&[repo("scenarios/edge-filter.toml")], "").await;
-    assert_eq!(f.fleet().identities(), 6);
-    let dev = "edge-0001";
-    let v = f.set_desired(dev, Some("filterModule"), json!({"TemperatureThreshold": 0})).await;
-    f.reported_until(dev, Some("filterModule"), "TemperatureThreshold", |r| is_ack(r, json!(0), 200, v)).await;
-    f.wait_for("alerts above a zero threshold", || async {
-        f.events(dev, Some("filterModule")).await["received"].as_u64().unwrap() >= 1
-    })
-    .await;
-    let alerts = f.events(dev, Some("filterModule")).await;
-    for m in alerts["messages"].as_array().unwrap() {
-        assert_eq!(m["properties"]["MessageType"], "Alert");
-        assert_eq!(m["systemProperties"]["output-name"], "output1");
-    }
-    f.wait_for("a sensor reading", || async {
-        f.events(dev, Some("tempSensor")).await["received"].as_u64().unwrap() >= 1
-    })
-    .await;
-    let sensor = f.events(dev, Some("tempSensor")).await;
-    let reading: Value = serde_json::from_str(sensor["messages"][0]["body"].as_str().unwrap()).unwrap();
-    for path in
-        ["/machine/temperature", "/machine/pressure", "/ambient/temperature", "/ambient/humidity", "/timeCreated"]
-    {
-        assert!(reading.pointer(path).is_some(), "tempSensor reading lacks {path}: {reading}");
-    }
-
-    // Above any reading: the filter goes quiet while the sensor keeps talking.
-    let v = f.set_desired(dev, Some("filterModule"), json!({"TemperatureThreshold": 1000})).await;
-    f.reported_until(dev, Some("filterModule"), "TemperatureThreshold", |r| is_ack(r, json!(1000), 200, v)).await;
-    let quiet_from = f.events(dev, Some("filterModule")).await["received"].as_u64().unwrap();
-    let sensor_from = f.events(dev, Some("tempSensor")).await["received"].as_u64().unwrap();
-    f.wait_for("two more sensor readings", || async {
-        f.events(dev, Some("tempSensor")).await["received"].as_u64().unwrap() >= sensor_from + 2
-    })
-    .await;
-    assert_eq!(
-        f.events(dev, Some("filterModule")).await["received"].as_u64().unwrap(),
-        quiet_from,
-        "no alert above 1000"
-    );
-    assert!(f.metrics().telemetry_filtered.get() >= 1);
 }
 
 #[tokio::test]

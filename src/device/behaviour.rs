@@ -10,7 +10,9 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use crate::iot::property_bag::PropertyBag;
-use crate::scenario::model::{AckStyle, Behaviour, CommandSpec, JsonType, TelemetrySpec, WritableSpec};
+use crate::scenario::model::{
+    AckStyle, Behaviour, CommandSpec, JsonType, SendIf, TelemetrySpec, Threshold, WritableSpec,
+};
 use crate::scenario::value::{Ctx, GenState, ValueSpec};
 
 /// Something to send.
@@ -46,6 +48,36 @@ pub enum Out {
     },
     /// A telemetry message was not sent because its `send_if` condition was false.
     Filtered,
+    /// A message arrived on a module input and was handled as `InputOutcome` says (for metrics).
+    Input(InputOutcome),
+}
+
+/// What a module did with a message on one of its inputs; the `result` label of
+/// `fleetsim_module_inputs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputOutcome {
+    /// Sent on the input's output.
+    Forwarded,
+    /// Held back by the input's `send_if`.
+    Filtered,
+    /// Taken without sending anything (the input has no output).
+    Consumed,
+    /// The module has no handler for that input name.
+    Unhandled,
+}
+
+impl InputOutcome {
+    pub const ALL: [InputOutcome; 4] =
+        [InputOutcome::Forwarded, InputOutcome::Filtered, InputOutcome::Consumed, InputOutcome::Unhandled];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            InputOutcome::Forwarded => "forwarded",
+            InputOutcome::Filtered => "filtered",
+            InputOutcome::Consumed => "consumed",
+            InputOutcome::Unhandled => "unhandled",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -223,11 +255,10 @@ impl Agent {
     fn telemetry(&mut self, t: &TelemetrySpec) -> Out {
         self.seq += 1;
         let body = self.eval(&t.fields, None);
-        if let Some(cond) = &t.send_if {
-            let threshold = self.writable_value(&cond.above).and_then(Value::as_f64).unwrap_or(f64::NEG_INFINITY);
-            if !at_path(&body, &cond.field).and_then(Value::as_f64).is_some_and(|x| x > threshold) {
-                return Out::Filtered;
-            }
+        if let Some(cond) = &t.send_if
+            && !self.passes(cond, &body)
+        {
+            return Out::Filtered;
         }
         let mut bag = PropertyBag::default();
         bag.push("$.ct", t.content_type.clone());
@@ -243,6 +274,67 @@ impl Agent {
             bag.push(k.clone(), val.as_str().map_or_else(|| val.to_string(), str::to_owned));
         }
         Out::Telemetry { properties: bag, body: Bytes::from(body.to_string()) }
+    }
+
+    /// Whether `body` passes a `send_if`: its field is a number above and below the thresholds
+    /// given. A threshold from a writable property with no value yet holds nothing back.
+    fn passes(&self, cond: &SendIf, body: &Value) -> bool {
+        let Some(x) = at_path(body, &cond.field).and_then(Value::as_f64) else { return false };
+        let value = |t: &Option<Threshold>| match t {
+            Some(Threshold::Value(v)) => Some(*v),
+            Some(Threshold::Property(p)) => self.writable_value(p).and_then(Value::as_f64),
+            None => None,
+        };
+        value(&cond.above).is_none_or(|a| x > a) && value(&cond.below).is_none_or(|b| x < b)
+    }
+
+    /// A message routed to module input `input` (IoT Edge): filtered, re-labelled and sent on the
+    /// input's output as the scenario says. The forwarded message keeps the incoming content type
+    /// and encoding and, unless told otherwise, its application properties (as Microsoft's Edge
+    /// filter sample copies them), without the sender's system properties and sequence stamp.
+    pub fn on_input(&mut self, input: &str, properties: &PropertyBag, body: &[u8]) -> Vec<Out> {
+        let spec = self.spec.clone();
+        let Some(handler) = spec.inputs.iter().find(|i| i.name == input) else {
+            return vec![Out::Input(InputOutcome::Unhandled)];
+        };
+        let payload = payload_json(body).unwrap_or(Value::Null);
+        if let Some(cond) = &handler.send_if
+            && !self.passes(cond, &payload)
+        {
+            return vec![Out::Input(InputOutcome::Filtered)];
+        }
+        let Some(output) = &handler.output else {
+            return vec![Out::Input(InputOutcome::Consumed)];
+        };
+        self.seq += 1;
+        let mut bag = PropertyBag::default();
+        bag.push("$.ct", properties.get("$.ct").unwrap_or("application/json"));
+        bag.push("$.ce", properties.get("$.ce").unwrap_or("utf-8"));
+        bag.push("$.on", output.clone());
+        let set: Vec<(String, String)> = handler
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let val = self.eval(v, Some(&payload));
+                (k.clone(), val.as_str().map_or_else(|| val.to_string(), str::to_owned))
+            })
+            .collect();
+        if handler.keep_properties {
+            for (k, v) in properties.iter() {
+                let system = k.starts_with("$.") || k == crate::iot::sequence::PROPERTY;
+                if !system && !set.iter().any(|(s, _)| s == k) {
+                    bag.push(k, v.unwrap_or_default());
+                }
+            }
+        }
+        for (k, v) in set {
+            bag.push(k, v);
+        }
+        let body = match &handler.body {
+            Some(b) => Bytes::from(self.eval(b, Some(&payload)).to_string()),
+            None => Bytes::copy_from_slice(body),
+        };
+        vec![Out::Telemetry { properties: bag, body }, Out::Input(InputOutcome::Forwarded)]
     }
 
     fn command(&self, method: &str) -> Option<&CommandSpec> {
@@ -538,6 +630,7 @@ mod tests {
             reported: Vec::new(),
             commands: Vec::new(),
             writable: vec![writable],
+            inputs: Vec::new(),
             c2d_commands: false,
             initial_state: GenState::default(),
         };
@@ -765,6 +858,7 @@ mod tests {
                 default,
                 schema: None,
             }],
+            inputs: Vec::new(),
             c2d_commands: false,
             initial_state: GenState::default(),
         };
@@ -832,5 +926,96 @@ mod tests {
         });
         b.on_twin(&twin, now);
         assert!(reports(b.on_tick(now)).is_empty());
+    }
+
+    fn filter_agent() -> Agent {
+        let text = r#"
+[[devices]]
+id = "e-{n}"
+provisioning = "connection_string"
+[devices.edge]
+routes = { r = 'FROM /* INTO BrokeredEndpoint("/modules/f/inputs/in1")' }
+[[devices.modules]]
+id = "f"
+[[devices.modules.writable]]
+name = "Threshold"
+default = 25
+[[devices.modules.inputs]]
+name = "in1"
+output = "out1"
+send_if = { field = "machine.temperature", above = "Threshold", below = 100 }
+properties = { MessageType = "Alert", site = "{payload}" }
+[[devices.modules.inputs]]
+name = "raw"
+output = "out2"
+keep_properties = false
+body = { wrapped = "{payload}", by = "{module}" }
+[[devices.modules.inputs]]
+name = "drain"
+"#;
+        let (mut t, problems) = crate::scenario::schema::load_text(std::path::Path::new("t.toml"), text.to_owned());
+        assert!(problems.is_empty(), "{problems:?}");
+        let b = t.remove(0).modules.remove(0).behaviour;
+        Agent::new(Arc::new(b), "e-1".into(), Some("f".into()), 1, Instant::now())
+    }
+
+    fn incoming(temp: f64) -> (PropertyBag, Bytes) {
+        let mut bag = PropertyBag::default();
+        for (k, v) in [("$.cdid", "e-1"), ("$.cmid", "s"), ("$.ct", "application/json"), ("$.ce", "utf-8")] {
+            bag.push(k, v);
+        }
+        bag.push(crate::iot::sequence::PROPERTY, "run:1");
+        bag.push("site", "old");
+        bag.push("line", "3");
+        (bag, Bytes::from(json!({"machine": {"temperature": temp}}).to_string()))
+    }
+
+    #[test]
+    fn an_input_filters_on_its_desired_threshold_and_forwards_marked_copies() {
+        let mut a = filter_agent();
+        let now = Instant::now();
+        let (bag, body) = incoming(30.0);
+        let out = a.on_input("in1", &bag, &body);
+        let [Out::Telemetry { properties, body: sent }, Out::Input(InputOutcome::Forwarded)] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(sent, &body, "the body goes on unchanged");
+        assert_eq!(properties.get("$.on"), Some("out1"));
+        assert_eq!(properties.get("MessageType"), Some("Alert"));
+        assert_eq!(
+            properties.get("site"),
+            Some(body.as_ref()).map(|b| std::str::from_utf8(b).unwrap()),
+            "set wins over kept"
+        );
+        assert_eq!(properties.get("line"), Some("3"), "application properties are kept");
+        for gone in ["$.cdid", "$.cmid", crate::iot::sequence::PROPERTY] {
+            assert!(!properties.contains(gone), "{gone} is the sender's, not the forwarded message's");
+        }
+        // Below the desired threshold, above the fixed ceiling, or not a number: held back.
+        for t in [25.0, 100.0] {
+            let (bag, body) = incoming(t);
+            assert_eq!(a.on_input("in1", &bag, &body), [Out::Input(InputOutcome::Filtered)], "{t}");
+        }
+        assert_eq!(a.on_input("in1", &bag, b"not json"), [Out::Input(InputOutcome::Filtered)]);
+        // A new desired threshold changes which pass.
+        a.on_desired(&json!({"Threshold": 35, "$version": 2}), 2, now, true);
+        a.on_tick(now);
+        assert_eq!(a.on_input("in1", &bag, &body)[0], Out::Input(InputOutcome::Filtered));
+        let (bag, body) = incoming(36.0);
+        assert_eq!(a.on_input("in1", &bag, &body)[1], Out::Input(InputOutcome::Forwarded));
+    }
+
+    #[test]
+    fn inputs_transform_consume_and_report_unknown_names() {
+        let mut a = filter_agent();
+        let (bag, body) = incoming(1.0);
+        let out = a.on_input("raw", &bag, &body);
+        let Out::Telemetry { properties, body: sent } = &out[0] else { panic!("{out:?}") };
+        let sent: Value = serde_json::from_slice(sent).unwrap();
+        assert_eq!(sent, json!({"wrapped": {"machine": {"temperature": 1.0}}, "by": "f"}));
+        assert!(!properties.contains("line"), "keep_properties = false");
+        assert_eq!(properties.get("$.ct"), Some("application/json"));
+        assert_eq!(a.on_input("drain", &bag, &body), [Out::Input(InputOutcome::Consumed)]);
+        assert_eq!(a.on_input("nope", &bag, &body), [Out::Input(InputOutcome::Unhandled)]);
     }
 }

@@ -30,6 +30,8 @@ pub struct Ctx<'a> {
     pub settings: &'a Settings,
     pub run_id: &'a str,
     pub quiesce: &'a AtomicBool,
+    /// The module inboxes of the fleet's Edge routing.
+    pub inboxes: &'a super::edge::Inboxes,
 }
 
 /// What a transport can carry besides telemetry. IoT Hub offers twins, desired-property pushes and
@@ -84,6 +86,13 @@ pub enum Inbound {
         properties: PropertyBag,
         payload: Bytes,
     },
+    /// A message routed to one of this module's inputs (IoT Edge), by the hub or, in process, by
+    /// the fleet's Edge routing (`device::edge`).
+    Input {
+        input: String,
+        properties: PropertyBag,
+        payload: Bytes,
+    },
 }
 
 /// How a session ended.
@@ -134,6 +143,10 @@ pub struct Core {
     /// What the agent produced while offline, to send once connected.
     after_connect: Vec<Out>,
     conn: Conn,
+    /// Set for a module of an Edge device the fleet routes for: its messages go by the routes.
+    edge: Option<super::edge::EdgeRole>,
+    /// Set for such a module with inputs: what siblings route to it.
+    inbox: Option<std::sync::Arc<super::edge::Inbox>>,
 }
 
 /// Full jitter under a cap: a uniformly random wait up to `base * 2^attempt`, at most `cap`.
@@ -144,7 +157,54 @@ pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
 
 impl Core {
     pub fn new(agent: Agent, outbox: Outbox) -> Core {
-        Core { agent, outbox, reports: Vec::new(), after_connect: Vec::new(), conn: Conn::default() }
+        Core {
+            agent,
+            outbox,
+            reports: Vec::new(),
+            after_connect: Vec::new(),
+            conn: Conn::default(),
+            edge: None,
+            inbox: None,
+        }
+    }
+
+    /// Makes this module's messages go by its Edge device's routes, with `inbox` receiving what
+    /// the routes deliver to it (`device::edge`).
+    pub fn route_as_edge(&mut self, role: super::edge::EdgeRole, inbox: Option<std::sync::Arc<super::edge::Inbox>>) {
+        self.edge = Some(role);
+        self.inbox = inbox;
+    }
+
+    /// For the session's wait: a token fired when a sibling delivers to this module (armed
+    /// before the inbox is read), or `None` for identities without an inbox.
+    pub fn arm_inbox(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Option<tokio_util::sync::CancellationToken> {
+        self.inbox.as_ref().map(|i| i.arm(cancel))
+    }
+
+    /// Handles what siblings delivered to this module's inputs.
+    pub fn take_inputs(&mut self, ctx: Ctx<'_>, sink: &mut dyn Sink, now: Instant) -> Option<End> {
+        let queued = self.inbox.as_ref()?.take();
+        for d in queued {
+            let ev = Inbound::Input { input: d.input, properties: d.properties, payload: d.payload };
+            if let Some(end) = self.inbound(ctx, sink, ev, now) {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    /// A message the agent produced: buffered for the hub, or first routed when the fleet is
+    /// this module's Edge hub (then only what a route sends `$upstream` is buffered).
+    fn send(&mut self, ctx: Ctx<'_>, properties: PropertyBag, body: Bytes) {
+        if let Some(role) = &self.edge
+            && !role.route(ctx.inboxes, ctx.metrics, &properties, &body)
+        {
+            return;
+        }
+        self.enqueue(ctx, properties, body);
     }
 
     /// A re-created identity has a new twin, whose desired versions start over.
@@ -176,8 +236,9 @@ impl Core {
     pub fn tick_offline(&mut self, ctx: Ctx<'_>, now: Instant) {
         for o in self.agent.on_tick(now) {
             match o {
-                Out::Telemetry { properties, body } => self.enqueue(ctx, properties, body),
+                Out::Telemetry { properties, body } => self.send(ctx, properties, body),
                 Out::Filtered => ctx.metrics.telemetry_filtered.inc(),
+                Out::Input(outcome) => ctx.metrics.module_input(outcome.label()),
                 Out::CommandRan { name, status } => ctx.metrics.command(&name, status),
                 r @ Out::Report(_) => self.after_connect.push(r),
                 _ => {}
@@ -301,6 +362,7 @@ impl Core {
                 m.c2d_received.inc();
                 self.agent.on_c2d(&properties, &payload, now)
             }
+            Inbound::Input { input, properties, payload } => self.agent.on_input(&input, &properties, &payload),
         };
         self.emit(ctx, sink, outs)
     }
@@ -393,7 +455,7 @@ impl Core {
         let m = ctx.metrics;
         for o in outs {
             match o {
-                Out::Telemetry { properties, body } => self.enqueue(ctx, properties, body),
+                Out::Telemetry { properties, body } => self.send(ctx, properties, body),
                 Out::Report(patch) => self.report(sink, patch),
                 Out::MethodResponse { rid, status, payload } => sink.method_response(&rid, status, payload),
                 Out::CommandRan { name, status } => {
@@ -405,6 +467,7 @@ impl Core {
                     m.writable_ack_seconds.observe(latency.as_secs_f64());
                 }
                 Out::Filtered => m.telemetry_filtered.inc(),
+                Out::Input(outcome) => m.module_input(outcome.label()),
                 Out::Reboot { downtime, method, answer } => return Some(End::Reboot { downtime, method, answer }),
             }
         }
@@ -476,15 +539,27 @@ mod tests {
         metrics: FleetMetrics,
         settings: Settings,
         quiesce: AtomicBool,
+        inboxes: crate::device::edge::Inboxes,
     }
 
     impl Fixture {
         fn new(max_inflight: usize) -> Fixture {
             let settings = Settings { max_inflight, ..Settings::default() };
-            Fixture { metrics: FleetMetrics::default(), settings, quiesce: AtomicBool::new(false) }
+            Fixture {
+                metrics: FleetMetrics::default(),
+                settings,
+                quiesce: AtomicBool::new(false),
+                inboxes: Default::default(),
+            }
         }
         fn ctx(&self) -> Ctx<'_> {
-            Ctx { metrics: &self.metrics, settings: &self.settings, run_id: "run1", quiesce: &self.quiesce }
+            Ctx {
+                metrics: &self.metrics,
+                settings: &self.settings,
+                run_id: "run1",
+                quiesce: &self.quiesce,
+                inboxes: &self.inboxes,
+            }
         }
     }
 

@@ -87,12 +87,15 @@ pub async fn obtain(
         Credentials::Direct { key, parent_key } => {
             if !*ensured {
                 if let Some(s) = &shared.service {
+                    let deployment = spec.edge.as_ref().map(|e| &e.deployment);
                     let r = match (&spec.module_id, parent_key) {
-                        (Some(module), Some(parent)) => match shared.ensured.device(s, &spec.device_id, parent).await {
-                            Ok(()) => s.ensure_module(&spec.device_id, module, key).await,
-                            Err(e) => Err(e),
-                        },
-                        _ => shared.ensured.device(s, &spec.device_id, key).await,
+                        (Some(module), Some(parent)) => {
+                            match shared.ensured.device(s, &spec.device_id, parent, deployment).await {
+                                Ok(()) => s.ensure_module(&spec.device_id, module, key).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        _ => shared.ensured.device(s, &spec.device_id, key, deployment).await,
                     };
                     r.map_err(|e| {
                         let f = failures::registry(format!("creating the identity: {e}"));

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::behaviour::Agent;
 use super::core::{Core, Ctx, End, full_jitter};
 use super::credentials::obtain;
+use super::edge::EdgeRole;
 use super::link::OpenError;
 use super::link::https::HttpsLink;
 use super::link::mqtt::MqttLink;
@@ -56,7 +57,13 @@ impl StateTracker<'_> {
 impl Shared {
     /// What the core reads of the fleet.
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { metrics: &self.metrics, settings: &self.settings, run_id: &self.run_id, quiesce: &self.quiesce }
+        Ctx {
+            metrics: &self.metrics,
+            settings: &self.settings,
+            run_id: &self.run_id,
+            quiesce: &self.quiesce,
+            inboxes: &self.edge_inboxes,
+        }
     }
 }
 
@@ -93,6 +100,16 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
     let agent =
         Agent::new(spec.behaviour.clone(), spec.device_id.clone(), spec.module_id.clone(), spec.n, Instant::now());
     let mut core = Core::new(agent, Outbox::new(shared.settings.offline_policy, shared.settings.buffer));
+    // A module of an Edge device the fleet routes for: its messages go by the routes, and what
+    // the routes deliver to it arrives in its inbox (`device::edge`).
+    let fleet_routes = spec.fleet_routes(shared.edge_routing);
+    let mut inbox = None;
+    if let (true, Some(plan), Some(module)) = (fleet_routes, &spec.edge, &spec.module_id) {
+        inbox = (!spec.behaviour.inputs.is_empty()).then(|| shared.edge_inboxes.register(&spec.device_id, module));
+        let role =
+            EdgeRole { device_id: spec.device_id.clone(), module_id: module.clone(), routes: plan.routes.clone() };
+        core.route_as_edge(role, inbox.clone());
+    }
     let mut hub: Option<(String, String)> = None;
     let mut ensured = false;
     let mut failures = 0u32;
@@ -234,6 +251,9 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
         }
     }
     core.abandon(m);
+    if let (Some(i), Some(module)) = (&inbox, &spec.module_id) {
+        shared.edge_inboxes.unregister(&spec.device_id, module, i);
+    }
     if shared.shutdown.is_cancelled() {
         state.to(DeviceState::Stopped);
     } else {
@@ -288,7 +308,9 @@ async fn connect(
     let client_id = crate::iot::username::client_id(device_id, module);
     let username = hub_username(host, device_id, module, spec.model_id.as_deref());
     let conn = MqttConn::connect(io, &client_id, &username, &token, shared.settings.keep_alive, timeout).await?;
-    Ok(Opened::Mqtt(MqttLink::open(conn, device_id.into(), spec.module_id.clone(), shared.settings.keep_alive)))
+    // Module inputs come from the hub only when the hub is the Edge device's Edge hub.
+    let inputs = !spec.behaviour.inputs.is_empty() && !spec.fleet_routes(shared.edge_routing);
+    Ok(Opened::Mqtt(MqttLink::open(conn, device_id.into(), spec.module_id.clone(), shared.settings.keep_alive, inputs)))
 }
 
 #[cfg(test)]

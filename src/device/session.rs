@@ -38,11 +38,20 @@ pub async fn run<L: Link>(mut link: L, core: &mut Core, ctx: Ctx<'_>, until: Unt
             drain(&mut link, core, ctx, grace).await;
             break (End::Renew, true);
         }
+        // A module the fleet routes for also waits for what its siblings deliver (`device::edge`):
+        // armed before the inbox is read, so a delivery in between still wakes the wait.
+        let wake = core.arm_inbox(cancel);
+        if wake.is_some()
+            && let Some(end) = core.take_inputs(ctx, &mut link, now)
+        {
+            let _ = link.flush().await;
+            break (end, true);
+        }
         if let Err(c) = link.flush().await {
             break (c.into(), false);
         }
         let deadline = core.next_deadline().map_or(renew_at, |d| d.min(renew_at));
-        let mut next = link.next(deadline, cancel).await;
+        let mut next = link.next(deadline, wake.as_ref().unwrap_or(cancel)).await;
         // Everything already read is handled before the next write, so one wake-up that brings
         // many acknowledgements costs one write.
         loop {

@@ -14,7 +14,7 @@ use crate::iot::sas::Key;
 use crate::metrics::FleetMetrics;
 use crate::provision::dps::DpsEndpoint;
 use crate::provision::registry::{Ensured, ServiceClient};
-use crate::scenario::model::{Behaviour, DpsTransport, Transport};
+use crate::scenario::model::{Behaviour, DpsTransport, EdgeRouting, Transport};
 
 /// Where the fleet connects.
 #[derive(Debug, Clone)]
@@ -95,6 +95,22 @@ pub struct Shared {
     pub quiesce: std::sync::atomic::AtomicBool,
     /// Why identities fail to provision or connect: told once per template and kind, counted.
     pub failures: super::failures::Failures,
+    /// Who routes Edge devices' module messages when their template does not say: the hub for an
+    /// emulator (it is their Edge hub), the fleet for Azure.
+    pub edge_routing: EdgeRouting,
+    /// The inboxes of modules the fleet routes for.
+    pub edge_inboxes: super::edge::Inboxes,
+}
+
+/// What the identities of an IoT Edge device share: the deployment applied when the device is
+/// created, its routes, and who routes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgePlan {
+    /// The body of `POST /devices/{id}/applyConfigurationContent` (`{"modulesContent": ...}`).
+    pub deployment: Value,
+    pub routes: Arc<[crate::iot::route::Route]>,
+    /// `None`: `Shared::edge_routing` decides.
+    pub routing: Option<EdgeRouting>,
 }
 
 /// How an identity gets onto the hub.
@@ -127,6 +143,17 @@ pub struct IdentitySpec {
     pub transport: Transport,
     pub behaviour: Arc<Behaviour>,
     pub credentials: Credentials,
+    /// Set for every identity (device and modules) of an IoT Edge device.
+    pub edge: Option<Arc<EdgePlan>>,
+}
+
+impl IdentitySpec {
+    /// Whether the fleet routes this identity's messages (a module of an Edge device whose
+    /// routing is the fleet's).
+    pub fn fleet_routes(&self, default: EdgeRouting) -> bool {
+        self.module_id.is_some()
+            && self.edge.as_ref().is_some_and(|e| e.routing.unwrap_or(default) == EdgeRouting::Fleet)
+    }
 }
 
 impl IdentitySpec {

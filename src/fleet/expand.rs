@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::device::spec::{Credentials, IdentitySpec};
+use crate::device::spec::{Credentials, EdgePlan, IdentitySpec};
 use crate::iot::sas::{Key, derive_device_key};
 use crate::problems::Problem;
 use crate::scenario::model::{DeviceTemplate, Provisioning};
@@ -105,6 +105,13 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
             tpl.modules.iter().map(|m| (Arc::<str>::from(m.id.as_str()), Arc::new(m.behaviour.clone()))).collect();
         let model: Option<Arc<str>> = tpl.model_id.as_deref().map(Arc::from);
         let template: Arc<str> = Arc::from(tpl.name.as_str());
+        let edge = tpl.edge.as_ref().zip(tpl.modules_content()).map(|(e, deployment)| {
+            Arc::new(EdgePlan {
+                deployment,
+                routes: e.routes.iter().map(|r| r.route.clone()).collect(),
+                routing: e.routing,
+            })
+        });
         for n in tpl.first..tpl.first + tpl.count {
             let mine = ordinal % shard.count == shard.index;
             ordinal += 1;
@@ -132,6 +139,7 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
                 transport: tpl.transport,
                 behaviour: behaviour.clone(),
                 credentials,
+                edge: edge.clone(),
             });
             for (mid, mb) in &modules {
                 out.push(IdentitySpec {
@@ -146,6 +154,7 @@ pub fn expand(templates: &[DeviceTemplate], shard: Shard, keys: &KeyPlan) -> Vec
                         key: keys.own(tpl, &format!("{id}/{mid}")),
                         parent_key: Some(key.clone()),
                     },
+                    edge: edge.clone(),
                 });
             }
         }

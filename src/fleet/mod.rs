@@ -35,7 +35,7 @@ use crate::metrics::{DeviceState, FleetMetrics};
 use crate::problems::{Problem, Problems};
 use crate::provision::dps::DpsEndpoint;
 use crate::provision::registry::ServiceClient;
-use crate::scenario::model::{DeviceTemplate, Provisioning};
+use crate::scenario::model::{DeviceTemplate, EdgeRouting, Provisioning};
 use expand::{KeyPlan, Shard};
 
 pub struct RunningFleet {
@@ -426,6 +426,12 @@ pub async fn start(
         run_id: format!("{:08x}", rand::random::<u32>()).into(),
         quiesce: Default::default(),
         failures: Default::default(),
+        edge_routing: match cfg.hub {
+            // An emulator is the Edge devices' Edge hub; Azure's devices have none.
+            HubMode::Embedded { .. } | HubMode::External { .. } => EdgeRouting::Hub,
+            HubMode::Azure(_) => EdgeRouting::Fleet,
+        },
+        edge_inboxes: Default::default(),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);

@@ -80,13 +80,66 @@ impl JsonType {
     }
 }
 
-/// Send a message only when a field exceeds a writable property's value.
+/// What a field is compared with: a number written in the scenario, or the current value of a
+/// writable (desired) property of the identity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Threshold {
+    Value(f64),
+    Property(String),
+}
+
+/// Send a message only when a numeric field is above and/or below its thresholds. A threshold
+/// naming a writable property that has no value yet does not hold the message back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SendIf {
-    /// Path into the generated body, e.g. `["machine", "temperature"]`.
+    /// Path into the body, e.g. `["machine", "temperature"]`.
     pub field: Vec<String>,
-    /// The writable property holding the threshold.
-    pub above: String,
+    pub above: Option<Threshold>,
+    pub below: Option<Threshold>,
+}
+
+/// What a module does with the messages routed to one of its inputs (IoT Edge
+/// `BrokeredEndpoint("/modules/{m}/inputs/{name}")`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    /// The output the handled message is sent on (`$.on`); `None` consumes it (counted only).
+    pub output: Option<String>,
+    /// Forward only messages whose JSON body passes; the others are counted as filtered.
+    pub send_if: Option<SendIf>,
+    /// Keep the incoming message's application properties (the Edge samples copy them).
+    pub keep_properties: bool,
+    /// Properties set on the forwarded message; `{payload}` is the incoming JSON body.
+    pub properties: Vec<(String, ValueSpec)>,
+    /// A new body; `{payload}` is the incoming JSON body. `None` forwards the body unchanged.
+    pub body: Option<ValueSpec>,
+}
+
+/// Who routes the messages of an Edge device's modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeRouting {
+    /// The hub (the emulator acts as the device's Edge hub).
+    Hub,
+    /// The fleet, in process: for Azure, where a simulated Edge device has no Edge hub.
+    Fleet,
+}
+
+/// One `$edgeHub` route: its name and text, and the text parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeRoute {
+    pub name: String,
+    pub text: String,
+    pub route: crate::iot::route::Route,
+}
+
+/// An IoT Edge device's deployment, applied when the fleet creates the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeSpec {
+    pub routes: Vec<EdgeRoute>,
+    /// `storeAndForwardConfiguration.timeToLiveSecs` of `$edgeHub`.
+    pub time_to_live_secs: u64,
+    /// `None`: decided by the target (hub for an emulator, fleet for Azure).
+    pub routing: Option<EdgeRouting>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +225,8 @@ pub struct Behaviour {
     pub reported: Vec<(String, ValueSpec)>,
     pub commands: Vec<CommandSpec>,
     pub writable: Vec<WritableSpec>,
+    /// Module inputs handled (Edge modules only).
+    pub inputs: Vec<InputSpec>,
     /// C2D messages carrying `method-name` run that command (IoT Central offline commands).
     pub c2d_commands: bool,
     /// Fresh generator state for one identity.
@@ -182,6 +237,10 @@ pub struct Behaviour {
 pub struct ModuleTemplate {
     pub id: String,
     pub behaviour: Behaviour,
+    /// The module twin's desired properties in the deployment (Edge devices only).
+    pub desired: serde_json::Map<String, serde_json::Value>,
+    /// The container image named in the `$edgeAgent` module list.
+    pub image: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +263,8 @@ pub struct DeviceTemplate {
     pub model_dir: Option<PathBuf>,
     pub behaviour: Behaviour,
     pub modules: Vec<ModuleTemplate>,
+    /// Set for an IoT Edge device (`[devices.edge]`): its deployment.
+    pub edge: Option<EdgeSpec>,
 }
 
 impl DeviceTemplate {

@@ -165,6 +165,19 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
             https_limits(doc, &t, b);
         }
     }
+    let is_edge = t.has("edge");
+    if let Some(b) = &own
+        && !b.inputs.is_empty()
+    {
+        doc.error(t.span_of("inputs"), &t.field("inputs"), "inputs belong to modules ([[devices.modules.inputs]])");
+    }
+    if is_edge && provisioning != Provisioning::ConnectionString {
+        doc.error(
+            t.span_of("edge"),
+            &t.field("edge"),
+            "an Edge device's deployment is applied through the registry: use provisioning = \"connection_string\"",
+        );
+    }
     let mut modules = Vec::new();
     let mut module_ids = HashSet::new();
     for mut m in t.tables(doc, "modules") {
@@ -175,14 +188,27 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         if !module_ids.insert(mid.clone()) {
             doc.error(m.span.clone(), &m.field("id"), format!("module \"{mid}\" appears twice"));
         }
+        if !is_edge {
+            for key in ["desired", "image", "inputs"] {
+                if m.has(key) {
+                    doc.error(
+                        m.span_of(key),
+                        &m.field(key),
+                        "only applies to an Edge device (add [devices.edge] with its routes)",
+                    );
+                }
+            }
+        }
+        let (desired, image) = super::edge::module_deployment(doc, &mut m, &mid);
         if let Some(b) = behaviour(doc, &mut m) {
             if https {
                 https_limits(doc, &m, &b);
             }
-            modules.push(ModuleTemplate { id: mid, behaviour: b });
+            modules.push(ModuleTemplate { id: mid, behaviour: b, desired, image });
         }
         m.finish(doc);
     }
+    let edge = super::edge::edge(doc, &mut t, &module_ids, &modules);
     t.finish(doc);
     if doc.problems.len() != before {
         return None;
@@ -201,25 +227,8 @@ fn device(doc: &mut Doc, mut t: Table<'_>, path: &Path, index: usize) -> Option<
         model_dir,
         behaviour: own?,
         modules,
+        edge,
     })
-}
-
-fn report_map(
-    doc: &mut Doc,
-    c: &mut Compiler,
-    t: &mut Table<'_>,
-    key: &str,
-    vars: &[&str],
-) -> Vec<(String, ValueSpec)> {
-    let Some(mut r) = t.table(doc, key) else { return Vec::new() };
-    let mut out = Vec::new();
-    for e in r.rest() {
-        if let Some(v) = c.value(doc, &e.node, &format!("{}.{}", r.path, e.key), vars) {
-            out.push((e.key.clone(), v));
-        }
-    }
-    r.finish(doc);
-    out
 }
 
 /// How often an HTTPS device polls for cloud-to-device messages unless told: IoT Hub's guidance
@@ -237,6 +246,7 @@ fn https_limits(doc: &mut Doc, t: &Table<'_>, b: &Behaviour) {
         ("commands", !b.commands.is_empty(), "commands are direct methods"),
         ("telemetry", b.telemetry.iter().any(|s| s.component.is_some()), "telemetry components are Plug and Play"),
         ("telemetry", b.telemetry.iter().any(|s| s.output.is_some()), "telemetry outputs are IoT Edge routing"),
+        ("inputs", !b.inputs.is_empty(), "module inputs are IoT Edge routing"),
     ];
     for (key, _, what) in used.into_iter().filter(|(_, u, _)| *u) {
         doc.error(
@@ -255,7 +265,7 @@ fn behaviour(doc: &mut Doc, t: &mut Table<'_>) -> Option<Behaviour> {
 /// (a model's behaviour and a template's own additions to it).
 fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<Behaviour> {
     let before = doc.problems.len();
-    let reported = report_map(doc, c, t, "reported", REPORT_VARS);
+    let reported = c.map(doc, t, "reported", REPORT_VARS);
 
     let mut writable = Vec::new();
     let mut writable_names = HashSet::new();
@@ -343,22 +353,8 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
                 None
             }
         };
-        let properties = report_map(doc, c, &mut s, "properties", TELEMETRY_VARS);
-        let send_if = s.table(doc, "send_if").and_then(|mut g| {
-            let field = g.req_str(doc, "field");
-            let above = g.req_str(doc, "above");
-            if let Some(a) = &above
-                && !declared.contains(a.as_str())
-            {
-                doc.error(
-                    g.span_of("above"),
-                    &g.field("above"),
-                    format!("\"{a}\" is not a writable property of this identity"),
-                );
-            }
-            g.finish(doc);
-            Some(SendIf { field: field?.split('.').map(str::to_owned).collect(), above: above? })
-        });
+        let properties = c.map(doc, &mut s, "properties", TELEMETRY_VARS);
+        let send_if = s.table(doc, "send_if").and_then(|g| super::edge::send_if(doc, g, &declared));
         let spec = TelemetrySpec {
             interval,
             jitter,
@@ -383,10 +379,10 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
         // An HTTP-like status, as IoT Hub passes it through.
         let status = m.u64_in(doc, "status", 100..=599).unwrap_or(200);
         let response = m.get("response").and_then(|n| c.value(doc, n, &format!("{}.response", m.path), ALL_VARS));
-        let report = report_map(doc, c, &mut m, "report", REPORT_VARS);
+        let report = c.map(doc, &mut m, "report", REPORT_VARS);
         let complete = m.table(doc, "complete").map(|mut k| {
             let after = k.duration_in(doc, "after", Duration::ZERO, DAY).unwrap_or_default();
-            let report = report_map(doc, c, &mut k, "report", REPORT_VARS);
+            let report = c.map(doc, &mut k, "report", REPORT_VARS);
             if report.is_empty() {
                 k.missing(doc, "report");
             }
@@ -396,7 +392,7 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
         let reboot = m.table(doc, "reboot").map(|mut r| {
             let downtime = r.duration_in(doc, "downtime", Duration::ZERO, DAY).unwrap_or(Duration::from_secs(5));
             let answer_first = r.choice(doc, "answer", &["before", "after"]) != Some("after");
-            let report = report_map(doc, c, &mut r, "report", REPORT_VARS);
+            let report = c.map(doc, &mut r, "report", REPORT_VARS);
             r.finish(doc);
             RebootSpec { downtime, answer_first, report }
         });
@@ -418,6 +414,7 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
         m.finish(doc);
         commands.push(spec);
     }
+    let inputs = super::edge::inputs(doc, c, t, &declared);
     let c2d_commands = t.table(doc, "c2d").is_none_or(|mut k| {
         let v = k.bool(doc, "commands").unwrap_or(true);
         k.finish(doc);
@@ -428,6 +425,7 @@ fn behaviour_with(doc: &mut Doc, t: &mut Table<'_>, c: &mut Compiler) -> Option<
         reported,
         commands,
         writable,
+        inputs,
         c2d_commands,
         initial_state: c.initial_state(),
     })
@@ -533,6 +531,7 @@ fn behaviour_from_model(
         b.writable.push(w);
     }
     b.c2d_commands = own.c2d_commands;
+    b.inputs = own.inputs;
     b.initial_state = c.initial_state();
     if model_id.is_none() {
         *model_id = Some(model.id().to_owned());

@@ -10,7 +10,7 @@ use rand::Rng;
 use serde_json::{Map, Number, Value, json};
 
 use crate::iot::time::iso8601;
-use crate::tomlread::{Doc, Node, Val};
+use crate::tomlread::{Doc, Node, Table, Val};
 
 /// What a template may refer to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +249,20 @@ pub struct Compiler {
 }
 
 impl Compiler {
+    /// A table of named values at `key` (reported properties, message properties), each compiled
+    /// with the placeholders `vars` allows; empty when the key is absent.
+    pub fn map(&mut self, doc: &mut Doc, t: &mut Table<'_>, key: &str, vars: &[&str]) -> Vec<(String, ValueSpec)> {
+        let Some(mut r) = t.table(doc, key) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in r.rest() {
+            if let Some(v) = self.value(doc, &e.node, &format!("{}.{}", r.path, e.key), vars) {
+                out.push((e.key.clone(), v));
+            }
+        }
+        r.finish(doc);
+        out
+    }
+
     /// The initial per-device state for everything compiled so far.
     pub fn initial_state(&self) -> GenState {
         GenState(self.slots.clone())

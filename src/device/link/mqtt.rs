@@ -1,6 +1,6 @@
 //! The MQTT link: IoT Hub's device topics over the lean client in `client::mqtt`, on TLS or
 //! WebSockets. Opening subscribes to what the identity can receive (methods, twin answers,
-//! desired patches; C2D for devices); keep-alive and the dead-connection check live in `next`.
+//! desired patches; C2D for devices; inputs for Edge modules the hub routes to); keep-alive and the dead-connection check live in `next`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,16 +32,20 @@ pub struct MqttLink {
 
 impl MqttLink {
     /// Takes a connected client and queues the identity's subscriptions (sent with the first
-    /// flush, before anything else the core queues).
+    /// flush, before anything else the core queues). `inputs`: a module whose inputs the hub
+    /// routes to (IoT Edge) also subscribes to `devices/{d}/modules/{m}/inputs/#`.
     pub fn open(
         mut conn: MqttConn,
         device_id: Arc<str>,
         module_id: Option<Arc<str>>,
         keep_alive_secs: u16,
+        inputs: bool,
     ) -> MqttLink {
         let mut filters = vec![Filter::Methods, Filter::TwinResponses, Filter::TwinDesired];
         if module_id.is_none() {
             filters.push(Filter::C2d);
+        } else if inputs {
+            filters.push(Filter::ModuleInputs);
         }
         let module = module_id.as_deref();
         let mut sub = Subscribe::new_many(
@@ -83,6 +87,9 @@ impl MqttLink {
                         Some(Inbound::Method { name, rid, payload: p.payload })
                     }
                     CloudPublish::C2d { properties, .. } => Some(Inbound::C2d { properties, payload: p.payload }),
+                    CloudPublish::ModuleInput { input, properties } => {
+                        Some(Inbound::Input { input, properties, payload: p.payload })
+                    }
                     _ => None,
                 }
             }
