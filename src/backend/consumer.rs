@@ -5,8 +5,8 @@
 //! `x-opt-sequence-number` or `x-opt-enqueued-time`). Each event is decoded into `Event` with the
 //! annotations IoT Hub sets ("Create and read IoT Hub messages": system properties). A lost
 //! connection is opened again and each partition resumes after the last sequence number it
-//! delivered; a partition whose numbers started over (an emulator restarted with an empty store)
-//! is read from its start.
+//! delivered; an Event Hub created anew meanwhile (its `created_at` moved: an emulator restarted
+//! with an empty store) is read from its start.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -197,53 +197,28 @@ fn map_get<'v>(v: &'v Value, key: &str) -> Option<&'v Value> {
     }
 }
 
-/// The partition ids (`$management` READ of `com.microsoft:eventhub`).
-pub async fn partition_ids(link: &mut Link, target: &EventHubTarget) -> anyhow::Result<Vec<String>> {
+/// The Event Hub's partition ids and `created_at` (ms), from `$management` READ of
+/// `com.microsoft:eventhub`.
+pub async fn eventhub_info(link: &mut Link, target: &EventHubTarget) -> anyhow::Result<(Vec<String>, Option<i64>)> {
     let props = [("operation", "READ"), ("type", "com.microsoft:eventhub"), ("name", target.entity.as_str())];
     let (status, body) = link.request("$management", &props, Value::Null).await?;
     if !(200..300).contains(&status) {
         bail!("reading the event hub {} failed (status {status})", target.entity);
     }
-    match map_get(&body, "partition_ids") {
-        Some(Value::Array(ids)) => Ok(ids
-            .0
-            .iter()
-            .filter_map(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect()),
-        Some(Value::List(ids)) => Ok(ids
-            .iter()
-            .filter_map(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect()),
+    let created = match map_get(&body, "created_at") {
+        Some(Value::Timestamp(t)) => Some(t.milliseconds()),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    };
+    let ids: Vec<String> = match map_get(&body, "partition_ids") {
+        Some(Value::Array(ids)) => ids.0.iter().filter_map(text).collect(),
+        Some(Value::List(ids)) => ids.iter().filter_map(text).collect(),
         _ => bail!("the event hub's properties name no partition_ids"),
-    }
-}
-
-/// A partition's last enqueued sequence number (`$management` READ of `com.microsoft:partition`),
-/// -1 when it is empty.
-async fn last_sequence(link: &mut Link, target: &EventHubTarget, partition: &str) -> anyhow::Result<i64> {
-    let props = [
-        ("operation", "READ"),
-        ("type", "com.microsoft:partition"),
-        ("name", target.entity.as_str()),
-        ("partition", partition),
-    ];
-    let (status, body) = link.request("$management", &props, Value::Null).await?;
-    if !(200..300).contains(&status) {
-        bail!("reading partition {partition} failed (status {status})");
-    }
-    let empty = matches!(map_get(&body, "is_partition_empty"), Some(Value::Bool(true)));
-    match map_get(&body, "last_enqueued_sequence_number") {
-        _ if empty => Ok(-1),
-        Some(Value::Long(n)) => Ok(*n),
-        Some(Value::Int(n)) => Ok(i64::from(*n)),
-        _ => Ok(-1),
-    }
+    };
+    Ok((ids, created))
 }
 
 fn selector_source(address: String, expr: String) -> Source {
@@ -283,7 +258,7 @@ async fn read_partition(
 /// connection's failure (no such host, a refused token, an unknown consumer group) is returned;
 /// later ones are retried with a backoff of up to 10 s, logged at WARN without secrets.
 pub async fn run(cfg: ConsumerConfig, out: mpsc::Sender<Event>, stop: CancellationToken) -> Stopped {
-    let mut resume: Vec<(Arc<str>, Arc<std::sync::atomic::AtomicI64>)> = Vec::new();
+    let mut resume = Resume::default();
     let mut attached = false;
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -303,11 +278,19 @@ pub async fn run(cfg: ConsumerConfig, out: mpsc::Sender<Event>, stop: Cancellati
     }
 }
 
+/// What a reconnection resumes from: each partition's last delivered sequence number, and the
+/// Event Hub's creation time they belong to.
+#[derive(Default)]
+struct Resume {
+    partitions: Vec<(Arc<str>, Arc<std::sync::atomic::AtomicI64>)>,
+    created: Option<i64>,
+}
+
 /// One connection's life: open, authorize, attach every partition (resuming where `resume`
 /// says), read until a link fails or `stop`. `Ok` only when told to stop.
 async fn session(
     cfg: &ConsumerConfig,
-    resume: &mut Vec<(Arc<str>, Arc<std::sync::atomic::AtomicI64>)>,
+    resume: &mut Resume,
     out: &mpsc::Sender<Event>,
     stop: &CancellationToken,
     attached: &mut bool,
@@ -316,25 +299,31 @@ async fn session(
     let mut link = Link::open(&cfg.dial, &cfg.target.host, cfg.tls.clone()).await?;
     let result = async {
         authorize(&mut link, &cfg.target).await?;
-        if resume.is_empty() {
-            let mut ids = partition_ids(&mut link, &cfg.target).await?;
+        let (mut ids, created) = eventhub_info(&mut link, &cfg.target).await?;
+        // Sequence numbers belong to one Event Hub: one created anew is read from its start.
+        let renewed = *attached && created.is_some() && resume.created.is_some() && created != resume.created;
+        if renewed {
+            tracing::warn!(hub = %cfg.target.entity, "the event hub was created anew: reading it from its start");
+        }
+        resume.created = created;
+        if resume.partitions.is_empty() || renewed {
             if !cfg.partitions.is_empty() {
                 if let Some(p) = cfg.partitions.iter().find(|p| !ids.contains(p)) {
                     bail!("the event hub has no partition {p} (it has {})", ids.join(", "));
                 }
                 ids.retain(|p| cfg.partitions.contains(p));
             }
-            *resume = ids.into_iter().map(|p| (Arc::from(p.as_str()), Arc::new(AtomicI64::new(-1)))).collect();
+            resume.partitions =
+                ids.into_iter().map(|p| (Arc::from(p.as_str()), Arc::new(AtomicI64::new(-1)))).collect();
         }
         let mut tasks = tokio::task::JoinSet::new();
         let links_stop = stop.child_token();
-        for (p, last) in resume.iter() {
+        for (p, last) in resume.partitions.iter() {
             let seen = last.load(Ordering::Relaxed);
-            let expr = if !*attached || seen < 0 {
-                cfg.start.selector()
-            } else if last_sequence(&mut link, &cfg.target, p).await? < seen {
-                // The partition's numbers started over: everything in it is new to us.
+            let expr = if renewed {
                 StartAt::Earliest.selector()
+            } else if !*attached || seen < 0 {
+                cfg.start.selector()
             } else {
                 format!("amqp.annotation.x-opt-sequence-number > '{seen}'")
             };
