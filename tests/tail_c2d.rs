@@ -80,11 +80,12 @@ async fn tail_filters_and_prints_json_or_text_from_the_start() {
     };
 
     // By prefix: a-1 (device and module) and a-2, never b-1; JSON lines with IoT Hub's fields.
-    let out = run(&["--json", "--device-prefix", "a-", "--count", "7"]).await;
+    let out = run(&["--json", "--device-prefix", "a-", "--source", "Telemetry", "--count", "7"]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let events = lines(&out);
     assert_eq!(events.len(), 7, "{}", out.stdout);
     assert!(events.iter().all(|e| e["device_id"].as_str().unwrap().starts_with("a-")), "{}", out.stdout);
+    assert!(events.iter().all(|e| e["source"] == "Telemetry"), "{}", out.stdout);
     let first = events.iter().find(|e| e["device_id"] == "a-2").unwrap();
     assert_eq!(first["source"], "Telemetry");
     assert_eq!(first["content_type"], "application/json");
@@ -97,54 +98,30 @@ async fn tail_filters_and_prints_json_or_text_from_the_start() {
     assert_eq!(from_module[0]["body"], "plain text");
 
     // One device, as text; the module filter; a source no telemetry has.
-    let out = run(&["--device", "b-1", "--count", "3"]).await;
+    let out = run(&["--device", "b-1", "--source", "Telemetry", "--count", "3"]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let text: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(text.len(), 3, "{}", out.stdout);
     assert!(text.iter().all(|l| l.contains(" b-1 Telemetry [") && l.contains("{\"n\":")), "{}", out.stdout);
-    let out = run(&["--json", "--module", "m1", "--count", "1"]).await;
-    assert_eq!(lines(&out)[0]["device_id"], "a-1");
-    let out = fleetsim(&[
-        "tail",
-        "--hub-json",
-        hj,
-        "--from",
-        "earliest",
-        "--source",
-        "twinChangeEvents",
-        "--json",
-        "--duration",
-        "3s",
-    ])
-    .await;
+    let out = run(&["--json", "--module", "m1", "--source", "telemetry", "--count", "1"]).await;
+    let e = &lines(&out)[0];
+    assert_eq!((e["device_id"].as_str(), e["body"].as_str()), (Some("a-1"), Some("plain text")), "{e}");
+    // The hub's own events pass the same filters: a-2's creation, by its source.
+    let out = run(&["--json", "--device", "a-2", "--source", "deviceLifecycleEvents", "--count", "1"]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(
-        lines(&out).iter().all(|e| e["source"] == "twinChangeEvents"),
-        "no telemetry passes a source filter for twin changes: {}",
-        out.stdout
-    );
+    let e = &lines(&out)[0];
+    assert_eq!((e["device_id"].as_str(), e["source"].as_str()), (Some("a-2"), Some("deviceLifecycleEvents")), "{e}");
 
     // From latest: nothing already there is printed, what comes next is.
-    let hub_json2 = hj.to_owned();
-    let later = tokio::spawn(async move {
-        fleetsim(&[
-            "tail",
-            "--hub-json",
-            &hub_json2,
-            "--device",
-            "late-1",
-            "--json",
-            "--count",
-            "1",
-            "--duration",
-            "60s",
-        ])
-        .await
-    });
     let key = hub.create_device("late-1").await;
     let mut c = hub.connect("late-1", None, &key, true).await;
     c.publish("devices/late-1/messages/events/", "early", QoS::AtLeastOnce).await;
     while !matches!(c.recv().await, Some(rumqttc::mqttbytes::v4::Packet::PubAck(_))) {}
+    let hub_json2 = hj.to_owned();
+    let later = tokio::spawn(async move {
+        let args = ["tail", "--hub-json", &hub_json2, "--device", "late-1", "--source", "Telemetry", "--json"];
+        fleetsim(&[&args[..], &["--count", "1", "--duration", "60s"]].concat()).await
+    });
     // Keep sending until the tail (attaching meanwhile) has seen one; each message is new.
     let mut n = 100;
     while !later.is_finished() && n < 400 {
@@ -217,6 +194,25 @@ async fn c2d_reaches_a_device_with_its_properties_and_refuses_unknown_devices() 
     assert!(p.topic.starts_with("devices/d1/messages/devicebound/"), "{}", p.topic);
     assert!(p.topic.contains("colour=blue") && p.topic.contains("mid-1"), "{}", p.topic);
     assert!(p.topic.contains("iothub-ack=full"), "{}", p.topic);
+
+    // The device completed it (PUBACK): with --wait-feedback the hub's record says Success.
+    let hj2 = hj.to_owned();
+    let waiting = tokio::spawn(async move {
+        let args = ["c2d", "d1", "--hub-json", &hj2, "--body", "ack me", "--message-id", "mid-2", "--ack", "full"];
+        fleetsim(&[&args[..], &["--wait-feedback", "--feedback-timeout", "60s", "--json"]].concat()).await
+    });
+    let p = device.next_publish().await;
+    assert_eq!(&p.payload[..], b"ack me");
+    let out = waiting.await.unwrap();
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let summary: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let f = &summary["feedback"];
+    assert_eq!(
+        (f["originalMessageId"].as_str(), f["statusCode"].as_str(), f["deviceId"].as_str()),
+        (Some("mid-2"), Some("Success"), Some("d1")),
+        "{summary}"
+    );
+    assert!(f["enqueuedTimeUtc"].as_str().is_some_and(|t| !t.is_empty()), "{summary}");
 
     let out = fleetsim(&["c2d", "nobody", "--hub-json", hj, "--body", "x"]).await;
     assert_eq!(out.code, 1, "{}", out.stderr);
