@@ -53,6 +53,11 @@ pub enum Command {
     /// Delete what a fleet created in a real hub or an external emulator: the devices of the
     /// config's templates (modules go with them), individual enrollments and DPS registrations.
     Cleanup(CleanupArgs),
+    /// Stream events from a hub's Event Hubs-compatible endpoint (emulator or Azure), filtered,
+    /// as text or JSON lines.
+    Tail(crate::tools::tail::TailArgs),
+    /// Send one cloud-to-device message over AMQP and optionally wait for its feedback.
+    C2d(crate::tools::c2d::C2dArgs),
     /// Devices from models: `model import` writes a scenario from DTDL models or an IoT Central
     /// device template export.
     Model(crate::tools::model_import::ModelArgs),

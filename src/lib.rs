@@ -3,6 +3,7 @@
 //! The layers, from the bottom: [`iot`] is the protocol as data (no I/O); [`hub`] is the emulator.
 //! See ARCHITECTURE.md for where each flow lives.
 
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -41,6 +41,8 @@ fn main() -> ExitCode {
             Command::Twin(args) => ExitCode::from(fleetsim::tools::twin::run(args).await),
             Command::Invoke(args) => ExitCode::from(fleetsim::tools::invoke::run(args).await),
             Command::Report(args) => report(args),
+            Command::Tail(args) => ExitCode::from(fleetsim::tools::tail::run(args).await),
+            Command::C2d(args) => ExitCode::from(fleetsim::tools::c2d::run(args).await),
             Command::Cleanup(args) => ExitCode::from(fleetsim::tools::cleanup::run(args).await),
             Command::Model(args) => ExitCode::from(fleetsim::tools::model_import::run(args)),
             Command::Edge(args) => ExitCode::from(fleetsim::tools::edge_env::run(args).await),

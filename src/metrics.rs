@@ -70,6 +70,12 @@ pub struct FleetMetrics {
     pub telemetry_paused: IntCounter,
     pub telemetry_filtered: IntCounter,
     pub puback_seconds: Histogram,
+    /// The CI end-to-end check: device send time to `iothub-enqueuedtime`.
+    pub e2e_enqueued_seconds: Histogram,
+    /// The CI end-to-end check: device send time to arrival at the endpoint reader.
+    pub e2e_read_seconds: Histogram,
+    /// Fleet messages the endpoint reader saw: `unique` or `duplicate`.
+    e2e_events: IntCounterVec,
     commands: IntCounterVec,
     pub desired_patches: IntCounter,
     writable_acks: IntCounterVec,
@@ -149,6 +155,19 @@ impl Default for FleetMetrics {
             ),
             telemetry_filtered: c("fleetsim_telemetry_filtered_total", "Readings a send_if condition held back"),
             puback_seconds: h("fleetsim_telemetry_puback_seconds", "Publish to PUBACK"),
+            e2e_enqueued_seconds: h(
+                "fleetsim_e2e_enqueued_seconds",
+                "End to end (CI): the device's send-time stamp to the hub's iothub-enqueuedtime",
+            ),
+            e2e_read_seconds: h(
+                "fleetsim_e2e_read_seconds",
+                "End to end (CI): the device's send-time stamp to arrival at the Event Hubs-compatible endpoint reader",
+            ),
+            e2e_events: cv(
+                "fleetsim_e2e_events_total",
+                "End to end (CI): this run's messages read from the Event Hubs-compatible endpoint, unique or duplicate",
+                &["kind"],
+            ),
             commands: cv(
                 "fleetsim_commands_total",
                 "Commands handled by name and answered status",
@@ -211,6 +230,11 @@ impl Default for FleetMetrics {
 }
 
 impl FleetMetrics {
+    /// One of this run's messages read at the back end: `unique` or `duplicate`.
+    pub fn e2e_event(&self, kind: &'static str) {
+        self.e2e_events.with_label_values(&[kind]).inc();
+    }
+
     /// An identity connected for the first time.
     pub fn connected_first_time(&self) {
         self.ever_connected.inc();

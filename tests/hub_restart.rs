@@ -90,11 +90,17 @@ struct HubProcess {
 impl HubProcess {
     /// `fleetsim hub` on fixed ports, its log appended to `log`.
     fn start(data_dir: &Path, mqtt: u16, https: u16, log: &Path) -> HubProcess {
+        Self::start_with_amqp(data_dir, mqtt, https, 0, log)
+    }
+
+    /// The same, with the AMQP listener on a fixed port too (0: any), for a reader that must find
+    /// the restarted hub where it was.
+    fn start_with_amqp(data_dir: &Path, mqtt: u16, https: u16, amqp: u16, log: &Path) -> HubProcess {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
             .args(["hub", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}"), "--https-addr", &format!("127.0.0.1:{https}")])
-            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", &format!("127.0.0.1:{amqp}")])
             .arg("--no-metrics")
             .stdout(Stdio::null())
             .stderr(log)
@@ -274,6 +280,69 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
     assert_eq!(check("lost_by_hub"), "not checked", "hub-side loss is not judged by default:\n{pretty}");
     assert_eq!(r["pass"], true, "{pretty}");
     hub.kill();
+}
+
+/// The CI end-to-end check across a hub restart: the reader on the external emulator's Event
+/// Hubs-compatible endpoint loses its connection when the hub is killed, reconnects to the
+/// restarted one, sees that its Event Hub was created anew and reads it from the start. Its books
+/// then hold what the restarted emulator forgot, and every written message is either read or
+/// counted missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_back_ends_books_hold_across_a_hub_restart() {
+    common::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("hub");
+    let log = dir.path().join("hub.log");
+    let (mqtt, https) = free_ports();
+    let amqp = free_ports().0;
+    let mut hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log);
+    serving(&data_dir, mqtt, https).await;
+
+    let scenario = dir.path().join("s.toml");
+    std::fs::write(
+        &scenario,
+        "[[devices]]\nname = \"e2e\"\ncount = 3\nid = \"e2e-{n}\"\nprovisioning = \"connection_string\"\n\
+         [devices.telemetry]\ninterval = \"50ms\"\nfields = { x = 1 }\n",
+    )
+    .unwrap();
+    let path = fleet_config(dir.path(), &data_dir.join("hub.json"), &scenario);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    // An external emulator: the check is on when asked for. Hub-side loss is expected here.
+    text.push_str("[ci]\nduration = \"8s\"\n[ci.end_to_end]\nenabled = true\nmax_missing = -1\ndrain = \"20s\"\n");
+    std::fs::write(&path, text).unwrap();
+    let cfg = fleetsim::config::DaemonConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let templates = fleetsim::scenario::schema::load(&cfg.scenarios).unwrap_or_else(|e| panic!("{e}"));
+    let fleet = fleetsim::fleet::start(&cfg, templates, Default::default()).await.expect("fleet starts");
+    let m = fleet.shared.metrics.clone();
+    until("every identity to connect", || async { m.state_count(DeviceState::Connected) == 3 }).await;
+    let ci = cfg.ci.clone().expect("[ci]");
+    let run = tokio::spawn(async move { fleetsim::fleet::ci::run(fleet, &ci, std::future::pending()).await });
+
+    until("telemetry acknowledged by the first hub", || async { m.telemetry_acked.get() >= 60 }).await;
+    hub.kill();
+    until("every identity to notice", || async { m.state_count(DeviceState::Connected) == 0 }).await;
+    let _hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log);
+    serving(&data_dir, mqtt, https).await;
+
+    let r = tokio::time::timeout(BOUND * 2, run).await.expect("the CI run ends").unwrap().report;
+    let pretty = serde_json::to_string_pretty(&r).unwrap();
+    let (t, e) = (&r["telemetry"], &r["end_to_end"]);
+    assert!(e["error"].is_null(), "the reader outlived the restart:\n{pretty}");
+    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}\n{pretty}"));
+    let written = n(&t["generated"]) - n(&t["dropped"]["buffer_full"]) - n(&t["dropped"]["shutdown"]);
+    assert_eq!(n(&e["unique"]) + n(&e["missing"]), written, "every written message read or missing:\n{pretty}");
+    assert!(
+        n(&e["unique"]) > n(&t["hub"]["unique"]),
+        "the back end holds the first hub's messages, which the restarted emulator forgot:\n{pretty}"
+    );
+    assert!(n(&e["acked_not_read"]) <= n(&t["lost_by_hub"]), "the reader lost nothing the hub kept:\n{pretty}");
+    assert_eq!(t["lost"], 0, "{pretty}");
+    assert_eq!(n(&e["latency_ms"]["read"]["count"]), n(&e["unique"]), "{pretty}");
+    let check = |name: &str| -> Value {
+        r["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["result"].clone()
+    };
+    assert_eq!(check("e2e_reader"), "pass", "{pretty}");
+    assert_eq!(check("e2e_missing"), "not checked", "{pretty}");
 }
 
 /// The credential step runs at start and after every refusal, so it must write only what the

@@ -1,11 +1,13 @@
-//! `[ci]` in the daemon config: how long a CI run lasts, its settle period, its thresholds and the
-//! method probe. Pure data, read here with the rest of the config; `fleet::ci` runs and judges.
+//! `[ci]` in the daemon config: how long a CI run lasts, its settle period, its thresholds, the
+//! method probe and the end-to-end check (`[ci.end_to_end]`). Pure data, read here with the rest
+//! of the config; `fleet::ci` runs and judges.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::Secret;
 use crate::tomlread::{Doc, Table};
 
 /// `[ci]` in the daemon config.
@@ -24,6 +26,43 @@ pub struct CiConfig {
     pub judge_hub_loss: bool,
     pub thresholds: Thresholds,
     pub probe: Option<Probe>,
+    pub end_to_end: EndToEnd,
+}
+
+/// `[ci.end_to_end]`: read the hub's Event Hubs-compatible endpoint for the run, count the
+/// fleet's sequence stamps that reach it and time them from the device's send-time stamp.
+#[derive(Debug, Clone)]
+pub struct EndToEnd {
+    /// `None`: on when the endpoint is known without configuration (an emulator, whose hub.json
+    /// names it), or a connection string is given; off otherwise.
+    pub enabled: Option<bool>,
+    /// The Event Hubs connection string with `EntityPath` (Azure portal: IoT hub, Built-in
+    /// endpoints). Not needed for an emulator.
+    pub connection_string: Option<Secret>,
+    pub consumer_group: String,
+    /// After the fleet stops, how long the reader may take to catch up with every message the hub
+    /// acknowledged.
+    pub drain: Duration,
+    /// Messages the hub acknowledged that never reached the reader. `None`: not checked.
+    pub max_missing: Option<u64>,
+    /// Send time to `iothub-enqueuedtime`, 99th percentile.
+    pub enqueued_p99: Option<Duration>,
+    /// Send time to arrival at the reader, 99th percentile.
+    pub read_p99: Option<Duration>,
+}
+
+impl Default for EndToEnd {
+    fn default() -> Self {
+        EndToEnd {
+            enabled: None,
+            connection_string: None,
+            consumer_group: "$Default".into(),
+            drain: Duration::from_secs(30),
+            max_missing: Some(0),
+            enqueued_p99: None,
+            read_p99: None,
+        }
+    }
 }
 
 /// Pass/fail limits. `None` means not checked.
@@ -79,6 +118,7 @@ impl Default for CiConfig {
             judge_hub_loss: false,
             thresholds: Thresholds::default(),
             probe: None,
+            end_to_end: EndToEnd::default(),
         }
     }
 }
@@ -141,6 +181,38 @@ pub(super) fn read(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<Ci
         p.finish(doc);
         probe
     });
+    let end_to_end = match t.table(doc, "end_to_end") {
+        None => EndToEnd::default(),
+        Some(mut e) => {
+            let d = EndToEnd::default();
+            let connection_string = super::secret(doc, &mut e, "connection_string", base);
+            if let Some(cs) = &connection_string
+                && let Err(why) = cs.value.parse::<crate::backend::target::EventHubTarget>()
+            {
+                doc.error(e.span_of("connection_string"), &e.field("connection_string"), why.to_string());
+            }
+            let group = e.str(doc, "consumer_group").unwrap_or(d.consumer_group);
+            if group.is_empty() || group.contains('/') {
+                doc.error(e.span_of("consumer_group"), &e.field("consumer_group"), "is a consumer group name");
+            }
+            let max_missing = match e.f64(doc, "max_missing") {
+                Some(v) if v < 0.0 => None,
+                Some(v) => Some(v as u64),
+                None => d.max_missing,
+            };
+            let end_to_end = EndToEnd {
+                enabled: e.bool(doc, "enabled"),
+                connection_string,
+                consumer_group: group,
+                drain: e.duration_in(doc, "drain", Duration::ZERO, Duration::from_secs(3600)).unwrap_or(d.drain),
+                max_missing,
+                enqueued_p99: e.duration(doc, "enqueued_p99"),
+                read_p99: e.duration(doc, "read_p99"),
+            };
+            e.finish(doc);
+            end_to_end
+        }
+    };
     let cfg = CiConfig {
         duration,
         settle: t.duration(doc, "settle").unwrap_or(d.settle),
@@ -149,6 +221,7 @@ pub(super) fn read(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<Ci
         judge_hub_loss: t.bool(doc, "judge_hub_loss").unwrap_or(d.judge_hub_loss),
         thresholds,
         probe,
+        end_to_end,
     };
     t.finish(doc);
     Some(cfg)

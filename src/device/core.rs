@@ -414,6 +414,10 @@ impl Core {
         let pushed = self.outbox.push(properties, body, |bag, n| {
             if let Some(run) = run {
                 bag.push(crate::iot::sequence::PROPERTY, crate::iot::sequence::stamp(run, n));
+                // Wall time, not the session clock: a back end on another machine compares it
+                // with the hub's enqueued time.
+                let sent = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                bag.push(crate::iot::sequence::SENT_PROPERTY, sent.map(|d| d.as_millis()).unwrap_or(0).to_string());
             }
         });
         match pushed {
@@ -620,6 +624,10 @@ mod tests {
         assert_eq!(telemetry_tags(&sent), vec![1, 2]);
         let Sent::Telemetry(_, props, body) = &sent[0] else { panic!("{sent:?}") };
         assert_eq!(props.get(crate::iot::sequence::PROPERTY), Some(crate::iot::sequence::stamp("run1", 1).as_str()));
+        // The send-time stamp is wall time in milliseconds (the paused clock is tokio's only).
+        let sent_ms = props.get(crate::iot::sequence::SENT_PROPERTY).and_then(crate::iot::sequence::parse_sent);
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        assert!(sent_ms.is_some_and(|ms| (now_ms - 60_000..=now_ms).contains(&ms)), "{sent_ms:?}");
         assert_eq!(&body[..], br#"{"t":1}"#);
         assert_eq!(f.metrics.telemetry_generated.get(), 5);
         assert_eq!(f.metrics.telemetry_queued.get(), 5);

@@ -3,8 +3,10 @@
 //! identities from the service side (its latency is what a back end sees). At the end the faults
 //! are lifted, devices stop taking readings, and the fleet gets a settle period to reconnect and
 //! drain its buffers; then the devices stop, the hub is asked which sequence numbers arrived, and
-//! every threshold is checked. The JSON report goes to stdout (and a file); the exit status is
-//! the verdict.
+//! every threshold is checked. With the end-to-end check (`e2e.rs`), a reader on the hub's Event
+//! Hubs-compatible endpoint counts and times the messages that reached the back end, and is given
+//! `[ci.end_to_end] drain` to catch up after the devices stop. The JSON report goes to stdout
+//! (and a file); the exit status is the verdict.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -151,6 +153,17 @@ pub async fn run(
     let started = Instant::now();
     let watcher = tokio::spawn(watch_connected(m.clone(), total, stop.clone()));
     let stats = Arc::new(Mutex::new(ProbeStats::default()));
+    // Nothing to count without sequence stamps.
+    let e2e_config = if fleet.shared.settings.sequence_numbers {
+        super::e2e::endpoint(&ci.end_to_end, fleet.hub_info.as_ref(), fleet.hub.is_some(), fleet.shared.tls.clone())
+    } else {
+        Ok(None)
+    };
+    let (e2e, e2e_problem) = match e2e_config {
+        Ok(Some(c)) => (Some(super::e2e::Reader::start(c, fleet.shared.run_id.clone(), m.clone())), None),
+        Ok(None) => (None, None),
+        Err(why) => (None, Some(why)),
+    };
     let probe = match (&ci.probe, fleet.shared.service.clone()) {
         (Some(p), Some(client)) => {
             // Only identities whose scenario answers the method: the probe measures the path, not
@@ -208,6 +221,17 @@ pub async fn run(
 
     let generated = m.telemetry_generated.get();
     let acked = m.telemetry_acked.get();
+    // The back end may lag the hub: let the reader catch up with what the hub acknowledged.
+    let e2e = match e2e {
+        Some(reader) => {
+            let drain_start = Instant::now();
+            while reader.running() && reader.unique() < acked && drain_start.elapsed() < ci.end_to_end.drain {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(reader.finish().await)
+        }
+        None => None,
+    };
     let queued = m.telemetry_queued.get().max(0) as u64;
     let never_written = m.dropped("buffer_full") + m.dropped("shutdown");
     let dropped = m.dropped_count();
@@ -219,7 +243,12 @@ pub async fn run(
         _ => None,
     };
     let hub_unique = hub_side.as_ref().and_then(|h| h["unique"].as_u64());
-    let loss = hub_unique.map(|u| Loss::split(generated.saturating_sub(never_written), acked, u));
+    let written = generated.saturating_sub(never_written);
+    let loss = hub_unique.map(|u| Loss::split(written, acked, u));
+    // What reached the back end, split the same way: acknowledged and never read is the hub's
+    // (or its endpoint's) loss. Against Azure this is the only count of arrivals there is.
+    let backend_loss = e2e.as_ref().filter(|s| s.error.is_none()).map(|s| Loss::split(written, acked, s.unique));
+    let loss = loss.or(backend_loss);
     let lost = loss.map(|l| l.by_fleet);
     let lost_by_hub = loss.map(|l| l.by_hub);
 
@@ -284,6 +313,42 @@ pub async fn run(
             pass: le(p99, t.method_p99.map(|d| d.as_secs_f64() * 1e3)),
         },
         Check {
+            name: "e2e_reader",
+            value: json!(e2e_problem.clone().or_else(|| e2e.as_ref().and_then(|s| s.error.clone()))),
+            limit: Value::Null,
+            // Asked for (or on by default) and not reading: the run cannot be judged end to end.
+            pass: (e2e.is_some() || e2e_problem.is_some())
+                .then(|| e2e_problem.is_none() && e2e.as_ref().is_some_and(|s| s.error.is_none())),
+        },
+        Check {
+            name: "e2e_missing",
+            value: json!(backend_loss.map(|l| l.by_hub)),
+            limit: json!(ci.end_to_end.max_missing.filter(|_| e2e.is_some())),
+            pass: ci
+                .end_to_end
+                .max_missing
+                .filter(|_| e2e.is_some())
+                .map(|l| backend_loss.is_some_and(|b| b.by_hub <= l)),
+        },
+        Check {
+            name: "e2e_enqueued_p99_ms",
+            value: json!(e2e.as_ref().and_then(|s| s.enqueued_ms.quantile(0.99))),
+            limit: json!(ci.end_to_end.enqueued_p99.map(|d| d.as_secs_f64() * 1e3)),
+            pass: le(
+                e2e.as_ref().and_then(|s| s.enqueued_ms.quantile(0.99)),
+                ci.end_to_end.enqueued_p99.map(|d| d.as_secs_f64() * 1e3),
+            ),
+        },
+        Check {
+            name: "e2e_read_p99_ms",
+            value: json!(e2e.as_ref().and_then(|s| s.read_ms.quantile(0.99))),
+            limit: json!(ci.end_to_end.read_p99.map(|d| d.as_secs_f64() * 1e3)),
+            pass: le(
+                e2e.as_ref().and_then(|s| s.read_ms.quantile(0.99)),
+                ci.end_to_end.read_p99.map(|d| d.as_secs_f64() * 1e3),
+            ),
+        },
+        Check {
             name: "error_rate",
             value: json!(error_rate),
             limit: json!(t.max_error_rate),
@@ -315,6 +380,15 @@ pub async fn run(
             "missing_at_hub": loss.map(|l| l.missing),
             "in_doubt_at_end": loss.map(|l| l.in_doubt),
         },
+        "end_to_end": e2e.as_ref().map(|s| {
+            let mut v = s.to_json();
+            if let Some(l) = backend_loss {
+                v["missing"] = json!(l.missing);
+                v["acked_not_read"] = json!(l.by_hub);
+                v["never_acked_not_read"] = json!(l.by_fleet);
+            }
+            v
+        }).or_else(|| e2e_problem.as_ref().map(|p| json!({"error": p}))),
         "methods": {
             "probes_ok": probes_ok,
             "failures": probe_failures,
@@ -332,6 +406,8 @@ pub async fn run(
     report["histograms"] = json!({
         "method_ms": method_hist,
         "puback_seconds": super::report::Histogram::from_prometheus(&m.puback_seconds),
+        "e2e_enqueued_ms": e2e.as_ref().map(|s| &s.enqueued_ms),
+        "e2e_read_ms": e2e.as_ref().map(|s| &s.read_ms),
     });
     fleet.shutdown().await;
     Outcome { pass, report }

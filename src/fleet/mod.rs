@@ -3,6 +3,7 @@
 //! logs progress while ramping, and shuts everything down within the grace period.
 
 pub mod ci;
+pub mod e2e;
 pub mod expand;
 mod reload;
 pub mod report;

@@ -34,14 +34,20 @@ impl Histogram {
     pub fn from_samples(bounds: Vec<f64>, samples: &[f64]) -> Histogram {
         let mut h = Histogram::new(bounds);
         for &x in samples {
-            match h.bounds.iter().position(|b| x <= *b) {
-                Some(i) => h.counts[i] += 1,
-                None => h.over += 1,
-            }
-            h.sum += x;
-            h.max = h.max.max(x);
+            h.observe(x);
         }
         h
+    }
+
+    /// Adds one sample (bounds are few and sorted: a binary search finds its bucket).
+    pub fn observe(&mut self, x: f64) {
+        let i = self.bounds.partition_point(|b| *b < x);
+        match self.counts.get_mut(i) {
+            Some(c) => *c += 1,
+            None => self.over += 1,
+        }
+        self.sum += x;
+        self.max = self.max.max(x);
     }
 
     /// A Prometheus histogram's buckets (cumulative there, per bucket here).

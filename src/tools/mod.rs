@@ -1,14 +1,16 @@
-//! The operator commands (`devices`, `twin`, `invoke`): the service side of a load test, against
+//! The operator commands (`devices`, `twin`, `invoke`, `tail`, `c2d`): the service side of a load test, against
 //! the emulator (through its hub.json) or a real IoT Hub (through a service connection string).
 //! Each prints text or JSON and returns its exit status: 0 when every call succeeded, 1 when any
 //! failed, 64 for bad arguments or credentials.
 
+pub mod c2d;
 pub mod cleanup;
 pub mod devices;
 pub mod edge_env;
 pub mod fanout;
 pub mod invoke;
 pub mod model_import;
+pub mod tail;
 pub mod twin;
 
 use std::path::PathBuf;
