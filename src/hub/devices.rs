@@ -149,19 +149,24 @@ pub fn store_telemetry(hub: &HubState, identity: &Identity, st: &mut IdentitySta
         built = Some(m);
     }
     st.telemetry.record(hub.behaviour.telemetry_buffer, || built.take().unwrap_or_else(make));
-    arrived(hub, st, properties, body.len());
+    arrived(hub, st, properties, body.len(), true);
 }
 
 /// What every message that reached the hub counts, stored upstream or routed elsewhere: the
 /// identity's activity, the fleet's sequence stamp and the telemetry metrics.
-fn arrived(hub: &HubState, st: &mut IdentityState, properties: &PropertyBag, len: usize) {
+/// `upstream` is false for a message IoT Edge routes sent only to module inputs.
+fn arrived(hub: &HubState, st: &mut IdentityState, properties: &PropertyBag, len: usize, upstream: bool) {
     st.record.last_activity = Some(crate::hub::clock::wall());
     if let Some((run, n)) = properties.get(crate::iot::sequence::PROPERTY).and_then(crate::iot::sequence::parse) {
         let tracker = match &mut st.sequence {
             Some(t) if t.run == run => t,
             slot => slot.insert(Box::new(sequence::Tracker::new(run))),
         };
-        hub.metrics.sequence_arrival(tracker.record(n));
+        let arrival = tracker.record(n);
+        if !upstream && arrival != sequence::Arrival::Duplicate {
+            tracker.routed_away += 1;
+        }
+        hub.metrics.sequence_arrival(arrival);
     }
     hub.metrics.telemetry_received.inc();
     hub.metrics.telemetry_bytes.inc_by(len as u64);
@@ -182,7 +187,7 @@ pub fn accept_telemetry(hub: &HubState, identity: &Identity, model_id: Option<&s
         if plan.upstream {
             store_telemetry(hub, identity, &mut st, model_id, m);
         } else {
-            arrived(hub, &mut st, properties, body.len());
+            arrived(hub, &mut st, properties, body.len(), false);
         }
     }
     super::edge::deliver(hub, identity, &plan, properties, &body);

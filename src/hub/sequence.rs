@@ -28,6 +28,9 @@ pub struct Tracker {
     pub highest: u64,
     pub unique: u64,
     pub duplicates: u64,
+    /// Unique arrivals the hub's IoT Edge routes sent only to module inputs: at the hub, and by
+    /// design never on the Event Hubs-compatible endpoint (a back end's books leave them out).
+    pub routed_away: u64,
     missing: BTreeSet<u64>,
     /// Gaps past `MAX_MISSING`, counted but not remembered.
     forgotten: u64,

@@ -222,7 +222,7 @@ pub struct SequenceQuery {
 /// Totals over every identity whose latest stamped run is `run`, and the identities with gaps.
 pub async fn sequence_summary(State(hub): State<Hub>, Query(q): Query<SequenceQuery>, headers: HeaderMap) -> ApiResult {
     auth::service(&hub, &headers, Permissions::SERVICE_CONNECT)?;
-    let (mut identities, mut unique, mut duplicates, mut gaps) = (0u64, 0u64, 0u64, 0u64);
+    let (mut identities, mut unique, mut duplicates, mut gaps, mut routed_away) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut with_gaps = Vec::new();
     for identity in hub.registry.all() {
         let st = identity.lock();
@@ -231,6 +231,7 @@ pub async fn sequence_summary(State(hub): State<Hub>, Query(q): Query<SequenceQu
         unique += t.unique;
         duplicates += t.duplicates;
         gaps += t.gaps();
+        routed_away += t.routed_away;
         if t.gaps() > 0 && with_gaps.len() < 100 {
             with_gaps.push(json!({
                 "deviceId": identity.device_id,
@@ -246,6 +247,7 @@ pub async fn sequence_summary(State(hub): State<Hub>, Query(q): Query<SequenceQu
         "unique": unique,
         "duplicates": duplicates,
         "gaps": gaps,
+        "routedAway": routed_away,
         "withGaps": with_gaps,
     }))
     .into_response())
