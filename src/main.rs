@@ -80,6 +80,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         if args.no_metrics {
             config.metrics_addr = None;
         }
+        if args.in_memory {
+            config.in_memory = true;
+        }
     });
     let config = match resolved {
         Ok(c) => c,
@@ -96,6 +99,11 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         }
     };
     println!("fleetsim hub ready: {}", running.info_path.display());
+    if running.state.store.is_durable() {
+        println!("  store {}", running.info_path.with_file_name(fleetsim::hub::store::FILE).display());
+    } else {
+        println!("  store in memory (nothing is kept after the hub stops)");
+    }
     println!("  mqtt  {}  (hub and DPS, TLS)", running.info.mqtt_addr);
     println!("  https {}  (service API, DPS, {})", running.info.https_addr, running.info.websocket_url);
     if let Some(a) = running.info.amqp_addr {

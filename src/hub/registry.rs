@@ -215,6 +215,34 @@ impl Registry {
         Ok(identity)
     }
 
+    /// Puts back an identity the store kept, as it was: no id checks (they passed when it was
+    /// created) and no device-first rule (the store loads modules in any order). Replaces an
+    /// entry with the same key.
+    pub fn restore(&self, device_id: &str, module_id: Option<&str>, record: Record, twin: TwinDoc, c2d: C2dQueue) {
+        let identity = Arc::new(Identity {
+            device_id: device_id.to_owned(),
+            module_id: module_id.map(str::to_owned),
+            state: Mutex::new(IdentityState {
+                record,
+                twin,
+                session: None,
+                saved_subs: None,
+                telemetry: TelemetryLog::default(),
+                sequence: None,
+                c2d,
+                removed: false,
+            }),
+            changed: Notify::new(),
+        });
+        self.write().insert(identity_key(device_id, module_id), identity);
+    }
+
+    /// Whether `identity` is the entry its key names now (not deleted, nor deleted and created
+    /// again since it was looked up).
+    pub fn is_current(&self, identity: &Arc<Identity>) -> bool {
+        self.read().get(&identity.key()).is_some_and(|i| Arc::ptr_eq(i, identity))
+    }
+
     /// Removes a device and its modules, or one module. Returns what was removed so the caller can
     /// close their connections.
     pub fn remove(&self, device_id: &str, module_id: Option<&str>) -> Vec<Arc<Identity>> {
