@@ -255,3 +255,57 @@ async fn a_store_the_hub_cannot_use_stops_it_at_start_naming_the_file() {
         assert!(err.contains("`hurt`") && !err.contains("not base64 at all"), "{err}");
     }
 }
+
+/// `fleetsim hub import` seeds a stopped hub's store from IoT Hub bulk lines (as an export blob
+/// holds them); the hub serves them after it starts; `fleetsim hub export` gives them back; and
+/// neither runs while a hub has the store open.
+#[tokio::test]
+async fn import_seeds_a_stopped_hub_and_export_gives_the_registry_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Key::generate().to_base64();
+    let lines = [
+        json!({"id": "seed-1", "eTag": "MQ==", "status": "enabled", "twinETag": "AAAAAAAAAAE=",
+               "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": key},
+                                  "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null}},
+               "tags": {"site": "lab"}, "properties": {"desired": {"interval": 30, "$version": 7}, "reported": {}},
+               "capabilities": {"iotEdge": false}}),
+        json!({"id": "seed-1", "moduleId": "m", "importMode": "create"}),
+        json!({"id": "seed-2", "importMode": "delete"}),
+    ];
+    let file = dir.path().join("devices.txt");
+    std::fs::write(&file, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let data_dir = dir.path().join("hub");
+    let fleetsim = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetsim")).args(args).output().expect("fleetsim runs")
+    };
+    let out = fleetsim(&["hub", "import", file.to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "one line refused: {stderr}");
+    assert!(stderr.contains("line 3") && stderr.contains("imported 2 lines, refused 1"), "{stderr}");
+
+    let hub = TestHub::start_in(dir, |c| c.data_dir = data_dir.clone()).await;
+    let (status, _, twin) = hub.rest("GET", "/twins/seed-1", None).await;
+    assert_eq!(status, 200, "{twin}");
+    assert_eq!(
+        (twin["tags"]["site"].as_str(), twin["properties"]["desired"]["interval"].as_u64()),
+        (Some("lab"), Some(30))
+    );
+    let (status, _, device) = hub.rest("GET", "/devices/seed-1", None).await;
+    assert_eq!((status, device["authentication"]["symmetricKey"]["primaryKey"].as_str()), (200, Some(key.as_str())));
+    assert_eq!(hub.rest("GET", "/devices/seed-1/modules/m", None).await.0, 200);
+
+    // While the hub runs, its store is locked.
+    let out = fleetsim(&["hub", "export", "--data-dir", data_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut hub = hub;
+    hub.stop().await;
+    let out = fleetsim(&["hub", "export", "--data-dir", data_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let exported: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(exported.len(), 2);
+    assert_eq!((exported[0]["id"].as_str(), exported[0]["tags"]["site"].as_str()), (Some("seed-1"), Some("lab")));
+    assert_eq!(exported[0]["authentication"]["symmetricKey"]["primaryKey"], key);
+    assert_eq!(exported[1]["moduleId"], "m");
+}

@@ -28,6 +28,7 @@ pub mod model_check;
 pub mod mqtt;
 pub mod query;
 pub mod registry;
+pub mod registry_io;
 pub mod secrets;
 pub mod sequence;
 pub mod session;

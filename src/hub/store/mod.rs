@@ -28,9 +28,17 @@ use writer::{Change, Committed};
 /// The store's file name inside the data dir (SQLite adds `-wal` and `-shm` beside it).
 pub const FILE: &str = "store.sqlite3";
 
+/// Held locked (an OS file lock, released by the kernel when the process dies) by whoever has the
+/// store open, so two hubs, or a hub and `fleetsim hub import`, never write one store.
+pub const LOCK_FILE: &str = "store.lock";
+
 /// Why the store cannot open, or can no longer make a change durable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("the store in {dir} is in use by another fleetsim process (a hub, or an import or export); stop it first")]
+    InUse { dir: PathBuf },
+    #[error("cannot lock the store in {dir}: {source}")]
+    Lock { dir: PathBuf, source: std::io::Error },
     #[error("cannot open the store {path}: {source}")]
     Open { path: PathBuf, source: rusqlite::Error },
     #[error("the store {path}: {source}")]
@@ -52,6 +60,8 @@ struct Durable {
     queue: Mutex<Queue>,
     committed: watch::Receiver<Committed>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The open `LOCK_FILE`, locked; dropped (unlocked) by `close`.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 /// The hub's handle on its store: durable (SQLite) or in memory.
@@ -91,6 +101,16 @@ impl Store {
     /// `registry` and `dps`, and starts the writer. Fails on a file it cannot read, a newer
     /// schema, or a row that does not parse (naming the row).
     pub fn open(dir: &Path, registry: &Arc<Registry>, dps: &Arc<Dps>) -> Result<Store, StoreError> {
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|source| StoreError::Lock { dir: dir.to_owned(), source })?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => StoreError::InUse { dir: dir.to_owned() },
+            std::fs::TryLockError::Error(source) => StoreError::Lock { dir: dir.to_owned(), source },
+        })?;
         let path = dir.join(FILE);
         let open_err = |source| StoreError::Open { path: path.clone(), source };
         let mut conn = Connection::open(&path).map_err(open_err)?;
@@ -117,6 +137,7 @@ impl Store {
                 queue: Mutex::new(Queue { next: 1, tx: Some(tx) }),
                 committed,
                 thread: Mutex::new(Some(thread)),
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -174,6 +195,7 @@ impl Store {
         if let Some(t) = thread {
             let _ = t.join();
         }
+        d.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
