@@ -181,6 +181,10 @@ async fn everything_acknowledged_is_there_after_a_restart() {
     assert_eq!(after[2].1["statusReason"], "parked");
     assert_eq!(after[8].1["etag"], "2");
     assert_eq!(hub.rest("GET", "/devices/gone", None).await.0, 404, "a deletion is kept too");
+    // d1 is an IoT Edge device: the system modules the hub made for it are kept like any module.
+    for m in ["$edgeAgent", "$edgeHub"] {
+        assert_eq!(hub.rest("GET", &format!("/devices/d1/modules/{m}"), None).await.0, 200, "{m}");
+    }
     assert_eq!(dps_rest(&hub, "GET", "/enrollments/ind-02", None).await.0, 404);
 
     // The queue carries on where it was: the abandoned message first, its delivery counted.

@@ -390,11 +390,11 @@ pub async fn apply_configuration(
 ) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
     let content: Value = parse_json(&body)?;
-    crate::hub::edge::apply(&hub, &device, &content).map_err(|e| match e {
+    let applied = crate::hub::edge::apply(&hub, &device, &content).map_err(|e| match e {
         crate::hub::edge::ApplyError::DeviceNotFound => ApiError::device_not_found(&device),
         crate::hub::edge::ApplyError::Invalid(why) => ApiError::bad_request(why),
-    })?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    });
+    after_commit(&hub, applied.map(|()| StatusCode::NO_CONTENT.into_response())).await
 }
 
 pub async fn twin_get_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {

@@ -40,7 +40,7 @@ struct RecordJson {
     model_id: Option<String>,
 }
 
-/// One queued C2D message. Its MQTT connection and HTTPS lock are not kept: a restarted hub has
+/// One queued C2D message (or module input). Its MQTT connection and HTTPS lock are not kept: a restarted hub has
 /// neither, so the message is Enqueued again (its delivery count kept).
 #[derive(Serialize, Deserialize)]
 struct C2dJson {
@@ -50,6 +50,9 @@ struct C2dJson {
     enqueued_at: SystemTime,
     expires_at: SystemTime,
     delivery_count: u32,
+    /// The module input of a message an IoT Edge route queued (absent for C2D).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,6 +106,7 @@ impl IdentityRow {
                     enqueued_at: m.enqueued_at,
                     expires_at: m.expires_at,
                     delivery_count: m.delivery_count,
+                    input: m.input,
                 })
                 .collect(),
         };
@@ -159,6 +163,7 @@ impl IdentityRow {
                 delivery_count: m.delivery_count,
                 sent_on: None,
                 lock: None,
+                input: m.input,
             });
         }
         Ok((record, twin, C2dQueue::restore(queue.next_id, messages)))
