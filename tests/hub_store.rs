@@ -181,6 +181,9 @@ async fn everything_acknowledged_is_there_after_a_restart() {
     assert_eq!(after[2].1["statusReason"], "parked");
     assert_eq!(after[8].1["etag"], "2");
     assert_eq!(hub.rest("GET", "/devices/gone", None).await.0, 404, "a deletion is kept too");
+    // The gauges count what was loaded: d1, d2, dps-dev-1; m1 and d1's two Edge system modules.
+    assert_eq!(hub.metric("fleetsim_hub_identities{kind=\"device\"}").await, 3.0);
+    assert_eq!(hub.metric("fleetsim_hub_identities{kind=\"module\"}").await, 3.0);
     // d1 is an IoT Edge device: the system modules the hub made for it are kept like any module.
     for m in ["$edgeAgent", "$edgeHub"] {
         assert_eq!(hub.rest("GET", &format!("/devices/d1/modules/{m}"), None).await.0, 200, "{m}");

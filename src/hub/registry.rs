@@ -138,6 +138,9 @@ pub enum RegistryError {
 pub struct Registry {
     map: RwLock<BTreeMap<String, Arc<Identity>>>,
     on_created: CreatedHook,
+    /// How many modules the map holds, kept with it under its lock, so counting identities (the
+    /// gauges, refreshed on every registry write) never walks the map.
+    modules: std::sync::atomic::AtomicUsize,
 }
 
 /// Told of every identity the registry creates, whichever path created it (the service REST
@@ -208,6 +211,9 @@ impl Registry {
             changed: Notify::new(),
         });
         map.insert(key, identity.clone());
+        if module_id.is_some() {
+            self.modules.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         drop(map);
         if let Some(hook) = self.on_created.0.get() {
             hook(&identity, &identity.lock());
@@ -234,7 +240,17 @@ impl Registry {
             }),
             changed: Notify::new(),
         });
-        self.write().insert(identity_key(device_id, module_id), identity);
+        let mut map = self.write();
+        if map.insert(identity_key(device_id, module_id), identity).is_none() && module_id.is_some() {
+            self.modules.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// (devices, modules) in the registry now, without walking it.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.read();
+        let modules = self.modules.load(std::sync::atomic::Ordering::Relaxed);
+        (map.len() - modules.min(map.len()), modules)
     }
 
     /// Whether `identity` is the entry its key names now (not deleted, nor deleted and created
@@ -265,6 +281,8 @@ impl Registry {
                 }
             }
         }
+        let gone = removed.iter().filter(|i| i.module_id.is_some()).count();
+        self.modules.fetch_sub(gone, std::sync::atomic::Ordering::Relaxed);
         removed
     }
 
@@ -404,7 +422,11 @@ mod tests {
         assert_eq!(reg.devices(10).iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"]);
         assert_eq!(reg.modules("d1").len(), 2);
         assert_eq!(reg.device_counts(), (2, 2));
-        assert_eq!(reg.remove("d1", None).len(), 3);
+        assert_eq!(reg.counts(), (2, 2));
+        assert_eq!(reg.remove("d1", Some("m2")).len(), 1);
+        assert_eq!(reg.counts(), (2, 1));
+        assert_eq!(reg.remove("d1", None).len(), 2);
+        assert_eq!(reg.counts(), (1, 0));
         assert!(reg.get("d1", Some("m1")).is_none());
         assert_eq!(reg.modules("d1").len(), 0);
     }

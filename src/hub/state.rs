@@ -243,11 +243,12 @@ impl HubState {
         !removed.is_empty()
     }
 
+    /// Sets the identity gauges from the registry's counts (constant time: called on every
+    /// registry write).
     pub fn refresh_identity_gauges(&self) {
-        let all = self.registry.all();
-        let modules = all.iter().filter(|i| i.module_id.is_some()).count() as i64;
-        self.metrics.identities.with_label_values(&["device"]).set(all.len() as i64 - modules);
-        self.metrics.identities.with_label_values(&["module"]).set(modules);
+        let (devices, modules) = self.registry.counts();
+        self.metrics.identities.with_label_values(&["device"]).set(devices as i64);
+        self.metrics.identities.with_label_values(&["module"]).set(modules as i64);
     }
 
     /// Queues for the store what a DPS register or assignment changed: the registration and the
