@@ -136,7 +136,10 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct HubArgs {
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
     /// A TOML configuration file; flags override what it sets.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -162,4 +165,46 @@ pub struct HubArgs {
     /// Serve no metrics endpoint.
     #[arg(long, conflicts_with = "metrics_addr")]
     pub no_metrics: bool,
+    /// Keep identities, twins, enrollments and C2D queues in memory only: nothing of them is
+    /// written to the data dir, and a restart starts empty (the `in_memory` config key).
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// What `fleetsim hub` does besides serving: move the registry in and out of a stopped hub's
+/// store, in IoT Hub's bulk format.
+#[derive(Debug, Subcommand)]
+pub enum HubAction {
+    /// Writes every device and module (keys, status, tags, desired and reported) as the JSON
+    /// lines of an IoT Hub ExportDevices job. The hub must be stopped.
+    Export(HubExportArgs),
+    /// Applies the JSON lines of an IoT Hub export or import file (`importMode` per line,
+    /// `createOrUpdate` when absent) to the store. The hub must be stopped. Exit 1 if a line was
+    /// refused (the others are applied).
+    Import(HubImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HubExportArgs {
+    /// The hub's TOML configuration, if it has one (its data dir and key overrides are used).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The stopped hub's data dir. Default .fleetsim/hub.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Write here instead of standard output.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HubImportArgs {
+    /// The hub's TOML configuration, if it has one.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The stopped hub's data dir. Default .fleetsim/hub.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The JSON lines file (an IoT Hub export blob, `devices.txt`, or an import file).
+    pub file: PathBuf,
 }

@@ -35,7 +35,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run_fleet(args).await,
             Command::Check(args) => check(args),
-            Command::Hub(args) => run_hub(args).await,
+            Command::Hub(args) => match args.action {
+                Some(action) => hub_file(action),
+                None => run_hub(args).await,
+            },
             Command::Token(args) => token(args),
             Command::Devices(args) => ExitCode::from(fleetsim::tools::devices::run(args).await),
             Command::Twin(args) => ExitCode::from(fleetsim::tools::twin::run(args).await),
@@ -57,6 +60,72 @@ fn init_logging(cli: &Cli) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if cli.log_json { builder.json().init() } else { builder.init() }
 }
+
+/// `fleetsim hub export` and `fleetsim hub import`, on a stopped hub's data dir.
+fn hub_file(action: fleetsim::cli::HubAction) -> ExitCode {
+    use fleetsim::cli::HubAction;
+    let (config, data_dir) = match &action {
+        HubAction::Export(a) => (a.config.as_deref(), a.data_dir.clone()),
+        HubAction::Import(a) => (a.config.as_deref(), a.data_dir.clone()),
+    };
+    let config = match fleetsim::validate::hub(config, |c| {
+        if let Some(d) = data_dir {
+            c.data_dir = d;
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match action {
+        HubAction::Export(a) => {
+            let written = match &a.out {
+                Some(path) => std::fs::File::create(path)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+                    .and_then(|f| {
+                        let mut w = std::io::BufWriter::new(f);
+                        let n = hub::registry_io::export_data_dir(&config, &mut w)?;
+                        std::io::Write::flush(&mut w)?;
+                        Ok(n)
+                    }),
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                    hub::registry_io::export_data_dir(&config, &mut w)
+                        .and_then(|n| std::io::Write::flush(&mut w).map(|_| n).map_err(Into::into))
+                }
+            };
+            written.map(|n| {
+                eprintln!("exported {n} identities");
+                true
+            })
+        }
+        HubAction::Import(a) => fleetsim::fsio::read_capped(&a.file, IMPORT_MAX_BYTES)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.file.display()))
+            .and_then(|bytes| {
+                let text =
+                    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{} is not UTF-8", a.file.display()))?;
+                let report = hub::registry_io::import_data_dir(&config, &text)?;
+                for e in &report.errors {
+                    eprintln!("refused: {e}");
+                }
+                eprintln!("imported {} lines, refused {}", report.applied, report.errors.len());
+                Ok(report.errors.is_empty())
+            }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The largest import file read (1 GiB: a million identities with twins of about 1 KB).
+const IMPORT_MAX_BYTES: u64 = 1 << 30;
 
 async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
     let resolved = fleetsim::validate::hub(args.config.as_deref(), |config| {
@@ -82,6 +151,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         if args.no_metrics {
             config.metrics_addr = None;
         }
+        if args.in_memory {
+            config.in_memory = true;
+        }
     });
     let config = match resolved {
         Ok(c) => c,
@@ -98,6 +170,11 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         }
     };
     println!("fleetsim hub ready: {}", running.info_path.display());
+    if running.state.store.is_durable() {
+        println!("  store {}", running.info_path.with_file_name(fleetsim::hub::store::FILE).display());
+    } else {
+        println!("  store in memory (nothing is kept after the hub stops)");
+    }
     println!("  mqtt  {}  (hub and DPS, TLS)", running.info.mqtt_addr);
     println!("  https {}  (service API, DPS, {})", running.info.https_addr, running.info.websocket_url);
     if let Some(a) = running.info.amqp_addr {

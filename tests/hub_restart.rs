@@ -1,5 +1,7 @@
 //! A fleet outlives its hub: an external emulator (`fleetsim hub`, a child process) is killed
-//! with SIGKILL under a running fleet and started again on the same data dir and ports, with an
+//! with SIGKILL under a running fleet and started again on the same data dir and ports. With its
+//! store (the default) it comes back with every identity, twin and enrollment, and the fleet
+//! reconnects without creating anything. In memory (`--in-memory`) it comes back with an
 //! empty registry. Connection-string devices and their modules are created again through the
 //! registry, DPS devices re-provision (the individual enrollment is made again), every identity
 //! connects, desired properties set on the new twins are acknowledged with their new versions,
@@ -88,20 +90,21 @@ struct HubProcess {
 }
 
 impl HubProcess {
-    /// `fleetsim hub` on fixed ports, its log appended to `log`.
-    fn start(data_dir: &Path, mqtt: u16, https: u16, log: &Path) -> HubProcess {
-        Self::start_with_amqp(data_dir, mqtt, https, 0, log)
+    /// `fleetsim hub` on fixed ports, its log appended to `log`; `extra` flags after the rest.
+    fn start(data_dir: &Path, mqtt: u16, https: u16, log: &Path, extra: &[&str]) -> HubProcess {
+        Self::start_with_amqp(data_dir, mqtt, https, 0, log, extra)
     }
 
     /// The same, with the AMQP listener on a fixed port too (0: any), for a reader that must find
     /// the restarted hub where it was.
-    fn start_with_amqp(data_dir: &Path, mqtt: u16, https: u16, amqp: u16, log: &Path) -> HubProcess {
+    fn start_with_amqp(data_dir: &Path, mqtt: u16, https: u16, amqp: u16, log: &Path, extra: &[&str]) -> HubProcess {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
             .args(["hub", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}"), "--https-addr", &format!("127.0.0.1:{https}")])
             .args(["--amqp-addr", &format!("127.0.0.1:{amqp}")])
             .arg("--no-metrics")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -207,7 +210,7 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
     let data_dir = dir.path().join("hub");
     let log = dir.path().join("hub.log");
     let (mqtt, https) = free_ports();
-    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log);
+    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log, &["--in-memory"]);
     serving(&data_dir, mqtt, https).await;
 
     let scenario = dir.path().join("s.toml");
@@ -239,7 +242,7 @@ async fn a_fleet_recovers_every_identity_after_its_external_hub_restarts_empty()
     until("every identity to notice", || async { m.state_count(DeviceState::Connected) == 0 }).await;
     // Every PUBACK the dead hub sent has been read: these are exactly what it acknowledged.
     let acked_by_first_hub = m.telemetry_acked.get();
-    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log);
+    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log, &["--in-memory"]);
     serving(&data_dir, mqtt, https).await;
 
     until("every identity connected again", || async { m.state_count(DeviceState::Connected) == total }).await;
@@ -295,7 +298,7 @@ async fn the_back_ends_books_hold_across_a_hub_restart() {
     let log = dir.path().join("hub.log");
     let (mqtt, https) = free_ports();
     let amqp = free_ports().0;
-    let mut hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log);
+    let mut hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log, &["--in-memory"]);
     serving(&data_dir, mqtt, https).await;
 
     let scenario = dir.path().join("s.toml");
@@ -321,7 +324,7 @@ async fn the_back_ends_books_hold_across_a_hub_restart() {
     until("telemetry acknowledged by the first hub", || async { m.telemetry_acked.get() >= 60 }).await;
     hub.kill();
     until("every identity to notice", || async { m.state_count(DeviceState::Connected) == 0 }).await;
-    let _hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log);
+    let _hub = HubProcess::start_with_amqp(&data_dir, mqtt, https, amqp, &log, &["--in-memory"]);
     serving(&data_dir, mqtt, https).await;
 
     let r = tokio::time::timeout(BOUND * 2, run).await.expect("the CI run ends").unwrap().report;
@@ -343,6 +346,80 @@ async fn the_back_ends_books_hold_across_a_hub_restart() {
     };
     assert_eq!(check("e2e_reader"), "pass", "{pretty}");
     assert_eq!(check("e2e_missing"), "not checked", "{pretty}");
+}
+
+/// The store's half of the same story: SIGKILLed under a running fleet and started again, the
+/// hub has every identity with its keys, every twin with its versions and etag, and the DPS
+/// devices' registrations; the fleet reconnects without re-running a credential step and takes
+/// the next desired version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_reconnects_to_its_restarted_durable_hub_without_creating_anything() {
+    common::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("hub");
+    let log = dir.path().join("hub.log");
+    let (mqtt, https) = free_ports();
+    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log, &[]);
+    serving(&data_dir, mqtt, https).await;
+
+    let scenario = dir.path().join("s.toml");
+    std::fs::write(&scenario, SCENARIO).unwrap();
+    let cfg = fleetsim::config::DaemonConfig::load(&fleet_config(dir.path(), &data_dir.join("hub.json"), &scenario))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let templates = fleetsim::scenario::schema::load(&cfg.scenarios).unwrap_or_else(|e| panic!("{e}"));
+    let fleet = fleetsim::fleet::start(&cfg, templates, Default::default()).await.expect("fleet starts");
+    let api = Api::new(fleet.hub_info.clone().unwrap());
+    let m = fleet.shared.metrics.clone();
+    let total = IDENTITIES.len() as i64;
+    until("every identity to connect", || async { m.state_count(DeviceState::Connected) == total }).await;
+
+    let mut before = Vec::new();
+    for (device, module) in IDENTITIES {
+        let mut v = 0;
+        for value in 1..=3 {
+            v = set_target(&api, device, module, value).await;
+        }
+        acked(&api, device, module, 3, v).await;
+        let (_, _, twin) = api.rest("GET", &twin_path(device, module), None).await;
+        let (_, _, identity) = api.rest("GET", &identity_path(device, module), None).await;
+        before.push((v, twin, identity));
+    }
+
+    hub.kill();
+    until("every identity to notice", || async { m.state_count(DeviceState::Connected) == 0 }).await;
+    let mut hub = HubProcess::start(&data_dir, mqtt, https, &log, &[]);
+    serving(&data_dir, mqtt, https).await;
+
+    // What the dead hub acknowledged is all there, before any device is back to change it.
+    for ((device, module), (_, twin, identity)) in IDENTITIES.into_iter().zip(&before) {
+        let (status, _, now) = api.rest("GET", &twin_path(device, module), None).await;
+        assert_eq!(status, 200, "{device}/{module:?}");
+        for field in ["etag", "version", "properties", "tags", "deviceEtag"] {
+            let reported_since = field == "properties" || field == "etag" || field == "version";
+            // A device may already have reconnected and reported again; compare what it cannot
+            // have changed when it did.
+            if reported_since && now["version"] != twin["version"] {
+                assert_eq!(now["properties"]["desired"], twin["properties"]["desired"], "{device}/{module:?}");
+                continue;
+            }
+            assert_eq!(now[field], twin[field], "{device}/{module:?} {field}");
+        }
+        let (_, _, now) = api.rest("GET", &identity_path(device, module), None).await;
+        for field in ["etag", "generationId", "authentication", "status"] {
+            assert_eq!(now[field], identity[field], "{device}/{module:?} {field}");
+        }
+    }
+    until("every identity connected again", || async { m.state_count(DeviceState::Connected) == total }).await;
+    for ((device, module), (old, _, _)) in IDENTITIES.into_iter().zip(before) {
+        let v = set_target(&api, device, module, 42).await;
+        assert_eq!(v, old + 1, "{device}/{module:?}: the twin's desired version carries on");
+        acked(&api, device, module, 42, v).await;
+    }
+    for kind in ["registry", "dps", "none"] {
+        assert_eq!(m.credential_reruns(kind), 0, "{kind}: nothing was created again:\n{}", m.render());
+    }
+    fleet.shutdown().await;
+    hub.kill();
 }
 
 /// The credential step runs at start and after every refusal, so it must write only what the

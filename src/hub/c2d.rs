@@ -131,6 +131,17 @@ pub struct C2dQueue {
 }
 
 impl C2dQueue {
+    /// The queue as the store keeps it: the next id and the messages in order (a cheap copy, the
+    /// bodies are shared).
+    pub fn snapshot(&self) -> (u64, Vec<C2dMessage>) {
+        (self.next_id, self.messages.iter().cloned().collect())
+    }
+
+    /// A queue the store kept, put back (`store/rows.rs` rebuilds the messages).
+    pub fn restore(next_id: u64, messages: Vec<C2dMessage>) -> C2dQueue {
+        C2dQueue { next_id, messages: messages.into() }
+    }
+
     pub fn len(&self) -> usize {
         self.messages.len()
     }

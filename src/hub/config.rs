@@ -20,8 +20,11 @@ pub const DEFAULT_DATA_DIR: &str = ".fleetsim/hub";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubConfig {
-    /// Where the CA, the server certificate, the keys and hub.json live.
+    /// Where the CA, the server certificate, the keys, hub.json and the store live.
     pub data_dir: PathBuf,
+    /// Keep identities, twins, enrollments and C2D queues in memory only (nothing of them
+    /// survives a restart). Default false: they are kept in `data_dir/store.sqlite3`.
+    pub in_memory: bool,
     /// The hub's host name: what devices put in their username and SAS `sr`, what DPS assigns.
     pub hostname: String,
     /// More names (and IP addresses) the server certificate covers and SAS tokens may name.
@@ -203,6 +206,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            in_memory: false,
             hostname: "localhost".into(),
             extra_hostnames: Vec::new(),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 8883)),

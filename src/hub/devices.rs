@@ -201,11 +201,12 @@ pub fn c2d_deliverable(hub: &HubState, identity: &Identity, st: &mut IdentitySta
 
 /// The device acknowledged delivery `id` on a transport without lock tokens (an MQTT PUBACK, or
 /// a QoS 0 delivery): the message is done.
-pub fn c2d_acknowledged(hub: &HubState, identity: &Identity, id: u64) {
+pub fn c2d_acknowledged(hub: &HubState, identity: &Arc<Identity>, id: u64) {
     let st = &mut *identity.lock();
     if let Some(m) = st.c2d.complete(id) {
         hub.metrics.c2d("completed");
         hub.c2d_outcome(&identity.device_id, st, &m, Status::Success);
+        hub.store.identity(identity);
     }
 }
 
@@ -213,15 +214,20 @@ pub fn c2d_acknowledged(hub: &HubState, identity: &Identity, id: u64) {
 /// `behaviour.c2d_lock_timeout_secs` under a new lock token, its delivery counted; `None` when
 /// nothing is deliverable. Messages in flight on the identity's live MQTT connection are left to
 /// it.
-pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
+pub fn c2d_receive(hub: &HubState, identity: &Arc<Identity>) -> Option<C2dMessage> {
     let mut st = identity.lock();
     let live = st.session.as_ref().map(|s| s.conn_id);
     let mut dropped = Vec::new();
     let lock = Duration::from_secs(hub.behaviour.c2d_lock_timeout_secs);
     let m =
         st.c2d.take_locked(live, lock, hub.behaviour.c2d_max_delivery_count, crate::hub::clock::now(), &mut dropped);
+    let dropped_any = !dropped.is_empty();
     hub.count_c2d_dropped(&identity.device_id, &st, dropped);
     drop(st);
+    if m.is_some() || dropped_any {
+        // The delivery count (or the queue) changed; no one waits for it to be durable.
+        hub.store.identity(identity);
+    }
     if m.is_some() {
         hub.metrics.c2d("delivered");
     }
@@ -231,7 +237,7 @@ pub fn c2d_receive(hub: &HubState, identity: &Identity) -> Option<C2dMessage> {
 /// Completes, rejects or abandons the message locked under `lock_token`. A rejected message is
 /// dead-lettered ("Understand cloud-to-device messaging": the message life cycle); an abandoned
 /// one is Enqueued again and counts against the maximum delivery count on its next receive.
-pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Settle) -> Result<(), LockLost> {
+pub fn c2d_settle(hub: &HubState, identity: &Arc<Identity>, lock_token: &str, how: Settle) -> Result<(), LockLost> {
     let st = &mut *identity.lock();
     let m = st.c2d.settle(lock_token, how, crate::hub::clock::now())?;
     match how {
@@ -239,6 +245,7 @@ pub fn c2d_settle(hub: &HubState, identity: &Identity, lock_token: &str, how: Se
         Settle::Reject => hub.c2d_outcome(&identity.device_id, st, &m, Status::Rejected),
         Settle::Abandon => {}
     }
+    hub.store.identity(identity);
     hub.metrics.c2d(match how {
         Settle::Complete => "completed",
         Settle::Reject => "rejected",

@@ -89,6 +89,17 @@ struct Registration {
     created: SystemTime,
 }
 
+/// A registration as the store keeps it: everything but the pending operation's deadline (an
+/// operation in flight at a restart completes at its next poll).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredRegistration {
+    pub operation_id: String,
+    pub model_id: Option<String>,
+    pub payload: Option<Value>,
+    pub assigned: Option<RegistrationState>,
+    pub created: SystemTime,
+}
+
 /// What a poll (or a register that completed at once) found.
 #[derive(Debug, Clone)]
 pub enum Progress {
@@ -160,6 +171,37 @@ impl Dps {
         let before = groups.len();
         groups.retain(|g| g.group_id != group_id);
         groups.len() != before
+    }
+
+    /// Every individual enrollment and group (for the store's start-up and export).
+    pub fn enrollments(&self) -> (Vec<IndividualEnrollment>, Vec<GroupEnrollment>) {
+        let individual = self.individual.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        (individual, self.groups.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// A registration as the store keeps it; `None` when DPS has none under that id.
+    pub fn stored_registration(&self, registration_id: &str) -> Option<StoredRegistration> {
+        let regs = self.registrations.lock().unwrap_or_else(|p| p.into_inner());
+        regs.get(&fold(registration_id)).map(|r| StoredRegistration {
+            operation_id: r.operation_id.clone(),
+            model_id: r.model_id.clone(),
+            payload: r.payload.clone(),
+            assigned: r.assigned.clone(),
+            created: r.created,
+        })
+    }
+
+    /// Puts back a registration the store kept; its operation is ready at once (`now`).
+    pub fn restore_registration(&self, registration_id: &str, r: StoredRegistration, now: Instant) {
+        let reg = Registration {
+            operation_id: r.operation_id,
+            ready_at: now,
+            model_id: r.model_id,
+            payload: r.payload,
+            assigned: r.assigned,
+            created: r.created,
+        };
+        self.registrations.lock().unwrap_or_else(|p| p.into_inner()).insert(fold(registration_id), reg);
     }
 
     /// Checks a device's DPS token: the individual enrollment's keys first, then each group's

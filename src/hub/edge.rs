@@ -91,7 +91,10 @@ fn ensure_module(hub: &HubState, device_id: &str, module: &str) -> Option<Arc<Id
     let record = Record::new(Key::generate(), Key::generate());
     // A concurrent creation of the same module is as good as ours.
     match hub.registry.create(device_id, Some(module), record, now) {
-        Ok(i) => Some(i),
+        Ok(i) => {
+            hub.store.identity(&i);
+            Some(i)
+        }
         Err(_) => hub.registry.get(device_id, Some(module)),
     }
 }
@@ -174,6 +177,7 @@ pub fn apply(hub: &HubState, device_id: &str, content: &Value) -> Result<(), App
         let (tags, props) = st.twin.service_parts();
         let body = super::events::twin_body(st.twin.version, Some(tags), props.get("desired").cloned(), None);
         hub.events.twin_changed(&identity, super::events::TwinOp::Replace, body, now);
+        hub.store.identity(&identity);
         if let Some(change) = change {
             hub.notify_desired(&st, &change);
         }
@@ -271,6 +275,7 @@ pub fn deliver(hub: &HubState, sender: &Identity, plan: &Plan, properties: &Prop
         }
         hub.metrics.edge_routed.with_label_values(&["module_input"]).inc();
         hub.push_c2d(&target, &mut st);
+        hub.store.identity(&target);
     }
 }
 

@@ -28,10 +28,12 @@ pub mod model_check;
 pub mod mqtt;
 pub mod query;
 pub mod registry;
+pub mod registry_io;
 pub mod secrets;
 pub mod sequence;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -74,6 +76,9 @@ impl RunningHub {
         if tokio::time::timeout(SHUTDOWN_GRACE, self.state.tasks.wait()).await.is_err() {
             tracing::warn!(left = self.state.tasks.len(), "some connections did not close within the grace period");
         }
+        // The writer commits what it holds; joining it is blocking work.
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.store.close()).await;
     }
 }
 
@@ -179,7 +184,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let secrets = Secrets::load_or_create(&data_dir, &config.keys)?;
     let tls = tls::load_or_create(&config.tls, &data_dir, &config.all_hostnames())?;
-    let hub: Hub = Arc::new(HubState::new(&config, secrets)?);
+    let store_dir = (!config.in_memory).then_some(data_dir.as_path());
+    let hub: Hub = Arc::new(HubState::open(&config, secrets, store_dir)?);
     edge::refresh_all(&hub);
 
     let mqtt = bind(config.mqtt_addr, "MQTT").await?;

@@ -138,6 +138,9 @@ pub enum RegistryError {
 pub struct Registry {
     map: RwLock<BTreeMap<String, Arc<Identity>>>,
     on_created: CreatedHook,
+    /// How many modules the map holds, kept with it under its lock, so counting identities (the
+    /// gauges, refreshed on every registry write) never walks the map.
+    modules: std::sync::atomic::AtomicUsize,
 }
 
 /// Told of every identity the registry creates, whichever path created it (the service REST
@@ -208,11 +211,52 @@ impl Registry {
             changed: Notify::new(),
         });
         map.insert(key, identity.clone());
+        if module_id.is_some() {
+            self.modules.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         drop(map);
         if let Some(hook) = self.on_created.0.get() {
             hook(&identity, &identity.lock());
         }
         Ok(identity)
+    }
+
+    /// Puts back an identity the store kept, as it was: no id checks (they passed when it was
+    /// created) and no device-first rule (the store loads modules in any order). Replaces an
+    /// entry with the same key.
+    pub fn restore(&self, device_id: &str, module_id: Option<&str>, record: Record, twin: TwinDoc, c2d: C2dQueue) {
+        let identity = Arc::new(Identity {
+            device_id: device_id.to_owned(),
+            module_id: module_id.map(str::to_owned),
+            state: Mutex::new(IdentityState {
+                record,
+                twin,
+                session: None,
+                saved_subs: None,
+                telemetry: TelemetryLog::default(),
+                sequence: None,
+                c2d,
+                removed: false,
+            }),
+            changed: Notify::new(),
+        });
+        let mut map = self.write();
+        if map.insert(identity_key(device_id, module_id), identity).is_none() && module_id.is_some() {
+            self.modules.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// (devices, modules) in the registry now, without walking it.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.read();
+        let modules = self.modules.load(std::sync::atomic::Ordering::Relaxed);
+        (map.len() - modules.min(map.len()), modules)
+    }
+
+    /// Whether `identity` is the entry its key names now (not deleted, nor deleted and created
+    /// again since it was looked up).
+    pub fn is_current(&self, identity: &Arc<Identity>) -> bool {
+        self.read().get(&identity.key()).is_some_and(|i| Arc::ptr_eq(i, identity))
     }
 
     /// Removes a device and its modules, or one module. Returns what was removed so the caller can
@@ -237,6 +281,8 @@ impl Registry {
                 }
             }
         }
+        let gone = removed.iter().filter(|i| i.module_id.is_some()).count();
+        self.modules.fetch_sub(gone, std::sync::atomic::Ordering::Relaxed);
         removed
     }
 
@@ -376,7 +422,11 @@ mod tests {
         assert_eq!(reg.devices(10).iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["d1", "d2"]);
         assert_eq!(reg.modules("d1").len(), 2);
         assert_eq!(reg.device_counts(), (2, 2));
-        assert_eq!(reg.remove("d1", None).len(), 3);
+        assert_eq!(reg.counts(), (2, 2));
+        assert_eq!(reg.remove("d1", Some("m2")).len(), 1);
+        assert_eq!(reg.counts(), (2, 1));
+        assert_eq!(reg.remove("d1", None).len(), 2);
+        assert_eq!(reg.counts(), (1, 0));
         assert!(reg.get("d1", Some("m1")).is_none());
         assert_eq!(reg.modules("d1").len(), 0);
     }

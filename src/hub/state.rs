@@ -41,8 +41,10 @@ pub struct HubState {
     pub hostnames: Vec<String>,
     pub behaviour: HubBehaviour,
     pub policies: Vec<Policy>,
-    pub registry: Registry,
-    pub dps: Dps,
+    pub registry: Arc<Registry>,
+    pub dps: Arc<Dps>,
+    /// Where changes are made durable before they are acknowledged (`store/`).
+    pub store: super::store::Store,
     pub methods: Methods,
     pub metrics: HubMetrics,
     pub secrets: Secrets,
@@ -71,7 +73,15 @@ pub struct HubState {
 }
 
 impl HubState {
+    /// A hub that keeps nothing on disk (unit tests, fuzzing).
     pub fn new(config: &HubConfig, secrets: Secrets) -> anyhow::Result<HubState> {
+        HubState::open(config, secrets, None)
+    }
+
+    /// A hub whose state is loaded from and kept in the store in `store_dir` (`None`: in memory).
+    /// The default group and the configuration's enrollments are put after the store is loaded:
+    /// what the configuration says at start wins over what an earlier run stored for those ids.
+    pub fn open(config: &HubConfig, secrets: Secrets, store_dir: Option<&std::path::Path>) -> anyhow::Result<HubState> {
         let key =
             |b64: &str, what: &str| Key::from_base64(b64).map_err(|_| anyhow::anyhow!("{what} is not valid base64"));
         let mut policies = Vec::new();
@@ -80,13 +90,18 @@ impl HubState {
             policies.push(Policy { name, keys: [key(&pair.primary, name)?, key(&pair.secondary, name)?], permissions });
         }
         let b = &config.behaviour;
-        let dps = Dps::new(
+        let dps = Arc::new(Dps::new(
             secrets.id_scope.clone(),
             config.hostname.clone(),
             b.dps_retry_after_secs,
             Duration::from_millis(b.dps_assignment_delay_ms),
             b.sas_skew_secs,
-        );
+        ));
+        let registry = Arc::new(Registry::default());
+        let store = match store_dir {
+            Some(dir) => super::store::Store::open(dir, &registry, &dps)?,
+            None => super::store::Store::in_memory(),
+        };
         dps.put_group(GroupEnrollment {
             group_id: DEFAULT_GROUP.into(),
             keys: [
@@ -137,7 +152,6 @@ impl HubState {
         };
         let events =
             super::events::Emitter::new(eventhub.clone(), eventhub.name.clone(), switches, super::clock::wall());
-        let registry = Registry::default();
         let on_created = events.clone();
         registry.on_created(move |identity, st| on_created.lifecycle(identity, st, true, super::clock::wall()));
         let state = HubState {
@@ -147,6 +161,7 @@ impl HubState {
             policies,
             registry,
             dps,
+            store,
             methods: Methods::default(),
             metrics: HubMetrics::default(),
             secrets,
@@ -221,17 +236,28 @@ impl HubState {
                 s.send(Outbound::Close(CloseReason::IdentityRemoved));
             }
             drop(st);
+            self.store.identity(identity);
             identity.changed.notify_waiters();
         }
         self.refresh_identity_gauges();
         !removed.is_empty()
     }
 
+    /// Sets the identity gauges from the registry's counts (constant time: called on every
+    /// registry write).
     pub fn refresh_identity_gauges(&self) {
-        let all = self.registry.all();
-        let modules = all.iter().filter(|i| i.module_id.is_some()).count() as i64;
-        self.metrics.identities.with_label_values(&["device"]).set(all.len() as i64 - modules);
-        self.metrics.identities.with_label_values(&["module"]).set(modules);
+        let (devices, modules) = self.registry.counts();
+        self.metrics.identities.with_label_values(&["device"]).set(devices as i64);
+        self.metrics.identities.with_label_values(&["module"]).set(modules as i64);
+    }
+
+    /// Queues for the store what a DPS register or assignment changed: the registration and the
+    /// device it assigned (created or re-keyed).
+    pub fn store_registration(&self, att: &super::dps::Attestation) {
+        self.store.registration(&att.registration_id);
+        if let Some(device) = self.registry.get(&att.device_id, None) {
+            self.store.identity(&device);
+        }
     }
 
     /// Sends a desired-property change to the identity's session, if it subscribed to them.
@@ -296,6 +322,10 @@ impl HubState {
             }
             let mut dropped = Vec::new();
             st.c2d.expire(now, &mut dropped);
+            if !dropped.is_empty() {
+                // The queue changed; nobody waits for it, but a restart must not bring them back.
+                self.store.identity(&identity);
+            }
             self.count_c2d_dropped(&identity.device_id, &st, dropped);
         }
     }
@@ -304,7 +334,11 @@ impl HubState {
     /// REST route, AMQP's `/messages/devicebound`), counts it and pushes it to a live MQTT
     /// session. Refuses a body over `c2d::MAX_C2D_BODY` and a full queue
     /// (`behaviour.c2d_max_queue`). Returns the message id.
-    pub fn send_c2d(&self, identity: &Identity, message: super::c2d::NewC2d) -> Result<String, super::c2d::C2dError> {
+    pub fn send_c2d(
+        &self,
+        identity: &Arc<Identity>,
+        message: super::c2d::NewC2d,
+    ) -> Result<String, super::c2d::C2dError> {
         if message.body.len() > super::c2d::MAX_C2D_BODY {
             return Err(super::c2d::C2dError::TooLarge);
         }
@@ -320,6 +354,7 @@ impl HubState {
         )?;
         self.metrics.c2d("sent");
         self.push_c2d(identity, &mut st);
+        self.store.identity(identity);
         Ok(id)
     }
 

@@ -15,7 +15,7 @@ use crate::iot::twin::{self, TwinError};
 type Section = Map<String, Value>;
 
 /// When each member last changed, mirroring the shape of a section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Meta {
     updated: SystemTime,
     version: Option<u64>,
@@ -76,8 +76,9 @@ impl Meta {
     }
 }
 
-/// A twin. Section versions start at 1 like a new IoT Hub identity's.
-#[derive(Debug, Clone)]
+/// A twin. Section versions start at 1 like a new IoT Hub identity's. Serializable whole (with
+/// its metadata), which is how the store keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TwinDoc {
     pub tags: Map<String, Value>,
     pub desired: Map<String, Value>,

@@ -142,6 +142,14 @@ pub async fn serve(hub: Hub, claims: Claims, mut r: Receiver, resource: String) 
                 C2dError::TooLarge => reject(LinkError::MessageSizeExceeded, &e.to_string()),
             })
         });
+        // Accepted means durable, as a REST 2xx does.
+        let outcome = match outcome {
+            Ok(id) => match hub.store.durable().await {
+                Ok(()) => Ok(id),
+                Err(_) => Err(reject(AmqpError::InternalError, "the message could not be stored")),
+            },
+            refused => refused,
+        };
         tracing::debug!(ok = outcome.is_ok(), "AMQP C2D message");
         let settled = match outcome {
             Ok(_) => r.accept(&delivery).await,

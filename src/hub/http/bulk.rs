@@ -194,7 +194,8 @@ pub async fn update_registry(
     hub.refresh_identity_gauges();
     let ok = errors.is_empty();
     let status = if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
-    Ok((status, Json(json!({"isSuccessful": ok, "errors": errors, "warnings": []}))).into_response())
+    let answer = (status, Json(json!({"isSuccessful": ok, "errors": errors, "warnings": []}))).into_response();
+    super::error::after_commit(&hub, Ok(answer)).await
 }
 
 #[cfg(test)]

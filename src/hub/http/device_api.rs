@@ -245,7 +245,7 @@ fn lock_token(params: &HashMap<String, String>) -> Result<String, ApiError> {
     Ok(raw.trim_matches('"').to_owned())
 }
 
-fn settle(hub: &HubState, identity: &Identity, token: &str, how: Settle) -> ApiResult {
+fn settle(hub: &HubState, identity: &Arc<Identity>, token: &str, how: Settle) -> ApiResult {
     devices::c2d_settle(hub, identity, token, how)
         .map_err(|e| ApiError::hub(412, 412002, "DeviceMessageLockLost", format!("{e}; receive the message again")))?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -264,7 +264,8 @@ pub async fn complete_or_reject(
     let reject = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p.split('=').next().is_some_and(|n| n.eq_ignore_ascii_case("reject"))));
-    settle(&hub, &identity, &token, if reject { Settle::Reject } else { Settle::Complete })
+    let how = if reject { Settle::Reject } else { Settle::Complete };
+    super::error::after_commit(&hub, settle(&hub, &identity, &token, how)).await
 }
 
 /// `POST /devices/{id}/messages/deviceBound/{etag}/abandon`: the message is Enqueued again. 204;
@@ -276,7 +277,7 @@ pub async fn abandon(
     uri: Uri,
 ) -> ApiResult {
     let (identity, token) = locked(&hub, params, &headers, &uri)?;
-    settle(&hub, &identity, &token, Settle::Abandon)
+    super::error::after_commit(&hub, settle(&hub, &identity, &token, Settle::Abandon)).await
 }
 
 /// What settling a message by lock token needs: the API version checked, the lock token, and the

@@ -81,6 +81,7 @@ pub async fn register(
         hub.metrics.dps_registration("bad_request");
         ApiError::dps(400, 400004, e.to_string())
     })?;
+    hub.store_registration(&att);
     let resp = (StatusCode::ACCEPTED, Json(op)).into_response();
     Ok(with_retry_after(resp, hub.behaviour.dps_retry_after_secs))
 }
@@ -100,6 +101,9 @@ pub async fn operation(
         Ok(Progress::Done(status)) => {
             hub.metrics.dps_registration("assigned");
             hub.refresh_identity_gauges();
+            // The assignment is answered only once the device and the registration are durable.
+            hub.store_registration(&att);
+            hub.store.durable().await.map_err(|_| ApiError::dps(500, 500001, "the assignment could not be stored"))?;
             Ok(Json(status).into_response())
         }
         Err(DpsError::UnknownOperation) => Err(ApiError::dps(404, 404002, "unknown operation")),
@@ -211,6 +215,12 @@ fn group_json(g: &GroupEnrollment) -> Value {
     })
 }
 
+/// `answer` once the enrollment change is durable; DPS's 500 when the store failed.
+async fn stored(hub: &HubState, answer: Response) -> ApiResult {
+    hub.store.durable().await.map_err(|_| ApiError::dps(500, 500001, "the change could not be stored"))?;
+    Ok(answer)
+}
+
 pub async fn enrollment_put(
     State(hub): State<Hub>,
     Path(id): Path<String>,
@@ -233,7 +243,8 @@ pub async fn enrollment_put(
         etag,
     };
     hub.dps.put_individual(e.clone());
-    Ok(Json(individual_json(&e)).into_response())
+    hub.store.individual(&e.registration_id);
+    stored(&hub, Json(individual_json(&e)).into_response()).await
 }
 
 pub async fn enrollment_get(State(hub): State<Hub>, Path(id): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -250,7 +261,8 @@ pub async fn enrollment_delete(
 ) -> ApiResult {
     dps_service_auth(&hub, &headers, &uri)?;
     if hub.dps.remove_individual(&id) {
-        Ok(StatusCode::NO_CONTENT.into_response())
+        hub.store.individual(&id);
+        stored(&hub, StatusCode::NO_CONTENT.into_response()).await
     } else {
         Err(ApiError::dps(404, 404201, "no such enrollment"))
     }
@@ -272,7 +284,8 @@ pub async fn group_put(
     let etag = hub.dps.get_group(&id).map_or(1, |g| g.etag + 1);
     let g = GroupEnrollment { group_id: id, keys: enrollment_keys(&body)?, enabled: enabled(&body)?, etag };
     hub.dps.put_group(g.clone());
-    Ok(Json(group_json(&g)).into_response())
+    hub.store.group(&g.group_id);
+    stored(&hub, Json(group_json(&g)).into_response()).await
 }
 
 pub async fn group_get(State(hub): State<Hub>, Path(id): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -284,7 +297,8 @@ pub async fn group_get(State(hub): State<Hub>, Path(id): Path<String>, headers: 
 pub async fn group_delete(State(hub): State<Hub>, Path(id): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
     dps_service_auth(&hub, &headers, &uri)?;
     if hub.dps.remove_group(&id) {
-        Ok(StatusCode::NO_CONTENT.into_response())
+        hub.store.group(&id);
+        stored(&hub, StatusCode::NO_CONTENT.into_response()).await
     } else {
         Err(ApiError::dps(404, 404202, "no such enrollment group"))
     }

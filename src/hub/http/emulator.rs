@@ -73,7 +73,7 @@ pub async fn c2d_send(State(hub): State<Hub>, Path(d): Path<String>, headers: He
         C2dError::QueueFull => ApiError::hub(403, 403004, "DeviceMaximumQueueDepthExceeded", e.to_string()),
         C2dError::TooLarge => ApiError::hub(413, 413001, "MessageTooLarge", e.to_string()),
     })?;
-    Ok(Json(json!({"messageId": id})).into_response())
+    super::error::after_commit(&hub, Ok(Json(json!({"messageId": id})).into_response())).await
 }
 
 #[derive(Deserialize)]

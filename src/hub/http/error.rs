@@ -28,6 +28,19 @@ struct Inner {
     retry_after: Option<u64>,
 }
 
+/// `result` once every change it acknowledges is durable (the store's ticket, taken now); a 500
+/// `ServerError` instead when the store could not commit. Awaited whatever `result` is, because
+/// a refusal can follow changes already made (a bulk request's earlier entries).
+pub async fn after_commit(
+    hub: &crate::hub::state::HubState,
+    result: Result<Response, ApiError>,
+) -> Result<Response, ApiError> {
+    if hub.store.durable().await.is_err() {
+        return Err(ApiError::hub(500, 500001, "ServerError", "the change could not be stored"));
+    }
+    result
+}
+
 impl ApiError {
     /// An IoT Hub service error, e.g. `(404, 404001, "DeviceNotFound", ..)`.
     pub fn hub(status: u16, code: u32, name: &'static str, message: impl Into<String>) -> ApiError {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth;
-use super::error::ApiError;
+use super::error::{ApiError, after_commit};
 use crate::hub::events;
 use crate::hub::methods::MethodError;
 use crate::hub::registry::{Identity, Record, RegistryError, etag_matches, identity_json, twin_json};
@@ -167,6 +167,7 @@ pub(super) fn put_identity(
             r.managed_by = body.managed_by.clone();
         }
         r.record_version += 1;
+        hub.store.identity(&existing);
         if !enabled && let Some(s) = st.session.take() {
             s.send(Outbound::Close(crate::hub::session::CloseReason::IdentityRemoved));
         }
@@ -200,6 +201,7 @@ pub(super) fn put_identity(
         crate::hub::edge::ensure_system_modules(hub, device);
     }
     hub.refresh_identity_gauges();
+    hub.store.identity(&created);
     let st = created.lock();
     Ok(Json(identity_json(&created, &st)).into_response())
 }
@@ -244,7 +246,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Target {
 
 pub async fn identity_put(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    put_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body)
+    after_commit(&hub, put_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body)).await
 }
 
 pub async fn identity_get(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -254,7 +256,7 @@ pub async fn identity_get(State(hub): State<Hub>, t: Target, headers: HeaderMap,
 
 pub async fn identity_delete(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
-    delete_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers))
+    after_commit(&hub, delete_identity(&hub, &t.device, t.module.as_deref(), if_match(&headers))).await
 }
 
 #[derive(Deserialize)]
@@ -363,6 +365,7 @@ pub(super) fn twin_update(
     };
     let op = if replace { events::TwinOp::Replace } else { events::TwinOp::Update };
     hub.events.twin_changed(&identity, op, body, now);
+    hub.store.identity(&identity);
     if let Some(change) = change {
         hub.notify_desired(&st, &change);
     }
@@ -387,11 +390,11 @@ pub async fn apply_configuration(
 ) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::REGISTRY_WRITE)?;
     let content: Value = parse_json(&body)?;
-    crate::hub::edge::apply(&hub, &device, &content).map_err(|e| match e {
+    let applied = crate::hub::edge::apply(&hub, &device, &content).map_err(|e| match e {
         crate::hub::edge::ApplyError::DeviceNotFound => ApiError::device_not_found(&device),
         crate::hub::edge::ApplyError::Invalid(why) => ApiError::bad_request(why),
-    })?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    });
+    after_commit(&hub, applied.map(|()| StatusCode::NO_CONTENT.into_response())).await
 }
 
 pub async fn twin_get_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri) -> ApiResult {
@@ -407,12 +410,12 @@ pub async fn twin_patch_route(
     body: Bytes,
 ) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, false)
+    after_commit(&hub, twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, false)).await
 }
 
 pub async fn twin_put_route(State(hub): State<Hub>, t: Target, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
-    twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, true)
+    after_commit(&hub, twin_update(&hub, &t.device, t.module.as_deref(), if_match(&headers), &body, true)).await
 }
 
 // Direct methods.
@@ -568,12 +571,19 @@ pub async fn query(State(hub): State<Hub>, headers: HeaderMap, uri: Uri, body: B
 pub async fn c2d_purge(State(hub): State<Hub>, Path(d): Path<String>, headers: HeaderMap, uri: Uri) -> ApiResult {
     guard(&hub, &headers, &uri, Permissions::SERVICE_CONNECT)?;
     let identity = find(&hub, &d, None)?;
-    let st = &mut *identity.lock();
-    let removed = st.c2d.purge();
-    for m in &removed {
-        hub.c2d_outcome(&identity.device_id, st, m, crate::hub::feedback::Status::Purged);
-    }
-    let purged = removed.len();
+    let purged = {
+        let st = &mut *identity.lock();
+        let removed = st.c2d.purge();
+        for m in &removed {
+            hub.c2d_outcome(&identity.device_id, st, m, crate::hub::feedback::Status::Purged);
+        }
+        removed.len()
+    };
+    hub.store.identity(&identity);
+    hub.store
+        .durable()
+        .await
+        .map_err(|_| ApiError::hub(500, 500001, "ServerError", "the change could not be stored"))?;
     Ok(Json(json!({"totalMessagesPurged": purged, "deviceId": d, "moduleId": null})).into_response())
 }
 

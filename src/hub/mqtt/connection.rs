@@ -138,7 +138,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 }
             }
         }
-        Ok(Username::Dps(u)) => match DpsSession::connect(&hub, &u, &connect, &password, &mut wire) {
+        Ok(Username::Dps(u)) => match DpsSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
             Ok((s, expiry)) => (Box::new(s), Some(expiry)),
             Err(r) => {
                 return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::NotAuthorized, r).await;

@@ -7,6 +7,7 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use super::contract::{PacketSession, Step, Wire};
 use crate::hub::config::BadSubscription;
@@ -24,6 +25,8 @@ pub struct DpsSession {
     att: Attestation,
     /// Granted QoS of `$dps/registrations/res/#`; replies are dropped without it.
     responses: Option<QoS>,
+    /// The connection's queue, for replies sent once the store has committed what they report.
+    tx: mpsc::Sender<Box<Outbound>>,
 }
 
 /// The DPS error body (`errorCode` = status x 1000 + sub-code).
@@ -42,6 +45,7 @@ impl DpsSession {
         u: &DpsUsername,
         connect: &Connect,
         password: &str,
+        tx: mpsc::Sender<Box<Outbound>>,
         wire: &mut Wire,
     ) -> Result<(DpsSession, u64), Refusal> {
         if connect.client_id != u.registration_id {
@@ -56,7 +60,7 @@ impl DpsSession {
         wire.write(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
         hub.metrics.accepted_dps.inc();
         hub.metrics.connections_dps.inc();
-        Ok((DpsSession { hub: hub.clone(), att, responses: None }, expiry))
+        Ok((DpsSession { hub: hub.clone(), att, responses: None, tx }, expiry))
     }
 
     fn reply(&self, wire: &mut Wire, status: u16, rid: &str, retry_after: Option<u64>, body: serde_json::Value) {
@@ -68,6 +72,23 @@ impl DpsSession {
             p.pkid = wire.pkid();
         }
         wire.write(Packet::Publish(p));
+    }
+
+    /// The assignment's 200, once the device and the registration are durable (a store that
+    /// failed answers 500): through the connection's queue, so its loop never waits for the disk.
+    fn reply_when_durable(&self, rid: &str, body: serde_json::Value) {
+        let Some(granted) = self.responses else { return };
+        let (ticket, tx, rid) = (self.hub.store.ticket(), self.tx.clone(), rid.to_owned());
+        tokio::spawn(async move {
+            let (status, body) = match ticket.durable().await {
+                Ok(()) => (200, body),
+                Err(_) => (500, error_body(500001, "the assignment could not be stored")),
+            };
+            let topic = topic::dps_response(status, &rid, None);
+            let qos = cap_qos(QoS::AtLeastOnce, granted);
+            let payload = Bytes::from(body.to_string());
+            let _ = tx.send(Box::new(Outbound::Publish { topic, payload, qos, c2d_id: None })).await;
+        });
     }
 
     fn on_publish(&mut self, p: Publish, wire: &mut Wire) -> Step {
@@ -109,7 +130,10 @@ impl DpsSession {
                     return Step::Continue;
                 };
                 match self.hub.dps.register(&self.att, &req, crate::hub::clock::now(), crate::hub::clock::wall()) {
-                    Ok(op) => self.reply(wire, 202, &rid, Some(retry), serde_json::to_value(op).expect("serializable")),
+                    Ok(op) => {
+                        self.hub.store_registration(&self.att);
+                        self.reply(wire, 202, &rid, Some(retry), serde_json::to_value(op).expect("serializable"))
+                    }
                     Err(e) => {
                         self.hub.metrics.dps_registration("bad_request");
                         self.reply(wire, 400, &rid, None, error_body(400004, &e.to_string()));
@@ -134,7 +158,13 @@ impl DpsSession {
                     Ok(Progress::Done(status)) => {
                         self.hub.metrics.dps_registration("assigned");
                         self.hub.refresh_identity_gauges();
-                        self.reply(wire, 200, &rid, None, serde_json::to_value(status).expect("serializable"));
+                        self.hub.store_registration(&self.att);
+                        let body = serde_json::to_value(status).expect("serializable");
+                        if self.hub.store.is_durable() {
+                            self.reply_when_durable(&rid, body);
+                        } else {
+                            self.reply(wire, 200, &rid, None, body);
+                        }
                     }
                     Err(DpsError::UnknownOperation) => {
                         self.reply(wire, 404, &rid, None, error_body(404002, "unknown operation"))
@@ -186,10 +216,21 @@ impl PacketSession for DpsSession {
         }
     }
 
-    fn on_outbound(&mut self, o: Outbound, _wire: &mut Wire) -> Step {
+    fn on_outbound(&mut self, o: Outbound, wire: &mut Wire) -> Step {
         match o {
             Outbound::Close(r) => Step::Close(r),
-            Outbound::Publish { .. } | Outbound::PubAck(_) => Step::Continue,
+            Outbound::Publish { topic, payload, qos, .. } => {
+                let mut p = Publish::from_bytes(topic, qos, payload);
+                if qos == QoS::AtLeastOnce {
+                    p.pkid = wire.pkid();
+                }
+                wire.write(Packet::Publish(p));
+                Step::Continue
+            }
+            Outbound::PubAck(pkid) => {
+                wire.write(Packet::PubAck(PubAck::new(pkid)));
+                Step::Continue
+            }
         }
     }
 
@@ -216,7 +257,8 @@ mod tests {
         };
         let mut wire = Wire::new();
         let c = connect(reg, "u", password, true);
-        DpsSession::connect(hub, &user, &c, password, &mut wire).map(|(s, _)| (s, wire))
+        DpsSession::connect(hub, &user, &c, password, tokio::sync::mpsc::channel(1).0, &mut wire)
+            .map(|(s, _)| (s, wire))
     }
 
     fn group_token(hub: &Hub, reg: &str) -> String {

@@ -96,6 +96,10 @@ impl HubSession {
         let redeliver =
             if queued.is_some() { devices::c2d_deliverable(hub, &identity, &mut st, conn_id) } else { Vec::new() };
         drop(st);
+        if u.model_id.is_some() || !redeliver.is_empty() {
+            // The announced model, or delivery counts, changed; no one waits for them to be durable.
+            hub.store.identity(&identity);
+        }
         identity.changed.notify_waiters();
         hub.metrics.accepted_hub.inc();
         hub.metrics.connections_hub.inc();
@@ -140,6 +144,33 @@ impl HubSession {
         }
     }
 
+    /// Answers an accepted reported patch once the store has committed it (the PUBACK too, when
+    /// `puback` holds its packet id): the answer reaches the connection through its outbound queue,
+    /// so the connection's loop never waits for the disk. A store that failed answers 500.
+    fn answer_when_durable(&self, puback: Option<u16>, rid: &str, version: u64) {
+        let ticket = self.hub.store.ticket();
+        let tx = self.tx.clone();
+        let granted = self.subs.twin_responses;
+        let rid = rid.to_owned();
+        tokio::spawn(async move {
+            let (status, version, body) = match ticket.durable().await {
+                Ok(()) => (204, Some(version), Bytes::new()),
+                Err(_) => {
+                    let body = json!({"errorCode": 500001, "message": "the patch could not be stored"});
+                    (500, None, Bytes::from(body.to_string()))
+                }
+            };
+            if let Some(pkid) = puback {
+                let _ = tx.send(Box::new(Outbound::PubAck(pkid))).await;
+            }
+            if let Some(granted) = granted {
+                let topic = topic::twin_response(status, &rid, version);
+                let qos = cap_qos(QoS::AtLeastOnce, granted);
+                let _ = tx.send(Box::new(Outbound::Publish { topic, payload: body, qos, c2d_id: None })).await;
+            }
+        });
+    }
+
     /// A twin response, sent only if the device subscribed to `$iothub/twin/res/#`.
     fn twin_response(&self, wire: &mut Wire, status: u16, rid: &str, version: Option<u64>, body: Bytes) {
         if let Some(granted) = self.subs.twin_responses {
@@ -173,7 +204,16 @@ impl HubSession {
                 return Step::Close(CloseReason::ProtocolViolation);
             }
         }
-        if p.qos == QoS::AtLeastOnce {
+        // A reported patch is acknowledged once durable (`answer_when_durable`), unless refused.
+        let defer_ack = p.qos == QoS::AtLeastOnce
+            && self.hub.store.is_durable()
+            && matches!(parsed, DevicePublish::TwinPatchReported { .. });
+        let ack_now = |wire: &mut Wire| {
+            if defer_ack {
+                wire.write(Packet::PubAck(PubAck::new(p.pkid)));
+            }
+        };
+        if p.qos == QoS::AtLeastOnce && !defer_ack {
             match devices::ack_delay(&self.hub).filter(|_| matches!(parsed, DevicePublish::Telemetry { .. })) {
                 Some(delay) => {
                     let (tx, pkid) = (self.tx.clone(), p.pkid);
@@ -192,6 +232,7 @@ impl HubSession {
                 unreachable!("matched above")
             };
             self.hub.metrics.faults_injected.with_label_values(&["twin_error"]).inc();
+            ack_now(wire);
             let body = json!({"errorCode": status as u32 * 1000 + 1, "message": "injected fault"});
             self.twin_response(wire, status, rid, None, Bytes::from(body.to_string()));
             return Step::Continue;
@@ -217,6 +258,7 @@ impl HubSession {
                         let body = events::twin_body(st.twin.version, None, None, change);
                         self.hub.events.twin_changed(&self.identity, events::TwinOp::Update, body, now);
                         drop(st);
+                        self.hub.store.identity(&self.identity);
                         if let (Some(check), Some(model)) = (&self.hub.model_check, &self.model_id) {
                             let found = check.reported(&self.key, model, &patch);
                             self.hub.metrics.model_mismatches.with_label_values(&["property"]).inc_by(found as u64);
@@ -224,11 +266,16 @@ impl HubSession {
                         Ok(version)
                     });
                 match result {
+                    Ok(version) if self.hub.store.is_durable() => {
+                        self.hub.metrics.twin_op("patch_reported", "ok");
+                        self.answer_when_durable(defer_ack.then_some(p.pkid), &rid, version);
+                    }
                     Ok(version) => {
                         self.hub.metrics.twin_op("patch_reported", "ok");
                         self.twin_response(wire, 204, &rid, Some(version), Bytes::new());
                     }
                     Err(message) => {
+                        ack_now(wire);
                         self.hub.metrics.twin_op("patch_reported", "rejected");
                         let body = json!({"errorCode": 400004, "message": message});
                         self.twin_response(wire, 400, &rid, None, Bytes::from(body.to_string()));
@@ -288,6 +335,9 @@ impl HubSession {
         } else {
             Vec::new()
         };
+        if !redeliver.is_empty() {
+            self.hub.store.identity(&self.identity);
+        }
         drop(st);
         for m in redeliver {
             self.send_c2d(m, wire);

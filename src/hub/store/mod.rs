@@ -1,0 +1,271 @@
+//! The emulator's durable store: everything IoT Hub and DPS keep (identities with their keys,
+//! twins and C2D queues; enrollments; registrations) in one SQLite file in the data dir,
+//! `store.sqlite3`, so a restarted or crashed hub serves what it acknowledged. Live sessions and
+//! in-flight method calls are not kept (Azure does not keep them either).
+//!
+//! The hub's memory stays the source of truth for reads. Every change is queued here by name
+//! (`Store::identity`, `enrollment`, ...) with a number, and `writer.rs` commits them in groups
+//! on its own thread. Whoever acknowledges a change (a REST 2xx, the reply to a reported patch,
+//! a DPS assignment) first waits on a `Ticket` for the number to be committed: acknowledged means
+//! durable. `Store::in_memory` keeps nothing and every ticket is ready at once.
+
+mod rows;
+pub mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::Connection;
+use tokio::sync::watch;
+
+use crate::hub::clock;
+use crate::hub::dps::{Dps, StoredRegistration};
+use crate::hub::registry::{Identity, Registry};
+use writer::{Change, Committed};
+
+/// The store's file name inside the data dir (SQLite adds `-wal` and `-shm` beside it).
+pub const FILE: &str = "store.sqlite3";
+
+/// Held locked (an OS file lock, released by the kernel when the process dies) by whoever has the
+/// store open, so two hubs, or a hub and `fleetsim hub import`, never write one store.
+pub const LOCK_FILE: &str = "store.lock";
+
+/// Why the store cannot open, or can no longer make a change durable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store in {dir} is in use by another fleetsim process (a hub, or an import or export); stop it first")]
+    InUse { dir: PathBuf },
+    #[error("cannot lock the store in {dir}: {source}")]
+    Lock { dir: PathBuf, source: std::io::Error },
+    #[error("cannot open the store {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("the store {path}: {source}")]
+    Schema { path: PathBuf, source: schema::SchemaError },
+    #[error(transparent)]
+    Row(#[from] rows::BadRow),
+    #[error("the store failed to commit; the change is not durable")]
+    NotDurable,
+}
+
+/// What queues changes: the next change number and the writer's channel (one lock, so numbers
+/// reach the writer in order).
+struct Queue {
+    next: u64,
+    tx: Option<Sender<(u64, Change)>>,
+}
+
+struct Durable {
+    queue: Mutex<Queue>,
+    committed: watch::Receiver<Committed>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The open `LOCK_FILE`, locked; dropped (unlocked) by `close`.
+    lock: Mutex<Option<std::fs::File>>,
+}
+
+/// The hub's handle on its store: durable (SQLite) or in memory.
+pub struct Store {
+    durable: Option<Durable>,
+}
+
+/// A wait for every change queued before it to be committed. Owns what it needs, so a spawned
+/// task can hold it.
+pub struct Ticket {
+    wait: Option<(u64, watch::Receiver<Committed>)>,
+}
+
+impl Ticket {
+    /// Resolves once the changes are durable; `NotDurable` if the store failed or stopped first.
+    pub async fn durable(self) -> Result<(), StoreError> {
+        let Some((target, mut rx)) = self.wait else { return Ok(()) };
+        match rx.wait_for(|c| c.seq >= target || c.failed).await {
+            Ok(c) if c.seq >= target => Ok(()),
+            _ => Err(StoreError::NotDurable),
+        }
+    }
+}
+
+impl Store {
+    /// A store that keeps nothing (`--in-memory`, `in_memory = true`).
+    pub fn in_memory() -> Store {
+        Store { durable: None }
+    }
+
+    /// Whether changes are written to disk.
+    pub fn is_durable(&self) -> bool {
+        self.durable.is_some()
+    }
+
+    /// Opens (or creates) `dir/store.sqlite3`, brings its schema up to date, loads every row into
+    /// `registry` and `dps`, and starts the writer. Fails on a file it cannot read, a newer
+    /// schema, or a row that does not parse (naming the row).
+    pub fn open(dir: &Path, registry: &Arc<Registry>, dps: &Arc<Dps>) -> Result<Store, StoreError> {
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|source| StoreError::Lock { dir: dir.to_owned(), source })?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => StoreError::InUse { dir: dir.to_owned() },
+            std::fs::TryLockError::Error(source) => StoreError::Lock { dir: dir.to_owned(), source },
+        })?;
+        let path = dir.join(FILE);
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        // WAL: readers (a backup) never block the writer, and a commit is one append. FULL: the
+        // WAL is synced at every commit, so a commit survives power loss too, not only a crash
+        // of the process ("Write-Ahead Logging", "PRAGMA synchronous").
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        schema::migrate(&mut conn).map_err(|source| StoreError::Schema { path: path.clone(), source })?;
+        load(&conn, registry, dps).map_err(|e| match e {
+            Loaded::Sql(source) => open_err(source),
+            Loaded::Row(r) => StoreError::Row(r),
+        })?;
+        let (done, committed) = watch::channel(Committed::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (registry, dps) = (registry.clone(), dps.clone());
+        let thread = std::thread::Builder::new()
+            .name("fleetsim-store".into())
+            .spawn(move || writer::run(conn, rx, done, registry, dps))
+            .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Store {
+            durable: Some(Durable {
+                queue: Mutex::new(Queue { next: 1, tx: Some(tx) }),
+                committed,
+                thread: Mutex::new(Some(thread)),
+                lock: Mutex::new(Some(lock)),
+            }),
+        })
+    }
+
+    fn queue(&self, change: Change) {
+        let Some(d) = &self.durable else { return };
+        let mut q = d.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = q.next;
+        if let Some(tx) = &q.tx
+            && tx.send((seq, change)).is_ok()
+        {
+            q.next += 1;
+        }
+    }
+
+    /// An identity was created, deleted, or its record, twin or C2D queue changed. Cheap (no
+    /// I/O, no serialization): callable with the identity's lock held.
+    pub fn identity(&self, identity: &Arc<Identity>) {
+        self.queue(Change::Identity(identity.clone()));
+    }
+
+    /// An individual enrollment was put or deleted.
+    pub fn individual(&self, registration_id: &str) {
+        self.queue(Change::Individual(registration_id.to_owned()));
+    }
+
+    /// A group enrollment was put or deleted.
+    pub fn group(&self, group_id: &str) {
+        self.queue(Change::Group(group_id.to_owned()));
+    }
+
+    /// A DPS registration started or was assigned.
+    pub fn registration(&self, registration_id: &str) {
+        self.queue(Change::Registration(registration_id.to_owned()));
+    }
+
+    /// A ticket for everything queued so far.
+    pub fn ticket(&self) -> Ticket {
+        let Some(d) = &self.durable else { return Ticket { wait: None } };
+        let q = d.queue.lock().unwrap_or_else(|p| p.into_inner());
+        Ticket { wait: Some((q.next - 1, d.committed.clone())) }
+    }
+
+    /// Waits until everything queued so far is durable.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.ticket().durable().await
+    }
+
+    /// Stops taking changes, lets the writer commit what it has, and waits for it (blocking: call
+    /// from a blocking context). Later changes are kept in memory only.
+    pub fn close(&self) {
+        let Some(d) = &self.durable else { return };
+        d.queue.lock().unwrap_or_else(|p| p.into_inner()).tx = None;
+        let thread = d.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        d.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+enum Loaded {
+    Sql(rusqlite::Error),
+    Row(rows::BadRow),
+}
+
+impl From<rusqlite::Error> for Loaded {
+    fn from(e: rusqlite::Error) -> Self {
+        Loaded::Sql(e)
+    }
+}
+
+impl From<rows::BadRow> for Loaded {
+    fn from(e: rows::BadRow) -> Self {
+        Loaded::Row(e)
+    }
+}
+
+/// Reads every table into the hub's structures.
+fn load(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<(), Loaded> {
+    let (now, wall) = (clock::now(), clock::wall());
+    let mut stmt = conn.prepare(
+        "SELECT key, device_id, module_id, generation_id, auth_type, primary_key, secondary_key, record, twin, c2d
+         FROM identities",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let row = rows::IdentityRow {
+            key: r.get(0)?,
+            device_id: r.get(1)?,
+            module_id: r.get(2)?,
+            generation_id: r.get(3)?,
+            auth_type: r.get(4)?,
+            primary_key: r.get(5)?,
+            secondary_key: r.get(6)?,
+            record: r.get(7)?,
+            twin: r.get(8)?,
+            c2d: r.get(9)?,
+        };
+        let (device, module) = (row.device_id.clone(), row.module_id.clone());
+        let (record, twin, c2d) = row.into_state(now, wall)?;
+        registry.restore(&device, module.as_deref(), record, twin, c2d);
+    }
+    let mut stmt = conn.prepare("SELECT kind, id, body FROM enrollments")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (kind, id, body): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        match kind.as_str() {
+            "individual" => dps.put_individual(rows::individual_from(&id, &body)?),
+            _ => dps.put_group(rows::group_from(&id, &body)?),
+        }
+    }
+    let mut stmt = conn.prepare("SELECT id, body FROM registrations")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (id, body): (String, String) = (r.get(0)?, r.get(1)?);
+        let reg: StoredRegistration = serde_json::from_str(&body).map_err(|e| rows::BadRow {
+            what: "registration",
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+        dps.restore_registration(&id, reg, now);
+    }
+    Ok(())
+}
