@@ -17,8 +17,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::iot::property_bag::PropertyBag;
-use crate::iot::route::{MessageSource, Route, Sink};
-use crate::iot::route_condition::MessageView;
+use crate::iot::route::{ModuleMessage, Plan, Route};
 use crate::metrics::FleetMetrics;
 
 /// Messages one module input queue holds before further deliveries are dropped.
@@ -117,77 +116,25 @@ pub struct EdgeRole {
     pub routes: Arc<[Route]>,
 }
 
-/// A module's message as routes read it.
-struct Message<'a> {
-    role: &'a EdgeRole,
-    properties: &'a PropertyBag,
-    body: &'a [u8],
-}
-
-impl MessageView for Message<'_> {
-    fn property(&self, name: &str) -> Option<&str> {
-        if name.starts_with("$.") { None } else { self.properties.get(name) }
-    }
-
-    /// The routing names of the system properties a module's message carries (Edge hub's
-    /// `SystemProperties`, the MQTT property bag's `$.` keys).
-    fn system_property(&self, name: &str) -> Option<&str> {
-        match name {
-            "contentType" => self.properties.get("$.ct"),
-            "contentEncoding" => self.properties.get("$.ce"),
-            "messageId" => self.properties.get("$.mid"),
-            "correlationId" => self.properties.get("$.cid"),
-            "userId" => self.properties.get("$.uid"),
-            "to" => self.properties.get("$.to"),
-            "outputName" => self.properties.get("$.on"),
-            "connectionDeviceId" => Some(&self.role.device_id),
-            "connectionModuleId" => Some(&self.role.module_id),
-            "connectionAuthMethod" => Some("{\"scope\":\"module\",\"type\":\"sas\",\"issuer\":\"iothub\"}"),
-            _ => None,
-        }
-    }
-
-    fn body(&self) -> &[u8] {
-        self.body
-    }
-}
-
 impl EdgeRole {
     /// Routes one outgoing message: delivers it to the sibling inboxes the routes name, and says
     /// whether it also goes upstream (the caller sends it as the module's telemetry).
     pub fn route(&self, inboxes: &Inboxes, metrics: &FleetMetrics, properties: &PropertyBag, body: &Bytes) -> bool {
-        let message = Message { role: self, properties, body };
-        let source = MessageSource::Module { module: &self.module_id, output: properties.get("$.on") };
-        let mut upstream = false;
-        let mut delivered: Vec<(&str, &str)> = Vec::new();
-        for r in self.routes.iter().filter(|r| r.takes(source, &message)) {
-            match &r.sink {
-                Sink::Upstream => upstream = true,
-                Sink::ModuleInput { module, input } => {
-                    if !delivered.contains(&(module.as_str(), input.as_str())) {
-                        delivered.push((module, input));
-                    }
-                }
-            }
-        }
+        let message = ModuleMessage { properties, device_id: &self.device_id, module_id: &self.module_id, body };
+        let Plan { upstream, inputs } = crate::iot::route::plan(self.routes.iter(), &message);
         if upstream {
             metrics.edge_routed("upstream");
         }
-        if !upstream && delivered.is_empty() {
+        if !upstream && inputs.is_empty() {
             metrics.edge_routed("unrouted");
         }
-        for (module, input) in delivered {
+        for (module, input) in &inputs {
             let Some(inbox) = inboxes.get(&self.device_id, module) else {
                 metrics.edge_routed("no_receiver");
                 continue;
             };
-            let mut bag = PropertyBag::default();
-            bag.push("$.cdid", self.device_id.to_string());
-            bag.push("$.cmid", self.module_id.to_string());
-            for (k, v) in properties.iter().filter(|(k, _)| *k != "$.on") {
-                bag.push(k, v.unwrap_or_default());
-            }
-            let message = Delivery { input: input.to_owned(), properties: bag, payload: body.clone() };
+            let bag = crate::iot::route::input_properties(properties, &self.device_id, &self.module_id);
+            let message = Delivery { input: input.clone(), properties: bag, payload: body.clone() };
             metrics.edge_routed(if inbox.push(message) { "module_input" } else { "inbox_full" });
         }
         upstream

@@ -20,12 +20,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::edge_routes::{Plan, route_table};
+use super::edge_routes::route_table;
 use super::registry::{Identity, Record};
 use super::state::HubState;
 use crate::iot::property_bag::PropertyBag;
-use crate::iot::route::MessageSource;
-use crate::iot::route_condition::MessageView;
+use crate::iot::route::{ModuleMessage, Plan};
 use crate::iot::sas::Key;
 
 /// The module twins every Edge device has (Azure creates them with the device).
@@ -186,50 +185,12 @@ pub fn apply(hub: &HubState, device_id: &str, content: &Value) -> Result<(), App
     Ok(())
 }
 
-/// A module's message as routes read it.
-struct Routed<'a> {
-    properties: &'a PropertyBag,
-    device_id: &'a str,
-    module_id: &'a str,
-    body: &'a [u8],
-}
-
-impl MessageView for Routed<'_> {
-    fn property(&self, name: &str) -> Option<&str> {
-        if name.starts_with("$.") { None } else { self.properties.get(name) }
-    }
-
-    fn system_property(&self, name: &str) -> Option<&str> {
-        let key = match name {
-            "connectionDeviceId" => return Some(self.device_id),
-            "connectionModuleId" => return Some(self.module_id),
-            "contentType" => "$.ct",
-            "contentEncoding" => "$.ce",
-            "messageId" => "$.mid",
-            "correlationId" => "$.cid",
-            "userId" => "$.uid",
-            "to" => "$.to",
-            "outputName" => "$.on",
-            "componentName" => "$.sub",
-            "creationTimeUtc" => "$.ctime",
-            _ => return None,
-        };
-        self.properties.get(key)
-    }
-
-    fn body(&self) -> &[u8] {
-        self.body
-    }
-}
-
 /// Where a message from `identity` goes, when it is a module of an Edge device with routes;
 /// `None` means the ordinary path (upstream). Takes no identity lock.
 pub fn plan(hub: &HubState, identity: &Identity, properties: &PropertyBag, body: &[u8]) -> Option<Plan> {
     let module_id = identity.module_id.as_deref()?;
     let table = hub.edge.get(&identity.device_id)?;
-    let source = MessageSource::Module { module: module_id, output: properties.get("$.on") };
-    let view = Routed { properties, device_id: &identity.device_id, module_id, body };
-    Some(table.plan(source, &view))
+    Some(table.plan(&ModuleMessage { properties, device_id: &identity.device_id, module_id, body }))
 }
 
 /// Delivers a routed message to each input of `plan`: queued on the target module (created by a
@@ -244,16 +205,8 @@ pub fn deliver(hub: &HubState, sender: &Identity, plan: &Plan, properties: &Prop
         return;
     }
     let Some(table) = hub.edge.get(&sender.device_id) else { return };
-    let mut bag = PropertyBag::default();
-    for (k, v) in properties.iter() {
-        if !matches!(k, "$.on" | "$.cdid" | "$.cmid") {
-            bag.push(k, v.unwrap_or_default());
-        }
-    }
-    bag.push("$.cdid", sender.device_id.clone());
-    if let Some(m) = &sender.module_id {
-        bag.push("$.cmid", m.clone());
-    }
+    let Some(sender_module) = sender.module_id.as_deref() else { return };
+    let bag = crate::iot::route::input_properties(properties, &sender.device_id, sender_module);
     for (module, input) in &plan.inputs {
         let Some(target) = hub.registry.get(&sender.device_id, Some(module)) else {
             hub.metrics.edge_routed.with_label_values(&["no_such_module"]).inc();
@@ -276,26 +229,5 @@ pub fn deliver(hub: &HubState, sender: &Identity, plan: &Plan, properties: &Prop
         hub.metrics.edge_routed.with_label_values(&["module_input"]).inc();
         hub.push_c2d(&target, &mut st);
         hub.store.identity(&target);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::iot::route::Route;
-
-    #[test]
-    fn module_messages_read_system_properties_from_the_bag() {
-        let bag = PropertyBag::parse("%24.ct=application%2Fjson&%24.ce=utf-8&%24.on=out1&MessageType=Alert").unwrap();
-        let m = Routed { properties: &bag, device_id: "edge1", module_id: "tempSensor", body: br#"{"t":5}"# };
-        assert_eq!(m.system_property("outputName"), Some("out1"));
-        assert_eq!(m.system_property("connectionModuleId"), Some("tempSensor"));
-        assert_eq!(m.property("MessageType"), Some("Alert"));
-        assert_eq!(m.property("$.on"), None, "system keys are not application properties");
-        let r = Route::parse(
-            "FROM /messages/* WHERE $body.t = 5 AND MessageType = 'Alert' AND $outputName = 'out1' INTO $upstream",
-        )
-        .unwrap();
-        assert!(r.takes(MessageSource::Module { module: "tempSensor", output: Some("out1") }, &m));
     }
 }

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::iot::route::{MessageSource, Route, Sink};
-use crate::iot::route_condition::MessageView;
+use crate::iot::route::{ModuleMessage, Plan, Route, Sink};
 
 /// Store-and-forward time to live when the deployment names none (Edge hub's default: 7200 s).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7200);
@@ -102,35 +101,10 @@ impl EdgeRoutes {
     }
 }
 
-/// Where one message goes.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Into the hub's telemetry.
-    pub upstream: bool,
-    /// To these `(module, input)` pairs of the same device, each once.
-    pub inputs: Vec<(String, String)>,
-}
-
 impl RouteTable {
-    /// Where a message from `source`, read through `view`, goes by these routes. A sink several
-    /// routes name is reached once.
-    pub fn plan(&self, source: MessageSource<'_>, view: &dyn MessageView) -> Plan {
-        let mut plan = Plan::default();
-        for (_, route, _) in &self.routes {
-            if !route.takes(source, view) {
-                continue;
-            }
-            match &route.sink {
-                Sink::Upstream => plan.upstream = true,
-                Sink::ModuleInput { module, input } => {
-                    let pair = (module.clone(), input.clone());
-                    if !plan.inputs.contains(&pair) {
-                        plan.inputs.push(pair);
-                    }
-                }
-            }
-        }
-        plan
+    /// Where a module's message goes by these routes (`iot::route::plan`).
+    pub fn plan(&self, message: &ModuleMessage<'_>) -> Plan {
+        crate::iot::route::plan(self.routes.iter().map(|(_, r, _)| r), message)
     }
 
     /// How long a message for `module`'s `input` is kept: the first route to it that names a

@@ -14,6 +14,7 @@
 //! - The condition is [`crate::iot::route_condition`]; errors in it are reported at their column in
 //!   the whole route.
 
+use super::property_bag::PropertyBag;
 use super::route_condition::{Condition, ConditionError, MessageView, keywords};
 
 /// A route that failed to parse: `position` is the 1-based character column in the route text.
@@ -118,6 +119,93 @@ impl Route {
         let path = source.path().to_lowercase();
         path.starts_with(&self.prefix) && self.condition.matches(message)
     }
+}
+
+/// A module's message as routes read it: its MQTT property bag (application properties, and the
+/// `$.` system keys under their routing names) and body, from `device_id`/`module_id`. Both Edge
+/// hubs (the emulator's and the fleet's own) read messages through this one view.
+pub struct ModuleMessage<'a> {
+    pub properties: &'a PropertyBag,
+    pub device_id: &'a str,
+    pub module_id: &'a str,
+    pub body: &'a [u8],
+}
+
+impl MessageView for ModuleMessage<'_> {
+    fn property(&self, name: &str) -> Option<&str> {
+        if name.starts_with("$.") { None } else { self.properties.get(name) }
+    }
+
+    /// The routing names of the system properties a module's message carries (Edge hub's
+    /// `SystemProperties`, the MQTT property bag's `$.` keys).
+    fn system_property(&self, name: &str) -> Option<&str> {
+        let key = match name {
+            "connectionDeviceId" => return Some(self.device_id),
+            "connectionModuleId" => return Some(self.module_id),
+            "connectionAuthMethod" => return Some(r#"{"scope":"module","type":"sas","issuer":"iothub"}"#),
+            "contentType" => "$.ct",
+            "contentEncoding" => "$.ce",
+            "messageId" => "$.mid",
+            "correlationId" => "$.cid",
+            "userId" => "$.uid",
+            "to" => "$.to",
+            "outputName" => "$.on",
+            "componentName" => "$.sub",
+            "creationTimeUtc" => "$.ctime",
+            _ => return None,
+        };
+        self.properties.get(key)
+    }
+
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+}
+
+/// The property bag a module input receives (IoT Edge's delivery on
+/// `devices/{d}/modules/{m}/inputs/{i}/{bag}`): the message's own properties without its output
+/// name, and the sender as `$.cdid` / `$.cmid`.
+pub fn input_properties(properties: &PropertyBag, device_id: &str, module_id: &str) -> PropertyBag {
+    let mut bag = PropertyBag::default();
+    for (k, v) in properties.iter() {
+        if !matches!(k, "$.on" | "$.cdid" | "$.cmid") {
+            bag.push(k, v.unwrap_or_default());
+        }
+    }
+    bag.push("$.cdid", device_id);
+    bag.push("$.cmid", module_id);
+    bag
+}
+
+/// Where one message goes by a device's routes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// To IoT Hub (`$upstream`).
+    pub upstream: bool,
+    /// To these `(module, input)` pairs of the same device, each once.
+    pub inputs: Vec<(String, String)>,
+}
+
+/// Where a module's message goes by `routes`: as Edge hub does, each sink once however many
+/// routes take the message there, and nowhere when none does.
+pub fn plan<'r>(routes: impl IntoIterator<Item = &'r Route>, message: &ModuleMessage<'_>) -> Plan {
+    let source = MessageSource::Module { module: message.module_id, output: message.properties.get("$.on") };
+    let mut plan = Plan::default();
+    for route in routes {
+        if !route.takes(source, message) {
+            continue;
+        }
+        match &route.sink {
+            Sink::Upstream => plan.upstream = true,
+            Sink::ModuleInput { module, input } => {
+                let pair = (module.clone(), input.clone());
+                if !plan.inputs.contains(&pair) {
+                    plan.inputs.push(pair);
+                }
+            }
+        }
+    }
+    plan
 }
 
 /// Checks a source path and returns the prefix it matches (lower case, ending in `/`).
@@ -317,5 +405,20 @@ mod tests {
             }
         }
         assert!(seen > 1000);
+    }
+
+    #[test]
+    fn module_messages_read_system_properties_from_the_bag() {
+        let bag = PropertyBag::parse("%24.ct=application%2Fjson&%24.ce=utf-8&%24.on=out1&MessageType=Alert").unwrap();
+        let m = ModuleMessage { properties: &bag, device_id: "edge1", module_id: "tempSensor", body: br#"{"t":5}"# };
+        assert_eq!(m.system_property("outputName"), Some("out1"));
+        assert_eq!(m.system_property("connectionModuleId"), Some("tempSensor"));
+        assert_eq!(m.property("MessageType"), Some("Alert"));
+        assert_eq!(m.property("$.on"), None, "system keys are not application properties");
+        let r = Route::parse(
+            "FROM /messages/* WHERE $body.t = 5 AND MessageType = 'Alert' AND $outputName = 'out1' INTO $upstream",
+        )
+        .unwrap();
+        assert!(r.takes(MessageSource::Module { module: "tempSensor", output: Some("out1") }, &m));
     }
 }
