@@ -39,6 +39,7 @@ pub mod telemetry;
 pub(crate) mod testing;
 pub mod tls;
 pub mod twin_doc;
+pub mod ws_bridge;
 
 use std::sync::Arc;
 

@@ -8,19 +8,14 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::hub::state::Hub;
 
 /// The subprotocol of the AMQP WebSocket binding.
 pub const SUBPROTOCOL: &str = "AMQPWSB10";
-
-/// Bytes in flight each way between the WebSocket and the AMQP task.
-const PIPE_BYTES: usize = 64 * 1024;
 
 /// Largest WebSocket message or frame taken: one AMQP frame of the listener's maximum size plus
 /// slack, so an anonymous peer cannot make the hub buffer more.
@@ -50,42 +45,5 @@ pub async fn upgrade(
 }
 
 async fn bridge(hub: Hub, socket: WebSocket) {
-    let (amqp_side, ws_side) = tokio::io::duplex(PIPE_BYTES);
-    let (mut from_amqp, mut to_amqp) = tokio::io::split(ws_side);
-    let (mut sink, mut stream) = socket.split();
-    let inbound = async move {
-        while let Some(Ok(msg)) = stream.next().await {
-            let bytes = match msg {
-                Message::Binary(b) => b,
-                Message::Close(_) | Message::Text(_) => break,
-                Message::Ping(_) | Message::Pong(_) => continue,
-            };
-            if to_amqp.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        let _ = to_amqp.shutdown().await;
-    };
-    let outbound = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match from_amqp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = sink.send(Message::Close(None)).await;
-    };
-    let mut pumps = tokio::spawn(async move {
-        tokio::join!(inbound, outbound);
-    });
-    super::serve(hub, amqp_side).await;
-    // A peer that never answers our close frame must not keep the pumps alive.
-    if tokio::time::timeout(std::time::Duration::from_secs(5), &mut pumps).await.is_err() {
-        pumps.abort();
-    }
+    crate::hub::ws_bridge::bridge(socket, |pipe| super::serve(hub, pipe)).await;
 }
