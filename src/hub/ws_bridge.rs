@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -15,6 +15,15 @@ const PIPE_BYTES: usize = 64 * 1024;
 /// How long the pumps may outlive the protocol's task: a peer that never answers our close frame
 /// must not keep them alive.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The subprotocol `name` as the client spelled it, if it asked for it (names compare without
+/// regard to case: the C SDK sends `MQTT`).
+pub fn subprotocol(ws: &WebSocketUpgrade, name: &str) -> Option<String> {
+    ws.requested_protocols()
+        .filter_map(|p| p.to_str().ok())
+        .find(|p| p.trim().eq_ignore_ascii_case(name))
+        .map(|p| p.trim().to_owned())
+}
 
 /// Serves `socket` by running `serve` on the protocol's end of an in-memory pipe. A text frame
 /// ends the connection (both protocols are binary); pings are answered by the WebSocket layer.

@@ -44,19 +44,8 @@ pub struct C2dArgs {
     /// How long to wait for the feedback.
     #[arg(long, default_value = "60s")]
     pub feedback_timeout: humantime::Duration,
-    /// An emulator's hub.json (the default when no connection string is given).
-    #[arg(long)]
-    pub hub_json: Option<PathBuf>,
-    /// A service (policy) connection string. Prefer the environment variable
-    /// FLEETSIM_SERVICE_CONNECTION_STRING: arguments are visible to other local users.
-    #[arg(long, env = "FLEETSIM_SERVICE_CONNECTION_STRING", hide_env_values = true)]
-    pub connection_string: Option<String>,
-    /// Extra CA to trust (PEM), e.g. for an emulator reached by connection string.
-    #[arg(long)]
-    pub ca_file: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub service: super::ServiceOpts,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -77,8 +66,8 @@ async fn inner(args: C2dArgs) -> Result<u8, u8> {
     if args.wait_feedback && args.ack == Ack::None {
         return Err(stop(EXIT_USAGE, "--wait-feedback needs --ack positive, negative or full"));
     }
-    let (cs_text, dial, ca) = match (&args.connection_string, &args.hub_json) {
-        (Some(cs), None) => (cs.clone(), None, args.ca_file.clone()),
+    let (cs_text, dial, ca) = match (&args.service.connection_string, &args.service.hub_json) {
+        (Some(cs), None) => (cs.clone(), None, args.service.ca_file.clone()),
         (_, hub_json) => {
             let path = hub_json.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_HUB_JSON));
             let info = crate::hub::info::HubInfo::load(&path).map_err(|e| {
@@ -90,7 +79,7 @@ async fn inner(args: C2dArgs) -> Result<u8, u8> {
             (
                 info.service_connection_string.clone(),
                 Some(addr.to_string()),
-                Some(args.ca_file.clone().unwrap_or(info.ca_file)),
+                Some(args.service.ca_file.clone().unwrap_or(info.ca_file)),
             )
         }
     };
@@ -137,7 +126,7 @@ async fn inner(args: C2dArgs) -> Result<u8, u8> {
         None => None,
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
-            if args.json {
+            if args.service.json {
                 println!(
                     "{}",
                     json!({"device_id": args.device, "message_id": message.message_id, "sent": true, "feedback": null})
@@ -148,7 +137,7 @@ async fn inner(args: C2dArgs) -> Result<u8, u8> {
             return Err(stop(EXIT_FAILED, format!("{e:#}")));
         }
     };
-    if args.json {
+    if args.service.json {
         println!(
             "{}",
             json!({"device_id": args.device, "message_id": message.message_id, "sent": true, "send_ms": sent_ms, "feedback": feedback})

@@ -28,12 +28,7 @@ pub async fn upgrade(
     slot: Option<Extension<crate::httpserve::ConnectionSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(proto) = ws
-        .requested_protocols()
-        .filter_map(|p| p.to_str().ok())
-        .find(|p| p.trim().eq_ignore_ascii_case(SUBPROTOCOL))
-        .map(|p| p.trim().to_owned())
-    else {
+    let Some(proto) = crate::hub::ws_bridge::subprotocol(&ws, SUBPROTOCOL) else {
         return (StatusCode::BAD_REQUEST, "the WebSocket subprotocol must be AMQPWSB10").into_response();
     };
     ws.protocols([proto]).max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(

@@ -22,12 +22,7 @@ pub async fn upgrade(
     slot: Option<Extension<crate::httpserve::ConnectionSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(proto) = ws
-        .requested_protocols()
-        .filter_map(|p| p.to_str().ok())
-        .find(|p| p.trim().eq_ignore_ascii_case("mqtt"))
-        .map(|p| p.trim().to_owned())
-    else {
+    let Some(proto) = crate::hub::ws_bridge::subprotocol(&ws, "mqtt") else {
         return (StatusCode::BAD_REQUEST, "the WebSocket subprotocol must be mqtt").into_response();
     };
     let max = connection::max_packet(&hub);
