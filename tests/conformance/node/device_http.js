@@ -83,11 +83,13 @@ async function main() {
   const last = await within(settled, 'four C2D deliveries settled');
   check(seen.join(',') === 'c2d-0,c2d-1,c2d-2,c2d-2', `complete, reject, abandon, then the abandoned one again (${seen})`);
   check(last.properties.getValue('iothub-app-color') === 'red', 'C2D application properties arrive as iothub-app-* headers');
+  const counted = {};
+  for (const event of ['delivered', 'completed', 'rejected', 'abandoned']) {
+    counted[event] = await metric(`fleetsim_hub_c2d_messages_total{event="${event}"}`);
+  }
   check(
-    (await metric('fleetsim_hub_c2d_messages_total{event="completed"}')) === 2 &&
-      (await metric('fleetsim_hub_c2d_messages_total{event="rejected"}')) === 1 &&
-      (await metric('fleetsim_hub_c2d_messages_total{event="abandoned"}')) === 1,
-    'the hub counted two completions, one rejection, one abandon',
+    counted.completed === 2 && counted.rejected === 1 && counted.abandoned === 1,
+    `the hub counted two completions, one rejection, one abandon (${JSON.stringify(counted)})`,
   );
   await client.close();
 
