@@ -65,6 +65,9 @@ async function main() {
     check(sent.status === 200, `C2D ${i} queued`);
   }
   const seen = [];
+  // Each settle is its own HTTP request, so the fourth can be answered before an earlier one:
+  // the counters are read only once all four have been answered.
+  const actions = [];
   const settled = new Promise((resolve, reject) => {
     client.on('error', reject);
     client.on('message', (m) => {
@@ -75,8 +78,9 @@ async function main() {
       else if (text === 'reject me') action = client.reject(m);
       else if (seen.filter((id) => id === m.messageId).length === 1) action = client.abandon(m);
       else action = client.complete(m);
+      actions.push(action);
       action.then(() => {
-        if (seen.length === 4) resolve(m);
+        if (seen.length === 4) Promise.all(actions).then(() => resolve(m), reject);
       }, reject);
     });
   });
