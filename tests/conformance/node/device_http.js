@@ -79,9 +79,8 @@ async function main() {
       else if (seen.filter((id) => id === m.messageId).length === 1) action = client.abandon(m);
       else action = client.complete(m);
       actions.push(action);
-      action.then(() => {
-        if (seen.length === 4) Promise.all(actions).then(() => resolve(m), reject);
-      }, reject);
+      action.catch(reject);
+      if (seen.length === 4) Promise.all(actions).then(() => resolve(m), reject);
     });
   });
   const last = await within(settled, 'four C2D deliveries settled');
