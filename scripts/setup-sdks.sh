@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the conformance tests drive: Microsoft's Python SDKs in .venv and the Node SDKs in
-# tests/conformance/node/node_modules. Idempotent: a stamp records what was installed, so a second
-# run costs nothing. Needs python3 (with venv) and npm; installs python3-venv via apt if missing.
+# Installs what the conformance and browser tests drive: Microsoft's Python SDKs in .venv, the Node
+# SDKs in tests/conformance/node/node_modules, and Debian's chromium and chromium-driver. Idempotent:
+# a stamp records what was installed, so a second run costs nothing. Needs python3 (with venv) and
+# npm; installs python3-venv via apt if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,9 @@ need=()
 command -v unshare >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v node >/dev/null && command -v npm >/dev/null || need+=(nodejs npm)
+# The console and HTML-report browser tests drive Debian's headless Chromium through WebDriver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup-sdks: installing ${need[*]}" >&2
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
