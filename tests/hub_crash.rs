@@ -1,9 +1,10 @@
 //! Acknowledged means durable, under SIGKILL: an external emulator (`fleetsim hub`, a child
 //! process) takes a storm of registry writes (devices created, desired properties patched,
-//! enrollments put) and reported patches from MQTT devices, and is killed at a random moment of
-//! it, twenty times. After each kill the store file passes SQLite's integrity check, the hub
-//! starts again on it, and every change it had acknowledged (a 200, a PUBACK or a 204 twin
-//! response) is there.
+//! enrollments put), reported patches and telemetry from MQTT devices, and is killed at a random
+//! moment of it, twenty times. After each kill the store file passes SQLite's integrity check,
+//! every telemetry message the hub had acknowledged (PUBACK) is among the events the store keeps
+//! for the Event Hubs-compatible endpoint, the hub starts again on it, and every other change it
+//! had acknowledged (a 200, a PUBACK or a 204 twin response) is there.
 
 use fleetsim_testkit as common;
 
@@ -23,6 +24,7 @@ use serde_json::json;
 
 const KILLS: usize = 20;
 const REPORTERS: usize = 4;
+const SENDERS: usize = 2;
 /// Every wait is bounded by this.
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -92,6 +94,36 @@ struct Acked {
     desired: AtomicU64,
     /// Per reporter, the highest reported value acknowledged (PUBACK or 204 response).
     reported: [AtomicU64; REPORTERS],
+    /// Per sender, the telemetry messages acknowledged (PUBACK), by their `n`.
+    telemetry: [std::sync::Mutex<Vec<u64>>; SENDERS],
+}
+
+/// One device's telemetry, `{"n": n}` from `start` upwards, each awaited, until the hub is gone.
+async fn telemetry_storm(mut c: common::MqttClient, who: usize, start: u64, acked: Arc<Acked>) {
+    let topic = format!("devices/tel-{who}/messages/events/");
+    for n in start.. {
+        let pkid = c.publish(&topic, json!({"n": n}).to_string(), QoS::AtLeastOnce).await;
+        loop {
+            match c.recv().await {
+                Some(Packet::PubAck(a)) if a.pkid == pkid => break,
+                Some(_) => {}
+                None => return,
+            }
+        }
+        acked.telemetry[who].lock().unwrap().push(n);
+    }
+}
+
+/// The `n` of every telemetry event of device `device` the store file keeps.
+fn stored_telemetry(store: &Path, device: &str) -> std::collections::HashSet<u64> {
+    let db = rusqlite::Connection::open(store).unwrap();
+    let mut stmt = db.prepare("SELECT properties, body FROM events WHERE source = 'Telemetry'").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).unwrap();
+    let sender = format!("\"iothub-connection-device-id\",\"{device}\"");
+    rows.map(Result::unwrap)
+        .filter(|(props, _)| props.contains(&sender))
+        .filter_map(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok()?["n"].as_u64())
+        .collect()
 }
 
 /// Creates devices (and every fourth time an enrollment) until a request fails (the hub died).
@@ -169,9 +201,17 @@ async fn every_acknowledged_change_survives_sigkill_during_a_storm() {
         }
         keys
     };
+    let senders: Vec<Key> = {
+        let mut keys = Vec::new();
+        for who in 0..SENDERS {
+            keys.push(api.create_device(&format!("tel-{who}")).await);
+        }
+        keys
+    };
     api.create_device("sink").await;
     let (mut desired_floor, mut reported_floor) = (0u64, [0u64; REPORTERS]);
-    let mut totals = (0usize, 0usize);
+    let mut telemetry_floor = [0u64; SENDERS];
+    let mut totals = (0usize, 0usize, 0usize);
 
     for round in 0..KILLS {
         let acked = Arc::new(Acked::default());
@@ -184,6 +224,10 @@ async fn every_acknowledged_change_survives_sigkill_during_a_storm() {
             let mut c = api.connect(&format!("rep-{who}"), None, key, true).await;
             c.subscribe(&[("$iothub/twin/res/#", QoS::AtLeastOnce)]).await;
             tasks.spawn(reported_storm(c, who, reported_floor[who] + 1, acked.clone()));
+        }
+        for (who, key) in senders.iter().enumerate() {
+            let c = api.connect(&format!("tel-{who}"), None, key, true).await;
+            tasks.spawn(telemetry_storm(c, who, telemetry_floor[who] + 1, acked.clone()));
         }
         let at = Duration::from_millis(rand::rng().random_range(50..500));
         tokio::time::sleep(at).await;
@@ -202,6 +246,14 @@ async fn every_acknowledged_change_survives_sigkill_during_a_storm() {
         let check: String =
             rusqlite::Connection::open(&store).unwrap().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok", "round {round}: the store is damaged");
+        for (who, floor) in telemetry_floor.iter_mut().enumerate() {
+            let kept = stored_telemetry(&store, &format!("tel-{who}"));
+            let sent = acked.telemetry[who].lock().unwrap().clone();
+            let lost: Vec<&u64> = sent.iter().filter(|n| !kept.contains(n)).collect();
+            assert!(lost.is_empty(), "round {round} (killed at {at:?}): tel-{who}'s acknowledged {lost:?} lost");
+            // The next round numbers on past anything the store kept, acknowledged or not.
+            *floor = kept.iter().copied().max().unwrap_or(0).max(*floor);
+        }
 
         hub = HubProcess::start(&data_dir, mqtt, https);
         serving(&data_dir, mqtt, https).await;
@@ -230,8 +282,12 @@ async fn every_acknowledged_change_survives_sigkill_during_a_storm() {
         }
         totals.0 += devices.len() + enrollments.len();
         totals.1 += acked.reported.iter().map(|a| a.load(Ordering::SeqCst) as usize).sum::<usize>();
+        totals.2 += acked.telemetry.iter().map(|t| t.lock().unwrap().len()).sum::<usize>();
     }
     hub.kill();
     // The storms did write (a kill before anything was acknowledged would prove nothing).
-    assert!(totals.0 > 0 && reported_floor.iter().all(|&n| n > 0), "registry {totals:?}, reported {reported_floor:?}");
+    assert!(
+        totals.0 > 0 && totals.2 > 0 && reported_floor.iter().all(|&n| n > 0),
+        "registry and telemetry {totals:?}, reported {reported_floor:?}"
+    );
 }

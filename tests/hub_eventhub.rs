@@ -654,3 +654,170 @@ async fn amqp_over_websockets_answers_on_both_paths_and_needs_its_subprotocol() 
     let refused = within("upgrade", connect("/$servicebus/websocket", "mqtt")).await;
     assert!(format!("{refused:?}").contains("400"), "{refused:?}");
 }
+
+/// Every event a partition reader gets from the start of device `device`'s partition, as
+/// (sequence number, offset, source, body).
+async fn read_partition(hub: &TestHub, device: &str) -> Vec<(Value, Value, Option<Value>, Vec<u8>)> {
+    let p = hub.state().eventhub.partition_for(device);
+    let info = hub.state().eventhub.info(p, std::time::SystemTime::now());
+    let count = (info.last_enqueued_sequence_number - info.begin_sequence_number + 1).max(0);
+    let mut conn = open(hub, plain_with_token(hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut r = reader(&mut session, &partition_address(hub, "$Default", device), None).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..count {
+        let m = next(&mut r).await.unwrap();
+        let a = |k| annotation(&m, k).cloned();
+        got.push((
+            a("x-opt-sequence-number").unwrap(),
+            a("x-opt-offset").unwrap(),
+            a("iothub-message-source"),
+            body(&m),
+        ));
+    }
+    let _ = conn.close().await;
+    got
+}
+
+/// Issue 15: the endpoint's retained events (telemetry and the hub's own events) and the C2D
+/// feedback the service has not received are kept across a restart, with the same sequence
+/// numbers and offsets, and numbering goes on where it stopped; PUBACKs keep their order when
+/// some wait for the store (MQTT 3.1.1 §4.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_events_and_unread_feedback_survive_a_restart() {
+    use fe2o3_amqp::types::messaging::Outcome;
+    use rumqttc::mqttbytes::v4::Packet;
+    let mut hub = TestHub::start().await;
+    let key = hub.create_device("d1").await;
+    hub.create_device("off").await;
+    let mut device = hub.connect("d1", None, &key, true).await;
+    // Telemetry, a reported patch (written to the store as well) and telemetry again: the
+    // PUBACKs come back in the order of the PUBLISHes.
+    // The three go out in one write, so the hub reads them together and the patch's commit
+    // cannot finish between them.
+    let mut out = bytes::BytesMut::new();
+    let mut ids = Vec::new();
+    for (topic, payload) in [
+        ("devices/d1/messages/events/", "first"),
+        ("$iothub/twin/PATCH/properties/reported/?$rid=1", "{\"fw\":\"2\"}"),
+        ("devices/d1/messages/events/k=v", "second"),
+    ] {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(topic, QoS::AtLeastOnce, payload);
+        p.pkid = device.pkid();
+        ids.push(p.pkid);
+        p.write(&mut out).unwrap();
+    }
+    device.send_raw(&out).await;
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let mut acks = Vec::new();
+    while acks.len() < 3 {
+        match within("PUBACKs", device.recv()).await {
+            Some(Packet::PubAck(p)) => acks.push(p.pkid),
+            Some(_) => {}
+            None => panic!("closed before every PUBACK"),
+        }
+    }
+    assert_eq!(acks, [a, b, c]);
+
+    // A C2D message with full feedback for a device that never connects, purged: one record.
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let mut sender =
+        within("attach", Sender::attach(&mut session, "c2d", "amqps://localhost/messages/devicebound")).await.unwrap();
+    let mut app = ApplicationProperties::default();
+    app.0.insert("iothub-ack".into(), SimpleValue::String("full".into()));
+    let m = Message::builder()
+        .properties(Properties {
+            message_id: Some(MessageId::String("m-kept".into())),
+            to: Some("/devices/off/messages/devicebound".into()),
+            ..Default::default()
+        })
+        .application_properties(app)
+        .body(Body::Value(AmqpValue(Value::String("x".into()))))
+        .build();
+    assert!(matches!(within("send", sender.send(m)).await.unwrap(), Outcome::Accepted(_)));
+    let _ = conn.close().await;
+    assert_eq!(hub.rest("DELETE", "/devices/off/commands", None).await.0, 200);
+    assert_eq!(hub.state().feedback.len(), 1);
+
+    let before = read_partition(&hub, "d1").await;
+    let bodies: Vec<&[u8]> =
+        before.iter().filter(|e| e.2 == Some(Value::String("Telemetry".into()))).map(|e| &e.3[..]).collect();
+    assert_eq!(bodies, [&b"first"[..], b"second"]);
+    assert!(before.len() > 2, "the lifecycle, twin and connection events are there too: {before:?}");
+    drop(device);
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let mut hub = TestHub::start_in(dir, |_| {}).await;
+    let after = read_partition(&hub, "d1").await;
+    assert!(after.len() >= before.len(), "{} events kept of {}", after.len(), before.len());
+    assert_eq!(after[..before.len()], before[..], "the same events, numbers and offsets");
+
+    // Numbering goes on from the last event: sequence number + 1, offset + the body's length.
+    let mut device = hub.connect("d1", None, &key, true).await;
+    let d = device.publish("devices/d1/messages/events/", "third", QoS::AtLeastOnce).await;
+    device.puback(d).await;
+    let now = read_partition(&hub, "d1").await;
+    let third = now.iter().find(|e| e.3 == b"third").expect("the new event");
+    let (Value::Long(last_seq), Value::String(last_offset)) = (&before.last().unwrap().0, &before.last().unwrap().1)
+    else {
+        panic!("numbers")
+    };
+    let last_len = before.last().unwrap().3.len().max(1) as i64;
+    let (Value::Long(seq), Value::String(offset)) = (&third.0, &third.1) else { panic!("numbers") };
+    assert!(*seq > *last_seq, "{seq} after {last_seq}");
+    assert!(offset.parse::<i64>().unwrap() >= last_offset.parse::<i64>().unwrap() + last_len);
+    assert_eq!(now.iter().map(|e| &e.0).collect::<Vec<_>>().windows(2).filter(|w| w[0] == w[1]).count(), 0);
+
+    // The unread feedback record is there; once received it is gone for good.
+    assert_eq!(hub.state().feedback.len(), 1, "the record is kept");
+    let mut conn = open(&hub, plain_with_token(&hub, "service")).await.unwrap();
+    let mut session = Session::begin(&mut conn).await.unwrap();
+    let source = Source::builder().address("amqps://localhost/messages/serviceBound/feedback").build();
+    let mut r =
+        within("feedback link", Receiver::builder().name("fb").source(source).target("me").attach(&mut session))
+            .await
+            .unwrap();
+    let m = next(&mut r).await.unwrap();
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&body(&m)).unwrap();
+    assert_eq!((records.len(), records[0]["originalMessageId"].as_str()), (1, Some("m-kept")));
+    assert_eq!(records[0]["statusCode"], "Purged");
+    let store = hub.dir.path().join(fleetsim::hub::store::FILE);
+    common::wait_until("the received record leaves the store", || async {
+        let db = rusqlite::Connection::open(&store).unwrap();
+        db.query_row("SELECT count(*) FROM feedback", [], |r| r.get::<_, i64>(0)).unwrap() == 0
+    })
+    .await;
+    let _ = conn.close().await;
+    drop(device);
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    assert!(hub.state().feedback.is_empty(), "a received record does not come back");
+}
+
+/// A store written under another partition count is not loaded into the endpoint (a device's
+/// partition is its id's hash modulo the count): it starts empty and numbers from 0.
+#[tokio::test]
+async fn a_new_partition_count_starts_the_endpoint_afresh() {
+    let mut hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("d1").await;
+    let mut device = hub.connect("d1", None, &key, true).await;
+    let id = device.publish("devices/d1/messages/events/", "old", QoS::AtLeastOnce).await;
+    device.puback(id).await;
+    assert_eq!(read_partition(&hub, "d1").await.len(), 1);
+    drop(device);
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let hub = TestHub::start_in(dir, |c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_partitions = 2;
+    })
+    .await;
+    assert!(read_partition(&hub, "d1").await.is_empty());
+    let mut device = hub.connect("d1", None, &key, true).await;
+    let id = device.publish("devices/d1/messages/events/", "new", QoS::AtLeastOnce).await;
+    device.puback(id).await;
+    let now = read_partition(&hub, "d1").await;
+    assert_eq!((now.len(), &now[0].0, now[0].3.as_slice()), (1, &Value::Long(0), &b"new"[..]));
+}

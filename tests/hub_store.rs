@@ -209,6 +209,35 @@ async fn everything_acknowledged_is_there_after_a_restart() {
     assert_eq!(twin["properties"]["desired"]["$version"], 4);
 }
 
+/// An HTTPS receive's lock outlives a restart: the device settles what it received before the
+/// restart with the lock token it got, and the message stays hidden from other receives while
+/// the lock holds ("Understand cloud-to-device messaging": the message life cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c2d_lock_taken_over_https_is_kept_across_a_restart() {
+    let mut hub = TestHub::start().await;
+    let key = hub.create_device("locker").await;
+    for body in ["held", "next"] {
+        let path = "/emulator/devices/locker/messages/deviceBound";
+        let (status, _, v) = hub.rest("POST", path, Some(json!({"body": body, "ttlSeconds": 3600}))).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let bound = "/devices/locker/messages/deviceBound";
+    let token = hub.device_token("locker", None, &key, future(600));
+    let (status, h, body) = device_call(&hub, &token, "GET", bound).await;
+    assert_eq!((status, body.as_str()), (200, "held"));
+    let etag = header(&h, "etag");
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let token = hub.device_token("locker", None, &key, future(600));
+    let (status, _, body) = device_call(&hub, &token, "GET", bound).await;
+    assert_eq!((status, body.as_str()), (200, "next"), "the locked message is still hidden");
+    let settle = format!("{bound}/{}", etag.trim_matches('"'));
+    assert_eq!(device_call(&hub, &token, "DELETE", &settle).await.0, 204, "its lock token still settles it");
+    let (_, _, twin) = hub.rest("GET", "/devices/locker", None).await;
+    assert_eq!(twin["cloudToDeviceMessageCount"], 1, "only the second, locked, is left: {twin}");
+}
+
 #[tokio::test]
 async fn an_in_memory_hub_writes_no_store_and_starts_empty() {
     let mut hub = TestHub::start_with(|c| c.in_memory = true).await;

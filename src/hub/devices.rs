@@ -335,14 +335,14 @@ mod tests {
         c2d_settle(&b.hub, &id, &token(&m), Settle::Reject).unwrap();
         let records = b.hub.feedback.take_batch(clock::wall());
         let got: Vec<(&str, &str)> =
-            records.iter().map(|r| (r.original_message_id.as_str(), r.status.code())).collect();
+            records.iter().map(|p| (p.record.original_message_id.as_str(), p.record.status.code())).collect();
         assert_eq!(
             got,
             [("done", "Success"), ("refused", "Rejected"), ("abandoned", "DeliveryCountExceeded")],
             "a positive-only sender hears nothing of a rejection"
         );
-        assert_eq!(records[0].device_id, "d1");
-        assert_eq!(records[0].device_generation_id, id.lock().record.generation_id);
+        assert_eq!(records[0].record.device_id, "d1");
+        assert_eq!(records[0].record.device_generation_id, id.lock().record.generation_id);
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,10 +3,11 @@
 //! the device id) with the sequence number, offset and enqueued time Event Hubs readers see, kept
 //! within a bound of events, of bytes and of time ("Read device-to-cloud messages from the
 //! built-in endpoint"). No I/O: the AMQP front end reads it (`amqp/`), `devices.rs` and
-//! `events.rs` feed it.
+//! `events.rs` feed it, and the journal hook tells the store (`store/`) which partition grew, so
+//! the store can keep what is retained across a restart.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -156,6 +157,32 @@ impl Log {
     }
 }
 
+/// Where a partition's numbering stands, kept by the store even when no event is retained, so a
+/// restarted hub goes on numbering where it stopped (readers' checkpoints stay valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Numbering {
+    pub next_sequence: i64,
+    pub next_offset: i64,
+    /// The last event's sequence number, offset and enqueued time.
+    pub last: Option<(i64, i64, SystemTime)>,
+}
+
+impl Numbering {
+    /// The numbering right after `e` was appended: the offset advances by the body's length (at
+    /// least 1, so offsets stay distinct for empty bodies).
+    pub fn after(e: &Event) -> Numbering {
+        let len = i64::try_from(e.message.body.len()).unwrap_or(i64::MAX);
+        Numbering {
+            next_sequence: e.sequence_number + 1,
+            next_offset: e.offset.saturating_add(len.max(1)),
+            last: Some((e.sequence_number, e.offset, e.enqueued)),
+        }
+    }
+}
+
+/// Called with a partition's index after an event is appended to it (the store's journal).
+pub type Journal = Box<dyn Fn(usize) + Send + Sync>;
+
 /// One partition: its log and a signal readers wait on (the next sequence number to be written).
 #[derive(Debug)]
 pub struct Partition {
@@ -165,12 +192,18 @@ pub struct Partition {
 
 /// The endpoint: its name (the hub's name, as Azure names the compatible Event Hub), creation
 /// time and partitions.
-#[derive(Debug)]
 pub struct EventHub {
     pub name: String,
     pub created: SystemTime,
     partitions: Vec<Partition>,
     retention: Retention,
+    journal: OnceLock<Journal>,
+}
+
+impl std::fmt::Debug for EventHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHub").field("name", &self.name).field("partitions", &self.partitions.len()).finish()
+    }
 }
 
 impl EventHub {
@@ -180,7 +213,36 @@ impl EventHub {
         let partitions = (0..partitions.max(1))
             .map(|_| Partition { log: Mutex::new(Log::default()), written: watch::Sender::new(0) })
             .collect();
-        EventHub { name, created: now, partitions, retention }
+        EventHub { name, created: now, partitions, retention, journal: OnceLock::new() }
+    }
+
+    /// Sets the hook told of every append (once; a second call is ignored).
+    pub fn set_journal(&self, journal: Journal) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// Puts back what a store kept of partition `partition`: its numbering and its retained
+    /// events, oldest first (those past retention at `now` are dropped). Before any append.
+    pub fn restore(&self, partition: usize, numbering: Numbering, events: Vec<Event>, now: SystemTime) {
+        let Some(p) = self.partitions.get(partition) else { return };
+        let mut log = p.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.bytes = events.iter().map(|e| event_size(&e.message)).sum();
+        log.events = events.into();
+        log.next_sequence = numbering.next_sequence;
+        log.next_offset = numbering.next_offset;
+        log.last = numbering.last;
+        log.evict(&self.retention, now);
+        let next = log.next_sequence;
+        drop(log);
+        p.written.send_replace(next);
+    }
+
+    /// A partition's numbering, and the first sequence number it still retains (everything below
+    /// it may be forgotten).
+    pub fn numbering(&self, partition: usize) -> (Numbering, i64) {
+        let log = self.partitions[partition].log.lock().unwrap_or_else(|e| e.into_inner());
+        let begin = log.events.front().map_or(log.next_sequence, |e| e.sequence_number);
+        (Numbering { next_sequence: log.next_sequence, next_offset: log.next_offset, last: log.last }, begin)
     }
 
     pub fn partition_count(&self) -> usize {
@@ -214,19 +276,21 @@ impl EventHub {
         if !self.enabled() {
             return;
         }
-        let p = &self.partitions[self.partition_for(device_id)];
+        let index = self.partition_for(device_id);
+        let p = &self.partitions[index];
         let next = {
             let mut log = p.log.lock().unwrap_or_else(|e| e.into_inner());
-            let (sequence_number, offset) = (log.next_sequence, log.next_offset);
-            let len = i64::try_from(message.body.len()).unwrap_or(i64::MAX);
-            log.next_sequence += 1;
-            log.next_offset = log.next_offset.saturating_add(len.max(1));
-            log.last = Some((sequence_number, offset, now));
-            log.bytes = log.bytes.saturating_add(event_size(&message));
-            log.events.push_back(Event { sequence_number, offset, enqueued: now, message });
+            let event = Event { sequence_number: log.next_sequence, offset: log.next_offset, enqueued: now, message };
+            let n = Numbering::after(&event);
+            (log.next_sequence, log.next_offset, log.last) = (n.next_sequence, n.next_offset, n.last);
+            log.bytes = log.bytes.saturating_add(event_size(&event.message));
+            log.events.push_back(event);
             log.evict(&self.retention, now);
             log.next_sequence
         };
+        if let Some(journal) = self.journal.get() {
+            journal(index);
+        }
         p.written.send_replace(next);
     }
 

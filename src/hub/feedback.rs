@@ -56,6 +56,12 @@ impl Status {
         }
     }
 
+    /// The status a `statusCode` names (as `code` writes it).
+    pub fn parse(code: &str) -> Option<Status> {
+        use Status::*;
+        [Success, Expired, DeliveryCountExceeded, Rejected, Purged].into_iter().find(|s| s.code() == code)
+    }
+
     /// The record's `description`: Microsoft documents only `Success`'s; the others say what
     /// happened in the same few words.
     pub fn description(self) -> &'static str {
@@ -109,52 +115,82 @@ pub fn body(records: &[Record]) -> Vec<u8> {
     Value::Array(records.iter().map(Record::to_json).collect()).to_string().into_bytes()
 }
 
+/// A record waiting in the queue, numbered so the store can keep it until a reader settles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: u64,
+    pub record: Record,
+}
+
 /// The hub's feedback queue: records in the order their outcomes happened, a waiter woken when
 /// one arrives.
 #[derive(Debug, Default)]
 pub struct FeedbackQueue {
-    records: Mutex<VecDeque<Record>>,
+    records: Mutex<Records>,
     arrived: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Records {
+    queue: VecDeque<Pending>,
+    next_id: u64,
+}
+
 impl FeedbackQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a record (dropping the oldest past `CAPACITY`) and wakes a reader.
-    pub fn push(&self, record: Record) {
-        let mut q = self.lock();
-        if q.len() >= CAPACITY {
-            q.pop_front();
+    /// Queues a record (dropping the oldest past `CAPACITY`), wakes a reader, and returns it
+    /// numbered.
+    pub fn push(&self, record: Record) -> Pending {
+        let mut r = self.lock();
+        if r.queue.len() >= CAPACITY {
+            r.queue.pop_front();
         }
-        q.push_back(record);
-        drop(q);
+        r.next_id += 1;
+        let pending = Pending { id: r.next_id, record };
+        r.queue.push_back(pending.clone());
+        drop(r);
         self.arrived.notify_one();
+        pending
+    }
+
+    /// Puts back records a store kept, oldest first, before any push: numbering goes on after
+    /// the highest id.
+    pub fn restore(&self, records: Vec<Pending>) {
+        let mut r = self.lock();
+        for p in records {
+            r.next_id = r.next_id.max(p.id);
+            if r.queue.len() >= CAPACITY {
+                r.queue.pop_front();
+            }
+            r.queue.push_back(p);
+        }
     }
 
     /// Takes up to `MAX_BATCH` records for one feedback message, after dropping those older than
     /// `TTL` at `now`; empty when nothing is pending.
-    pub fn take_batch(&self, now: SystemTime) -> Vec<Record> {
-        let mut q = self.lock();
-        while q.front().is_some_and(|r| now.duration_since(r.at).is_ok_and(|age| age > TTL)) {
-            q.pop_front();
+    pub fn take_batch(&self, now: SystemTime) -> Vec<Pending> {
+        let mut r = self.lock();
+        while r.queue.front().is_some_and(|p| now.duration_since(p.record.at).is_ok_and(|age| age > TTL)) {
+            r.queue.pop_front();
         }
-        let n = q.len().min(MAX_BATCH);
-        q.drain(..n).collect()
+        let n = r.queue.len().min(MAX_BATCH);
+        r.queue.drain(..n).collect()
     }
 
     /// Puts back records a reader took but did not settle as received (released, or the link
     /// went away), ahead of the rest, and wakes a reader.
-    pub fn put_back(&self, records: Vec<Record>) {
+    pub fn put_back(&self, records: Vec<Pending>) {
         if records.is_empty() {
             return;
         }
-        let mut q = self.lock();
-        for r in records.into_iter().rev() {
-            q.push_front(r);
+        let mut r = self.lock();
+        for p in records.into_iter().rev() {
+            r.queue.push_front(p);
         }
-        drop(q);
+        drop(r);
         self.arrived.notify_one();
     }
 
@@ -165,7 +201,7 @@ impl FeedbackQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().queue.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -203,14 +239,24 @@ mod tests {
         }
         let first = q.take_batch(t);
         assert_eq!(first.len(), MAX_BATCH);
-        assert_eq!(first[0].original_message_id, "m0");
+        assert_eq!((first[0].id, first[0].record.original_message_id.as_str()), (1, "m0"));
         q.put_back(first);
         assert_eq!(q.len(), MAX_BATCH + 2);
-        assert_eq!(q.take_batch(t)[0].original_message_id, "m0", "put back ahead of the rest");
+        assert_eq!(q.take_batch(t)[0].record.original_message_id, "m0", "put back ahead of the rest");
         assert_eq!(q.take_batch(t).len(), 2);
         assert!(q.take_batch(t).is_empty());
         q.push(record("old", Status::Expired, t));
         assert!(q.take_batch(t + TTL + Duration::from_secs(1)).is_empty(), "older than the TTL");
+    }
+
+    #[test]
+    fn restored_records_keep_their_ids_and_numbering_goes_on() {
+        let q = FeedbackQueue::default();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        q.restore(vec![Pending { id: 7, record: record("a", Status::Success, t) }]);
+        assert_eq!(q.push(record("b", Status::Rejected, t)).id, 8);
+        let ids: Vec<u64> = q.take_batch(t).iter().map(|p| p.id).collect();
+        assert_eq!(ids, [7, 8]);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum CloseReason {
     /// The fault injector dropped it.
     FaultInjected,
     Shutdown,
+    /// The store failed before a message the device sent could be made durable: it is not
+    /// acknowledged, and the device sends it again once it reconnects.
+    NotDurable,
     /// The connection's task ended without closing it (a bug): the session is removed anyway.
     Aborted,
 }
@@ -42,11 +45,12 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::FaultInjected => "fault_injected",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::NotDurable => "not_durable",
             CloseReason::Aborted => "aborted",
         }
     }
 
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientDisconnect,
         CloseReason::ConnectionLost,
         CloseReason::KeepAliveTimeout,
@@ -57,6 +61,7 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::FaultInjected,
         CloseReason::Shutdown,
+        CloseReason::NotDurable,
     ];
 }
 
@@ -70,8 +75,12 @@ pub enum Outbound {
         qos: QoS,
         c2d_id: Option<u64>,
     },
-    /// A telemetry acknowledgement the fault injector held back.
-    PubAck(u16),
+    /// A telemetry acknowledgement the fault injector held back; written once store change
+    /// `after` is committed.
+    PubAck {
+        pkid: u16,
+        after: u64,
+    },
     Close(CloseReason),
 }
 

@@ -98,8 +98,22 @@ impl HubState {
             b.sas_skew_secs,
         ));
         let registry = Arc::new(Registry::default());
+        let eventhub = Arc::new(super::eventhub::EventHub::new(
+            eventhub_name(&config.hostname),
+            b.eventhub_partitions,
+            super::eventhub::Retention {
+                events: b.eventhub_retention_events,
+                bytes: b.eventhub_retention_bytes,
+                age: Duration::from_secs(b.eventhub_retention_secs),
+            },
+            super::clock::wall(),
+        ));
+        let feedback = super::feedback::FeedbackQueue::default();
         let store = match store_dir {
-            Some(dir) => super::store::Store::open(dir, &registry, &dps)?,
+            Some(dir) => super::store::Store::open(
+                dir,
+                super::store::Parts { registry: &registry, dps: &dps, eventhub: &eventhub, feedback: &feedback },
+            )?,
             None => super::store::Store::in_memory(),
         };
         dps.put_group(GroupEnrollment {
@@ -135,16 +149,6 @@ impl HubState {
                 }),
             }
         }
-        let eventhub = Arc::new(super::eventhub::EventHub::new(
-            eventhub_name(&config.hostname),
-            b.eventhub_partitions,
-            super::eventhub::Retention {
-                events: b.eventhub_retention_events,
-                bytes: b.eventhub_retention_bytes,
-                age: Duration::from_secs(b.eventhub_retention_secs),
-            },
-            super::clock::wall(),
-        ));
         let switches = super::events::Switches {
             twin_changes: b.eventhub_twin_change_events,
             lifecycle: b.eventhub_device_lifecycle_events,
@@ -168,7 +172,7 @@ impl HubState {
             faults: super::faults::Faults::new(config.faults.clone()),
             eventhub,
             events,
-            feedback: Default::default(),
+            feedback,
             configured_assignment_delay: Duration::from_millis(b.dps_assignment_delay_ms),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -272,13 +276,16 @@ impl HubState {
     /// feedback record its sender asked for, if any (`feedback.rs`).
     pub fn c2d_outcome(&self, device_id: &str, st: &IdentityState, m: &super::c2d::C2dMessage, status: Status) {
         if status.wanted_by(m.ack()) {
-            self.feedback.push(super::feedback::Record {
+            let pending = self.feedback.push(super::feedback::Record {
                 original_message_id: m.message_id().to_owned(),
                 device_id: device_id.to_owned(),
                 device_generation_id: st.record.generation_id.clone(),
                 at: super::clock::wall(),
                 status,
             });
+            // Queued before the caller queues the message's own change, so a crash between the
+            // two commits can repeat a record but never lose one.
+            self.store.feedback(pending);
         }
     }
 

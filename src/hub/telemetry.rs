@@ -50,6 +50,14 @@ impl Source {
             Source::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
         }
     }
+
+    /// The source an annotation value names (as `as_str` writes it).
+    pub fn parse(s: &str) -> Option<Source> {
+        use Source::*;
+        [Telemetry, TwinChangeEvents, DeviceLifecycleEvents, DeviceConnectionStateEvents]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
 }
 
 /// One received message as the back end would see it. Immutable once built, so the identity's

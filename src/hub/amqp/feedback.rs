@@ -72,14 +72,19 @@ pub async fn serve(hub: Hub, claims: Claims, mut sender: Sender, resource: Strin
             }
             continue;
         }
-        let message = to_amqp(&hub.eventhub.name, &batch, now);
+        let records: Vec<Record> = batch.iter().map(|p| p.record.clone()).collect();
+        let message = to_amqp(&hub.eventhub.name, &records, now);
         let outcome = tokio::select! {
             _ = hub.shutdown.cancelled() => None,
             o = sender.send(message) => o.ok(),
         };
         tracing::debug!(records = batch.len(), outcome = ?outcome, "AMQP feedback message");
         match outcome {
-            Some(Outcome::Accepted(_) | Outcome::Rejected(_)) => {}
+            // Received: the records are gone, from the store too (a crash before that commit
+            // delivers them again, as a broker would after an unsettled delivery).
+            Some(Outcome::Accepted(_) | Outcome::Rejected(_)) => {
+                hub.store.feedback_settled(batch.iter().map(|p| p.id).collect())
+            }
             Some(_) => hub.feedback.put_back(batch),
             None => {
                 hub.feedback.put_back(batch);

@@ -196,7 +196,8 @@ pub async fn send_event(
         let m = D2c { properties: &bag, body, retain: false, will: false };
         devices::accept_telemetry(&hub, &identity, None, m);
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    // The 204 says the hub has the messages: once the endpoint's events are durable.
+    super::error::after_commit(&hub, Ok(StatusCode::NO_CONTENT.into_response())).await
 }
 
 /// The response headers of a received C2D message: the lock token as a quoted `ETag`, the system

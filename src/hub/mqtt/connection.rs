@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::contract::{PacketSession, Step, Wire};
 use super::dps_session::DpsSession;
@@ -17,6 +17,7 @@ use crate::hub::faults::DropMode;
 use crate::hub::metrics::Refusal;
 use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY};
 use crate::hub::state::Hub;
+use crate::hub::store::Committed;
 use crate::iot::username::Username;
 
 /// Room for the largest telemetry message plus its topic and headers.
@@ -170,6 +171,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     };
     let mut ka_deadline = crate::hub::clock::now() + keep_alive; // keep_alive <= keepalive_cap_secs (validated)
     tracing::debug!(client_id, keep_alive_secs = keep_alive.as_secs(), "connected");
+    let mut committed = hub.store.committed();
     let reason = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
@@ -185,6 +187,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 Err(CodecError::InsufficientBytes(_)) => break,
                 Err(_) => break 'conn CloseReason::ProtocolViolation,
             }
+        }
+        if let (Some(rx), Some(_)) = (&committed, wire.waiting_for())
+            && wire.release(*rx.borrow()).is_err()
+        {
+            break CloseReason::NotDurable;
         }
         if !wire.out.is_empty() && flush(&mut stream, &mut wire.out).await.is_err() {
             break CloseReason::ConnectionLost;
@@ -205,6 +212,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
             Some(o) = rx.recv() => {
                 if let Step::Close(r) = installed.session().on_outbound(*o, &mut wire) {
                     break r;
+                }
+            }
+            c = committed_past(&mut committed, wire.waiting_for()) => {
+                if wire.release(c).is_err() {
+                    break CloseReason::NotDurable;
                 }
             }
             _ = tokio::time::sleep_until(ka_deadline) => break CloseReason::KeepAliveTimeout,
@@ -230,6 +242,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     hub.metrics.disconnected(reason);
+}
+
+/// Resolves once the store has committed change `target` (or failed, or stopped: then as
+/// failed); never without a store or a target.
+async fn committed_past(rx: &mut Option<watch::Receiver<Committed>>, target: Option<u64>) -> Committed {
+    let (Some(rx), Some(target)) = (rx, target) else { return std::future::pending().await };
+    match rx.wait_for(|c| c.seq >= target || c.failed).await {
+        Ok(c) => *c,
+        Err(_) => Committed { seq: 0, failed: true },
+    }
 }
 
 /// The hub waits 1.5x the client's keep-alive (0 means the cap).

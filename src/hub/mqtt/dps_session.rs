@@ -227,8 +227,8 @@ impl PacketSession for DpsSession {
                 wire.write(Packet::Publish(p));
                 Step::Continue
             }
-            Outbound::PubAck(pkid) => {
-                wire.write(Packet::PubAck(PubAck::new(pkid)));
+            Outbound::PubAck { pkid, after } => {
+                wire.puback_after(after, pkid);
                 Step::Continue
             }
         }

@@ -144,33 +144,6 @@ impl HubSession {
         }
     }
 
-    /// Answers an accepted reported patch once the store has committed it (the PUBACK too, when
-    /// `puback` holds its packet id): the answer reaches the connection through its outbound queue,
-    /// so the connection's loop never waits for the disk. A store that failed answers 500.
-    fn answer_when_durable(&self, puback: Option<u16>, rid: &str, version: u64) {
-        let ticket = self.hub.store.ticket();
-        let tx = self.tx.clone();
-        let granted = self.subs.twin_responses;
-        let rid = rid.to_owned();
-        tokio::spawn(async move {
-            let (status, version, body) = match ticket.durable().await {
-                Ok(()) => (204, Some(version), Bytes::new()),
-                Err(_) => {
-                    let body = json!({"errorCode": 500001, "message": "the patch could not be stored"});
-                    (500, None, Bytes::from(body.to_string()))
-                }
-            };
-            if let Some(pkid) = puback {
-                let _ = tx.send(Box::new(Outbound::PubAck(pkid))).await;
-            }
-            if let Some(granted) = granted {
-                let topic = topic::twin_response(status, &rid, version);
-                let qos = cap_qos(QoS::AtLeastOnce, granted);
-                let _ = tx.send(Box::new(Outbound::Publish { topic, payload: body, qos, c2d_id: None })).await;
-            }
-        });
-    }
-
     /// A twin response, sent only if the device subscribed to `$iothub/twin/res/#`.
     fn twin_response(&self, wire: &mut Wire, status: u16, rid: &str, version: Option<u64>, body: Bytes) {
         if let Some(granted) = self.subs.twin_responses {
@@ -204,27 +177,10 @@ impl HubSession {
                 return Step::Close(CloseReason::ProtocolViolation);
             }
         }
-        // A reported patch is acknowledged once durable (`answer_when_durable`), unless refused.
-        let defer_ack = p.qos == QoS::AtLeastOnce
-            && self.hub.store.is_durable()
-            && matches!(parsed, DevicePublish::TwinPatchReported { .. });
-        let ack_now = |wire: &mut Wire| {
-            if defer_ack {
-                wire.write(Packet::PubAck(PubAck::new(p.pkid)));
-            }
-        };
-        if p.qos == QoS::AtLeastOnce && !defer_ack {
-            match devices::ack_delay(&self.hub).filter(|_| matches!(parsed, DevicePublish::Telemetry { .. })) {
-                Some(delay) => {
-                    let (tx, pkid) = (self.tx.clone(), p.pkid);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send(Box::new(Outbound::PubAck(pkid))).await;
-                    });
-                }
-                None => wire.write(Packet::PubAck(PubAck::new(p.pkid))),
-            }
-        }
+        // Every PUBACK goes through the wire's held answers (`Wire::puback_after`), so PUBACKs
+        // leave in the order their PUBLISHes came even when some wait for the store: a message
+        // is acknowledged once what it changed (the endpoint's events, the twin) is durable.
+        let pkid = (p.qos == QoS::AtLeastOnce).then_some(p.pkid);
         if matches!(parsed, DevicePublish::TwinGet { .. } | DevicePublish::TwinPatchReported { .. })
             && let Some(status) = self.hub.faults.twin_error()
         {
@@ -232,7 +188,7 @@ impl HubSession {
                 unreachable!("matched above")
             };
             self.hub.metrics.faults_injected.with_label_values(&["twin_error"]).inc();
-            ack_now(wire);
+            Self::puback(wire, pkid, 0);
             let body = json!({"errorCode": status as u32 * 1000 + 1, "message": "injected fault"});
             self.twin_response(wire, status, rid, None, Bytes::from(body.to_string()));
             return Step::Continue;
@@ -241,8 +197,20 @@ impl HubSession {
             DevicePublish::Telemetry { properties, .. } => {
                 let m = devices::D2c { properties: &properties, body: p.payload, retain: p.retain, will: false };
                 devices::accept_telemetry(&self.hub, &self.identity, self.model_id.as_deref(), m);
+                let after = self.hub.store.mark();
+                match (pkid, devices::ack_delay(&self.hub)) {
+                    (Some(pkid), Some(delay)) => {
+                        let tx = self.tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = tx.send(Box::new(Outbound::PubAck { pkid, after })).await;
+                        });
+                    }
+                    (pkid, _) => Self::puback(wire, pkid, after),
+                }
             }
             DevicePublish::TwinGet { rid } => {
+                Self::puback(wire, pkid, 0);
                 let view = self.identity.lock().twin.device_view();
                 self.hub.metrics.twin_op("get", "ok");
                 self.twin_response(wire, 200, &rid, None, Bytes::from(view.to_string()));
@@ -266,16 +234,12 @@ impl HubSession {
                         Ok(version)
                     });
                 match result {
-                    Ok(version) if self.hub.store.is_durable() => {
-                        self.hub.metrics.twin_op("patch_reported", "ok");
-                        self.answer_when_durable(defer_ack.then_some(p.pkid), &rid, version);
-                    }
                     Ok(version) => {
                         self.hub.metrics.twin_op("patch_reported", "ok");
-                        self.twin_response(wire, 204, &rid, Some(version), Bytes::new());
+                        self.answer_reported(wire, pkid, &rid, version);
                     }
                     Err(message) => {
-                        ack_now(wire);
+                        Self::puback(wire, pkid, 0);
                         self.hub.metrics.twin_op("patch_reported", "rejected");
                         let body = json!({"errorCode": 400004, "message": message});
                         self.twin_response(wire, 400, &rid, None, Bytes::from(body.to_string()));
@@ -283,6 +247,7 @@ impl HubSession {
                 }
             }
             DevicePublish::MethodResponse { status, rid } => {
+                Self::puback(wire, pkid, 0);
                 self.hub.methods.complete(&self.key, &rid, MethodResponse { status, payload: p.payload });
             }
             DevicePublish::DpsRegister { .. } | DevicePublish::DpsPollStatus { .. } => {
@@ -290,6 +255,39 @@ impl HubSession {
             }
         }
         Step::Continue
+    }
+
+    /// A QoS 1 PUBACK, once store change `after` is committed (0: nothing to wait for).
+    fn puback(wire: &mut Wire, pkid: Option<u16>, after: u64) {
+        if let Some(pkid) = pkid {
+            wire.puback_after(after, pkid);
+        }
+    }
+
+    /// An accepted reported patch's PUBACK and 204 (with the twin's new version), once the store
+    /// has committed it; its PUBACK and a 500 if the store failed first. The connection's loop
+    /// holds them (`Wire::answer_after`) and never waits for the disk itself.
+    fn answer_reported(&self, wire: &mut Wire, pkid: Option<u16>, rid: &str, version: u64) {
+        let after = self.hub.store.mark();
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        if let Some(pkid) = pkid {
+            ok.push(Packet::PubAck(PubAck::new(pkid)));
+            failed.push(Packet::PubAck(PubAck::new(pkid)));
+        }
+        if let Some(granted) = self.subs.twin_responses {
+            let qos = cap_qos(QoS::AtLeastOnce, granted);
+            let mut response = |status, version, body: Bytes| {
+                let mut p = Publish::from_bytes(topic::twin_response(status, rid, version), qos, body);
+                if qos != QoS::AtMostOnce {
+                    p.pkid = wire.pkid();
+                }
+                Packet::Publish(p)
+            };
+            ok.push(response(204, Some(version), Bytes::new()));
+            let body = json!({"errorCode": 500001, "message": "the patch could not be stored"});
+            failed.push(response(500, None, Bytes::from(body.to_string())));
+        }
+        wire.answer_after(after, ok, failed);
     }
 
     fn on_subscribe(&mut self, s: Subscribe, wire: &mut Wire) -> Step {
@@ -398,8 +396,8 @@ impl PacketSession for HubSession {
                 }
                 Step::Continue
             }
-            Outbound::PubAck(pkid) => {
-                wire.write(Packet::PubAck(PubAck::new(pkid)));
+            Outbound::PubAck { pkid, after } => {
+                wire.puback_after(after, pkid);
                 Step::Continue
             }
             Outbound::Close(r) => Step::Close(r),

@@ -1,13 +1,15 @@
 //! The emulator's durable store: everything IoT Hub and DPS keep (identities with their keys,
-//! twins and C2D queues; enrollments; registrations) in one SQLite file in the data dir,
+//! twins and C2D queues; enrollments; registrations; the events the Event Hubs-compatible
+//! endpoint retains; C2D feedback not yet received) in one SQLite file in the data dir,
 //! `store.sqlite3`, so a restarted or crashed hub serves what it acknowledged. Live sessions and
 //! in-flight method calls are not kept (Azure does not keep them either).
 //!
 //! The hub's memory stays the source of truth for reads. Every change is queued here by name
 //! (`Store::identity`, `enrollment`, ...) with a number, and `writer.rs` commits them in groups
-//! on its own thread. Whoever acknowledges a change (a REST 2xx, the reply to a reported patch,
-//! a DPS assignment) first waits on a `Ticket` for the number to be committed: acknowledged means
-//! durable. `Store::in_memory` keeps nothing and every ticket is ready at once.
+//! on its own thread. Whoever acknowledges a change (a REST 2xx, a PUBACK, the reply to a
+//! reported patch, a DPS assignment) first waits for the number to be committed (a `Ticket`, or
+//! `mark` and `committed` where a connection orders its answers): acknowledged means durable.
+//! `Store::in_memory` keeps nothing and every ticket is ready at once.
 
 mod rows;
 pub mod schema;
@@ -22,8 +24,11 @@ use tokio::sync::watch;
 
 use crate::hub::clock;
 use crate::hub::dps::{Dps, StoredRegistration};
+use crate::hub::eventhub::{EventHub, Numbering};
+use crate::hub::feedback::{FeedbackQueue, Pending};
 use crate::hub::registry::{Identity, Registry};
-use writer::{Change, Committed};
+pub use writer::Committed;
+use writer::{Change, Sources};
 
 /// The store's file name inside the data dir (SQLite adds `-wal` and `-shm` beside it).
 pub const FILE: &str = "store.sqlite3";
@@ -66,7 +71,15 @@ struct Durable {
 
 /// The hub's handle on its store: durable (SQLite) or in memory.
 pub struct Store {
-    durable: Option<Durable>,
+    durable: Option<Arc<Durable>>,
+}
+
+/// The parts of the hub the store loads at open and reads from as it writes.
+pub struct Parts<'a> {
+    pub registry: &'a Arc<Registry>,
+    pub dps: &'a Arc<Dps>,
+    pub eventhub: &'a Arc<EventHub>,
+    pub feedback: &'a FeedbackQueue,
 }
 
 /// A wait for every change queued before it to be committed. Owns what it needs, so a spawned
@@ -98,9 +111,9 @@ impl Store {
     }
 
     /// Opens (or creates) `dir/store.sqlite3`, brings its schema up to date, loads every row into
-    /// `registry` and `dps`, and starts the writer. Fails on a file it cannot read, a newer
-    /// schema, or a row that does not parse (naming the row).
-    pub fn open(dir: &Path, registry: &Arc<Registry>, dps: &Arc<Dps>) -> Result<Store, StoreError> {
+    /// the hub's `parts`, starts the writer and sets the endpoint's journal. Fails on a file it
+    /// cannot read, a newer schema, or a row that does not parse (naming the row).
+    pub fn open(dir: &Path, parts: Parts<'_>) -> Result<Store, StoreError> {
         let lock = std::fs::File::options()
             .create(true)
             .truncate(false)
@@ -121,35 +134,40 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
         schema::migrate(&mut conn).map_err(|source| StoreError::Schema { path: path.clone(), source })?;
-        load(&conn, registry, dps).map_err(|e| match e {
+        let written = load(&mut conn, &parts).map_err(|e| match e {
             Loaded::Sql(source) => open_err(source),
             Loaded::Row(r) => StoreError::Row(r),
         })?;
         let (done, committed) = watch::channel(Committed::default());
         let (tx, rx) = std::sync::mpsc::channel();
-        let (registry, dps) = (registry.clone(), dps.clone());
+        let from = Sources {
+            registry: parts.registry.clone(),
+            dps: parts.dps.clone(),
+            eventhub: parts.eventhub.clone(),
+            written,
+        };
         let thread = std::thread::Builder::new()
             .name("fleetsim-store".into())
-            .spawn(move || writer::run(conn, rx, done, registry, dps))
+            .spawn(move || writer::run(conn, rx, done, from))
             .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        Ok(Store {
-            durable: Some(Durable {
-                queue: Mutex::new(Queue { next: 1, tx: Some(tx) }),
-                committed,
-                thread: Mutex::new(Some(thread)),
-                lock: Mutex::new(Some(lock)),
-            }),
-        })
+        let durable = Arc::new(Durable {
+            queue: Mutex::new(Queue { next: 1, tx: Some(tx) }),
+            committed,
+            thread: Mutex::new(Some(thread)),
+            lock: Mutex::new(Some(lock)),
+        });
+        let journal = Arc::downgrade(&durable);
+        parts.eventhub.set_journal(Box::new(move |p| {
+            if let Some(d) = journal.upgrade() {
+                d.queue(Change::Events(p));
+            }
+        }));
+        Ok(Store { durable: Some(durable) })
     }
 
     fn queue(&self, change: Change) {
-        let Some(d) = &self.durable else { return };
-        let mut q = d.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = q.next;
-        if let Some(tx) = &q.tx
-            && tx.send((seq, change)).is_ok()
-        {
-            q.next += 1;
+        if let Some(d) = &self.durable {
+            d.queue(change);
         }
     }
 
@@ -172,6 +190,30 @@ impl Store {
     /// A DPS registration started or was assigned.
     pub fn registration(&self, registration_id: &str) {
         self.queue(Change::Registration(registration_id.to_owned()));
+    }
+
+    /// A C2D feedback record was queued for the service.
+    pub fn feedback(&self, pending: Pending) {
+        self.queue(Change::Feedback(pending));
+    }
+
+    /// The service received these feedback records: they are gone for good.
+    pub fn feedback_settled(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            self.queue(Change::FeedbackSettled(ids));
+        }
+    }
+
+    /// The number of the last change queued so far (0 when nothing is kept): once `committed`
+    /// reaches it, everything queued before this call is durable.
+    pub fn mark(&self) -> u64 {
+        let Some(d) = &self.durable else { return 0 };
+        d.queue.lock().unwrap_or_else(|p| p.into_inner()).next - 1
+    }
+
+    /// How far the writer has committed, to wait on (`None` when nothing is kept).
+    pub fn committed(&self) -> Option<watch::Receiver<Committed>> {
+        self.durable.as_ref().map(|d| d.committed.clone())
     }
 
     /// A ticket for everything queued so far.
@@ -199,6 +241,18 @@ impl Store {
     }
 }
 
+impl Durable {
+    fn queue(&self, change: Change) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = q.next;
+        if let Some(tx) = &q.tx
+            && tx.send((seq, change)).is_ok()
+        {
+            q.next += 1;
+        }
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         self.close();
@@ -222,8 +276,17 @@ impl From<rows::BadRow> for Loaded {
     }
 }
 
-/// Reads every table into the hub's structures.
-fn load(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<(), Loaded> {
+/// Reads every table into the hub's structures; returns, per partition of the endpoint, the next
+/// sequence number the writer has to write.
+fn load(conn: &mut Connection, parts: &Parts<'_>) -> Result<Vec<i64>, Loaded> {
+    let wall = clock::wall();
+    load_registry(conn, parts.registry, parts.dps)?;
+    load_feedback(conn, parts.feedback, wall)?;
+    load_events(conn, parts.eventhub, wall)
+}
+
+/// Identities, enrollments and registrations.
+fn load_registry(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<(), Loaded> {
     let (now, wall) = (clock::now(), clock::wall());
     let mut stmt = conn.prepare(
         "SELECT key, device_id, module_id, generation_id, auth_type, primary_key, secondary_key, record, twin, c2d
@@ -268,4 +331,86 @@ fn load(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<(), Loaded>
         dps.restore_registration(&id, reg, now);
     }
     Ok(())
+}
+
+/// The feedback records not yet received, oldest first, without those past their time to live.
+fn load_feedback(conn: &Connection, queue: &FeedbackQueue, wall: std::time::SystemTime) -> Result<(), Loaded> {
+    let expired = crate::hub::eventhub::unix_ms(wall.checked_sub(crate::hub::feedback::TTL).unwrap_or(wall));
+    let mut stmt = conn.prepare("SELECT id, body FROM feedback WHERE at_ms >= ?1 ORDER BY id")?;
+    let mut rows = stmt.query([expired])?;
+    let mut records = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (id, body): (i64, String) = (r.get(0)?, r.get(1)?);
+        records.push(rows::feedback_from(id as u64, &body)?);
+    }
+    queue.restore(records);
+    Ok(())
+}
+
+/// Each partition's numbering and retained events. A store written under another partition
+/// count is not loaded (a device's partition is its id's hash modulo the count, so its events
+/// would land in other partitions than before): the endpoint starts empty, with a warning.
+fn load_events(conn: &mut Connection, eventhub: &EventHub, wall: std::time::SystemTime) -> Result<Vec<i64>, Loaded> {
+    let count = eventhub.partition_count();
+    let stored: Option<String> =
+        conn.query_row("SELECT value FROM settings WHERE key = 'eventhub_partitions'", [], |r| r.get(0)).ok();
+    if stored.as_deref() != Some(count.to_string().as_str()) {
+        if let Some(was) = &stored {
+            tracing::warn!(
+                stored = %was,
+                configured = count,
+                "the store's Event Hubs-compatible endpoint had another partition count; its events are not kept"
+            );
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch("DELETE FROM events; DELETE FROM eventhub_partitions;")?;
+        tx.execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES ('eventhub_partitions', ?1)",
+            [count.to_string()],
+        )?;
+        tx.commit()?;
+        return Ok(vec![0; count]);
+    }
+    let mut written = vec![0; count];
+    let mut stmt = conn.prepare(
+        "SELECT partition, next_sequence, next_offset, last_sequence, last_offset, last_ms FROM eventhub_partitions",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut numbering = vec![Numbering::default(); count];
+    while let Some(r) = rows.next()? {
+        let p: i64 = r.get(0)?;
+        let Some(n) = usize::try_from(p).ok().and_then(|p| numbering.get_mut(p)) else { continue };
+        let last: (Option<i64>, Option<i64>, Option<i64>) = (r.get(3)?, r.get(4)?, r.get(5)?);
+        *n = Numbering {
+            next_sequence: r.get(1)?,
+            next_offset: r.get(2)?,
+            last: match last {
+                (Some(s), Some(o), Some(ms)) => Some((s, o, rows::from_unix_ms(ms))),
+                _ => None,
+            },
+        };
+    }
+    let mut stmt = conn.prepare(
+        "SELECT partition, seq, offset, enqueued_ms, source, properties, body FROM events
+         WHERE partition = ?1 ORDER BY seq",
+    )?;
+    for (p, n) in numbering.into_iter().enumerate() {
+        let mut rows = stmt.query([p as i64])?;
+        let mut events = Vec::new();
+        while let Some(r) = rows.next()? {
+            let row = rows::EventRow {
+                partition: r.get(0)?,
+                seq: r.get(1)?,
+                offset: r.get(2)?,
+                enqueued_ms: r.get(3)?,
+                source: r.get(4)?,
+                properties: r.get(5)?,
+                body: r.get(6)?,
+            };
+            events.push(row.into_event()?);
+        }
+        written[p] = n.next_sequence;
+        eventhub.restore(p, n, events, wall);
+    }
+    Ok(written)
 }

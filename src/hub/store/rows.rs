@@ -1,6 +1,7 @@
 //! What one row of each table holds, and the conversions between the hub's state and rows: an
-//! identity (record, twin, C2D queue), an enrollment, a registration. JSON columns carry what SQL
-//! never filters on; ids, keys and the X.509 fields are columns of their own.
+//! identity (record, twin, C2D queue), an enrollment, a registration, an event of the Event
+//! Hubs-compatible endpoint, a C2D feedback record. JSON columns carry what SQL never filters on;
+//! ids, keys, the X.509 fields and event numbers are columns of their own.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,10 +9,13 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::hub::c2d::{C2dMessage, C2dQueue};
+use crate::hub::c2d::{C2dMessage, C2dQueue, Lock};
 use crate::hub::clock::Instant;
 use crate::hub::dps::{GroupEnrollment, IndividualEnrollment};
+use crate::hub::eventhub::{Event, unix_ms};
+use crate::hub::feedback::{self, Pending, Status};
 use crate::hub::registry::{IdentityState, Record};
+use crate::hub::telemetry::{Source, StoredMessage};
 use crate::hub::twin_doc::TwinDoc;
 use crate::iot::property_bag::PropertyBag;
 use crate::iot::sas::Key;
@@ -40,8 +44,9 @@ struct RecordJson {
     model_id: Option<String>,
 }
 
-/// One queued C2D message (or module input). Its MQTT connection and HTTPS lock are not kept: a restarted hub has
-/// neither, so the message is Enqueued again (its delivery count kept).
+/// One queued C2D message (or module input). Its MQTT connection is not kept (a restarted hub has
+/// none, so a message in flight there is Enqueued again, its delivery count kept); an HTTPS lock
+/// is, with its token and wall-clock end, so the device can still settle what it received.
 #[derive(Serialize, Deserialize)]
 struct C2dJson {
     id: u64,
@@ -53,6 +58,14 @@ struct C2dJson {
     /// The module input of a message an IoT Edge route queued (absent for C2D).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lock: Option<LockJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LockJson {
+    token: String,
+    until: SystemTime,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,8 +93,16 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 impl IdentityRow {
-    /// The row for an identity as it is now (taken under its lock).
-    pub fn of(key: String, device_id: &str, module_id: Option<&str>, st: &IdentityState) -> IdentityRow {
+    /// The row for an identity as it is now (taken under its lock); `now` and `wall` are the same
+    /// moment, to turn lock deadlines into wall-clock times.
+    pub fn of(
+        key: String,
+        device_id: &str,
+        module_id: Option<&str>,
+        st: &IdentityState,
+        now: Instant,
+        wall: SystemTime,
+    ) -> IdentityRow {
         let r = &st.record;
         let record = RecordJson {
             enabled: r.enabled,
@@ -107,6 +128,10 @@ impl IdentityRow {
                     expires_at: m.expires_at,
                     delivery_count: m.delivery_count,
                     input: m.input,
+                    lock: m
+                        .lock
+                        .filter(|l| l.until > now)
+                        .map(|l| LockJson { until: wall + l.until.saturating_duration_since(now), token: l.token }),
                 })
                 .collect(),
         };
@@ -162,7 +187,10 @@ impl IdentityRow {
                 expires_at: m.expires_at,
                 delivery_count: m.delivery_count,
                 sent_on: None,
-                lock: None,
+                lock: m.lock.and_then(|l| {
+                    let left = l.until.duration_since(wall).ok()?;
+                    Some(Lock { token: l.token, until: now + left })
+                }),
                 input: m.input,
             });
         }
@@ -222,4 +250,163 @@ pub fn individual_from(id: &str, body: &str) -> Result<IndividualEnrollment, Bad
 pub fn group_from(id: &str, body: &str) -> Result<GroupEnrollment, BadRow> {
     let (j, keys) = enrollment(id, body)?;
     Ok(GroupEnrollment { group_id: j.id, keys, enabled: j.enabled, etag: j.etag })
+}
+
+/// An event row of the Event Hubs-compatible endpoint: the numbers as columns, the message's
+/// source and properties as JSON, the body as it arrived.
+pub struct EventRow {
+    pub partition: i64,
+    pub seq: i64,
+    pub offset: i64,
+    pub enqueued_ms: i64,
+    pub source: String,
+    pub properties: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EventProperties {
+    system: Vec<(String, String)>,
+    application: Vec<(String, Option<String>)>,
+}
+
+/// Milliseconds since the Unix epoch as a wall-clock time (0 and below: the epoch).
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl EventRow {
+    pub fn of(partition: usize, e: &Event) -> EventRow {
+        let m = &e.message;
+        let props = EventProperties { system: m.system.clone(), application: m.application.clone() };
+        EventRow {
+            partition: partition as i64,
+            seq: e.sequence_number,
+            offset: e.offset,
+            enqueued_ms: unix_ms(e.enqueued),
+            source: m.source.as_str().to_owned(),
+            properties: serde_json::to_string(&props).unwrap_or_default(),
+            body: m.body.to_vec(),
+        }
+    }
+
+    pub fn into_event(self) -> Result<Event, BadRow> {
+        let bad = |reason: String| BadRow {
+            what: "event",
+            id: format!("partition {} sequence number {}", self.partition, self.seq),
+            reason,
+        };
+        let source = Source::parse(&self.source).ok_or_else(|| bad(format!("unknown source `{}`", self.source)))?;
+        let props: EventProperties =
+            serde_json::from_str(&self.properties).map_err(|e| bad(format!("properties: {e}")))?;
+        let enqueued = from_unix_ms(self.enqueued_ms);
+        Ok(Event {
+            sequence_number: self.seq,
+            offset: self.offset,
+            enqueued,
+            message: std::sync::Arc::new(StoredMessage {
+                source,
+                enqueued,
+                system: props.system,
+                application: props.application,
+                body: Bytes::from(self.body),
+            }),
+        })
+    }
+}
+
+/// The `body` of a feedback row.
+#[derive(Serialize, Deserialize)]
+struct FeedbackJson {
+    original_message_id: String,
+    device_id: String,
+    device_generation_id: String,
+    at: SystemTime,
+    status: String,
+}
+
+pub fn feedback_body(r: &feedback::Record) -> String {
+    let j = FeedbackJson {
+        original_message_id: r.original_message_id.clone(),
+        device_id: r.device_id.clone(),
+        device_generation_id: r.device_generation_id.clone(),
+        at: r.at,
+        status: r.status.code().to_owned(),
+    };
+    serde_json::to_string(&j).unwrap_or_default()
+}
+
+pub fn feedback_from(id: u64, body: &str) -> Result<Pending, BadRow> {
+    let bad = |reason: String| BadRow { what: "feedback record", id: id.to_string(), reason };
+    let j: FeedbackJson = serde_json::from_str(body).map_err(|e| bad(e.to_string()))?;
+    let status = Status::parse(&j.status).ok_or_else(|| bad(format!("unknown status `{}`", j.status)))?;
+    Ok(Pending {
+        id,
+        record: feedback::Record {
+            original_message_id: j.original_message_id,
+            device_id: j.device_id,
+            device_generation_id: j.device_generation_id,
+            at: j.at,
+            status,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_row_gives_back_the_event() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let e = Event {
+            sequence_number: 41,
+            offset: 9000,
+            enqueued: at,
+            message: std::sync::Arc::new(StoredMessage {
+                source: Source::TwinChangeEvents,
+                enqueued: at,
+                system: vec![("iothub-connection-device-id".into(), "d1".into())],
+                application: vec![("k".into(), Some("v".into())), ("flag".into(), None)],
+                body: Bytes::from_static(b"\x00binary\xff"),
+            }),
+        };
+        let back = EventRow::of(3, &e).into_event().unwrap();
+        assert_eq!((back.sequence_number, back.offset, back.enqueued), (41, 9000, at));
+        assert_eq!(back.message.source, Source::TwinChangeEvents);
+        assert_eq!(back.message.system, e.message.system);
+        assert_eq!(back.message.application, e.message.application);
+        assert_eq!(back.message.body, e.message.body);
+    }
+
+    #[test]
+    fn a_damaged_event_or_feedback_row_is_named_not_loaded() {
+        let mut row = EventRow::of(
+            0,
+            &Event {
+                sequence_number: 7,
+                offset: 0,
+                enqueued: SystemTime::UNIX_EPOCH,
+                message: std::sync::Arc::new(StoredMessage {
+                    source: Source::Telemetry,
+                    enqueued: SystemTime::UNIX_EPOCH,
+                    system: Vec::new(),
+                    application: Vec::new(),
+                    body: Bytes::new(),
+                }),
+            },
+        );
+        row.source = "Gossip".into();
+        let e = row.into_event().unwrap_err().to_string();
+        assert!(e.contains("partition 0 sequence number 7") && e.contains("Gossip"), "{e}");
+        assert!(feedback_from(3, "{}").unwrap_err().to_string().contains("feedback record `3`"));
+        let r = feedback::Record {
+            original_message_id: "m".into(),
+            device_id: "d".into(),
+            device_generation_id: "g".into(),
+            at: SystemTime::UNIX_EPOCH,
+            status: Status::Purged,
+        };
+        assert_eq!(feedback_from(5, &feedback_body(&r)).unwrap(), Pending { id: 5, record: r });
+    }
 }

@@ -35,6 +35,37 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY NOT NULL,
         body TEXT NOT NULL
     );",
+    // 2: the Event Hubs-compatible endpoint's retained events (one row each, the body as a blob,
+    // the properties as JSON) and each partition's numbering, kept even when no event is retained
+    // so numbering resumes where it stopped; the partition count they were written under; C2D
+    // feedback records not yet received by the service.
+    "CREATE TABLE events (
+        partition INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        enqueued_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (partition, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE eventhub_partitions (
+        partition INTEGER PRIMARY KEY NOT NULL,
+        next_sequence INTEGER NOT NULL,
+        next_offset INTEGER NOT NULL,
+        last_sequence INTEGER,
+        last_offset INTEGER,
+        last_ms INTEGER
+    );
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY NOT NULL,
+        at_ms INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
@@ -73,10 +104,23 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         assert_eq!(migrate(&mut c).unwrap(), 0);
         assert_eq!(migrate(&mut c).unwrap(), VERSION);
+        assert_eq!(VERSION, 2);
         let tables: i64 =
             c.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0)).unwrap();
-        assert_eq!(tables, 3);
+        assert_eq!(tables, 7);
         c.pragma_update(None, "user_version", VERSION + 1).unwrap();
         assert!(matches!(migrate(&mut c), Err(SchemaError::TooNew { found }) if found == VERSION + 1));
+    }
+
+    #[test]
+    fn a_store_of_an_older_shape_keeps_its_rows() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute("INSERT INTO registrations (id, body) VALUES ('r1', '{}')", []).unwrap();
+        assert_eq!(migrate(&mut c).unwrap(), 1);
+        let kept: i64 = c.query_row("SELECT count(*) FROM registrations", [], |r| r.get(0)).unwrap();
+        let events: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap();
+        assert_eq!((kept, events), (1, 0));
     }
 }

@@ -3,7 +3,9 @@
 //! once (group commit: one fsync for many changes), then publishes the highest change number
 //! now durable. A change names what changed, not its value: the writer reads the current state
 //! when it writes, so a burst of patches to one twin is written once, and deletes cannot race
-//! creates (a row is deleted only under the generation that was deleted).
+//! creates (a row is deleted only under the generation that was deleted). Events of the Event
+//! Hubs-compatible endpoint are written the same way: a change names the partition that grew and
+//! the writer appends everything past what it wrote last, then forgets what retention dropped.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use std::sync::mpsc::Receiver;
 use rusqlite::{Connection, params};
 use tokio::sync::watch;
 
-use super::rows::{self, IdentityRow};
+use super::rows::{self, EventRow, IdentityRow};
 use crate::hub::dps::Dps;
+use crate::hub::eventhub::{EventHub, Numbering, unix_ms};
+use crate::hub::feedback::{self, Pending};
 use crate::hub::registry::{Identity, Registry};
 
 /// What changed. The writer looks up the current value.
@@ -25,6 +29,21 @@ pub enum Change {
     Group(String),
     /// A DPS registration, by registration id.
     Registration(String),
+    /// A partition of the Event Hubs-compatible endpoint was appended to.
+    Events(usize),
+    /// A C2D feedback record was queued (carried whole: a reader may take it before the write).
+    Feedback(Pending),
+    /// The service received these feedback records.
+    FeedbackSettled(Vec<u64>),
+}
+
+/// What the writer works on: the hub's parts it reads current values from, and how far it has
+/// written each partition of the endpoint (the next sequence number not yet on disk).
+pub struct Sources {
+    pub registry: Arc<Registry>,
+    pub dps: Arc<Dps>,
+    pub eventhub: Arc<EventHub>,
+    pub written: Vec<i64>,
 }
 
 /// How far the writer got: every change numbered up to `seq` is committed. `failed` is set for
@@ -39,13 +58,7 @@ pub struct Committed {
 const MAX_BATCH: usize = 20_000;
 
 /// Runs until every sender is gone, then returns (the last batch committed).
-pub fn run(
-    mut conn: Connection,
-    rx: Receiver<(u64, Change)>,
-    done: watch::Sender<Committed>,
-    registry: Arc<Registry>,
-    dps: Arc<Dps>,
-) {
+pub fn run(mut conn: Connection, rx: Receiver<(u64, Change)>, done: watch::Sender<Committed>, mut from: Sources) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -56,7 +69,7 @@ pub fn run(
             }
         }
         let last = batch.last().map_or(0, |(seq, _)| *seq);
-        match write(&mut conn, &batch, &registry, &dps) {
+        match write(&mut conn, &batch, &mut from) {
             Ok(()) => {
                 done.send_modify(|c| c.seq = last);
             }
@@ -69,8 +82,12 @@ pub fn run(
     }
 }
 
-fn write(conn: &mut Connection, batch: &[(u64, Change)], registry: &Registry, dps: &Dps) -> rusqlite::Result<()> {
+fn write(conn: &mut Connection, batch: &[(u64, Change)], from: &mut Sources) -> rusqlite::Result<()> {
+    let (registry, dps) = (&*from.registry, &*from.dps);
+    let (now, wall) = (crate::hub::clock::now(), crate::hub::clock::wall());
     let tx = conn.transaction()?;
+    let mut grown = Vec::new();
+    let mut feedback_changed = false;
     {
         let mut upsert = tx.prepare_cached(
             "INSERT INTO identities (key, device_id, module_id, generation_id, auth_type, primary_key,
@@ -104,7 +121,8 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], registry: &Registry, dp
                     let current = registry.is_current(identity);
                     let st = identity.lock();
                     if current && !st.removed {
-                        let row = IdentityRow::of(key, &identity.device_id, identity.module_id.as_deref(), &st);
+                        let row =
+                            IdentityRow::of(key, &identity.device_id, identity.module_id.as_deref(), &st, now, wall);
                         drop(st);
                         upsert.execute(params![
                             row.key,
@@ -152,8 +170,73 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], registry: &Registry, dp
                         put_reg.execute(params![folded, serde_json::to_string(&r).unwrap_or_default()])?;
                     }
                 }
+                Change::Events(p) => {
+                    if !grown.contains(p) {
+                        grown.push(*p);
+                    }
+                }
+                Change::Feedback(pending) => {
+                    feedback_changed = true;
+                    tx.prepare_cached("INSERT OR REPLACE INTO feedback (id, at_ms, body) VALUES (?1, ?2, ?3)")?
+                        .execute(params![
+                            pending.id as i64,
+                            unix_ms(pending.record.at),
+                            rows::feedback_body(&pending.record)
+                        ])?;
+                }
+                Change::FeedbackSettled(ids) => {
+                    let mut del = tx.prepare_cached("DELETE FROM feedback WHERE id = ?1")?;
+                    for id in ids {
+                        del.execute(params![*id as i64])?;
+                    }
+                }
             }
         }
     }
+    for p in grown {
+        write_events(&tx, from, p, wall)?;
+    }
+    if feedback_changed {
+        // Records past the queue's time to live are dropped from memory when a reader next
+        // looks; here too, so the table stays bounded.
+        let expired = unix_ms(wall.checked_sub(feedback::TTL).unwrap_or(std::time::SystemTime::UNIX_EPOCH));
+        tx.prepare_cached("DELETE FROM feedback WHERE at_ms < ?1")?.execute(params![expired])?;
+    }
     tx.commit()
+}
+
+/// Appends partition `p`'s events past what was written, drops the rows retention dropped, and
+/// records the partition's numbering as of the last event written.
+fn write_events(
+    tx: &rusqlite::Transaction<'_>,
+    from: &mut Sources,
+    p: usize,
+    wall: std::time::SystemTime,
+) -> rusqlite::Result<()> {
+    let Some(written) = from.written.get_mut(p) else { return Ok(()) };
+    let events = from.eventhub.read(p, *written, usize::MAX, wall);
+    let mut insert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO events (partition, seq, offset, enqueued_ms, source, properties, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for e in &events {
+        let r = EventRow::of(p, e);
+        insert.execute(params![r.partition, r.seq, r.offset, r.enqueued_ms, r.source, r.properties, r.body])?;
+    }
+    let (current, begin) = from.eventhub.numbering(p);
+    // The numbering as of the last row written, not of the partition now: events appended since
+    // are written with their own change, and a crash in between must not leave a gap.
+    let numbering = events.last().map_or(current, Numbering::after);
+    *written = numbering.next_sequence;
+    tx.prepare_cached("DELETE FROM events WHERE partition = ?1 AND seq < ?2")?.execute(params![p as i64, begin])?;
+    let (last_seq, last_offset, last_ms) = match numbering.last {
+        Some((s, o, t)) => (Some(s), Some(o), Some(unix_ms(t))),
+        None => (None, None, None),
+    };
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO eventhub_partitions (partition, next_sequence, next_offset, last_sequence,
+            last_offset, last_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![p as i64, numbering.next_sequence, numbering.next_offset, last_seq, last_offset, last_ms])?;
+    Ok(())
 }
