@@ -203,6 +203,25 @@ async fn self_signed_devices_connect_by_thumbprint_and_are_refused_by_reason() {
     assert_eq!(hub.mqtt().await.connect("ss1", &user, "", true, 60).await, no, "no certificate");
     assert_eq!(refused(&hub, "cert_missing").await, 1.0);
 
+    // HTTPS device requests: no Authorization header, the certificate in the TLS handshake.
+    assert_eq!(put_if(&hub, "/devices/ss1", auth(&good, &expired)).await.0, 200);
+    let https = |cert: &Made| {
+        let tls = hub.tls_with_cert(vec![cert.der.clone()], cert.key_der());
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+            .resolve("localhost", hub.info.https_addr)
+            .build()
+            .unwrap()
+    };
+    let url = hub.url("/devices/ss1/messages/events");
+    let sent = https(&good).post(&url).body("over https").send().await.unwrap();
+    assert_eq!(sent.status(), 204);
+    assert_eq!(hub.events("ss1", None).await["received"], 2);
+    let sent = https(&other).post(&url).body("no").send().await.unwrap();
+    assert_eq!(sent.status(), 401);
+    let received = https(&good).get(hub.url("/devices/ss1/messages/deviceBound")).send().await.unwrap();
+    assert_eq!(received.status(), 204, "nothing queued");
+
     // A SAS device presenting a certificate still authenticates by its token, and only by it.
     let key = hub.create_device("sas1").await;
     let cert = self_signed("sas1", 2020, 2090);
