@@ -139,7 +139,7 @@ pub fn mqtt_session(data: &[u8]) {
     input.extend_from_slice(rest);
     h.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let serve = tokio::spawn(crate::hub::mqtt::connection::serve(h.hub.clone(), server));
+        let serve = tokio::spawn(crate::hub::mqtt::connection::serve(h.hub.clone(), server, None));
         let _ = client.write_all(&input).await;
         let _ = client.shutdown().await;
         let mut sink = Vec::new();

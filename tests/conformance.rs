@@ -14,8 +14,13 @@ fn run(interpreter: &Path, script: &str) {
     run_with(interpreter, script, None);
 }
 
-/// Runs a script against a fresh hub, or against `fleetsim run` with the given scenarios.
 fn run_with(interpreter: &Path, script: &str, fleet_scenarios: Option<&[&str]>) {
+    run_env(interpreter, script, fleet_scenarios, &[]);
+}
+
+/// Runs a script against a fresh hub, or against `fleetsim run` with the given scenarios, with
+/// `env` added to its environment.
+fn run_env(interpreter: &Path, script: &str, fleet_scenarios: Option<&[&str]>, env: &[(&str, &Path)]) {
     let root = root();
     assert!(
         interpreter.exists(),
@@ -36,6 +41,7 @@ fn run_with(interpreter: &Path, script: &str, fleet_scenarios: Option<&[&str]>) 
         std::fs::write(&path, config).unwrap();
         cmd.env("FLEETSIM_RUN_CONFIG", path);
     }
+    cmd.envs(env.iter().copied());
     let out = cmd
         .arg(env!("CARGO_BIN_EXE_fleetsim"))
         .arg(dir.path())
@@ -59,6 +65,74 @@ fn node(script: &str) {
         "Node SDKs missing: run scripts/setup-sdks.sh"
     );
     run(Path::new("/usr/bin/node"), &format!("node/{script}"));
+}
+
+/// Test certificates for the X.509 scripts, as PEM files in a fresh directory (`X509_DIR`):
+/// `root.pem` (a CA the script uploads), `ss` (self-signed, CN `x509-ss`, with `ss.sha1` and
+/// `ss.sha256` thumbprints), `ca-dev` (CN `x509-ca`, signed by the root), `wrong` (the same CN
+/// signed by another CA) and `expired` (signed by the root, valid 2020-2021); each `NAME.pem` with
+/// `NAME.key.pem`. Made with rcgen, ECDSA P-256.
+fn x509_files() -> tempfile::TempDir {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().unwrap();
+    let params = |cn: &str, from: i32, to: i32| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(to, 1, 1);
+        p
+    };
+    let new_key = || KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let write = |name: &str, cert: &rcgen::Certificate, key: &KeyPair| {
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key.pem")), key.serialize_pem()).unwrap();
+    };
+    let ca = |cn: &str| {
+        let mut p = params(cn, 2020, 2090);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let key = new_key();
+        let cert = p.self_signed(&key).unwrap();
+        (p, key, cert)
+    };
+    let (root_params, root_key, root) = ca("fleetsim conformance root");
+    let (other_params, other_key, _) = ca("some other root");
+    std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
+    let root_issuer = Issuer::from_params(&root_params, &root_key);
+    let other_issuer = Issuer::from_params(&other_params, &other_key);
+    let key = new_key();
+    let ss = params("x509-ss", 2020, 2090).self_signed(&key).unwrap();
+    write("ss", &ss, &key);
+    let (sha1, sha256) = fleetsim::hub::x509::thumbprints(ss.der());
+    std::fs::write(dir.path().join("ss.sha1"), sha1).unwrap();
+    std::fs::write(dir.path().join("ss.sha256"), sha256).unwrap();
+    for (name, from, to, issuer) in [
+        ("ca-dev", 2020, 2090, &root_issuer),
+        ("wrong", 2020, 2090, &other_issuer),
+        ("expired", 2020, 2021, &root_issuer),
+    ] {
+        let key = new_key();
+        let cert = params("x509-ca", from, to).signed_by(&key, issuer).unwrap();
+        write(name, &cert, &key);
+    }
+    dir
+}
+
+#[test]
+fn python_x509_device_client() {
+    let certs = x509_files();
+    let python = root().join(".venv/bin/python");
+    run_env(&python, "python/x509_device_client.py", None, &[("X509_DIR", certs.path())]);
+}
+
+#[test]
+fn node_x509_device_client() {
+    assert!(
+        root().join("tests/conformance/node/node_modules/azure-iot-device").exists(),
+        "Node SDKs missing: run scripts/setup-sdks.sh"
+    );
+    let certs = x509_files();
+    run_env(Path::new("/usr/bin/node"), "node/x509_device_client.js", None, &[("X509_DIR", certs.path())]);
 }
 
 #[test]

@@ -168,6 +168,10 @@ pub struct HubBehaviour {
     pub eventhub_device_lifecycle_events: bool,
     /// Device connect and disconnect events (`deviceConnectionStateEvents`).
     pub eventhub_connection_state_events: bool,
+    /// Whether an uploaded CA certificate needs proof of possession (`generateVerificationCode`,
+    /// then `verify`) before it authenticates devices, as on IoT Hub. Off: every upload is
+    /// verified at once (Azure's upload with `isVerified: true` does the same for one upload).
+    pub ca_proof_of_possession: bool,
 }
 
 impl Default for HubBehaviour {
@@ -198,6 +202,7 @@ impl Default for HubBehaviour {
             eventhub_twin_change_events: true,
             eventhub_device_lifecycle_events: true,
             eventhub_connection_state_events: true,
+            ca_proof_of_possession: true,
         }
     }
 }

@@ -15,11 +15,13 @@ use super::c2d::{C2dMessage, LockLost, Settle};
 use super::faults::Refuse;
 use super::feedback::Status;
 use super::metrics::Refusal;
+use super::registry::Auth;
 use super::registry::{Identity, IdentityState};
 use super::secrets::Permissions;
 use super::sequence;
 use super::state::HubState;
 use super::telemetry::{self, Sender};
+use super::x509::{self, ClientChain};
 use crate::iot::property_bag::PropertyBag;
 use crate::iot::sas::{SasError, SasToken};
 use crate::iot::time::unix_secs;
@@ -49,7 +51,11 @@ pub fn authenticate(
         return Err(Refusal::BadUsername);
     }
     let identity = hub.registry.get(device_id, module_id).ok_or(Refusal::UnknownIdentity)?;
-    let token = SasToken::parse(token).map_err(|_| Refusal::BadCredentials)?;
+    let token = SasToken::parse(token).map_err(|_| match identity.lock().record.auth {
+        // No token (an X.509 client's empty password) from an identity that expects a certificate.
+        Auth::SelfSigned { .. } | Auth::CertificateAuthority => Refusal::CertMissing,
+        Auth::Sas | Auth::None => Refusal::BadCredentials,
+    })?;
     let resource = match module_id {
         Some(m) => format!("{host}/devices/{device_id}/modules/{m}"),
         None => format!("{host}/devices/{device_id}"),
@@ -62,7 +68,14 @@ pub fn authenticate(
             None => Err(SasError::BadSignature),
         },
         None => {
-            let keys = identity.lock().record.keys.clone();
+            let st = identity.lock();
+            // An X.509 (or `none`) identity has no keys that sign: only a certificate or a
+            // policy token admits it.
+            if st.record.auth != Auth::Sas {
+                return Err(Refusal::CertMissing);
+            }
+            let keys = st.record.keys.clone();
+            drop(st);
             token.verify(&resource, &keys, now, skew)
         }
     };
@@ -80,6 +93,101 @@ pub fn authenticate(
     }
     drop(st);
     Ok(Authenticated { identity, expiry: token.expiry })
+}
+
+/// Authenticates a CONNECT: by `chain`, the TLS client certificate, when there is one and the
+/// identity's type is `selfSigned` or `certificateAuthority`; else by the SAS token `password`
+/// (a SAS device presenting a certificate still authenticates by its token). Without a
+/// certificate this is `authenticate` itself, at its cost.
+pub fn authenticate_connect(
+    hub: &HubState,
+    host: &str,
+    device_id: &str,
+    module_id: Option<&str>,
+    password: &str,
+    chain: Option<&ClientChain>,
+    now: SystemTime,
+) -> Result<Authenticated, Refusal> {
+    if chain.is_some()
+        && let Some(identity) = hub.registry.get(device_id, module_id)
+        && matches!(identity.lock().record.auth, Auth::SelfSigned { .. } | Auth::CertificateAuthority)
+    {
+        return authenticate_x509(hub, host, device_id, module_id, chain, now);
+    }
+    authenticate(hub, host, device_id, module_id, password, now)
+}
+
+/// Authenticates a device (module) by the client certificate its TLS connection presented,
+/// for an identity whose `authentication.type` is `selfSigned` or `certificateAuthority`
+/// (Microsoft: "Authenticate identities with X.509 certificates"). The host must be ours as for
+/// SAS. Refusals as `authenticate`'s, plus the certificate's (`check_certificate`). The session
+/// has no token to expire (`expiry` is `u64::MAX`).
+pub fn authenticate_x509(
+    hub: &HubState,
+    host: &str,
+    device_id: &str,
+    module_id: Option<&str>,
+    chain: Option<&ClientChain>,
+    now: SystemTime,
+) -> Result<Authenticated, Refusal> {
+    if !hub.is_our_host(host) {
+        return Err(Refusal::BadUsername);
+    }
+    let identity = hub.registry.get(device_id, module_id).ok_or(Refusal::UnknownIdentity)?;
+    let auth = identity.lock().record.auth.clone();
+    check_certificate(chain, &auth, device_id, module_id, &hub.ca_certs, now)?;
+    let st = identity.lock();
+    if st.removed {
+        return Err(Refusal::UnknownIdentity);
+    }
+    if !st.record.enabled {
+        return Err(Refusal::IdentityDisabled);
+    }
+    drop(st);
+    Ok(Authenticated { identity, expiry: u64::MAX })
+}
+
+/// Whether `chain` may connect as the identity `device_id` (module `module_id`) whose
+/// authentication is `auth`, at `now`. The CN is the device id, or for a module the module id
+/// (the emulator's reading; Microsoft's docs state the device rule only). Refusals:
+/// `CertMissing` (no chain, or `auth` takes no certificate), `CertThumbprint`, `CertUntrusted`,
+/// `CertExpired`, `CertNotYetValid`, `CertSubject`.
+fn check_certificate(
+    chain: Option<&ClientChain>,
+    auth: &Auth,
+    device_id: &str,
+    module_id: Option<&str>,
+    cas: &super::ca_certs::CaCerts,
+    now: SystemTime,
+) -> Result<(), Refusal> {
+    let chain = chain.ok_or(Refusal::CertMissing)?;
+    let leaf = chain.0.first().ok_or(Refusal::CertMissing)?;
+    // The handshake already parsed every certificate; a failure here is the same refusal.
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|_| Refusal::CertUntrusted)?;
+    let unix = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    match auth {
+        Auth::SelfSigned { primary, secondary } => {
+            let (sha1, sha256) = x509::thumbprints(leaf);
+            let matches = |t: &String| t.eq_ignore_ascii_case(&sha1) || t.eq_ignore_ascii_case(&sha256);
+            if !matches(primary) && !secondary.as_ref().is_some_and(matches) {
+                return Err(Refusal::CertThumbprint);
+            }
+            let validity = cert.validity();
+            if unix < validity.not_before.timestamp() {
+                return Err(Refusal::CertNotYetValid);
+            }
+            if unix > validity.not_after.timestamp() {
+                return Err(Refusal::CertExpired);
+            }
+        }
+        Auth::CertificateAuthority => cas.verify_chain(leaf, &chain.0[1..], now)?,
+        Auth::Sas | Auth::None => return Err(Refusal::CertMissing),
+    }
+    let want = module_id.unwrap_or(device_id);
+    if x509::subject_cn(&cert).as_deref() != Some(want) {
+        return Err(Refusal::CertSubject);
+    }
+    Ok(())
 }
 
 /// Whether the hub takes device traffic now: an injected outage or the injected connect

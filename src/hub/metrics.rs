@@ -26,6 +26,19 @@ pub enum Refusal {
     Throttled,
     /// Past `behaviour.max_connections`: closed before the TLS handshake.
     ConnectionLimit,
+    /// An X.509 identity connected without a client certificate (CONNACK 5).
+    CertMissing,
+    /// A `selfSigned` identity's certificate matches neither thumbprint (CONNACK 5).
+    CertThumbprint,
+    /// The certificate (or one of its chain) is past its `notAfter` (CONNACK 5).
+    CertExpired,
+    /// The certificate (or one of its chain) is before its `notBefore` (CONNACK 5).
+    CertNotYetValid,
+    /// A `certificateAuthority` identity's chain does not end in a verified CA the hub holds:
+    /// signed by another CA, a CA not verified, or one removed since (CONNACK 5).
+    CertUntrusted,
+    /// The certificate's subject CN is not the identity's id (CONNACK 5).
+    CertSubject,
 }
 
 impl Refusal {
@@ -43,10 +56,16 @@ impl Refusal {
             Refusal::Outage => "outage",
             Refusal::Throttled => "throttled",
             Refusal::ConnectionLimit => "connection_limit",
+            Refusal::CertMissing => "cert_missing",
+            Refusal::CertThumbprint => "cert_thumbprint",
+            Refusal::CertExpired => "cert_expired",
+            Refusal::CertNotYetValid => "cert_not_yet_valid",
+            Refusal::CertUntrusted => "cert_untrusted",
+            Refusal::CertSubject => "cert_subject",
         }
     }
 
-    const ALL: [Refusal; 12] = [
+    const ALL: [Refusal; 18] = [
         Refusal::BadCredentials,
         Refusal::ExpiredToken,
         Refusal::UnknownIdentity,
@@ -59,6 +78,12 @@ impl Refusal {
         Refusal::Outage,
         Refusal::Throttled,
         Refusal::ConnectionLimit,
+        Refusal::CertMissing,
+        Refusal::CertThumbprint,
+        Refusal::CertExpired,
+        Refusal::CertNotYetValid,
+        Refusal::CertUntrusted,
+        Refusal::CertSubject,
     ];
 }
 

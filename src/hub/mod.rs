@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod c2d;
+pub mod ca_certs;
 pub mod clock;
 pub mod config;
 pub mod devices;
@@ -40,6 +41,7 @@ pub(crate) mod testing;
 pub mod tls;
 pub mod twin_doc;
 pub mod ws_bridge;
+pub mod x509;
 
 use std::sync::Arc;
 
@@ -105,13 +107,18 @@ fn websocket_routes() -> axum::Router<Hub> {
 async fn iothub_websocket(
     state: axum::extract::State<Hub>,
     slot: Option<axum::Extension<crate::httpserve::ConnectionSlot>>,
+    chain: Option<axum::Extension<x509::ClientChain>>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> axum::response::Response {
     let amqp = ws
         .requested_protocols()
         .filter_map(|p| p.to_str().ok())
         .any(|p| p.trim().eq_ignore_ascii_case(amqp::websocket::SUBPROTOCOL));
-    if amqp { amqp::websocket::upgrade(state, slot, ws).await } else { mqtt::websocket::upgrade(state, slot, ws).await }
+    if amqp {
+        amqp::websocket::upgrade(state, slot, ws).await
+    } else {
+        mqtt::websocket::upgrade(state, slot, chain, ws).await
+    }
 }
 
 /// A TLS connection, established and handed to its listener's handler.

@@ -37,6 +37,131 @@ pub struct Record {
     pub last_activity: Option<SystemTime>,
     /// From the CONNECT username or the DPS registration payload.
     pub model_id: Option<String>,
+    /// How the identity authenticates (`authentication.type`); the keys above serve only `Sas`.
+    pub auth: Auth,
+}
+
+/// An identity's `authentication.type` and what it carries (Microsoft: "Devices - Create Or Update
+/// Identity", `AuthenticationMechanism`; "Authenticate identities with X.509 certificates").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// Symmetric keys: SAS tokens signed with the record's keys.
+    #[default]
+    Sas,
+    /// A client certificate whose SHA-1 (40 hex digits) or SHA-256 (64) thumbprint of its DER
+    /// is one of these, kept as written (matched without regard to case).
+    SelfSigned { primary: String, secondary: Option<String> },
+    /// A client certificate chained to a CA certificate the hub holds as verified.
+    CertificateAuthority,
+    /// No credentials of its own (modules only): the module cannot connect by itself.
+    None,
+}
+
+impl Auth {
+    /// The `type` IoT Hub writes for it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Auth::Sas => "sas",
+            Auth::SelfSigned { .. } => "selfSigned",
+            Auth::CertificateAuthority => "certificateAuthority",
+            Auth::None => "none",
+        }
+    }
+
+    /// The primary and secondary thumbprints (both `None` unless self-signed).
+    pub fn thumbprints(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Auth::SelfSigned { primary, secondary } => (Some(primary), secondary.as_deref()),
+            _ => (None, None),
+        }
+    }
+
+    /// Rebuilds the mechanism from its stored parts (the store's columns). `None` for a type
+    /// this build does not know or a self-signed one without its primary thumbprint.
+    pub fn from_parts(kind: &str, primary: Option<String>, secondary: Option<String>) -> Option<Auth> {
+        Some(match kind {
+            "sas" => Auth::Sas,
+            "selfSigned" => Auth::SelfSigned { primary: primary?, secondary },
+            "certificateAuthority" => Auth::CertificateAuthority,
+            "none" => Auth::None,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether `s` is a certificate thumbprint IoT Hub accepts: the hex of a SHA-1 (40 digits) or
+/// SHA-256 (64 digits) digest of the certificate's DER, either case, no separators.
+pub fn valid_thumbprint(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// What a `Device`/`Module` or bulk entry's `authentication` object asks for: the mechanism,
+/// and the keys it gives (each `None` where left out or empty; only for `sas`).
+#[derive(Debug)]
+pub struct AuthSpec {
+    pub auth: Auth,
+    pub keys: [Option<Key>; 2],
+}
+
+/// Reads an `authentication` object as IoT Hub's REST API and bulk format write it: `type`
+/// (`sas` when absent), `symmetricKey.{primaryKey,secondaryKey}` (base64) for `sas`,
+/// `x509Thumbprint.{primaryThumbprint,secondaryThumbprint}` for `selfSigned` (the primary
+/// required, each 40 or 64 hex digits), nothing for `certificateAuthority`, and `none` only for
+/// a module. The error names the field, never a key.
+pub fn auth_from_json(auth: &Value, module: bool) -> Result<AuthSpec, String> {
+    let kind = auth.get("type").and_then(Value::as_str).unwrap_or("sas");
+    let mut spec = AuthSpec { auth: Auth::Sas, keys: [None, None] };
+    // Enum names are read without regard to case, as the service's JSON reader does.
+    match kind.to_ascii_lowercase().as_str() {
+        "sas" => {
+            for (i, name) in ["primaryKey", "secondaryKey"].into_iter().enumerate() {
+                spec.keys[i] = match auth.get("symmetricKey").and_then(|k| k.get(name)).and_then(Value::as_str) {
+                    None | Some("") => None,
+                    Some(k) => {
+                        Some(Key::from_base64(k).map_err(|_| format!("symmetricKey.{name} is not valid base64"))?)
+                    }
+                };
+            }
+        }
+        "selfsigned" => {
+            let tp = |name: &str| -> Result<Option<String>, String> {
+                match auth.get("x509Thumbprint").and_then(|t| t.get(name)).and_then(Value::as_str) {
+                    None | Some("") => Ok(None),
+                    Some(t) if valid_thumbprint(t) => Ok(Some(t.to_owned())),
+                    Some(_) => Err(format!(
+                        "x509Thumbprint.{name} must be a SHA-1 (40 hex digits) or SHA-256 (64 hex digits) thumbprint"
+                    )),
+                }
+            };
+            let primary = tp("primaryThumbprint")?
+                .ok_or("authentication type `selfSigned` needs x509Thumbprint.primaryThumbprint")?;
+            spec.auth = Auth::SelfSigned { primary, secondary: tp("secondaryThumbprint")? };
+        }
+        "certificateauthority" => spec.auth = Auth::CertificateAuthority,
+        "none" if module => spec.auth = Auth::None,
+        "none" => return Err("authentication type `none` is only allowed for modules".into()),
+        _ => {
+            return Err(format!(
+                "authentication type `{kind}` is not one of sas, selfSigned, certificateAuthority, none"
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+/// The `authentication` object IoT Hub answers with: keys only for `sas`, thumbprints only for
+/// `selfSigned`, `null` otherwise.
+pub fn auth_json(r: &Record) -> Value {
+    let sas = r.auth == Auth::Sas;
+    let (p, s) = r.auth.thumbprints();
+    json!({
+        "symmetricKey": {
+            "primaryKey": sas.then_some(&r.primary_key),
+            "secondaryKey": sas.then_some(&r.secondary_key),
+        },
+        "x509Thumbprint": { "primaryThumbprint": p, "secondaryThumbprint": s },
+        "type": r.auth.kind(),
+    })
 }
 
 impl Record {
@@ -55,6 +180,7 @@ impl Record {
             connection_state_updated: None,
             last_activity: None,
             model_id: None,
+            auth: Auth::Sas,
         }
     }
 
@@ -325,11 +451,7 @@ fn time_or_never(t: Option<SystemTime>) -> Value {
 /// `GET /devices/{id}` or `GET /devices/{d}/modules/{m}`.
 pub fn identity_json(identity: &Identity, st: &IdentityState) -> Value {
     let r = &st.record;
-    let auth = json!({
-        "symmetricKey": { "primaryKey": r.primary_key, "secondaryKey": r.secondary_key },
-        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
-        "type": "sas",
-    });
+    let auth = auth_json(r);
     let connection_state = if st.session.is_some() { "Connected" } else { "Disconnected" };
     match &identity.module_id {
         None => json!({
@@ -380,8 +502,8 @@ pub fn twin_json(identity: &Identity, st: &IdentityState) -> Value {
         "connectionState": if st.session.is_some() { "Connected" } else { "Disconnected" },
         "lastActivityTime": time_or_never(r.last_activity),
         "cloudToDeviceMessageCount": st.c2d.len(),
-        "authenticationType": "sas",
-        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+        "authenticationType": r.auth.kind(),
+        "x509Thumbprint": { "primaryThumbprint": r.auth.thumbprints().0, "secondaryThumbprint": r.auth.thumbprints().1 },
         "modelId": r.model_id.clone().unwrap_or_default(),
         "version": st.twin.version,
         "capabilities": { "iotEdge": r.iot_edge },
@@ -429,6 +551,40 @@ mod tests {
         assert_eq!(reg.counts(), (1, 0));
         assert!(reg.get("d1", Some("m1")).is_none());
         assert_eq!(reg.modules("d1").len(), 0);
+    }
+
+    #[test]
+    fn authentication_reads_as_iot_hub_writes_it_and_refuses_what_it_refuses() {
+        let read = |v: Value, module: bool| auth_from_json(&v, module).map(|s| s.auth);
+        let sha1 = "0123456789abcdef0123456789ABCDEF01234567";
+        assert_eq!(read(json!({}), false), Ok(Auth::Sas));
+        assert_eq!(read(json!({"type": "SAS"}), false), Ok(Auth::Sas));
+        assert_eq!(
+            read(json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": sha1}}), false),
+            Ok(Auth::SelfSigned { primary: sha1.into(), secondary: None })
+        );
+        assert_eq!(read(json!({"type": "certificateAuthority"}), false), Ok(Auth::CertificateAuthority));
+        assert_eq!(read(json!({"type": "none"}), true), Ok(Auth::None));
+        for (bad, module) in [
+            (json!({"type": "none"}), false),
+            (json!({"type": "selfSigned"}), false),
+            (json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": &sha1[1..]}}), false),
+            (json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": sha1.replace('0', "g")}}), false),
+            (json!({"type": "sas", "symmetricKey": {"primaryKey": "not base64!"}}), false),
+            (json!({"type": "x509"}), false),
+        ] {
+            assert!(read(bad.clone(), module).is_err(), "{bad}");
+        }
+        for a in [
+            Auth::Sas,
+            Auth::SelfSigned { primary: sha1.into(), secondary: Some(sha1.into()) },
+            Auth::CertificateAuthority,
+            Auth::None,
+        ] {
+            let (p, s) = a.thumbprints();
+            assert_eq!(Auth::from_parts(a.kind(), p.map(str::to_owned), s.map(str::to_owned)), Some(a.clone()));
+        }
+        assert_eq!(Auth::from_parts("tpm", None, None), None);
     }
 
     #[test]

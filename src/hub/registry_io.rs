@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::config::HubConfig;
-use super::registry::{Identity, IdentityState, Record, etag_matches};
+use super::registry::{AuthSpec, Identity, IdentityState, Record, auth_from_json, auth_json, etag_matches};
 use super::state::HubState;
 use crate::iot::sas::Key;
 use crate::iot::twin;
@@ -29,11 +29,7 @@ pub fn export_line(identity: &Identity, st: &IdentityState) -> Value {
         "eTag": r.etag(),
         "status": if r.enabled { "enabled" } else { "disabled" },
         "statusReason": r.status_reason,
-        "authentication": {
-            "symmetricKey": { "primaryKey": r.primary_key, "secondaryKey": r.secondary_key },
-            "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
-            "type": "sas",
-        },
+        "authentication": auth_json(r),
         "twinETag": st.twin.etag(),
         "tags": st.twin.tags,
         "properties": { "desired": st.twin.desired, "reported": st.twin.reported },
@@ -112,22 +108,9 @@ fn text<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
-fn keys(v: &Value) -> Result<Option<[Key; 2]>, String> {
-    let Some(auth) = v.get("authentication").filter(|a| !a.is_null()) else { return Ok(None) };
-    let kind = text(auth, "type").unwrap_or("sas");
-    if !kind.eq_ignore_ascii_case("sas") {
-        return Err(format!("authentication type `{kind}` is not served by this emulator yet (sas only)"));
-    }
-    let key = |name: &str| -> Result<Option<Key>, String> {
-        match auth.get("symmetricKey").and_then(|k| k.get(name)).and_then(Value::as_str) {
-            None | Some("") => Ok(None),
-            Some(k) => Key::from_base64(k).map(Some).map_err(|_| format!("symmetricKey.{name} is not base64")),
-        }
-    };
-    Ok(match (key("primaryKey")?, key("secondaryKey")?) {
-        (None, None) => None,
-        (p, s) => Some([p.unwrap_or_else(Key::generate), s.unwrap_or_else(Key::generate)]),
-    })
+/// The entry's `authentication` (`None` when it has none), as the REST API reads it.
+fn auth(v: &Value, module: bool) -> Result<Option<AuthSpec>, String> {
+    v.get("authentication").filter(|a| !a.is_null()).map(|a| auth_from_json(a, module)).transpose()
 }
 
 fn apply(hub: &HubState, v: &Value) -> Result<(), String> {
@@ -173,14 +156,12 @@ fn apply(hub: &HubState, v: &Value) -> Result<(), String> {
             identity
         }
         Some(identity) => {
-            overwrite(&mut identity.lock().record, v).map_err(|e| format!("{who}: {e}"))?;
+            overwrite(&mut identity.lock().record, v, module.is_some()).map_err(|e| format!("{who}: {e}"))?;
             identity
         }
         None => {
-            let [p, s] =
-                keys(v).map_err(|e| format!("{who}: {e}"))?.unwrap_or_else(|| [Key::generate(), Key::generate()]);
-            let mut record = Record::new(p, s);
-            overwrite(&mut record, v).map_err(|e| format!("{who}: {e}"))?;
+            let mut record = Record::new(Key::generate(), Key::generate());
+            overwrite(&mut record, v, module.is_some()).map_err(|e| format!("{who}: {e}"))?;
             record.record_version = 1;
             hub.registry.create(device, module, record, super::clock::wall()).map_err(|e| format!("{who}: {e}"))?
         }
@@ -190,10 +171,17 @@ fn apply(hub: &HubState, v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Status, reason, keys and capabilities from `v` onto `r` (what an update overwrites).
-fn overwrite(r: &mut Record, v: &Value) -> Result<(), String> {
-    if let Some([p, s]) = keys(v)? {
-        r.set_keys(p, s);
+/// Status, reason, authentication and capabilities from `v` onto `r` (what an update
+/// overwrites; a key left out keeps the one `r` has).
+fn overwrite(r: &mut Record, v: &Value, module: bool) -> Result<(), String> {
+    if let Some(spec) = auth(v, module)? {
+        let [p, s] = spec.keys;
+        if p.is_some() || s.is_some() {
+            let p = p.unwrap_or_else(|| r.keys[0].clone());
+            let s = s.unwrap_or_else(|| r.keys[1].clone());
+            r.set_keys(p, s);
+        }
+        r.auth = spec.auth;
     }
     match text(v, "status") {
         None => {}
@@ -274,12 +262,16 @@ mod tests {
                    "reported": {"fw": "2"}}}),
             json!({"id": "d1", "moduleId": "m", "importMode": "create", "tags": {"k": 1}}),
             json!({"id": "d2", "importMode": "Create"}),
+            json!({"id": "x1", "authentication": {"type": "selfSigned",
+                   "x509Thumbprint": {"primaryThumbprint": "ab".repeat(32), "secondaryThumbprint": null}}}),
+            json!({"id": "x1", "moduleId": "none", "authentication": {"type": "none"}}),
+            json!({"id": "x2", "authentication": {"type": "certificateAuthority"}}),
         ];
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let report = import(&a, &text);
-        assert_eq!((report.applied, report.errors.len()), (3, 0), "{:?}", report.errors);
+        assert_eq!((report.applied, report.errors.len()), (6, 0), "{:?}", report.errors);
         let mut out = Vec::new();
-        assert_eq!(export(&a, &mut out).unwrap(), 3);
+        assert_eq!(export(&a, &mut out).unwrap(), 6);
         let exported = String::from_utf8(out).unwrap();
         let first: Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
         assert_eq!(first["status"], "disabled");
@@ -295,7 +287,12 @@ mod tests {
         // Into another hub: the same registry.
         let b = hub();
         let report = import(&b, &exported);
-        assert_eq!((report.applied, report.errors.len()), (3, 0), "{:?}", report.errors);
+        assert_eq!((report.applied, report.errors.len()), (6, 0), "{:?}", report.errors);
+        let x1 = exported.lines().find(|l| l.contains("\"x1\"") && !l.contains("moduleId")).unwrap();
+        let x1: Value = serde_json::from_str(x1).unwrap();
+        assert_eq!(x1["authentication"]["type"], "selfSigned");
+        assert_eq!(x1["authentication"]["x509Thumbprint"]["primaryThumbprint"], json!("ab".repeat(32)));
+        assert_eq!(x1["authentication"]["symmetricKey"]["primaryKey"], Value::Null);
         let mut again = Vec::new();
         export(&b, &mut again).unwrap();
         let strip = |t: &str| -> Vec<Value> {

@@ -43,6 +43,9 @@ pub struct HubState {
     pub policies: Vec<Policy>,
     pub registry: Arc<Registry>,
     pub dps: Arc<Dps>,
+    /// The CA certificates uploaded to the hub; the verified ones authenticate
+    /// `certificateAuthority` devices.
+    pub ca_certs: Arc<super::ca_certs::CaCerts>,
     /// Where changes are made durable before they are acknowledged (`store/`).
     pub store: super::store::Store,
     pub methods: Methods,
@@ -109,10 +112,17 @@ impl HubState {
             super::clock::wall(),
         ));
         let feedback = super::feedback::FeedbackQueue::default();
+        let ca_certs = Arc::new(super::ca_certs::CaCerts::default());
         let store = match store_dir {
             Some(dir) => super::store::Store::open(
                 dir,
-                super::store::Parts { registry: &registry, dps: &dps, eventhub: &eventhub, feedback: &feedback },
+                super::store::Parts {
+                    registry: &registry,
+                    dps: &dps,
+                    eventhub: &eventhub,
+                    feedback: &feedback,
+                    ca_certs: &ca_certs,
+                },
             )?,
             None => super::store::Store::in_memory(),
         };
@@ -165,6 +175,7 @@ impl HubState {
             policies,
             registry,
             dps,
+            ca_certs,
             store,
             methods: Methods::default(),
             metrics: HubMetrics::default(),

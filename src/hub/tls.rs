@@ -17,7 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use super::config::TlsFiles;
 use crate::fsio::{MAX_INPUT_FILE, read_capped, read_text_capped, write_atomic, write_private};
 
-/// Server configs for the two listeners, and the CA clients must trust.
+/// Server configs for the two listeners, and the CA clients must trust. Both ask clients for a
+/// certificate (X.509 devices; not required).
 pub struct TlsMaterial {
     /// No ALPN: MQTT clients do not negotiate one.
     pub mqtt: Arc<ServerConfig>,
@@ -65,7 +66,8 @@ fn server_config(
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
-        .with_no_client_auth()
+        // Asked for, never required: X.509 devices are decided at CONNECT (`x509.rs`).
+        .with_client_cert_verifier(super::x509::RequestAnyCertificate::new())
         .with_single_cert(chain, key)
         .context("the server certificate and key do not match")?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -224,9 +224,39 @@ impl Api {
     }
 
     pub async fn mqtt(&self) -> MqttClient {
+        self.mqtt_over(self.tls.clone()).await
+    }
+
+    /// An MQTT connection made with `tls` (a client certificate, for X.509 devices).
+    pub async fn mqtt_over(&self, tls: Arc<rustls::ClientConfig>) -> MqttClient {
         let tcp = TcpStream::connect(self.info.mqtt_addr).await.unwrap();
-        let tls = TlsConnector::from(self.tls.clone()).connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+        let tls = TlsConnector::from(tls).connect("localhost".try_into().unwrap(), tcp).await.unwrap();
         MqttClient { stream: tls, rbuf: BytesMut::new(), next_pkid: 0 }
+    }
+
+    /// A client TLS config that trusts the hub and presents `chain` (leaf first) with `key`.
+    pub fn tls_with_cert(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in self.tls_roots() {
+            roots.add(c).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        Arc::new(cfg)
+    }
+
+    fn tls_roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_file_iter(&self.info.ca_file).unwrap().map(|c| c.unwrap()).collect()
     }
 
     /// A device or module connected with a valid token (CleanSession as given).

@@ -55,7 +55,8 @@ fn token_covers(hub: &HubState, sr: &str, path: &str) -> bool {
 /// `/{scope}/registrations/...` where the first segment is not one of the hub's own collections
 /// (a device may be named `registrations`).
 fn is_dps_path(path: &str) -> bool {
-    const HUB: &[&str] = &["devices", "twins", "statistics", "emulator", "$iothub", "jobs", "configurations"];
+    const HUB: &[&str] =
+        &["devices", "twins", "certificates", "statistics", "emulator", "$iothub", "jobs", "configurations"];
     let mut segs = path.trim_start_matches('/').split('/');
     let first = segs.next().unwrap_or_default();
     first.eq_ignore_ascii_case("enrollments")

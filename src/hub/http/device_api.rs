@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
@@ -25,6 +26,7 @@ use crate::hub::devices::{self, D2c};
 use crate::hub::metrics::Refusal;
 use crate::hub::registry::Identity;
 use crate::hub::state::{Hub, HubState};
+use crate::hub::x509::ClientChain;
 use crate::iot::https_headers;
 use crate::iot::property_bag::PropertyBag;
 use crate::iot::sas::SasToken;
@@ -63,24 +65,42 @@ fn busy(r: Refusal) -> ApiError {
 /// Authenticates the request's `Authorization` SAS token for the identity its path names: 401
 /// `IotHubUnauthorizedAccess` for a missing, malformed, wrongly signed or expired token; 404
 /// `DeviceNotFound` / `ModuleNotFound` for an identity that does not exist or is disabled (the
-/// SDKs' DeviceNotFound covers both). Then admission: 429 or 503 under injected faults.
-fn authenticate(hub: &HubState, headers: &HeaderMap, w: &Who) -> Result<std::sync::Arc<Identity>, ApiError> {
-    let header = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::unauthorized("no Authorization header with a SAS token"))?;
-    let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-    let host = token.resource.split('/').next().unwrap_or_default();
+/// SDKs' DeviceNotFound covers both). A request without a token on a connection that presented a
+/// client certificate authenticates an X.509 identity by it (`devices::authenticate_x509`; 401
+/// when the certificate does not admit it). Then admission: 429 or 503 under injected faults.
+fn authenticate(
+    hub: &HubState,
+    headers: &HeaderMap,
+    chain: Option<&ClientChain>,
+    w: &Who,
+) -> Result<std::sync::Arc<Identity>, ApiError> {
     let not_found = || match &w.module {
         Some(m) => ApiError::module_not_found(&w.device, m),
         None => ApiError::device_not_found(&w.device),
     };
-    let a = devices::authenticate(hub, host, &w.device, w.module.as_deref(), header, crate::hub::clock::wall())
-        .map_err(|r| match r {
-            Refusal::UnknownIdentity | Refusal::IdentityDisabled => not_found(),
-            Refusal::ExpiredToken => ApiError::unauthorized("the SAS token has expired"),
-            _ => ApiError::unauthorized("the SAS token is not valid for this device"),
-        })?;
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let a = match (header, chain) {
+        (None, Some(chain)) => {
+            let now = crate::hub::clock::wall();
+            devices::authenticate_x509(hub, &hub.hostname, &w.device, w.module.as_deref(), Some(chain), now).map_err(
+                |r| match r {
+                    Refusal::UnknownIdentity | Refusal::IdentityDisabled => not_found(),
+                    _ => ApiError::unauthorized("the client certificate is not valid for this device"),
+                },
+            )?
+        }
+        (header, _) => {
+            let header = header.ok_or_else(|| ApiError::unauthorized("no Authorization header with a SAS token"))?;
+            let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+            let host = token.resource.split('/').next().unwrap_or_default();
+            devices::authenticate(hub, host, &w.device, w.module.as_deref(), header, crate::hub::clock::wall())
+                .map_err(|r| match r {
+                    Refusal::UnknownIdentity | Refusal::IdentityDisabled => not_found(),
+                    Refusal::ExpiredToken => ApiError::unauthorized("the SAS token has expired"),
+                    _ => ApiError::unauthorized("the SAS token is not valid for this device"),
+                })?
+        }
+    };
     devices::admit(hub).map_err(busy)?;
     Ok(a.identity)
 }
@@ -168,13 +188,14 @@ fn parse_batch(body: &[u8]) -> Result<Vec<(PropertyBag, Bytes)>, ApiError> {
 pub async fn send_event(
     State(hub): State<Hub>,
     Path(params): Path<HashMap<String, String>>,
+    chain: Option<Extension<ClientChain>>,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> ApiResult {
     auth::api_version(&uri)?;
     let w = who(params)?;
-    let identity = authenticate(&hub, &headers, &w)?;
+    let identity = authenticate(&hub, &headers, chain.as_deref(), &w)?;
     let body = read_body(body).await?;
     let batch = headers
         .get("content-type")
@@ -229,12 +250,13 @@ fn c2d_headers(m: &C2dMessage) -> HeaderMap {
 pub async fn receive(
     State(hub): State<Hub>,
     Path(params): Path<HashMap<String, String>>,
+    chain: Option<Extension<ClientChain>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult {
     auth::api_version(&uri)?;
     let w = who(params)?;
-    let identity = authenticate(&hub, &headers, &w)?;
+    let identity = authenticate(&hub, &headers, chain.as_deref(), &w)?;
     match devices::c2d_receive(&hub, &identity) {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
         Some(m) => Ok((StatusCode::OK, c2d_headers(&m), m.body).into_response()),
@@ -258,10 +280,11 @@ fn settle(hub: &HubState, identity: &Arc<Identity>, token: &str, how: Settle) ->
 pub async fn complete_or_reject(
     State(hub): State<Hub>,
     Path(params): Path<HashMap<String, String>>,
+    chain: Option<Extension<ClientChain>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult {
-    let (identity, token) = locked(&hub, params, &headers, &uri)?;
+    let (identity, token) = locked(&hub, params, chain.as_deref(), &headers, &uri)?;
     let reject = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p.split('=').next().is_some_and(|n| n.eq_ignore_ascii_case("reject"))));
@@ -274,10 +297,11 @@ pub async fn complete_or_reject(
 pub async fn abandon(
     State(hub): State<Hub>,
     Path(params): Path<HashMap<String, String>>,
+    chain: Option<Extension<ClientChain>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> ApiResult {
-    let (identity, token) = locked(&hub, params, &headers, &uri)?;
+    let (identity, token) = locked(&hub, params, chain.as_deref(), &headers, &uri)?;
     super::error::after_commit(&hub, settle(&hub, &identity, &token, Settle::Abandon)).await
 }
 
@@ -286,12 +310,13 @@ pub async fn abandon(
 fn locked(
     hub: &HubState,
     params: HashMap<String, String>,
+    chain: Option<&ClientChain>,
     headers: &HeaderMap,
     uri: &Uri,
 ) -> Result<(Arc<Identity>, String), ApiError> {
     auth::api_version(uri)?;
     let token = lock_token(&params)?;
-    let identity = authenticate(hub, headers, &who(params)?)?;
+    let identity = authenticate(hub, headers, chain, &who(params)?)?;
     Ok((identity, token))
 }
 

@@ -5,6 +5,7 @@
 
 mod auth;
 mod bulk;
+mod certificates;
 mod device_api;
 mod dps_api;
 mod emulator;
@@ -59,6 +60,10 @@ fn routes(hub: Hub, extra: Router<Hub>) -> Router {
         .route("/devices/{id}/messages/devicebound/{etag}", axum::routing::delete(device_api::complete_or_reject))
         .route("/devices/{id}/messages/deviceBound/{etag}/abandon", post(device_api::abandon))
         .route("/devices/{id}/messages/devicebound/{etag}/abandon", post(device_api::abandon))
+        .route("/certificates", get(certificates::list))
+        .route("/certificates/{name}", get(certificates::get).put(certificates::put).delete(certificates::delete))
+        .route("/certificates/{name}/generateVerificationCode", post(certificates::generate_code))
+        .route("/certificates/{name}/verify", post(certificates::verify))
         .route("/statistics/devices", get(service::statistics))
         .route("/statistics/service", get(service::service_statistics))
         .route(
@@ -114,7 +119,12 @@ fn limits(hub: &Hub) -> Limits {
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>, extra: Router<Hub>) {
     let app = router(hub.clone(), extra);
     super::tls_accept_loop(hub, listener, tls, "https", move |hub, stream, slot| {
-        let app = app.clone();
+        // A client certificate reaches the handlers (MQTT over WebSockets) as an extension; the
+        // layer is added only for the connections that presented one.
+        let app = match crate::hub::x509::ClientChain::of(stream.get_ref().1) {
+            Some(chain) => app.clone().layer(axum::Extension(chain)),
+            None => app.clone(),
+        };
         async move {
             crate::httpserve::serve_connection(stream, app, limits(&hub), Some(slot), hub.shutdown.clone()).await
         }

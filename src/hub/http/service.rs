@@ -17,7 +17,9 @@ use super::auth;
 use super::error::{ApiError, after_commit};
 use crate::hub::events;
 use crate::hub::methods::MethodError;
-use crate::hub::registry::{Identity, Record, RegistryError, etag_matches, identity_json, twin_json};
+use crate::hub::registry::{
+    AuthSpec, Identity, Record, RegistryError, auth_from_json, etag_matches, identity_json, twin_json,
+};
 use crate::hub::secrets::Permissions;
 use crate::hub::session::Outbound;
 use crate::hub::state::{Hub, HubState};
@@ -58,24 +60,9 @@ struct IdentityBody {
     module_id: Option<String>,
     status: Option<String>,
     status_reason: Option<String>,
-    authentication: Option<AuthBody>,
+    authentication: Option<Value>,
     capabilities: Option<Capabilities>,
     managed_by: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct AuthBody {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    symmetric_key: Option<SymmetricKey>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct SymmetricKey {
-    primary_key: Option<String>,
-    secondary_key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -84,26 +71,13 @@ struct Capabilities {
     iot_edge: Option<bool>,
 }
 
-/// Keys from a request body: `None` where the caller left a key out (or sent it empty).
-fn body_keys(body: &IdentityBody) -> Result<[Option<Key>; 2], ApiError> {
-    if let Some(kind) = body.authentication.as_ref().and_then(|a| a.kind.as_deref())
-        && kind != "sas"
-    {
-        return Err(ApiError::bad_request(format!("authentication type `{kind}` is not emulated; use `sas`")));
+/// The authentication a request body asks for (`None` when it has none): Azure's 400
+/// `ArgumentInvalid` naming the field when it is not one IoT Hub accepts.
+fn body_auth(body: &IdentityBody, module: bool) -> Result<Option<AuthSpec>, ApiError> {
+    match body.authentication.as_ref().filter(|a| !a.is_null()) {
+        None => Ok(None),
+        Some(a) => auth_from_json(a, module).map(Some).map_err(ApiError::bad_request),
     }
-    let sym = body.authentication.as_ref().and_then(|a| a.symmetric_key.as_ref());
-    let parse = |k: Option<&String>, which: &str| -> Result<Option<Key>, ApiError> {
-        match k.map(String::as_str).filter(|k| !k.is_empty()) {
-            None => Ok(None),
-            Some(k) => Key::from_base64(k)
-                .map(Some)
-                .map_err(|_| ApiError::bad_request(format!("the {which} key is not valid base64"))),
-        }
-    };
-    Ok([
-        parse(sym.and_then(|s| s.primary_key.as_ref()), "primary")?,
-        parse(sym.and_then(|s| s.secondary_key.as_ref()), "secondary")?,
-    ])
 }
 
 /// Creates or updates an identity from a `Device`/`Module` body; `if_match` as the header gives it.
@@ -125,7 +99,8 @@ pub(super) fn put_identity(
         Some("disabled") => false,
         Some(other) => return Err(ApiError::bad_request(format!("status `{other}` is neither enabled nor disabled"))),
     };
-    let [primary, secondary] = body_keys(&body)?;
+    let spec = body_auth(&body, module.is_some())?;
+    let [primary, secondary] = spec.as_ref().map(|s| s.keys.clone()).unwrap_or_default();
     let now = crate::hub::clock::wall();
     if let Some(existing) = hub.registry.get(device, module) {
         let Some(cond) = if_match else {
@@ -153,6 +128,9 @@ pub(super) fn put_identity(
             let p = primary.unwrap_or_else(|| r.keys[0].clone());
             let s = secondary.unwrap_or_else(|| r.keys[1].clone());
             r.set_keys(p, s);
+        }
+        if let Some(spec) = &spec {
+            r.auth = spec.auth.clone();
         }
         if r.enabled != enabled {
             r.enabled = enabled;
@@ -184,6 +162,7 @@ pub(super) fn put_identity(
     record.status_reason = body.status_reason.clone();
     record.iot_edge = body.capabilities.as_ref().and_then(|c| c.iot_edge).unwrap_or(false);
     record.managed_by = body.managed_by.clone();
+    record.auth = spec.map(|s| s.auth).unwrap_or_default();
     let created = hub.registry.create(device, module, record, now).map_err(|e| match e {
         RegistryError::DeviceNotFound => ApiError::device_not_found(device),
         RegistryError::InvalidId(_) => ApiError::bad_request(e.to_string()),

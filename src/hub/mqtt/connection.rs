@@ -18,6 +18,7 @@ use crate::hub::metrics::Refusal;
 use crate::hub::session::{CloseReason, OUTBOUND_CAPACITY};
 use crate::hub::state::Hub;
 use crate::hub::store::Committed;
+use crate::hub::x509::ClientChain;
 use crate::iot::username::Username;
 
 /// Room for the largest telemetry message plus its topic and headers.
@@ -71,8 +72,9 @@ pub fn fixed_header_ok(byte: u8) -> bool {
     }
 }
 
-/// Serves one connection over any byte stream (TLS or WebSocket).
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
+/// Serves one connection over any byte stream (TLS or WebSocket); `chain` is the client
+/// certificate its TLS handshake presented, if any (X.509 devices).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S, chain: Option<ClientChain>) {
     let mut rbuf = BytesMut::with_capacity(1024);
     let max = max_packet(&hub);
     let first = tokio::time::timeout(
@@ -129,7 +131,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S) {
                 return refuse(&hub, &client_id, &mut stream, &mut wire, ConnectReturnCode::ServiceUnavailable, r)
                     .await;
             }
-            match HubSession::connect(&hub, &u, &connect, &password, tx, &mut wire) {
+            match HubSession::connect(&hub, &u, &connect, &password, chain.as_ref(), tx, &mut wire) {
                 Ok((s, expiry)) => {
                     forced_expiry = hub.faults.token_deadline();
                     (Box::new(s), Some(expiry))
@@ -347,7 +349,7 @@ mod tests {
     ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
         let key = identity(hub, "d1", None);
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let serving = tokio::spawn(serve(hub.clone(), server));
+        let serving = tokio::spawn(serve(hub.clone(), server, None));
         let mut c = connect(
             "d1",
             &hub_username("localhost", "d1", None, None),

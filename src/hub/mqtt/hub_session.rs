@@ -23,6 +23,7 @@ use crate::hub::metrics::Refusal;
 use crate::hub::registry::{Identity, IdentityState};
 use crate::hub::session::{CloseReason, Outbound, Session, Subscriptions, cap_qos};
 use crate::hub::state::Hub;
+use crate::hub::x509::ClientChain;
 use crate::iot::topic::{self, DevicePublish, Filter};
 use crate::iot::username::HubUsername;
 
@@ -50,18 +51,20 @@ impl HubSession {
         u: &HubUsername,
         connect: &Connect,
         password: &str,
+        chain: Option<&ClientChain>,
         tx: mpsc::Sender<Box<Outbound>>,
         wire: &mut Wire,
     ) -> Result<(HubSession, u64), Refusal> {
         if connect.client_id != u.client_id() {
             return Err(Refusal::ClientIdMismatch);
         }
-        let devices::Authenticated { identity, expiry } = devices::authenticate(
+        let devices::Authenticated { identity, expiry } = devices::authenticate_connect(
             hub,
             &u.host,
             &u.device_id,
             u.module_id.as_deref(),
             password,
+            chain,
             crate::hub::clock::wall(),
         )?;
         let conn_id = hub.next_conn_id();
@@ -460,7 +463,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let mut wire = Wire::new();
         let c = connect(device, &hub_username(HOST, device, None, None), password, true);
-        let (session, _) = HubSession::connect(hub, &username(device, None), &c, password, tx, &mut wire)?;
+        let (session, _) = HubSession::connect(hub, &username(device, None), &c, password, None, tx, &mut wire)?;
         Ok(Conn { session, wire, rx })
     }
 
@@ -472,7 +475,7 @@ mod tests {
         let refused = |client: &str, user: HubUsername, password: &str| {
             let (tx, _rx) = mpsc::channel(1);
             let c = connect(client, "u", password, true);
-            HubSession::connect(&b.hub, &user, &c, password, tx, &mut Wire::new()).err()
+            HubSession::connect(&b.hub, &user, &c, password, None, tx, &mut Wire::new()).err()
         };
         assert_eq!(refused("other", username("d1", None), &good), Some(Refusal::ClientIdMismatch));
         assert_eq!(refused("ghost", username("ghost", None), &good), Some(Refusal::UnknownIdentity));

@@ -17,7 +17,8 @@ use super::state::Hub;
 /// Serves device connections (hub and DPS) until shutdown.
 pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     super::tls_accept_loop(hub, listener, tls, "mqtt", |hub, stream, slot| async move {
-        connection::serve(hub, stream).await;
+        let chain = crate::hub::x509::ClientChain::of(stream.get_ref().1);
+        connection::serve(hub, stream, chain).await;
         drop(slot);
     })
     .await

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::connection;
 use crate::hub::state::Hub;
+use crate::hub::x509::ClientChain;
 
 /// The upgrade keeps the HTTPS connection's slot in the hub's connection bound for the life of
 /// the socket. Frames and messages are bounded by the largest MQTT packet the hub accepts, so an
@@ -20,6 +21,7 @@ use crate::hub::state::Hub;
 pub async fn upgrade(
     State(hub): State<Hub>,
     slot: Option<Extension<crate::httpserve::ConnectionSlot>>,
+    chain: Option<Extension<ClientChain>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(proto) = crate::hub::ws_bridge::subprotocol(&ws, "mqtt") else {
@@ -27,11 +29,11 @@ pub async fn upgrade(
     };
     let max = connection::max_packet(&hub);
     ws.protocols([proto]).max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
-        bridge(hub, socket).await;
+        bridge(hub, socket, chain.map(|Extension(c)| c)).await;
         drop(slot);
     })
 }
 
-async fn bridge(hub: Hub, socket: WebSocket) {
-    crate::hub::ws_bridge::bridge(socket, |pipe| connection::serve(hub, pipe)).await;
+async fn bridge(hub: Hub, socket: WebSocket, chain: Option<ClientChain>) {
+    crate::hub::ws_bridge::bridge(socket, |pipe| connection::serve(hub, pipe, chain)).await;
 }

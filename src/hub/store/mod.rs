@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use tokio::sync::watch;
 
+use crate::hub::ca_certs::{CaCert, CaCerts};
 use crate::hub::clock;
 use crate::hub::dps::{Dps, StoredRegistration};
 use crate::hub::eventhub::{EventHub, Numbering};
@@ -80,6 +81,7 @@ pub struct Parts<'a> {
     pub dps: &'a Arc<Dps>,
     pub eventhub: &'a Arc<EventHub>,
     pub feedback: &'a FeedbackQueue,
+    pub ca_certs: &'a CaCerts,
 }
 
 /// A wait for every change queued before it to be committed. Owns what it needs, so a spawned
@@ -187,6 +189,11 @@ impl Store {
         self.queue(Change::Group(group_id.to_owned()));
     }
 
+    /// A CA certificate was uploaded, changed (`Some`, as it is now) or deleted (`None`).
+    pub fn ca_cert(&self, name: &str, cert: Option<&CaCert>) {
+        self.queue(Change::CaCert(name.to_owned(), cert.map(|c| serde_json::to_string(c).unwrap_or_default())));
+    }
+
     /// A DPS registration started or was assigned.
     pub fn registration(&self, registration_id: &str) {
         self.queue(Change::Registration(registration_id.to_owned()));
@@ -281,6 +288,7 @@ impl From<rows::BadRow> for Loaded {
 fn load(conn: &mut Connection, parts: &Parts<'_>) -> Result<Vec<i64>, Loaded> {
     let wall = clock::wall();
     load_registry(conn, parts.registry, parts.dps)?;
+    load_ca_certs(conn, parts.ca_certs)?;
     load_feedback(conn, parts.feedback, wall)?;
     load_events(conn, parts.eventhub, wall)
 }
@@ -289,7 +297,8 @@ fn load(conn: &mut Connection, parts: &Parts<'_>) -> Result<Vec<i64>, Loaded> {
 fn load_registry(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<(), Loaded> {
     let (now, wall) = (clock::now(), clock::wall());
     let mut stmt = conn.prepare(
-        "SELECT key, device_id, module_id, generation_id, auth_type, primary_key, secondary_key, record, twin, c2d
+        "SELECT key, device_id, module_id, generation_id, auth_type, primary_key, secondary_key,
+            primary_thumbprint, secondary_thumbprint, record, twin, c2d
          FROM identities",
     )?;
     let mut rows = stmt.query([])?;
@@ -302,9 +311,11 @@ fn load_registry(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<()
             auth_type: r.get(4)?,
             primary_key: r.get(5)?,
             secondary_key: r.get(6)?,
-            record: r.get(7)?,
-            twin: r.get(8)?,
-            c2d: r.get(9)?,
+            primary_thumbprint: r.get(7)?,
+            secondary_thumbprint: r.get(8)?,
+            record: r.get(9)?,
+            twin: r.get(10)?,
+            c2d: r.get(11)?,
         };
         let (device, module) = (row.device_id.clone(), row.module_id.clone());
         let (record, twin, c2d) = row.into_state(now, wall)?;
@@ -329,6 +340,22 @@ fn load_registry(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<()
             reason: e.to_string(),
         })?;
         dps.restore_registration(&id, reg, now);
+    }
+    Ok(())
+}
+
+/// The CA certificates uploaded to the hub.
+fn load_ca_certs(conn: &Connection, cas: &CaCerts) -> Result<(), Loaded> {
+    let mut stmt = conn.prepare("SELECT name, body FROM ca_certificates")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (name, body): (String, String) = (r.get(0)?, r.get(1)?);
+        let cert: CaCert = serde_json::from_str(&body).map_err(|e| rows::BadRow {
+            what: "CA certificate",
+            id: name.clone(),
+            reason: e.to_string(),
+        })?;
+        cas.restore(cert);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::hub::clock::Instant;
 use crate::hub::dps::{GroupEnrollment, IndividualEnrollment};
 use crate::hub::eventhub::{Event, unix_ms};
 use crate::hub::feedback::{self, Pending, Status};
-use crate::hub::registry::{IdentityState, Record};
+use crate::hub::registry::{Auth, IdentityState, Record};
 use crate::hub::telemetry::{Source, StoredMessage};
 use crate::hub::twin_doc::TwinDoc;
 use crate::iot::property_bag::PropertyBag;
@@ -83,6 +83,8 @@ pub struct IdentityRow {
     pub auth_type: String,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
+    pub primary_thumbprint: Option<String>,
+    pub secondary_thumbprint: Option<String>,
     pub record: String,
     pub twin: String,
     pub c2d: String,
@@ -140,9 +142,12 @@ impl IdentityRow {
             device_id: device_id.to_owned(),
             module_id: module_id.map(str::to_owned),
             generation_id: r.generation_id.clone(),
-            auth_type: "sas".into(),
-            primary_key: Some(r.primary_key.clone()),
-            secondary_key: Some(r.secondary_key.clone()),
+            auth_type: r.auth.kind().into(),
+            // Keys only where they authenticate: IoT Hub keeps none for the other types.
+            primary_key: (r.auth == Auth::Sas).then(|| r.primary_key.clone()),
+            secondary_key: (r.auth == Auth::Sas).then(|| r.secondary_key.clone()),
+            primary_thumbprint: r.auth.thumbprints().0.map(str::to_owned),
+            secondary_thumbprint: r.auth.thumbprints().1.map(str::to_owned),
             // Serializing plain data (maps, strings, numbers, times after 1970) cannot fail.
             record: serde_json::to_string(&record).unwrap_or_default(),
             twin: serde_json::to_string(&st.twin).unwrap_or_default(),
@@ -158,10 +163,17 @@ impl IdentityRow {
         let key = |k: &Option<String>| {
             k.as_deref().map(Key::from_base64).transpose().map_err(|_| bad("a key is not base64".into()))
         };
-        let (Some(primary), Some(secondary)) = (key(&self.primary_key)?, key(&self.secondary_key)?) else {
-            return Err(bad(format!("authentication type `{}` is not one this build serves", self.auth_type)));
+        let auth =
+            Auth::from_parts(&self.auth_type, self.primary_thumbprint.clone(), self.secondary_thumbprint.clone())
+                .ok_or_else(|| bad(format!("authentication type `{}` is not one this build serves", self.auth_type)))?;
+        let (primary, secondary) = match (key(&self.primary_key)?, key(&self.secondary_key)?) {
+            (Some(p), Some(s)) => (p, s),
+            // Keys that never sign anything: the type is not `sas`.
+            _ if auth != Auth::Sas => (Key::generate(), Key::generate()),
+            _ => return Err(bad("a `sas` identity without both keys".into())),
         };
         let mut record = Record::new(primary, secondary);
+        record.auth = auth;
         record.generation_id = self.generation_id.clone();
         record.enabled = rec.enabled;
         record.status_reason = rec.status_reason;

@@ -66,6 +66,11 @@ const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL,
         body TEXT NOT NULL
     );",
+    // 3: the CA certificates uploaded to the hub (`ca_certs.rs`), one JSON body per name.
+    "CREATE TABLE ca_certificates (
+        name TEXT PRIMARY KEY NOT NULL,
+        body TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
@@ -104,10 +109,10 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         assert_eq!(migrate(&mut c).unwrap(), 0);
         assert_eq!(migrate(&mut c).unwrap(), VERSION);
-        assert_eq!(VERSION, 2);
+        assert_eq!(VERSION, 3);
         let tables: i64 =
             c.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0)).unwrap();
-        assert_eq!(tables, 7);
+        assert_eq!(tables, 8);
         c.pragma_update(None, "user_version", VERSION + 1).unwrap();
         assert!(matches!(migrate(&mut c), Err(SchemaError::TooNew { found }) if found == VERSION + 1));
     }

@@ -35,6 +35,9 @@ pub enum Change {
     Feedback(Pending),
     /// The service received these feedback records.
     FeedbackSettled(Vec<u64>),
+    /// A CA certificate by name: its row (JSON) as it was when queued, or `None` once deleted.
+    /// Written in queue order, so the last change of a batch is what stays.
+    CaCert(String, Option<String>),
 }
 
 /// What the writer works on: the hub's parts it reads current values from, and how far it has
@@ -91,11 +94,13 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], from: &mut Sources) -> 
     {
         let mut upsert = tx.prepare_cached(
             "INSERT INTO identities (key, device_id, module_id, generation_id, auth_type, primary_key,
-                secondary_key, record, twin, c2d)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                secondary_key, primary_thumbprint, secondary_thumbprint, record, twin, c2d)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (key) DO UPDATE SET device_id = excluded.device_id, module_id = excluded.module_id,
                 generation_id = excluded.generation_id, auth_type = excluded.auth_type,
                 primary_key = excluded.primary_key, secondary_key = excluded.secondary_key,
+                primary_thumbprint = excluded.primary_thumbprint,
+                secondary_thumbprint = excluded.secondary_thumbprint,
                 record = excluded.record, twin = excluded.twin, c2d = excluded.c2d",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM identities WHERE key = ?1 AND generation_id = ?2")?;
@@ -107,6 +112,11 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], from: &mut Sources) -> 
         let mut put_reg = tx.prepare_cached(
             "INSERT INTO registrations (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
         )?;
+        let mut put_ca = tx.prepare_cached(
+            "INSERT INTO ca_certificates (name, body) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+        )?;
+        let mut del_ca = tx.prepare_cached("DELETE FROM ca_certificates WHERE name = ?1")?;
         let mut seen_identities = HashSet::new();
         let mut seen_names = HashSet::new();
         for (_, change) in batch {
@@ -132,6 +142,8 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], from: &mut Sources) -> 
                             row.auth_type,
                             row.primary_key,
                             row.secondary_key,
+                            row.primary_thumbprint,
+                            row.secondary_thumbprint,
                             row.record,
                             row.twin,
                             row.c2d
@@ -159,6 +171,12 @@ fn write(conn: &mut Connection, batch: &[(u64, Change)], from: &mut Sources) -> 
                     match dps.get_group(id) {
                         Some(g) => put_enrollment.execute(params!["group", id, rows::group_body(&g)])?,
                         None => del_enrollment.execute(params!["group", id])?,
+                    };
+                }
+                Change::CaCert(name, body) => {
+                    match body {
+                        Some(b) => put_ca.execute(params![name, b])?,
+                        None => del_ca.execute(params![name])?,
                     };
                 }
                 Change::Registration(id) => {
