@@ -89,12 +89,17 @@ async function refreshFleet() {
 // ---- devices view -----------------------------------------------------------------------------
 const page = { offset: 0, limit: 50 };
 let templatesKnown = false;
+// Each filter change starts a request; only the latest one's answer is shown, whatever order the
+// answers arrive in.
+let devicesAsked = 0;
 async function refreshDevices() {
+  const mine = ++devicesAsked;
   const q = new URLSearchParams({ offset: page.offset, limit: page.limit });
   for (const [k, id] of [["prefix", "#filter-prefix"], ["template", "#filter-template"], ["state", "#filter-state"]]) {
     if ($(id).value) q.set(k, $(id).value);
   }
   const d = await api("/api/v1/devices?" + q);
+  if (mine !== devicesAsked) return;
   if (!templatesKnown) {
     templatesKnown = true;
     $("#filter-template").append(...d.templates.map((t) => { const o = el("option", t); o.value = t; return o; }));
@@ -202,7 +207,7 @@ function showFaults(f) {
       const box = el("input"); box.type = "checkbox";
       box.onchange = async () => {
         const v = box.checked ? Number(value.value) : off;
-        try { showFaults(await post("/api/v1/emulator/faults", { [knob]: v }, "PATCH")); $("#faults-result").textContent = `${knob} = ${v}`; }
+        try { await post("/api/v1/emulator/faults", { [knob]: v }, "PATCH"); $("#faults-result").textContent = `${knob} = ${v}`; await refreshEmulator(); }
         catch (err) { $("#faults-result").textContent = err.message; box.checked = !box.checked; }
       };
       const name = el("td", knob); name.title = help;
@@ -253,6 +258,7 @@ async function refresh() {
 
 async function start() {
   makeCharts();
+  api("/api/v1/overview").then((o) => { $("#nav-emulator").hidden = !o.emulator; }).catch(() => {});
   const s = await api("/api/v1/series");
   addSamples(s.samples);
   const events = new EventSource("/api/v1/stream");
