@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::DeviceState;
 
 /// State changes kept per identity.
-pub const HISTORY: usize = 32;
+pub const HISTORY: usize = 16;
 /// Telemetry bodies kept per identity.
-pub const LAST_TELEMETRY: usize = 8;
+pub const LAST_TELEMETRY: usize = 5;
 /// Commands kept per identity.
-pub const LAST_COMMANDS: usize = 16;
+pub const LAST_COMMANDS: usize = 8;
 
 /// One telemetry message as generated: when (wall time) and its body.
 #[derive(Debug, Clone)]
@@ -338,6 +338,15 @@ mod tests {
         assert_eq!(v.history().len(), HISTORY);
         assert_eq!(v.counters().generated, 100);
         assert_eq!(v.counters().connects, 50);
+        assert_eq!(v.history().last().unwrap().1, DeviceState::Backoff);
+    }
+
+    /// docs/console.md states what a view costs; this keeps the fixed part honest.
+    #[test]
+    fn a_view_is_small() {
+        let fixed = std::mem::size_of::<DeviceView>();
+        println!("DeviceView: {fixed} bytes");
+        assert!(fixed <= 320, "{fixed}");
     }
 
     #[test]
