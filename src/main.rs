@@ -277,10 +277,11 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
         println!("  service API:  https://{}  (credentials in hub.json)", info.https_addr);
     }
     if let Some(a) = running.metrics_addr {
-        println!("  metrics:      http://{a}/metrics  (health: /healthz, /readyz)");
+        // Before the metrics line, which launchers read up to (and then may close stdout).
         if cfg.console {
             println!("  console:      http://{a}/  (JSON API under /api/v1/; `fleetsim status --addr {a}`)");
         }
+        println!("  metrics:      http://{a}/metrics  (health: /healthz, /readyz)");
     }
     if let Some(ci) = &cfg.ci {
         return run_ci(running, ci).await;
