@@ -6,7 +6,13 @@
 //!
 //!     cargo bench --bench fleet_load -- --devices 10000 [--shards N] [--interval 10] [--rate 2000]
 //!                                       [--steady 30] [--methods 200] [--json PATH]
-//!                                       [--behaviour FILE]
+//!                                       [--behaviour FILE] [--console-requests 500] [--no-console]
+//!
+//! The web console is on in the fleets (as by default): during the steady window a client keeps its
+//! live stream open on the first fleet and sends `--console-requests` API requests spread over the
+//! window (overview, a devices page at a random offset, a state-filtered page that walks the whole
+//! fleet, one identity's page with its twin), and their latency is reported. `--no-console` runs
+//! the fleets without it, to compare their CPU per message.
 //!
 //! `--behaviour FILE` replaces the built-in telemetry and `ping` command with the template lines in
 //! FILE (e.g. `model = "dtmi:..."` with an absolute `model_dir`, or hand-written tables under
@@ -38,6 +44,9 @@ struct Args {
     threads: Option<usize>,
     /// Template lines replacing the built-in behaviour (`--behaviour`).
     behaviour: Option<PathBuf>,
+    /// Console API requests in the steady window (0 with `--no-console`).
+    console_requests: usize,
+    console: bool,
 }
 
 fn args() -> (Args, bool) {
@@ -58,6 +67,8 @@ fn args() -> (Args, bool) {
         json: get("--json").map(PathBuf::from),
         threads: get("--threads").map(|v| v.parse().expect("a number")),
         behaviour: get("--behaviour").map(PathBuf::from),
+        console_requests: num("--console-requests", if bench { 500.0 } else { 20.0 }) as usize,
+        console: !a.iter().any(|x| x == "--no-console"),
     };
     (args, bench)
 }
@@ -232,6 +243,7 @@ fn main() {
             .args(["run", "--config"])
             .arg(&cfg)
             .args(["--shard", &format!("{i}/{}", a.shards), "--log", "warn"])
+            .args(if a.console { &[][..] } else { &["--no-console"][..] })
             .stdout(Stdio::piped())
             .spawn()
             .expect("start a fleet");
@@ -270,7 +282,13 @@ fn main() {
     let s0 = fleet_scrape(&fleets);
     let (_, fleet_cpu0) = pids(&fleet_pids);
     let (_, hub_cpu0) = pids(&hub_pids);
-    let rtts = invoke_methods(&hubs, a.devices, a.shards, a.methods, Duration::from_secs(a.steady));
+    let console_base = fleets[0].metrics.trim_end_matches("/metrics").to_owned();
+    let window = Duration::from_secs(a.steady);
+    let requests = if a.console { a.console_requests } else { 0 };
+    let (shard0, every) = (a.devices.div_ceil(a.shards), a.shards);
+    let console = std::thread::spawn(move || console_load(&console_base, requests, window, shard0, every));
+    let rtts = invoke_methods(&hubs, a.devices, a.shards, a.methods, window);
+    let (console_ms, console_failed) = console.join().expect("the console client");
     let s1 = fleet_scrape(&fleets);
     let (fleet_rss, fleet_cpu1) = pids(&fleet_pids);
     let (hub_rss, hub_cpu1) = pids(&hub_pids);
@@ -307,6 +325,9 @@ fn main() {
         "puback_p50_ms": quantile(&s0, &s1, "fleetsim_telemetry_puback_seconds", 0.5).map(|x| x * 1e3),
         "puback_p99_ms": quantile(&s0, &s1, "fleetsim_telemetry_puback_seconds", 0.99).map(|x| x * 1e3),
         "methods": rtt.len(), "method_p50_ms": percentile(&rtt, 0.5), "method_p99_ms": percentile(&rtt, 0.99),
+        "console": a.console, "console_requests": console_ms.len(), "console_failed": console_failed,
+        "console_p50_ms": percentile(&console_ms, 0.5), "console_p99_ms": percentile(&console_ms, 0.99),
+        "console_max_ms": console_ms.last().copied(),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" }, "threads_per_process": a.threads,
         "scenario": std::fs::read_to_string(&scenario).unwrap_or_default(),
     });
@@ -349,6 +370,17 @@ fn main() {
         percentile(&rtt, 0.5),
         percentile(&rtt, 0.99)
     );
+    if a.console {
+        println!(
+            "| console API p50 / p99 / max ({} requests, stream open) | {:.2} / {:.2} / {:.2} ms |",
+            console_ms.len(),
+            percentile(&console_ms, 0.5),
+            percentile(&console_ms, 0.99),
+            console_ms.last().copied().unwrap_or(f64::NAN)
+        );
+    } else {
+        println!("| console | off (--no-console) |");
+    }
     println!("{report}");
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -357,8 +389,68 @@ fn main() {
         assert_eq!(connected as u64, a.devices, "smoke: every device connects");
         assert!(window_acked > 0.0 && failed == 0.0, "smoke: telemetry flows without loss");
         assert_eq!(rtt.len(), a.methods, "smoke: every sampled method answered");
+        assert!(
+            console_failed == 0 && console_ms.len() == a.console_requests,
+            "smoke: every console request answered ({console_failed} failed)"
+        );
         println!("fleet_load smoke: ok");
     }
+}
+
+/// The console's client on fleet `base` (shard 0, whose devices are `load-{1 + k * every}`): its
+/// live stream open for the whole `window`, and `count` API requests spread over it. Returns the
+/// answered requests' latencies in ms, sorted, and how many failed.
+fn console_load(base: &str, count: usize, window: Duration, shard_devices: u64, every: u64) -> (Vec<f64>, usize) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let http = ::reqwest::Client::new();
+        let start = tokio::time::Instant::now();
+        let stream = if count > 0 {
+            let r = http.get(format!("{base}/api/v1/stream")).send().await.ok();
+            Some(tokio::spawn(async move {
+                let mut events = 0usize;
+                if let Some(mut r) = r {
+                    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(start + window, r.chunk()).await {
+                        events += chunk.windows(6).filter(|w| w == b"event:").count();
+                    }
+                }
+                events
+            }))
+        } else {
+            None
+        };
+        let mut ms = Vec::new();
+        let mut failed = 0;
+        for i in 0..count {
+            tokio::time::sleep_until(start + window.mul_f64(i as f64 / count.max(1) as f64)).await;
+            let k = (i as u64 * 7919) % shard_devices.max(1);
+            let path = match i % 4 {
+                0 => "/api/v1/overview".to_owned(),
+                1 => format!("/api/v1/devices?offset={k}&limit=50"),
+                2 => "/api/v1/devices?state=connected&limit=50".to_owned(),
+                _ => format!("/api/v1/devices/load-{:06}", 1 + k * every),
+            };
+            let t = tokio::time::Instant::now();
+            let answered = match http.get(format!("{base}{path}")).send().await {
+                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                _ => false,
+            };
+            if answered {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            } else {
+                failed += 1;
+            }
+        }
+        tokio::time::sleep_until(start + window).await;
+        if let Some(s) = stream {
+            let events = s.await.unwrap_or(0);
+            if count > 0 && events == 0 {
+                failed += 1;
+            }
+        }
+        ms.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        (ms, failed)
+    })
 }
 
 /// Invokes `ping` on sampled devices, spread over `window`; returns round trips in ms.

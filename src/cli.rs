@@ -64,6 +64,9 @@ pub enum Command {
     /// IoT Edge: `edge env DEVICE MODULE` prints the IOTEDGE_* environment that lets module code
     /// built for IoT Edge run against the emulator.
     Edge(crate::tools::edge_env::EdgeArgs),
+    /// Print a running fleet's overview (the web console's, from its JSON API): ramp, states,
+    /// rates, latency percentiles, reconnects, errors, CI standing.
+    Status(crate::console::status::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +126,10 @@ pub struct RunArgs {
     /// CI mode: also write the JSON report here. Overrides `[ci] report`.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Serve no web console or console API on the metrics address (`[metrics] console = false`),
+    /// for locked-down deployments: only /metrics, /healthz and /readyz stay.
+    #[arg(long)]
+    pub no_console: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod device;
 pub mod fleet;
 pub mod fsio;

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             Command::Cleanup(args) => ExitCode::from(fleetsim::tools::cleanup::run(args).await),
             Command::Model(args) => ExitCode::from(fleetsim::tools::model_import::run(args)),
             Command::Edge(args) => ExitCode::from(fleetsim::tools::edge_env::run(args).await),
+            Command::Status(args) => ExitCode::from(fleetsim::console::status::run(args).await),
         }
     })
 }
@@ -231,6 +232,9 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if let Some(a) = args.metrics_addr {
         cfg.metrics_addr = Some(a);
     }
+    if args.no_console {
+        cfg.console = false;
+    }
     if args.duration.is_some() || args.report.is_some() {
         let ci = cfg.ci.get_or_insert_with(Default::default);
         if let Some(d) = &args.duration {
@@ -273,6 +277,10 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
         println!("  service API:  https://{}  (credentials in hub.json)", info.https_addr);
     }
     if let Some(a) = running.metrics_addr {
+        // Before the metrics line, which launchers read up to (and then may close stdout).
+        if cfg.console {
+            println!("  console:      http://{a}/  (JSON API under /api/v1/; `fleetsim status --addr {a}`)");
+        }
         println!("  metrics:      http://{a}/metrics  (health: /healthz, /readyz)");
     }
     if let Some(ci) = &cfg.ci {

@@ -80,6 +80,8 @@ pub struct FleetMetrics {
     pub desired_patches: IntCounter,
     writable_acks: IntCounterVec,
     pub writable_ack_seconds: Histogram,
+    /// Direct methods the fleet itself invoked (the web console's), call to the device's answer.
+    pub method_seconds: Histogram,
     reconnects: IntCounterVec,
     pub token_renewals: IntCounter,
     pub c2d_received: IntCounter,
@@ -180,6 +182,10 @@ impl Default for FleetMetrics {
                 &["status"],
             ),
             writable_ack_seconds: h("fleetsim_writable_ack_seconds", "Desired patch received to acknowledgement sent"),
+            method_seconds: h(
+                "fleetsim_console_method_seconds",
+                "Direct methods invoked from the web console: the service call to the device's answer",
+            ),
             reconnects: cv("fleetsim_reconnects_total", "Connections lost and re-made, by cause", &["cause"]),
             token_renewals: c("fleetsim_token_renewals_total", "SAS renewals (reconnects with a fresh token)"),
             c2d_received: c("fleetsim_c2d_received_total", "Cloud-to-device messages received"),
@@ -336,6 +342,55 @@ impl FleetMetrics {
                 let cause = metric.get_label().first().map(|l| l.value().to_owned()).unwrap_or_default();
                 out.insert(cause, serde_json::json!(metric.get_counter().get_value() as u64));
             }
+        }
+        out
+    }
+
+    /// What went wrong so far, by kind: connection attempts, DPS registrations and twin requests
+    /// that failed (by outcome or status class) and commands answered with a non-2xx status.
+    pub fn error_counts(&self) -> serde_json::Map<String, serde_json::Value> {
+        use prometheus::core::Collector;
+        let mut out = serde_json::Map::new();
+        let mut add = |key: String, n: u64| {
+            if n > 0 {
+                let v = out.get(&key).and_then(|v| v.as_u64()).unwrap_or(0) + n;
+                out.insert(key, serde_json::json!(v));
+            }
+        };
+        let labels = |m: &prometheus::proto::Metric| -> Vec<String> {
+            m.get_label().iter().map(|l| l.value().to_owned()).collect()
+        };
+        for (vec, kind) in [(&self.connects, "connect"), (&self.provision, "provision")] {
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let l = labels(m);
+                    let outcome = l.first().map(String::as_str).unwrap_or("");
+                    if outcome != "ok" && outcome != "assigned" {
+                        add(format!("{kind}_{outcome}"), m.get_counter().get_value() as u64);
+                    }
+                }
+            }
+        }
+        for family in self.twin.collect() {
+            for m in family.get_metric() {
+                if let [op, class] = &labels(m)[..]
+                    && class != "2xx"
+                {
+                    add(format!("twin_{op}_{class}"), m.get_counter().get_value() as u64);
+                }
+            }
+        }
+        for family in self.commands.collect() {
+            for m in family.get_metric() {
+                if let [_, status] = &labels(m)[..]
+                    && !status.starts_with('2')
+                {
+                    add(format!("command_{status}"), m.get_counter().get_value() as u64);
+                }
+            }
+        }
+        for reason in Self::DROP_REASONS {
+            add(format!("dropped_{reason}"), self.dropped(reason));
         }
         out
     }

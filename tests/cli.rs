@@ -262,3 +262,13 @@ fn a_syntax_error_is_not_followed_by_guesses_about_the_shape() {
     assert!(err.starts_with(&format!("{}:1:", s.display())), "{err}");
     assert!(!err.contains("[[devices]] table") && !err.contains("unknown field"), "spurious shape errors:\n{err}");
 }
+
+#[test]
+fn status_says_clearly_when_no_fleet_answers() {
+    // Nothing listens on port 1: refused at once.
+    let (code, out, err) = fleetsim(&["status", "--addr", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("cannot reach the fleet at http://127.0.0.1:1/api/v1/overview"), "{err}");
+    assert!(err.contains("is `fleetsim run` running"), "{err}");
+}

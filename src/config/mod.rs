@@ -69,6 +69,9 @@ pub struct DaemonConfig {
     pub hub: HubMode,
     pub ramp: Schedule,
     pub metrics_addr: Option<SocketAddr>,
+    /// `[metrics] console`: serve the web console and its JSON API beside the metrics (default
+    /// true; `run --no-console` turns it off).
+    pub console: bool,
     pub settings: Settings,
     pub progress_interval: Duration,
     /// `[ci]`: run for a fixed time, then exit with a verdict.
@@ -199,14 +202,15 @@ impl DaemonConfig {
             }
             let hub = hub_mode(&mut doc, &mut top, &base);
             let ramp = ramp(&mut doc, &mut top);
-            let metrics_addr = match top.table(&mut doc, "metrics") {
+            let (metrics_addr, console) = match top.table(&mut doc, "metrics") {
                 Some(mut m) => {
                     let enabled = m.bool(&mut doc, "enabled").unwrap_or(true);
                     let a = addr(&mut doc, &mut m, "addr", "127.0.0.1:9100");
+                    let console = m.bool(&mut doc, "console").unwrap_or(true);
                     m.finish(&mut doc);
-                    enabled.then_some(a)
+                    (enabled.then_some(a), console)
                 }
-                None => Some("127.0.0.1:9100".parse().expect("default")),
+                None => (Some("127.0.0.1:9100".parse().expect("default")), true),
             };
             let (settings, progress_interval) = settings(&mut doc, &mut top);
             let ci = ci::read(&mut doc, &mut top, &base);
@@ -217,6 +221,7 @@ impl DaemonConfig {
                 hub,
                 ramp,
                 metrics_addr,
+                console,
                 settings,
                 progress_interval,
                 ci,

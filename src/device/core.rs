@@ -147,6 +147,8 @@ pub struct Core {
     edge: Option<super::edge::EdgeRole>,
     /// Set for such a module with inputs: what siblings route to it.
     inbox: Option<std::sync::Arc<super::edge::Inbox>>,
+    /// What the console sees of this identity, when the fleet keeps views.
+    view: Option<std::sync::Arc<super::view::DeviceView>>,
 }
 
 /// Full jitter under a cap: a uniformly random wait up to `base * 2^attempt`, at most `cap`.
@@ -165,7 +167,13 @@ impl Core {
             conn: Conn::default(),
             edge: None,
             inbox: None,
+            view: None,
         }
+    }
+
+    /// Tells `view` what this identity does from now on (counters, last readings, commands).
+    pub fn observe(&mut self, view: std::sync::Arc<super::view::DeviceView>) {
+        self.view = Some(view);
     }
 
     /// Makes this module's messages go by its Edge device's routes, with `inbox` receiving what
@@ -239,7 +247,12 @@ impl Core {
                 Out::Telemetry { properties, body } => self.send(ctx, properties, body),
                 Out::Filtered => ctx.metrics.telemetry_filtered.inc(),
                 Out::Input(outcome) => ctx.metrics.module_input(outcome.label()),
-                Out::CommandRan { name, status } => ctx.metrics.command(&name, status),
+                Out::CommandRan { name, status } => {
+                    if let Some(v) = &self.view {
+                        v.command(&name, status);
+                    }
+                    ctx.metrics.command(&name, status)
+                }
                 r @ Out::Report(_) => self.after_connect.push(r),
                 _ => {}
             }
@@ -303,6 +316,9 @@ impl Core {
             Inbound::Acked(tag) => {
                 if let Some(sent) = self.outbox.acked(tag) {
                     m.telemetry_acked.inc();
+                    if let Some(v) = &self.view {
+                        v.acked();
+                    }
                     m.telemetry_queued.dec();
                     m.puback_seconds.observe(now.saturating_duration_since(sent).as_secs_f64());
                     self.pump(ctx, sink);
@@ -349,6 +365,9 @@ impl Core {
             }
             Inbound::Desired { version, body } => {
                 m.desired_patches.inc();
+                if let Some(v) = &self.view {
+                    v.desired_patch();
+                }
                 match serde_json::from_slice::<Value>(&body) {
                     Ok(patch) => {
                         let v = version.or_else(|| patch.get("$version").and_then(Value::as_u64)).unwrap_or(0);
@@ -360,6 +379,9 @@ impl Core {
             Inbound::Method { name, rid, payload } => self.agent.on_method(&name, Some(&rid), &payload, now),
             Inbound::C2d { properties, payload } => {
                 m.c2d_received.inc();
+                if let Some(v) = &self.view {
+                    v.c2d_received();
+                }
                 self.agent.on_c2d(&properties, &payload, now)
             }
             Inbound::Input { input, properties, payload } => self.agent.on_input(&input, &properties, &payload),
@@ -411,6 +433,8 @@ impl Core {
         }
         let m = ctx.metrics;
         let run = ctx.settings.sequence_numbers.then_some(ctx.run_id);
+        // A reference to the body (no copy) for the console's last readings.
+        let seen = self.view.is_some().then(|| body.clone());
         let pushed = self.outbox.push(properties, body, |bag, n| {
             if let Some(run) = run {
                 bag.push(crate::iot::sequence::PROPERTY, crate::iot::sequence::stamp(run, n));
@@ -420,6 +444,9 @@ impl Core {
                 bag.push(crate::iot::sequence::SENT_PROPERTY, sent.map(|d| d.as_millis()).unwrap_or(0).to_string());
             }
         });
+        if let (Some(v), Some(body), Pushed::Queued | Pushed::DroppedOldest) = (&self.view, seen, &pushed) {
+            v.generated(&body);
+        }
         match pushed {
             Pushed::Queued => {
                 m.telemetry_generated.inc();
@@ -464,6 +491,9 @@ impl Core {
                 Out::MethodResponse { rid, status, payload } => sink.method_response(&rid, status, payload),
                 Out::CommandRan { name, status } => {
                     tracing::info!(device = %self.agent.device_id(), module = ?self.agent.module_id(), command = %name, status, "command");
+                    if let Some(v) = &self.view {
+                        v.command(&name, status);
+                    }
                     m.command(&name, status)
                 }
                 Out::Acked { status, latency } => {

@@ -2,7 +2,8 @@
 //! `spec` is what an identity is given; `behaviour` (the scenario's mind) and `core` (its
 //! session rules) do no I/O; `link/` are the transports under them; `session` is one
 //! connection's loop and `runtime` the identity's whole life (credentials, ramp, backoff,
-//! reboots, renewal); `edge` is the fleet acting as a simulated Edge device's Edge hub.
+//! reboots, renewal); `edge` is the fleet acting as a simulated Edge device's Edge hub; `view`
+//! is what the web console sees of each identity.
 
 pub mod behaviour;
 pub mod core;
@@ -17,3 +18,4 @@ pub mod reported;
 pub mod runtime;
 pub mod session;
 pub mod spec;
+pub mod view;

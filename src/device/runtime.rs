@@ -23,6 +23,7 @@ use super::outbox::{OfflinePolicy, Outbox};
 use super::recovery::{self, Refusals, Step};
 use super::session::{self, Until};
 use super::spec::{Credentials, IdentitySpec, Shared};
+use super::view::{Control, DeviceView};
 use crate::client::https::DeviceHttp;
 use crate::client::mqtt::{ConnectError, MqttConn};
 use crate::client::transport::{self, Endpoint};
@@ -42,6 +43,7 @@ async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
 
 struct StateTracker<'a> {
     metrics: &'a FleetMetrics,
+    view: Option<&'a DeviceView>,
     current: DeviceState,
 }
 
@@ -49,9 +51,37 @@ impl StateTracker<'_> {
     fn to(&mut self, s: DeviceState) {
         if s != self.current {
             self.metrics.transition(Some(self.current), s);
+            if let Some(v) = self.view {
+                v.set_state(s);
+            }
             self.current = s;
         }
     }
+}
+
+/// The console's view of `spec`, registered with the fleet's views (when the fleet keeps them).
+fn make_view(spec: &IdentitySpec, shared: &Shared) -> Option<Arc<DeviceView>> {
+    let views = shared.views.as_ref()?;
+    let credentials = match &spec.credentials {
+        Credentials::Dps { individual: true, .. } => "dps-individual",
+        Credentials::Dps { .. } => "dps-group",
+        Credentials::Direct { .. } => "registry",
+    };
+    let transport = match spec.transport {
+        Transport::Mqtt => "mqtt",
+        Transport::WebSockets => "mqtt-ws",
+        Transport::Https { .. } => "https",
+    };
+    let v = Arc::new(DeviceView::new(
+        spec.device_id.clone(),
+        spec.module_id.clone(),
+        spec.template.clone(),
+        credentials,
+        transport,
+    ));
+    v.set_state(DeviceState::Provisioning);
+    views.insert(v.clone());
+    Some(v)
 }
 
 impl Shared {
@@ -96,10 +126,14 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
     let m = &shared.metrics;
     let ctx = shared.ctx();
     m.transition(None, DeviceState::Provisioning);
-    let mut state = StateTracker { metrics: m, current: DeviceState::Provisioning };
+    let view = make_view(&spec, &shared);
+    let mut state = StateTracker { metrics: m, view: view.as_deref(), current: DeviceState::Provisioning };
     let agent =
         Agent::new(spec.behaviour.clone(), spec.device_id.clone(), spec.module_id.clone(), spec.n, Instant::now());
     let mut core = Core::new(agent, Outbox::new(shared.settings.offline_policy, shared.settings.buffer));
+    if let Some(v) = &view {
+        core.observe(v.clone());
+    }
     // A module of an Edge device the fleet routes for: its messages go by the routes, and what
     // the routes deliver to it arrives in its inbox (`device::edge`).
     let fleet_routes = spec.fleet_routes(shared.edge_routing);
@@ -174,13 +208,36 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
                     m.connected_first_time();
                 }
                 state.to(DeviceState::Connected);
-                let until = Until { renew_at, cancel, grace: shared.settings.shutdown_grace };
+                // The console can end this connection (a disconnect or a reboot it asks for).
+                let conn_end = cancel.child_token();
+                if let Some(v) = &view {
+                    v.online(conn_end.clone());
+                }
+                let until = Until { renew_at, cancel: &conn_end, grace: shared.settings.shutdown_grace };
                 let end = match link {
                     Opened::Mqtt(l) => session::run(l, &mut core, ctx, until).await,
                     Opened::Https(l) => Box::pin(session::run(*l, &mut core, ctx, until)).await,
                 };
+                let asked = view.as_ref().and_then(|v| v.offline());
                 match end {
-                    End::Shutdown => break,
+                    End::Shutdown if cancel.is_cancelled() => break,
+                    End::Shutdown => match asked {
+                        Some(Control::Reboot(downtime)) => {
+                            tracing::info!(device = %spec.device_id, downtime_secs = downtime.as_secs_f64(), "rebooting (console)");
+                            state.to(DeviceState::Rebooting);
+                            m.reconnect("console_reboot");
+                            if !pause(downtime, cancel).await {
+                                break;
+                            }
+                            continue;
+                        }
+                        _ => {
+                            tracing::info!(device = %spec.device_id, "disconnected (console)");
+                            m.reconnect("console_disconnect");
+                            failures = 1;
+                            refused = None;
+                        }
+                    },
                     End::Renew => {
                         m.token_renewals.inc();
                         continue;
@@ -257,6 +314,9 @@ pub async fn run(spec: IdentitySpec, shared: Arc<Shared>, cancel: CancellationTo
     if shared.shutdown.is_cancelled() {
         state.to(DeviceState::Stopped);
     } else {
+        if let (Some(views), Some(v)) = (&shared.views, &view) {
+            views.remove(v);
+        }
         // A reload removed this identity: it leaves the fleet's gauges altogether.
         m.remove(state.current);
         if ever_connected {

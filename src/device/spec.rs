@@ -100,6 +100,8 @@ pub struct Shared {
     pub edge_routing: EdgeRouting,
     /// The inboxes of modules the fleet routes for.
     pub edge_inboxes: super::edge::Inboxes,
+    /// What the web console sees of each identity; `None` when the console is off (nothing kept).
+    pub views: Option<Arc<super::view::Views>>,
 }
 
 /// What the identities of an IoT Edge device share: the deployment applied when the device is

@@ -433,6 +433,8 @@ pub async fn start(
             HubMode::Azure(_) => EdgeRouting::Fleet,
         },
         edge_inboxes: Default::default(),
+        // The console's per-identity views are kept only when there is a console to show them.
+        views: (cfg.console && cfg.metrics_addr.is_some()).then(Default::default),
     });
     let keys = KeyPlan { group: wiring.group.clone(), seed: wiring.seed.clone(), files: keys_files };
     let specs = expand::expand(&templates, shard, &keys);
@@ -457,7 +459,21 @@ pub async fn start(
         }
         let state =
             MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), total: total.clone() };
-        aux.push(tokio::spawn(serve_metrics(listener, state, stop_aux.clone())));
+        let console = shared.views.clone().map(|views| {
+            let c = Arc::new(crate::console::Console {
+                shared: shared.clone(),
+                views,
+                total: total.clone(),
+                hub: hub.as_ref().map(|h| h.state.clone()),
+                ci: cfg.ci.clone(),
+                started: std::time::Instant::now(),
+                started_at: std::time::SystemTime::now(),
+                series: Default::default(),
+            });
+            aux.push(tokio::spawn(crate::console::series::run(c.clone(), stop_aux.clone())));
+            crate::console::router(c)
+        });
+        aux.push(tokio::spawn(serve_metrics(listener, state, console, stop_aux.clone())));
     }
     tracing::info!(
         identities,
@@ -475,7 +491,13 @@ struct MetricsState {
     total: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, stop: CancellationToken) {
+/// `/metrics`, `/healthz` and `/readyz`, and the web console's routes when it is on.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: MetricsState,
+    console: Option<Router>,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -499,6 +521,10 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: MetricsState, s
             }),
         )
         .with_state(state);
+    let app = match console {
+        Some(c) => app.merge(c),
+        None => app,
+    };
     let bound = crate::httpserve::ConnectionBound::new(crate::httpserve::METRICS_CONNECTIONS);
     crate::httpserve::serve_plain(listener, app, crate::httpserve::Limits::DEFAULT, bound, "fleet metrics", stop).await
 }

@@ -1,0 +1,100 @@
+//! The web console: a JSON API (`/api/v1/...`) and the single-page app that uses it, served on the
+//! fleet's metrics listener. `fleet` builds a [`Console`] from what it already has (metrics, the
+//! identities' views, the service client, the embedded hub) and merges [`router`] into its own.
+//! Every route, shape, unit and error is in docs/console.md.
+//!
+//! The console costs the hot path nothing beyond the views (`device::view`): the time series is
+//! sampled once a second from the Prometheus handles by one task, and pages of the devices table
+//! are range walks of an ordered map.
+
+mod assets;
+mod emulator;
+mod fleet_api;
+pub mod series;
+pub mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Instant, SystemTime};
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::config::ci::CiConfig;
+use crate::device::spec::Shared;
+use crate::device::view::Views;
+use crate::hub::state::Hub;
+
+/// What the console reads and acts on.
+pub struct Console {
+    pub shared: Arc<Shared>,
+    pub views: Arc<Views>,
+    /// Identities the fleet runs now.
+    pub total: Arc<AtomicUsize>,
+    /// The embedded emulator, for the emulator view.
+    pub hub: Option<Hub>,
+    /// CI mode's settings, for the thresholds and where the run stands.
+    pub ci: Option<CiConfig>,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub series: series::Series,
+}
+
+pub type State = Arc<Console>;
+
+/// An API error as JSON: `{"status": 404, "error": "DeviceNotFound", "message": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"status": self.status.as_u16(), "error": self.code, "message": self.message});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult = Result<Response, ApiError>;
+
+/// The console's routes: the app at `/`, its assets, the JSON API under `/api/v1/`, and JSON 404s
+/// for any other `/api/` path.
+pub fn router(console: State) -> Router {
+    Router::new()
+        .merge(assets::routes())
+        .merge(fleet_api::routes())
+        .merge(emulator::routes())
+        .route(
+            "/api/{*rest}",
+            axum::routing::any(|| async { ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "no such API route") }),
+        )
+        .with_state(console)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A JSON request body, or a 400 naming what is wrong with it.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| ApiError::bad_request(format!("a JSON body is needed: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))
+}
