@@ -144,6 +144,8 @@ fn a_ci_run_writes_an_html_report_that_renders_offline_and_a_junit_verdict() {
     assert_eq!(total("reconnects"), reconnects, "{pretty}");
     assert!(reconnects > 0 && total("faults") > 0, "connections were dropped under the fleet: {pretty}");
     assert!(tl["puback_p99_ms"].as_array().unwrap().iter().any(Value::is_number), "{pretty}");
+    let settle = tl["settle_from_secs"].as_f64().unwrap();
+    assert!((7.0..tl["end_secs"].as_f64().unwrap() + 0.01).contains(&settle), "the settle began after 7 s: {pretty}");
 
     // The HTML opens without network and every chart draws its lines.
     let shots = output_dir();

@@ -87,13 +87,29 @@
     var opts = {
       width: width,
       height: 220,
-      scales: { x: { time: false }, y: { range: function (u, lo, hi) { return [0, hi > 0 ? hi * 1.1 : 1]; } } },
+      scales: { x: { time: false, range: function (u, lo, hi) { return [0, Math.max(hi, end, Number(tl.settle_from_secs) || 0)]; } }, y: { range: function (u, lo, hi) { return [0, hi > 0 ? hi * 1.1 : 1]; } } },
       axes: [{ label: "seconds since start" }, {}],
       series: [{ label: "time (s)" }].concat(series.map(function (s) {
         return { label: s.label, stroke: s.color, width: 2, points: { show: n < 60 } };
       })),
       hooks: {
         draw: [function (u) {
+          // The settle period: faults lifted, no more readings (a dashed grey line).
+          var settle = Number(tl.settle_from_secs);
+          if (tl.settle_from_secs != null && isFinite(settle)) {
+            var x = Math.round(u.valToPos(settle, "x", true));
+            var ctx = u.ctx;
+            ctx.save();
+            ctx.strokeStyle = "#9e9e9e";
+            ctx.setLineDash([6, 4]);
+            ctx.lineWidth = 1;
+            ctx.beginPath();
+            ctx.moveTo(x, u.bbox.top);
+            ctx.lineTo(x, u.bbox.top + u.bbox.height);
+            ctx.stroke();
+            ctx.restore();
+          }
+        }, function (u) {
           li.setAttribute("data-status", "drawn");
           li.setAttribute("data-series-pixels", String(seriesPixels(u, colors)));
         }]

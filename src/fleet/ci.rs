@@ -222,8 +222,13 @@ pub async fn run(
     let drained = settled(&m);
     let connected_at_end = m.state_count(DeviceState::Connected).max(0) as u64;
     let settled_in = settle_start.elapsed();
+    // The timeline ends here: once the devices are told to stop, "connected" falls to zero,
+    // which says nothing about the run. A settled fleet has nothing left to send.
+    let timeline = sampler.finish().await.map(|mut t| {
+        t.settle_from_secs = Some((settle_start - started).as_secs_f64());
+        t
+    });
     fleet.stop_identities().await;
-    let timeline = sampler.finish().await;
 
     let generated = m.telemetry_generated.get();
     let acked = m.telemetry_acked.get();

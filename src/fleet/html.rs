@@ -144,7 +144,8 @@ pub fn render(report: &Value) -> String {
         "<section><h2>Timeline</h2><p class=\"note\">Seconds since the run started. Rates are each \
          interval's count over its length; PUBACK percentiles are the upper bounds of the latency \
          histogram's buckets for the messages acknowledged in the interval; connected is the lowest \
-         sample of the interval.</p><div id=\"charts\"></div><ul id=\"render-check\"></ul></section>\n",
+         sample of the interval. The dashed line is where the run's time was up and the settle period \
+         began (faults lifted, no more readings); the timeline ends when the devices are stopped.</p><div id=\"charts\"></div><ul id=\"render-check\"></ul></section>\n",
     );
 
     out.push_str("<section><h2>Top errors</h2>");

@@ -97,6 +97,9 @@ pub struct Timeline {
     /// Upper bounds (ms) of the PUBACK latency buckets (the fleet's Prometheus histogram).
     pub puback_bounds_ms: Vec<f64>,
     pub points: Vec<Point>,
+    /// When the run's time was up and the settle period began (faults lifted, no more
+    /// readings), seconds since the start; merged, the latest shard's.
+    pub settle_from_secs: Option<f64>,
 }
 
 /// The `q` quantile of one interval's buckets by nearest rank: the upper bound of the bucket
@@ -126,6 +129,7 @@ impl Timeline {
             end_secs: 0.0,
             puback_bounds_ms,
             points: vec![],
+            settle_from_secs: None,
         }
     }
 
@@ -172,6 +176,7 @@ impl Timeline {
             "step_secs": self.step_secs,
             "end_secs": self.end_secs,
             "max_points": MAX_POINTS,
+            "settle_from_secs": self.settle_from_secs,
             "puback_bounds_ms": self.puback_bounds_ms,
             "t": col(&|p| json!(p.t)),
             "connected": col(&|p| json!(p.connected)),
@@ -246,7 +251,8 @@ impl Timeline {
                 puback,
             });
         }
-        Ok(Timeline { started_unix_ms, step_secs, end_secs, puback_bounds_ms: bounds, points })
+        let settle_from_secs = v["settle_from_secs"].as_f64().filter(|x| (0.0..=MAX_SECS).contains(x));
+        Ok(Timeline { started_unix_ms, step_secs, end_secs, puback_bounds_ms: bounds, points, settle_from_secs })
     }
 }
 
@@ -288,6 +294,7 @@ pub fn merge(parts: &[Timeline]) -> Result<Option<Timeline>, String> {
         end_secs: parts.iter().map(|p| offset(p) + p.end_secs).fold(0.0, f64::max).min(MAX_SECS),
         puback_bounds_ms: first.puback_bounds_ms.clone(),
         points: cells.into_values().collect(),
+        settle_from_secs: parts.iter().filter_map(|p| p.settle_from_secs.map(|s| offset(p) + s)).reduce(f64::max),
     };
     while out.points.len() > MAX_POINTS && out.step_secs < MAX_STEP_SECS {
         out.coarsen();
@@ -466,6 +473,7 @@ mod tests {
         for s in 0..5 {
             tl.push(point(s as f64, 4, 3), s as f64 + 1.0);
         }
+        tl.settle_from_secs = Some(4.5);
         let v = tl.to_json();
         assert_eq!(Timeline::from_json(&v).unwrap(), tl);
         assert_eq!(v["puback_p99_ms"][0], 1.0);
