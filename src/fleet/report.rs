@@ -428,7 +428,7 @@ fn merge_errors(shards: &[Value]) -> Value {
     let mut by_kind: Vec<Value> = Vec::new();
     for e in shards.iter().flat_map(|r| r["errors"].as_array().into_iter().flatten().take(TOP_ERRORS)) {
         match by_kind.iter_mut().find(|x| x["source"] == e["source"] && x["kind"] == e["kind"]) {
-            Some(x) => x["count"] = json!(u(&x["count"]) + u(&e["count"])),
+            Some(x) => x["count"] = json!(u(&x["count"]).saturating_add(u(&e["count"]))),
             None => by_kind.push(e.clone()),
         }
     }

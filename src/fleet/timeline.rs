@@ -54,22 +54,23 @@ pub struct Point {
 fn add_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (None, None) => None,
-        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
     }
 }
 
 impl Point {
+    // Saturating: the counts of a report file are input, and no input may panic.
     fn add_counts(&mut self, o: &Point) {
-        self.generated += o.generated;
-        self.acked += o.acked;
-        self.dropped += o.dropped;
-        self.reconnects += o.reconnects;
+        self.generated = self.generated.saturating_add(o.generated);
+        self.acked = self.acked.saturating_add(o.acked);
+        self.dropped = self.dropped.saturating_add(o.dropped);
+        self.reconnects = self.reconnects.saturating_add(o.reconnects);
         self.faults = add_opt(self.faults, o.faults);
         if self.puback.len() < o.puback.len() {
             self.puback.resize(o.puback.len(), 0);
         }
         for (a, b) in self.puback.iter_mut().zip(&o.puback) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
     }
 
@@ -81,7 +82,7 @@ impl Point {
 
     /// Another shard's interval at the same time.
     fn add(&mut self, other: &Point) {
-        self.connected += other.connected;
+        self.connected = self.connected.saturating_add(other.connected);
         self.add_counts(other);
     }
 }
@@ -106,14 +107,14 @@ pub struct Timeline {
 /// holding the sample of rank ceil(q n); `None` with no samples. Above the last bound it is the
 /// last bound (Prometheus keeps no maximum), so it reads "at least".
 pub fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> Option<f64> {
-    let n: u64 = counts.iter().sum();
+    let n: u64 = counts.iter().fold(0u64, |a, c| a.saturating_add(*c));
     if n == 0 {
         return None;
     }
     let rank = ((n as f64 * q).ceil() as u64).clamp(1, n);
     let mut seen = 0;
     for (i, c) in counts.iter().enumerate() {
-        seen += c;
+        seen = c.saturating_add(seen);
         if seen >= rank {
             return bounds.get(i).or(bounds.last()).copied();
         }
@@ -524,5 +525,7 @@ mod tests {
         assert_eq!(quantile(&bounds, &[0, 0, 0, 3], 0.5), Some(5.0), "above the last bound: at least it");
         assert_eq!(quantile(&bounds, &[0, 0, 0, 0], 0.5), None);
         assert_eq!(bucket_deltas(&[5, 7, 9, 10], &[1, 1, 2, 2]), vec![4, 2, 1, 1]);
+        // Counts from a hostile file saturate rather than overflow.
+        assert_eq!(quantile(&bounds, &[u64::MAX, u64::MAX, 0, 0], 0.99), Some(1.0));
     }
 }
