@@ -180,6 +180,16 @@ pub fn render(report: &Value) -> String {
     counts_table(&mut out, "dropped, by reason", &t["dropped"]);
     counts_table(&mut out, "reconnects, by cause", &report["reconnects"]);
     counts_table(&mut out, "hub faults", &report["hub_faults"]);
+    let e = &report["end_to_end"];
+    if e.is_object() {
+        let (enq, read) = (&e["latency_ms"]["enqueued"], &e["latency_ms"]["read"]);
+        let e2e = serde_json::json!({
+            "unique": e["unique"], "duplicates": e["duplicates"], "gaps": e["gaps"], "missing": e["missing"],
+            "enqueued p50 ms": enq["p50"], "enqueued p99 ms": enq["p99"],
+            "read p50 ms": read["p50"], "read p99 ms": read["p99"], "read max ms": read["max"],
+        });
+        counts_table(&mut out, "end to end (back-end reader)", &e2e);
+    }
     out.push_str("</div></section>\n");
 
     // The data, then uPlot (its licence kept with it), then the charts.

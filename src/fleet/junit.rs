@@ -73,7 +73,10 @@ pub fn render(report: &Value) -> String {
         let (value, limit) = (escape(&show(&c["value"])), escape(&show(&c["limit"])));
         let _ = write!(out, "    <testcase classname=\"fleetsim.ci\" name=\"{name}\" time=\"0\">");
         match result(c).as_str() {
-            "pass" => {}
+            // What was measured, for the CI page that shows a passed test's output.
+            "pass" => {
+                let _ = write!(out, "\n      <system-out>measured: {value}\nlimit: {limit}</system-out>\n    ");
+            }
             "fail" => {
                 let _ = write!(
                     out,
@@ -117,5 +120,6 @@ mod tests {
         assert!(x.contains("message=\"lost: measured 3, limit 0\""), "{x}");
         assert!(x.contains("name=\"fleetsim CI run r&lt;1&gt;\""), "{x}");
         assert_eq!(x.matches("<testcase ").count(), 3);
+        assert!(x.contains("<system-out>measured: 0\nlimit: 0</system-out>"), "{x}");
     }
 }
