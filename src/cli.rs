@@ -91,6 +91,12 @@ pub struct MergeArgs {
     /// Also write the merged report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write the merged HTML report here (default: beside `--out`, as `.html`).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Write the merged verdict as JUnit XML here (default: beside `--out`, as `.junit.xml`).
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +136,14 @@ pub struct RunArgs {
     /// for locked-down deployments: only /metrics, /healthz and /readyz stay.
     #[arg(long)]
     pub no_console: bool,
+    /// CI mode: write the self-contained HTML report here. Overrides `[ci] html_report`; by
+    /// default it goes beside the JSON report (`report.json` -> `report.html`).
+    #[arg(long)]
+    pub html_report: Option<PathBuf>,
+    /// CI mode: write the verdict as JUnit XML here (one test case per check). Overrides
+    /// `[ci] junit_report`; by default beside the JSON report (`report.junit.xml`).
+    #[arg(long)]
+    pub junit_report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -235,7 +235,7 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
     if args.no_console {
         cfg.console = false;
     }
-    if args.duration.is_some() || args.report.is_some() {
+    if args.duration.is_some() || args.report.is_some() || args.html_report.is_some() || args.junit_report.is_some() {
         let ci = cfg.ci.get_or_insert_with(Default::default);
         if let Some(d) = &args.duration {
             let max = fleetsim::tomlread::MAX_DURATION;
@@ -253,6 +253,12 @@ async fn run_fleet(args: RunArgs) -> ExitCode {
         }
         if let Some(r) = &args.report {
             ci.report = Some(r.clone());
+        }
+        if let Some(r) = &args.html_report {
+            ci.html_report = fleetsim::config::ci::ReportFile::At(r.clone());
+        }
+        if let Some(r) = &args.junit_report {
+            ci.junit_report = fleetsim::config::ci::ReportFile::At(r.clone());
         }
     }
     let mut running = match fleet::start(&cfg, templates, shard).await {
@@ -361,8 +367,34 @@ async fn run_ci(running: fleet::RunningFleet, ci: &fleetsim::config::ci::CiConfi
         eprintln!("error: cannot write the report to {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
+    if !write_views(&outcome.report, ci.report.as_deref(), &ci.html_report, &ci.junit_report) {
+        return ExitCode::FAILURE;
+    }
     eprintln!("fleetsim: {}", if outcome.pass { "PASS" } else { "FAIL" });
     if outcome.pass { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Writes the HTML report and the JUnit XML where asked (by default beside the JSON report), and
+/// says where on stderr. False if one cannot be written.
+fn write_views(
+    report: &serde_json::Value,
+    json: Option<&std::path::Path>,
+    html: &fleetsim::config::ci::ReportFile,
+    junit: &fleetsim::config::ci::ReportFile,
+) -> bool {
+    let views = [
+        (html.path(json, "html"), "HTML report", fleet::html::render as fn(&serde_json::Value) -> String),
+        (junit.path(json, "junit.xml"), "JUnit XML", fleet::junit::render),
+    ];
+    for (path, what, render) in views {
+        let Some(path) = path else { continue };
+        if let Err(e) = fleetsim::fsio::write_atomic(&path, render(report).as_bytes(), 0o644) {
+            eprintln!("error: cannot write the {what} to {}: {e}", path.display());
+            return false;
+        }
+        eprintln!("fleetsim: {what}: {}", path.display());
+    }
+    true
 }
 
 /// Signs a policy token with the key the emulator keeps beside its hub.json.
@@ -423,6 +455,12 @@ fn report(args: fleetsim::cli::ReportArgs) -> ExitCode {
         && let Err(e) = std::fs::write(out, format!("{text}\n"))
     {
         eprintln!("error: cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    let at = |p: &Option<std::path::PathBuf>| {
+        p.clone().map_or(fleetsim::config::ci::ReportFile::Beside, fleetsim::config::ci::ReportFile::At)
+    };
+    if !write_views(&merged, args.out.as_deref(), &at(&args.html), &at(&args.junit)) {
         return ExitCode::FAILURE;
     }
     let pass = merged["pass"] == true;

@@ -18,6 +18,10 @@ pub struct CiConfig {
     /// buffered message acknowledged.
     pub settle: Duration,
     pub report: Option<std::path::PathBuf>,
+    /// The self-contained HTML report (`fleet::html`).
+    pub html_report: ReportFile,
+    /// The verdict as JUnit XML, one test case per check (`fleet::junit`).
+    pub junit_report: ReportFile,
     /// Turn an external emulator's faults off before the settle period (the embedded one's
     /// always are: they are this run's own).
     pub lift_faults: bool,
@@ -27,6 +31,45 @@ pub struct CiConfig {
     pub thresholds: Thresholds,
     pub probe: Option<Probe>,
     pub end_to_end: EndToEnd,
+}
+
+/// Where one of the report's other files goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReportFile {
+    /// Beside the JSON report, named after it (`report.json` -> `report.html`,
+    /// `report.junit.xml`); not written without a JSON report file.
+    #[default]
+    Beside,
+    Off,
+    At(std::path::PathBuf),
+}
+
+impl ReportFile {
+    /// The path to write, given the JSON report's and this file's suffix (`html`, `junit.xml`).
+    pub fn path(&self, json: Option<&Path>, suffix: &str) -> Option<std::path::PathBuf> {
+        match self {
+            ReportFile::Off => None,
+            ReportFile::At(p) => Some(p.clone()),
+            ReportFile::Beside => json.map(|j| match j.with_extension(suffix) {
+                // `report.html` as the JSON report's own name: never overwrite it.
+                same if same == j => std::path::PathBuf::from(format!("{}.{suffix}", j.display())),
+                beside => beside,
+            }),
+        }
+    }
+
+    /// `path = "..."` or `false` in the config, relative to the config's directory.
+    fn read(doc: &mut Doc, t: &mut Table<'_>, key: &str, base: &Path) -> ReportFile {
+        let Some(node) = t.get(key) else { return ReportFile::Beside };
+        match &node.value {
+            crate::tomlread::Val::Str(s) if !s.is_empty() => ReportFile::At(base.join(s)),
+            crate::tomlread::Val::Bool(false) => ReportFile::Off,
+            v => {
+                doc.error(node.span.clone(), &t.field(key), format!("expected a path or false, found {}", v.kind()));
+                ReportFile::Beside
+            }
+        }
+    }
 }
 
 /// `[ci.end_to_end]`: read the hub's Event Hubs-compatible endpoint for the run, count the
@@ -114,6 +157,8 @@ impl Default for CiConfig {
             duration: Duration::from_secs(60),
             settle: Duration::from_secs(60),
             report: None,
+            html_report: ReportFile::Beside,
+            junit_report: ReportFile::Beside,
             lift_faults: true,
             judge_hub_loss: false,
             thresholds: Thresholds::default(),
@@ -217,6 +262,8 @@ pub(super) fn read(doc: &mut Doc, top: &mut Table<'_>, base: &Path) -> Option<Ci
         duration,
         settle: t.duration(doc, "settle").unwrap_or(d.settle),
         report: t.str(doc, "report").map(|r| base.join(r)),
+        html_report: ReportFile::read(doc, &mut t, "html_report", base),
+        junit_report: ReportFile::read(doc, &mut t, "junit_report", base),
         lift_faults: t.bool(doc, "lift_faults").unwrap_or(d.lift_faults),
         judge_hub_loss: t.bool(doc, "judge_hub_loss").unwrap_or(d.judge_hub_loss),
         thresholds,

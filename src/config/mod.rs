@@ -394,6 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn the_html_and_junit_reports_go_beside_the_json_one_unless_told() {
+        use super::ci::ReportFile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let load = |extra: &str| {
+            std::fs::write(&path, format!("scenarios = []\n[ci]\nduration = \"1s\"\n{extra}")).unwrap();
+            DaemonConfig::load(&path).map(|c| c.ci.unwrap())
+        };
+        let ci = load("report = \"out/r.json\"\njunit_report = false\n").unwrap();
+        let json = ci.report.as_deref();
+        assert_eq!(ci.html_report.path(json, "html"), Some(dir.path().join("out/r.html")));
+        assert_eq!(ci.junit_report.path(json, "junit.xml"), None);
+        let ci = load("html_report = \"x/page.html\"\n").unwrap();
+        assert_eq!(ci.html_report, ReportFile::At(dir.path().join("x/page.html")));
+        assert_eq!(ci.junit_report.path(None, "junit.xml"), None, "nothing beside a JSON report not written");
+        // A JSON report named .html is never overwritten.
+        let odd = std::path::Path::new("r.html");
+        assert_eq!(ReportFile::Beside.path(Some(odd), "html"), Some("r.html.html".into()));
+        let e = load("html_report = 3\n").unwrap_err().to_string();
+        assert!(e.contains("ci.html_report") && e.contains("expected a path or false"), "{e}");
+    }
+
+    #[test]
     fn every_problem_is_reported_and_secrets_stay_hidden() {
         let dir = tempfile::tempdir().unwrap();
         let text = r#"

@@ -101,11 +101,23 @@ pub fn registry(detail: String) -> Failure {
     Failure { kind, detail, hint }
 }
 
-/// Failures seen so far: which were already told at WARN, and counts since the last summary.
+/// Failures seen so far: which were already told at WARN, counts since the last summary, and
+/// the run's totals by kind with the first of each (the CI report's top errors).
 #[derive(Debug, Default)]
 pub struct Failures {
     told: Mutex<HashSet<(String, String)>>,
     since: Mutex<BTreeMap<String, u64>>,
+    totals: Mutex<BTreeMap<String, Seen>>,
+}
+
+/// A kind of failure over the whole run: how often, and the first one seen. Kinds are few
+/// (classes of cause, status codes), so the map stays small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub count: u64,
+    pub stage: &'static str,
+    pub device: String,
+    pub detail: String,
 }
 
 impl Failures {
@@ -113,6 +125,12 @@ impl Failures {
     /// the rest at DEBUG.
     pub fn report(&self, template: &str, device: &str, stage: &'static str, f: Failure) {
         *self.since.lock().unwrap_or_else(|e| e.into_inner()).entry(f.kind.clone()).or_default() += 1;
+        self.totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(f.kind.clone())
+            .or_insert_with(|| Seen { count: 0, stage, device: device.to_owned(), detail: f.detail.clone() })
+            .count += 1;
         let first = self.told.lock().unwrap_or_else(|e| e.into_inner()).insert((template.to_owned(), f.kind.clone()));
         if first {
             tracing::warn!(
@@ -128,6 +146,11 @@ impl Failures {
         } else {
             tracing::debug!(template, device, stage, kind = %f.kind, cause = %f.detail, "{stage} failed");
         }
+    }
+
+    /// The run's failures by kind, with the first of each.
+    pub fn totals(&self) -> BTreeMap<String, Seen> {
+        self.totals.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Failures by kind since the last call, for the progress line (`dns=3 dps_401=12`).
@@ -162,5 +185,8 @@ mod tests {
         f.report("t", "d2", "connect", connack(5, "refused".into()));
         assert_eq!(f.take(), "connack_5=1 tcp_refused=2");
         assert_eq!(f.take(), "");
+        let totals = f.totals();
+        assert_eq!((totals["tcp_refused"].count, totals["tcp_refused"].device.as_str()), (2, "d1"));
+        assert_eq!(totals["connack_5"].stage, "connect");
     }
 }

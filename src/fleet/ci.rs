@@ -152,6 +152,11 @@ pub async fn run(
     let stop = CancellationToken::new();
     let started = Instant::now();
     let watcher = tokio::spawn(watch_connected(m.clone(), total, stop.clone()));
+    let faults: Option<super::timeline::FaultCount> = fleet.hub.as_ref().map(|h| {
+        let state = h.state.clone();
+        Arc::new(move || state.metrics.faults_injected_total()) as super::timeline::FaultCount
+    });
+    let sampler = super::timeline::Sampler::start(m.clone(), faults);
     let stats = Arc::new(Mutex::new(ProbeStats::default()));
     // Nothing to count without sequence stamps.
     let e2e_config = if fleet.shared.settings.sequence_numbers {
@@ -217,6 +222,12 @@ pub async fn run(
     let drained = settled(&m);
     let connected_at_end = m.state_count(DeviceState::Connected).max(0) as u64;
     let settled_in = settle_start.elapsed();
+    // The timeline ends here: once the devices are told to stop, "connected" falls to zero,
+    // which says nothing about the run. A settled fleet has nothing left to send.
+    let timeline = sampler.finish().await.map(|mut t| {
+        t.settle_from_secs = Some((settle_start - started).as_secs_f64());
+        t
+    });
     fleet.stop_identities().await;
 
     let generated = m.telemetry_generated.get();
@@ -410,6 +421,8 @@ pub async fn run(
             "result": match c.pass { Some(true) => "pass", Some(false) => "fail", None => "not checked" },
         })).collect::<Vec<_>>(),
     });
+    report["errors"] = top_errors(&fleet.shared.failures, &report);
+    report["timeline"] = timeline.map_or(Value::Null, |t| t.to_json());
     // The buckets behind the percentiles, so `fleetsim report merge` can compute fleet-wide ones.
     report["histograms"] = json!({
         "method_ms": method_hist,
@@ -421,9 +434,68 @@ pub async fn run(
     Outcome { pass, report }
 }
 
+/// How much of each error's first example the report keeps.
+const EXAMPLE_CHARS: usize = 400;
+
+/// Cuts `s` to at most `n` characters (never inside one).
+pub fn shorten(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The report's `errors`: what went wrong, most frequent first, as `{source, kind, count,
+/// example, device}`: provisioning and connection failures by kind (with the first one's cause
+/// and device), failed method probes by status, dropped telemetry by reason, and the end-to-end
+/// reader's error. Causes never hold a key or token (`device::failures`).
+fn top_errors(failures: &crate::device::failures::Failures, report: &Value) -> Value {
+    let mut out: Vec<Value> = failures
+        .totals()
+        .into_iter()
+        .map(|(kind, seen)| {
+            json!({"source": seen.stage, "kind": kind, "count": seen.count,
+                   "example": shorten(&seen.detail, EXAMPLE_CHARS), "device": seen.device})
+        })
+        .collect();
+    for (kind, n) in report["methods"]["failures"].as_object().into_iter().flatten() {
+        out.push(json!({"source": "method_probe", "kind": kind, "count": n}));
+    }
+    for (reason, n) in report["telemetry"]["dropped"].as_object().into_iter().flatten() {
+        if n.as_u64().unwrap_or(0) > 0 {
+            out.push(json!({"source": "telemetry", "kind": format!("dropped_{reason}"), "count": n}));
+        }
+    }
+    if let Some(e) = report["end_to_end"]["error"].as_str() {
+        out.push(json!({"source": "end_to_end", "kind": "reader", "count": 1, "example": shorten(e, EXAMPLE_CHARS)}));
+    }
+    super::report::sort_errors(&mut out);
+    Value::Array(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Loss;
+
+    #[test]
+    fn errors_are_listed_most_frequent_first_and_examples_are_cut_on_a_character() {
+        let f = crate::device::failures::Failures::default();
+        for _ in 0..3 {
+            f.report("t", "d1", "connect", crate::device::failures::connack(5, "refused".into()));
+        }
+        f.report("t", "d2", "provisioning", crate::device::failures::network("é".repeat(1000)));
+        let report = serde_json::json!({
+            "methods": {"failures": {"504": 7}},
+            "telemetry": {"dropped": {"buffer_full": 2, "shutdown": 0}},
+            "end_to_end": {"error": "refused"},
+        });
+        let e = super::top_errors(&f, &report);
+        let kinds: Vec<&str> = e.as_array().unwrap().iter().map(|x| x["kind"].as_str().unwrap()).collect();
+        // Equal counts by source: end_to_end before provisioning.
+        assert_eq!(kinds, ["504", "connack_5", "dropped_buffer_full", "reader", "network"]);
+        assert_eq!(e[1]["device"], "d1");
+        assert_eq!(e[4]["example"].as_str().unwrap().chars().count(), super::EXAMPLE_CHARS + 3);
+    }
 
     #[test]
     fn nothing_missing_is_nobodys_loss() {

@@ -5,8 +5,11 @@
 pub mod ci;
 pub mod e2e;
 pub mod expand;
+pub mod html;
+pub mod junit;
 mod reload;
 pub mod report;
+pub mod timeline;
 
 pub use reload::ReloadSummary;
 

@@ -182,6 +182,9 @@ pub fn merge(shards: &[Value]) -> Result<Value, String> {
     }
     let methods = methods.expect("at least one report");
     let puback = puback.expect("at least one report");
+    let e2e = merge_end_to_end(shards)?;
+    let timeline = merge_timelines(shards)?;
+    let errors = merge_errors(shards);
 
     let generated = sum(&["telemetry", "generated"]);
     let dropped = sum_maps(shards.iter().map(|r| &r["telemetry"]["dropped"]));
@@ -238,6 +241,7 @@ pub fn merge(shards: &[Value]) -> Result<Value, String> {
         let result = if name == "lost" && lost.is_none() { "not checked" } else { judge(value, &l) };
         checks.push(json!({"name": name, "value": value, "limit": l, "result": result}));
     }
+    checks.extend(e2e.checks(shards, &limit, &judge));
     let pass = checks.iter().all(|c| c["result"] != "fail");
     Ok(json!({
         "pass": pass,
@@ -266,9 +270,170 @@ pub fn merge(shards: &[Value]) -> Result<Value, String> {
         },
         "puback_ms": { "p50": puback.quantile(0.5).map(|s| s * 1e3), "p99": puback.quantile(0.99).map(|s| s * 1e3) },
         "reconnects": sum_maps(shards.iter().map(|r| &r["reconnects"])),
-        "histograms": { "method_ms": methods, "puback_seconds": puback },
+        "end_to_end": e2e.section,
+        "errors": errors,
+        "timeline": timeline.map_or(Value::Null, |t| t.to_json()),
+        "histograms": {
+            "method_ms": methods, "puback_seconds": puback,
+            "e2e_enqueued_ms": e2e.enqueued, "e2e_read_ms": e2e.read,
+        },
         "checks": checks,
     }))
+}
+
+/// The shards' end-to-end sections combined: counts summed, the latency histograms merged
+/// bucket by bucket (as the method and PUBACK ones), percentiles read from the merged buckets.
+struct EndToEnd {
+    section: Value,
+    enqueued: Option<Histogram>,
+    read: Option<Histogram>,
+    acked_not_read: Option<u64>,
+    /// The reader's errors, `shard N: why`; empty when every reader ran.
+    errors: Vec<String>,
+    /// Shards whose report has an end-to-end section.
+    shards: usize,
+}
+
+fn percentiles(h: &Histogram) -> Value {
+    json!({
+        "count": h.count(),
+        "p50": h.quantile(0.5),
+        "p90": h.quantile(0.9),
+        "p99": h.quantile(0.99),
+        "max": (h.count() > 0).then_some(h.max),
+    })
+}
+
+fn merge_end_to_end(shards: &[Value]) -> Result<EndToEnd, String> {
+    let mut out =
+        EndToEnd { section: Value::Null, enqueued: None, read: None, acked_not_read: None, errors: vec![], shards: 0 };
+    let with: Vec<(usize, &Value)> = shards.iter().enumerate().filter(|(_, r)| r["end_to_end"].is_object()).collect();
+    if with.is_empty() {
+        return Ok(out);
+    }
+    out.shards = with.len();
+    for (key, acc) in [("e2e_enqueued_ms", &mut out.enqueued), ("e2e_read_ms", &mut out.read)] {
+        for (i, r) in &with {
+            let h = &r["histograms"][key];
+            if h.is_null() {
+                continue; // the reader never started (its error says why)
+            }
+            let h: Histogram =
+                serde_json::from_value(h.clone()).map_err(|e| format!("report {}: histograms.{key}: {e}", i + 1))?;
+            match acc {
+                Some(a) => a.merge(&h).map_err(|e| format!("report {}: {key}: {e}", i + 1))?,
+                None => *acc = Some(h),
+            }
+        }
+    }
+    for (i, r) in &with {
+        if let Some(e) = r["end_to_end"]["error"].as_str() {
+            out.errors.push(format!("shard {}: {e}", i + 1));
+        }
+    }
+    let sum = |k: &str| -> u64 { with.iter().map(|(_, r)| u(&r["end_to_end"][k])).sum() };
+    let all = |k: &str| -> Option<u64> { with.iter().map(|(_, r)| r["end_to_end"][k].as_u64()).sum() };
+    out.acked_not_read = all("acked_not_read");
+    let empty = Histogram::new(method_bounds_ms());
+    out.section = json!({
+        "shards": with.len(),
+        "consumer_groups": with.iter().map(|(_, r)| r["end_to_end"]["consumer_group"].clone()).collect::<Vec<_>>(),
+        "unique": sum("unique"),
+        "duplicates": sum("duplicates"),
+        "gaps": sum("gaps"),
+        "identities": sum("identities"),
+        "other_events": sum("other_events"),
+        "untimed": sum("untimed"),
+        "missing": all("missing"),
+        "acked_not_read": out.acked_not_read,
+        "never_acked_not_read": all("never_acked_not_read"),
+        "error": (!out.errors.is_empty()).then(|| out.errors.join("; ")),
+        "latency_ms": {
+            "enqueued": percentiles(out.enqueued.as_ref().unwrap_or(&empty)),
+            "read": percentiles(out.read.as_ref().unwrap_or(&empty)),
+        },
+    });
+    Ok(out)
+}
+
+impl EndToEnd {
+    /// The end-to-end checks judged again on the merged values.
+    fn checks(
+        &self,
+        shards: &[Value],
+        limit: &dyn Fn(&str) -> Value,
+        judge: &dyn Fn(Option<f64>, &Value) -> &'static str,
+    ) -> Vec<Value> {
+        if self.shards == 0 {
+            return vec![];
+        }
+        // The reader ran on every shard that asked for it.
+        let asked = shards.iter().any(|r| {
+            r["checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["name"] == "e2e_reader" && c["result"] != "not checked")
+        });
+        let reader = match (asked, self.errors.is_empty()) {
+            (false, _) => "not checked",
+            (true, true) => "pass",
+            (true, false) => "fail",
+        };
+        let mut out = vec![json!({
+            "name": "e2e_reader", "value": (!self.errors.is_empty()).then(|| self.errors.join("; ")),
+            "limit": Value::Null, "result": reader,
+        })];
+        for (name, value) in [
+            ("e2e_missing", self.acked_not_read.map(|x| x as f64)),
+            ("e2e_enqueued_p99_ms", self.enqueued.as_ref().and_then(|h| h.quantile(0.99))),
+            ("e2e_read_p99_ms", self.read.as_ref().and_then(|h| h.quantile(0.99))),
+        ] {
+            let l = limit(name);
+            out.push(json!({"name": name, "value": value, "limit": l, "result": judge(value, &l)}));
+        }
+        out
+    }
+}
+
+/// The shards' timelines as one (`timeline::merge`); shards without one (older reports) are
+/// left out.
+fn merge_timelines(shards: &[Value]) -> Result<Option<super::timeline::Timeline>, String> {
+    let mut parts = Vec::new();
+    for (i, r) in shards.iter().enumerate() {
+        if r["timeline"].is_null() {
+            continue;
+        }
+        parts.push(super::timeline::Timeline::from_json(&r["timeline"]).map_err(|e| format!("report {}: {e}", i + 1))?);
+    }
+    super::timeline::merge(&parts)
+}
+
+/// How many kinds of error a report lists.
+pub const TOP_ERRORS: usize = 20;
+
+/// Most frequent first (then by source and kind, so equal counts keep one order), at most
+/// `TOP_ERRORS`.
+pub fn sort_errors(errors: &mut Vec<Value>) {
+    errors.sort_by(|a, b| {
+        let key =
+            |v: &Value| (v["source"].as_str().unwrap_or("").to_owned(), v["kind"].as_str().unwrap_or("").to_owned());
+        b["count"].as_u64().unwrap_or(0).cmp(&a["count"].as_u64().unwrap_or(0)).then_with(|| key(a).cmp(&key(b)))
+    });
+    errors.truncate(TOP_ERRORS);
+}
+
+/// The shards' top errors by source and kind: counts summed, the first shard's example kept.
+fn merge_errors(shards: &[Value]) -> Value {
+    let mut by_kind: Vec<Value> = Vec::new();
+    for e in shards.iter().flat_map(|r| r["errors"].as_array().into_iter().flatten().take(TOP_ERRORS)) {
+        match by_kind.iter_mut().find(|x| x["source"] == e["source"] && x["kind"] == e["kind"]) {
+            Some(x) => x["count"] = json!(u(&x["count"]).saturating_add(u(&e["count"]))),
+            None => by_kind.push(e.clone()),
+        }
+    }
+    sort_errors(&mut by_kind);
+    Value::Array(by_kind)
 }
 
 #[cfg(test)]

@@ -270,6 +270,16 @@ impl HubMetrics {
 
     /// What the fault injector did: injections by kind, the connects it refused, the
     /// connections it expired early.
+    /// Faults injected so far, every kind together (the CI timeline's faults column).
+    pub fn faults_injected_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.faults_injected
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value() as u64))
+            .sum()
+    }
+
     pub fn faults_summary(&self) -> serde_json::Map<String, serde_json::Value> {
         use prometheus::core::Collector;
         let mut out = serde_json::Map::new();
