@@ -27,7 +27,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+#[path = "support/procstat.rs"]
+mod procstat;
 mod support;
+use procstat::proc_stats;
 
 use fleetsim::hub::info::HubInfo;
 use serde_json::json;
@@ -80,20 +83,6 @@ fn fleetsim(threads: Option<usize>) -> Command {
         c.args(["--threads", &t.to_string()]);
     }
     c
-}
-
-/// RSS in KiB and CPU seconds (user + system) of a process.
-fn proc_stats(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let field = |n: usize| f.get(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (rss, (field(14) + field(15)) as f64 / 100.0)
 }
 
 /// Sums of every series of a metric family, with buckets kept by `le`.

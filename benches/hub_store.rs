@@ -14,20 +14,18 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+#[path = "support/devices.rs"]
+mod devices;
 mod support;
 
 use bytes::BytesMut;
 use fleetsim::hub::info::HubInfo;
-use fleetsim::iot::sas::{Key, sign_token};
-use fleetsim::iot::time::unix_secs;
-use fleetsim::iot::username::hub_username;
+use fleetsim::iot::sas::Key;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 struct Opts {
@@ -63,78 +61,8 @@ fn stop(mut hub: std::process::Child) {
     let _ = hub.wait();
 }
 
-/// Creates `bench-{i}` for i in `range`, 64 requests in flight; returns how many succeeded.
-async fn create(info: &HubInfo, key: &Key, range: std::ops::Range<usize>) -> usize {
-    let (http, token) = support::service_client(info);
-    let sem = Arc::new(Semaphore::new(64));
-    let mut tasks = Vec::new();
-    for i in range {
-        let (http, token, sem, key) = (http.clone(), token.clone(), sem.clone(), key.to_base64());
-        let url = format!("https://localhost:{}/devices/bench-{i:06}?api-version=2021-04-12", info.https_port);
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire().await.unwrap();
-            let body =
-                json!({"authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}});
-            http.put(url).header("authorization", token).json(&body).send().await.is_ok_and(|r| r.status().is_success())
-        }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        ok += usize::from(t.await.unwrap());
-    }
-    ok
-}
-
-type Stream = tokio_rustls::client::TlsStream<TcpStream>;
-
-async fn write(s: &mut Stream, p: Packet) -> Result<(), String> {
-    let mut out = BytesMut::new();
-    p.write(&mut out, usize::MAX).unwrap();
-    s.write_all(&out).await.map_err(|_| "write".to_string())
-}
-
-/// Reads until `done` says the packet it was waiting for came.
-async fn until(s: &mut Stream, buf: &mut BytesMut, mut done: impl FnMut(&Packet) -> bool) -> Result<(), String> {
-    loop {
-        while let Ok(p) = Packet::read(buf, 1 << 16) {
-            if let Packet::ConnAck(a) = &p
-                && a.code != ConnectReturnCode::Success
-            {
-                return Err(format!("connack {:?}", a.code));
-            }
-            if done(&p) {
-                return Ok(());
-            }
-        }
-        if s.read_buf(buf).await.map_err(|_| "read".to_string())? == 0 {
-            return Err("closed".into());
-        }
-    }
-}
-
-/// One device connected and subscribed to twin responses.
-async fn connect(info: &HubInfo, tls: Arc<rustls::ClientConfig>, id: String, key: &Key) -> Result<Stream, String> {
-    let tcp = TcpStream::connect(info.mqtt_addr).await.map_err(|e| format!("tcp: {}", e.kind()))?;
-    let _ = tcp.set_nodelay(true);
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|_| "tls".to_string())?;
-    let mut c = Connect::new(id.clone());
-    c.keep_alive = 1000;
-    let password = sign_token(&format!("localhost/devices/{id}"), key, unix_secs(SystemTime::now()) + 7200, None);
-    c.set_login(hub_username("localhost", &id, None, None), password);
-    write(&mut s, Packet::Connect(c)).await?;
-    let mut sub = Subscribe::new("$iothub/twin/res/#", QoS::AtLeastOnce);
-    sub.pkid = 1;
-    write(&mut s, Packet::Subscribe(sub)).await?;
-    let mut buf = BytesMut::new();
-    until(&mut s, &mut buf, |p| matches!(p, Packet::SubAck(_))).await?;
-    Ok(s)
-}
-
 /// `patches` reported patches from one connected device, each waited for (PUBACK and 204).
-async fn report(mut s: Stream, patches: usize) -> Result<(), String> {
+async fn report(mut s: devices::Stream, patches: usize) -> Result<(), String> {
     let mut buf = BytesMut::new();
     for n in 0..patches {
         let rid = format!("{n}");
@@ -144,9 +72,9 @@ async fn report(mut s: Stream, patches: usize) -> Result<(), String> {
             json!({"n": n, "temp": 21.5, "fw": "1.2.3"}).to_string(),
         );
         p.pkid = n as u16 + 2;
-        write(&mut s, Packet::Publish(p)).await?;
+        devices::write(&mut s, Packet::Publish(p)).await?;
         let (mut acked, mut answered) = (false, false);
-        until(&mut s, &mut buf, |p| {
+        devices::until(&mut s, &mut buf, |p| {
             match p {
                 Packet::PubAck(_) => acked = true,
                 Packet::Publish(r) if r.topic.starts_with("$iothub/twin/res/204/") => answered = true,
@@ -163,7 +91,7 @@ async fn report(mut s: Stream, patches: usize) -> Result<(), String> {
 async fn writes(info: &HubInfo, devices: usize, patches: usize) -> (f64, f64, usize) {
     let key = Key::generate();
     let t = Instant::now();
-    let created = create(info, &key, 0..devices).await;
+    let created = devices::create(info, &key, 0..devices).await;
     let registry_rate = created as f64 / t.elapsed().as_secs_f64();
     assert_eq!(created, devices, "every device is created");
 
@@ -174,7 +102,7 @@ async fn writes(info: &HubInfo, devices: usize, patches: usize) -> (f64, f64, us
         let (info, tls, key, sem) = (info.clone(), tls.clone(), key.clone(), sem.clone());
         conns.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
-            connect(&info, tls, format!("bench-{i:06}"), &key).await
+            devices::connect(&info, tls, format!("bench-{i:06}"), &key, Some("$iothub/twin/res/#")).await
         }));
     }
     let mut streams = Vec::new();

@@ -821,3 +821,32 @@ async fn a_new_partition_count_starts_the_endpoint_afresh() {
     let now = read_partition(&hub, "d1").await;
     assert_eq!((now.len(), &now[0].0, now[0].3.as_slice()), (1, &Value::Long(0), &b"new"[..]));
 }
+
+/// `eventhub_durable = false`: the endpoint is not kept, so it starts empty after a restart, and
+/// what an earlier run kept is dropped rather than served stale.
+#[tokio::test]
+async fn an_endpoint_not_kept_starts_empty_after_a_restart() {
+    let mut hub = TestHub::start_with(telemetry_only).await;
+    let key = hub.create_device("d1").await;
+    let mut device = hub.connect("d1", None, &key, true).await;
+    let id = device.publish("devices/d1/messages/events/", "kept", QoS::AtLeastOnce).await;
+    device.puback(id).await;
+    drop(device);
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let mut hub = TestHub::start_in(dir, |c| {
+        telemetry_only(c);
+        c.behaviour.eventhub_durable = false;
+    })
+    .await;
+    assert!(read_partition(&hub, "d1").await.is_empty(), "not loaded");
+    let mut device = hub.connect("d1", None, &key, true).await;
+    let id = device.publish("devices/d1/messages/events/", "not kept", QoS::AtLeastOnce).await;
+    device.puback(id).await;
+    assert_eq!(read_partition(&hub, "d1").await.len(), 1);
+    drop(device);
+    hub.stop().await;
+    let TestHub { dir, .. } = hub;
+    let hub = TestHub::start_in(dir, telemetry_only).await;
+    assert!(read_partition(&hub, "d1").await.is_empty(), "neither run's events come back");
+}

@@ -158,6 +158,11 @@ pub struct HubBehaviour {
     pub eventhub_retention_bytes: u64,
     /// How long an event is retained (IoT Hub's built-in endpoint: 1 day by default, up to 7).
     pub eventhub_retention_secs: u64,
+    /// Whether the retained events are kept in the store (default true, when the store is on):
+    /// a message's PUBACK or 204 then waits for its event's commit, as on IoT Hub, where an
+    /// acknowledged message is never lost. Off: the endpoint starts empty after a restart and
+    /// acknowledging telemetry costs no disk write (load tests; see BENCHMARKS.md).
+    pub eventhub_durable: bool,
     /// Consumer groups readers may name besides `$Default` (IoT Hub: created on the hub's
     /// built-in endpoint). Empty: any name is taken, created on first use.
     pub eventhub_consumer_groups: Vec<String>,
@@ -198,6 +203,7 @@ impl Default for HubBehaviour {
             eventhub_retention_events: 10_000,
             eventhub_retention_bytes: 64 * 1024 * 1024,
             eventhub_retention_secs: 86_400,
+            eventhub_durable: true,
             eventhub_consumer_groups: Vec::new(),
             eventhub_twin_change_events: true,
             eventhub_device_lifecycle_events: true,

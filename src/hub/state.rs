@@ -122,6 +122,7 @@ impl HubState {
                     eventhub: &eventhub,
                     feedback: &feedback,
                     ca_certs: &ca_certs,
+                    keep_events: b.eventhub_durable,
                 },
             )?,
             None => super::store::Store::in_memory(),

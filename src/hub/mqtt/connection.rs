@@ -96,7 +96,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(hub: Hub, mut stream: S, c
     // Who is connecting, for the log: the client id and username carry no secret (the SAS token
     // is the password, which is never logged).
     let client_id = connect.client_id.clone();
-    let mut wire = Wire::new();
+    let mut wire = Wire::with_store(hub.store.committed());
     if connect.protocol != Protocol::V4 {
         return refuse(
             &hub,

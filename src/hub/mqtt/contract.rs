@@ -9,6 +9,7 @@ use rumqttc::mqttbytes::v4::{Packet, PubAck};
 
 use crate::hub::session::{CloseReason, Outbound};
 use crate::hub::store::Committed;
+use tokio::sync::watch;
 
 /// The parts of a connection every kind of session uses: one output buffer, flushed by the event
 /// loop once per wake-up, the packet ids of the hub's own QoS 1 publishes, and the answers held
@@ -23,6 +24,8 @@ pub struct Wire {
     held: VecDeque<Held>,
     /// The highest change number known committed.
     committed: u64,
+    /// Where the store publishes how far it has committed (none without a store).
+    store: Option<watch::Receiver<Committed>>,
 }
 
 /// Answers written once change `after` is committed: `ok`, or `failed` if the store failed
@@ -42,6 +45,22 @@ impl Wire {
         Wire::default()
     }
 
+    /// A wire whose held answers follow the store's progress `committed`.
+    pub fn with_store(committed: Option<watch::Receiver<Committed>>) -> Wire {
+        Wire { store: committed, ..Wire::default() }
+    }
+
+    /// Whether change `after` is known committed, asking the store when the cached figure is
+    /// behind (a read of the store's latest progress, no wait).
+    fn settled(&mut self, after: u64) -> bool {
+        if after > self.committed
+            && let Some(rx) = &self.store
+        {
+            self.committed = self.committed.max(rx.borrow().seq);
+        }
+        after <= self.committed
+    }
+
     pub fn write(&mut self, p: Packet) {
         // Packets the hub builds are well-formed and below any limit that could fail here.
         let _ = p.write(&mut self.out, usize::MAX);
@@ -52,7 +71,7 @@ impl Wire {
     /// is closed without it.
     pub fn puback_after(&mut self, after: u64, pkid: u16) {
         let ack = Packet::PubAck(PubAck::new(pkid));
-        if self.held.is_empty() && after <= self.committed {
+        if self.held.is_empty() && self.settled(after) {
             self.write(ack);
         } else {
             self.held.push_back(Held { after, ok: vec![ack], failed: None });
@@ -62,7 +81,7 @@ impl Wire {
     /// `ok` once store change `after` is committed, in order with every other held answer;
     /// `failed` if the store fails first.
     pub fn answer_after(&mut self, after: u64, ok: Vec<Packet>, failed: Vec<Packet>) {
-        if self.held.is_empty() && after <= self.committed {
+        if self.held.is_empty() && self.settled(after) {
             ok.into_iter().for_each(|p| self.write(p));
         } else {
             self.held.push_back(Held { after, ok, failed: Some(failed) });

@@ -82,6 +82,8 @@ pub struct Parts<'a> {
     pub eventhub: &'a Arc<EventHub>,
     pub feedback: &'a FeedbackQueue,
     pub ca_certs: &'a CaCerts,
+    /// Whether the endpoint's events are kept (`behaviour.eventhub_durable`).
+    pub keep_events: bool,
 }
 
 /// A wait for every change queued before it to be committed. Owns what it needs, so a spawned
@@ -158,12 +160,14 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             lock: Mutex::new(Some(lock)),
         });
-        let journal = Arc::downgrade(&durable);
-        parts.eventhub.set_journal(Box::new(move |p| {
-            if let Some(d) = journal.upgrade() {
-                d.queue(Change::Events(p));
-            }
-        }));
+        if parts.keep_events {
+            let journal = Arc::downgrade(&durable);
+            parts.eventhub.set_journal(Box::new(move |p| {
+                if let Some(d) = journal.upgrade() {
+                    d.queue(Change::Events(p));
+                }
+            }));
+        }
         Ok(Store { durable: Some(durable) })
     }
 
@@ -290,7 +294,7 @@ fn load(conn: &mut Connection, parts: &Parts<'_>) -> Result<Vec<i64>, Loaded> {
     load_registry(conn, parts.registry, parts.dps)?;
     load_ca_certs(conn, parts.ca_certs)?;
     load_feedback(conn, parts.feedback, wall)?;
-    load_events(conn, parts.eventhub, wall)
+    load_events(conn, parts.eventhub, parts.keep_events, wall)
 }
 
 /// Identities, enrollments and registrations.
@@ -376,13 +380,20 @@ fn load_feedback(conn: &Connection, queue: &FeedbackQueue, wall: std::time::Syst
 
 /// Each partition's numbering and retained events. A store written under another partition
 /// count is not loaded (a device's partition is its id's hash modulo the count, so its events
-/// would land in other partitions than before): the endpoint starts empty, with a warning.
-fn load_events(conn: &mut Connection, eventhub: &EventHub, wall: std::time::SystemTime) -> Result<Vec<i64>, Loaded> {
+/// would land in other partitions than before): the endpoint starts empty, with a warning. With
+/// `keep` off the stored events are dropped, so a later run that keeps them again does not
+/// serve stale ones.
+fn load_events(
+    conn: &mut Connection,
+    eventhub: &EventHub,
+    keep: bool,
+    wall: std::time::SystemTime,
+) -> Result<Vec<i64>, Loaded> {
     let count = eventhub.partition_count();
     let stored: Option<String> =
         conn.query_row("SELECT value FROM settings WHERE key = 'eventhub_partitions'", [], |r| r.get(0)).ok();
-    if stored.as_deref() != Some(count.to_string().as_str()) {
-        if let Some(was) = &stored {
+    if !keep || stored.as_deref() != Some(count.to_string().as_str()) {
+        if let Some(was) = stored.as_ref().filter(|_| keep) {
             tracing::warn!(
                 stored = %was,
                 configured = count,

@@ -241,12 +241,13 @@ fn write_events(
         let r = EventRow::of(p, e);
         insert.execute(params![r.partition, r.seq, r.offset, r.enqueued_ms, r.source, r.properties, r.body])?;
     }
-    let (current, begin) = from.eventhub.numbering(p);
-    // The numbering as of the last row written, not of the partition now: events appended since
-    // are written with their own change, and a crash in between must not leave a gap.
-    let numbering = events.last().map_or(current, Numbering::after);
-    *written = numbering.next_sequence;
+    let (_, begin) = from.eventhub.numbering(p);
     tx.prepare_cached("DELETE FROM events WHERE partition = ?1 AND seq < ?2")?.execute(params![p as i64, begin])?;
+    // The numbering as of the last row written, never of the partition now: an event appended
+    // since this read is not in this transaction, and numbering past it would leave it unwritten
+    // for good (its own change would find `written` already beyond it).
+    let Some(numbering) = events.last().map(Numbering::after) else { return Ok(()) };
+    *written = numbering.next_sequence;
     let (last_seq, last_offset, last_ms) = match numbering.last {
         Some((s, o, t)) => (Some(s), Some(o), Some(unix_ms(t))),
         None => (None, None, None),
