@@ -13,8 +13,9 @@
 //!     cargo bench --bench endpoint_ingest
 //!     cargo bench --bench endpoint_ingest -- --rates 10000,50000 --secs 20 --devices 200
 //!
-//! Prints one JSON object per measurement. Under `cargo test` it runs a small smoke pass (500
-//! events/s for 2 s) and fails if an acknowledged message never reached the reader.
+//! Prints one JSON object per measurement; `acked_not_read_by_end` counts acknowledged messages
+//! the reader had not received a second after the senders' drain (a reader that fell behind).
+//! Under `cargo test` it runs a small smoke pass (500 events/s for 2 s) and fails if any.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -237,7 +238,7 @@ async fn measure(info: &HubInfo, pid: u32, rate: u64, secs: u64, n_devices: usiz
         "send_to_puback_ms": {"p50": percentile(&mut to_ack, 0.5), "p99": percentile(&mut to_ack, 0.99)},
         "send_to_reader_ms": {"p50": percentile(&mut to_read, 0.5), "p99": percentile(&mut to_read, 0.99)},
         "puback_to_reader_ms": {"p50": percentile(&mut ack_to_read, 0.5), "p99": percentile(&mut ack_to_read, 0.99)},
-        "acked_never_read": missing,
+        "acked_not_read_by_end": missing,
     });
     (line, missing)
 }
@@ -268,7 +269,8 @@ fn main() {
             let _ = hub.wait();
             line["store"] = json!(if in_memory { "in_memory" } else { "sqlite" });
             println!("{line}");
-            assert_eq!(missing, 0, "every acknowledged message reached the reader");
+            // In a bench run a reader that falls behind is a result (reported), not a failure.
+            assert!(bench || missing == 0, "every acknowledged message reached the reader");
         }
     }
     if !bench {

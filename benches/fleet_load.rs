@@ -6,13 +6,16 @@
 //!
 //!     cargo bench --bench fleet_load -- --devices 10000 [--shards N] [--interval 10] [--rate 2000]
 //!                                       [--steady 30] [--methods 200] [--json PATH]
-//!                                       [--behaviour FILE] [--console-requests 500] [--no-console]
+//!                                       [--behaviour FILE] [--console-requests N] [--no-console]
+//!                                       [--hub-behaviour "key = value"]
 //!
 //! The web console is on in the fleets (as by default): during the steady window a client keeps its
-//! live stream open on the first fleet and sends `--console-requests` API requests spread over the
-//! window (overview, a devices page at a random offset, a state-filtered page that walks the whole
+//! live stream open on the first fleet and sends `--console-requests` API requests (none by
+//! default with `--bench`: the standard figures are the fleet's own) spread over the window (overview, a devices page at a random offset, a state-filtered page that walks the whole
 //! fleet, one identity's page with its twin), and their latency is reported. `--no-console` runs
 //! the fleets without it, to compare their CPU per message.
+//!
+//! `--hub-behaviour` adds lines to the emulators' `[behaviour]` (e.g. `eventhub_durable = false`).
 //!
 //! `--behaviour FILE` replaces the built-in telemetry and `ping` command with the template lines in
 //! FILE (e.g. `model = "dtmi:..."` with an absolute `model_dir`, or hand-written tables under
@@ -50,6 +53,8 @@ struct Args {
     /// Console API requests in the steady window (0 with `--no-console`).
     console_requests: usize,
     console: bool,
+    /// More `[behaviour]` lines for the emulators' config (`--hub-behaviour "k = v"`).
+    hub_behaviour: String,
 }
 
 fn args() -> (Args, bool) {
@@ -70,8 +75,10 @@ fn args() -> (Args, bool) {
         json: get("--json").map(PathBuf::from),
         threads: get("--threads").map(|v| v.parse().expect("a number")),
         behaviour: get("--behaviour").map(PathBuf::from),
-        console_requests: num("--console-requests", if bench { 500.0 } else { 20.0 }) as usize,
+        // Nobody looks at the console unless asked: the standard figures are the fleet's own.
+        console_requests: num("--console-requests", if bench { 0.0 } else { 20.0 }) as usize,
         console: !a.iter().any(|x| x == "--no-console"),
+        hub_behaviour: get("--hub-behaviour").unwrap_or_default(),
     };
     (args, bench)
 }
@@ -188,7 +195,7 @@ fn main() {
     // Emulators. They keep no telemetry for read-back: that ring is for tests and demos, and at
     // scale it would be most of the emulator's memory.
     let hub_config = d.join("hub.toml");
-    std::fs::write(&hub_config, "[behaviour]\ntelemetry_buffer = 0\n").unwrap();
+    std::fs::write(&hub_config, format!("[behaviour]\ntelemetry_buffer = 0\n{}\n", a.hub_behaviour)).unwrap();
     let mut hubs: Vec<(Child, HubInfo)> = Vec::new();
     for i in 0..a.shards {
         let data = d.join(format!("hub-{i}"));

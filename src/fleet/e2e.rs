@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::report::{Histogram, method_bounds_ms};
+use super::report::{Histogram, method_bounds_ms, percentiles};
 use crate::backend::consumer::{self, ConsumerConfig, Event, StartAt};
 use crate::backend::target::EventHubTarget;
 use crate::config::ci::EndToEnd;
@@ -196,16 +196,6 @@ impl Reader {
             error,
         }
     }
-}
-
-fn percentiles(h: &Histogram) -> Value {
-    json!({
-        "count": h.count(),
-        "p50": h.quantile(0.5),
-        "p90": h.quantile(0.9),
-        "p99": h.quantile(0.99),
-        "max": (h.count() > 0).then_some(h.max),
-    })
 }
 
 impl Summary {

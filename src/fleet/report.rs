@@ -294,7 +294,9 @@ struct EndToEnd {
     shards: usize,
 }
 
-fn percentiles(h: &Histogram) -> Value {
+/// A histogram as reports show it: `count`, `p50`, `p90`, `p99` and `max` (milliseconds;
+/// `null` when empty).
+pub fn percentiles(h: &Histogram) -> Value {
     json!({
         "count": h.count(),
         "p50": h.quantile(0.5),

@@ -84,6 +84,12 @@ pub fn authenticate(
         Err(SasError::Expired) => return Err(Refusal::ExpiredToken),
         Err(_) => return Err(Refusal::BadCredentials),
     }
+    admitted(&identity)?;
+    Ok(Authenticated { identity, expiry: token.expiry })
+}
+
+/// An identity that exists (not deleted meanwhile) and is enabled; the refusal otherwise.
+fn admitted(identity: &Identity) -> Result<(), Refusal> {
     let st = identity.lock();
     if st.removed {
         return Err(Refusal::UnknownIdentity);
@@ -91,8 +97,7 @@ pub fn authenticate(
     if !st.record.enabled {
         return Err(Refusal::IdentityDisabled);
     }
-    drop(st);
-    Ok(Authenticated { identity, expiry: token.expiry })
+    Ok(())
 }
 
 /// Authenticates a CONNECT: by `chain`, the TLS client certificate, when there is one and the
@@ -136,14 +141,7 @@ pub fn authenticate_x509(
     let identity = hub.registry.get(device_id, module_id).ok_or(Refusal::UnknownIdentity)?;
     let auth = identity.lock().record.auth.clone();
     check_certificate(chain, &auth, device_id, module_id, &hub.ca_certs, now)?;
-    let st = identity.lock();
-    if st.removed {
-        return Err(Refusal::UnknownIdentity);
-    }
-    if !st.record.enabled {
-        return Err(Refusal::IdentityDisabled);
-    }
-    drop(st);
+    admitted(&identity)?;
     Ok(Authenticated { identity, expiry: u64::MAX })
 }
 
