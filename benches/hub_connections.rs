@@ -13,7 +13,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+// Only `create` is used here: connections are made by `connect_one`, which writes CONNECT and
+// the first PUBLISH together so that a connect costs one round trip.
+#[allow(dead_code)]
+#[path = "support/devices.rs"]
+mod devices;
+#[path = "support/procstat.rs"]
+mod procstat;
 mod support;
+
+/// Resident set size of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    procstat::proc_stats(pid).0
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_secs(pid: u32) -> f64 {
+    procstat::proc_stats(pid).1
+}
 
 use bytes::BytesMut;
 use fleetsim::hub::info::HubInfo;
@@ -24,7 +41,7 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 struct Opts {
     devices: usize,
@@ -44,26 +61,6 @@ fn parse_args() -> (Opts, bool) {
         hold: Duration::from_secs_f64(get("--hold").unwrap_or(if bench { 10.0 } else { 0.5 })),
     };
     (opts, bench)
-}
-
-/// Resident set size of a process in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the `(command)`; the first is field 3 (state), so field n is at index n - 3.
-    let after: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let field = |n: usize| after.get(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime, in clock ticks (100 per second on Linux).
-    let ticks = field(14) + field(15);
-    ticks as f64 / 100.0
 }
 
 async fn connect_one(
@@ -126,26 +123,11 @@ fn main() {
 
 async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
     let tls = fleetsim::client::transport::client_config(Some(&info.ca_file)).unwrap();
-    let (http, token) = support::service_client(info);
     let key = Key::generate();
     let rss_start = rss_kib(pid);
 
     let t = Instant::now();
-    let sem = Arc::new(Semaphore::new(64));
-    let mut tasks = Vec::new();
-    for i in 0..opts.devices {
-        let (http, token, sem, key) = (http.clone(), token.clone(), sem.clone(), key.to_base64());
-        let url = format!("https://localhost:{}/devices/bench-{i:05}?api-version=2021-04-12", info.https_port);
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire().await.unwrap();
-            let body = serde_json::json!({"authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}});
-            http.put(url).header("authorization", token).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false)
-        }));
-    }
-    let mut created = 0;
-    for t in tasks {
-        created += usize::from(t.await.unwrap());
-    }
+    let created = devices::create(info, &key, 0..opts.devices).await;
     let register_secs = t.elapsed().as_secs_f64();
     let rss_registered = rss_kib(pid);
     let cpu_before = cpu_secs(pid);
@@ -158,7 +140,7 @@ async fn run(opts: &Opts, info: &HubInfo, pid: u32) -> (usize, usize) {
     let expiry = unix_secs(SystemTime::now()) + 7200;
     for i in 0..opts.devices {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / opts.rate)).await;
-        let id = format!("bench-{i:05}");
+        let id = format!("bench-{i:06}");
         let password = sign_token(&format!("localhost/devices/{id}"), &key, expiry, None);
         let (tls, mut stop, connected, failures) = (tls.clone(), stop_rx.clone(), connected.clone(), failures.clone());
         let addr = info.mqtt_addr;
