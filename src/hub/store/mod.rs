@@ -338,11 +338,7 @@ fn load_registry(conn: &Connection, registry: &Registry, dps: &Dps) -> Result<()
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let (id, body): (String, String) = (r.get(0)?, r.get(1)?);
-        let reg: StoredRegistration = serde_json::from_str(&body).map_err(|e| rows::BadRow {
-            what: "registration",
-            id: id.clone(),
-            reason: e.to_string(),
-        })?;
+        let reg: StoredRegistration = rows::json("registration", &id, &body)?;
         dps.restore_registration(&id, reg, now);
     }
     Ok(())
@@ -354,11 +350,7 @@ fn load_ca_certs(conn: &Connection, cas: &CaCerts) -> Result<(), Loaded> {
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let (name, body): (String, String) = (r.get(0)?, r.get(1)?);
-        let cert: CaCert = serde_json::from_str(&body).map_err(|e| rows::BadRow {
-            what: "CA certificate",
-            id: name.clone(),
-            reason: e.to_string(),
-        })?;
+        let cert: CaCert = rows::json("CA certificate", &name, &body)?;
         cas.restore(cert);
     }
     Ok(())

@@ -30,6 +30,12 @@ pub struct BadRow {
     pub reason: String,
 }
 
+/// A row whose body is one JSON document, read as `T`; `what` and `id` name the row if it does not
+/// parse.
+pub fn json<T: serde::de::DeserializeOwned>(what: &'static str, id: &str, body: &str) -> Result<T, BadRow> {
+    serde_json::from_str(body).map_err(|e| BadRow { what, id: id.to_owned(), reason: e.to_string() })
+}
+
 /// The `record` column: the registry fields that are not columns of their own.
 #[derive(Serialize, Deserialize)]
 struct RecordJson {
@@ -350,7 +356,7 @@ pub fn feedback_body(r: &feedback::Record) -> String {
 
 pub fn feedback_from(id: u64, body: &str) -> Result<Pending, BadRow> {
     let bad = |reason: String| BadRow { what: "feedback record", id: id.to_string(), reason };
-    let j: FeedbackJson = serde_json::from_str(body).map_err(|e| bad(e.to_string()))?;
+    let j: FeedbackJson = json("feedback record", &id.to_string(), body)?;
     let status = Status::parse(&j.status).ok_or_else(|| bad(format!("unknown status `{}`", j.status)))?;
     Ok(Pending {
         id,
