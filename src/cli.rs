@@ -186,6 +186,9 @@ pub struct HubArgs {
     /// Serve no metrics endpoint.
     #[arg(long, conflicts_with = "metrics_addr")]
     pub no_metrics: bool,
+    /// Serve no web console or console API on the metrics address (`console = false`).
+    #[arg(long)]
+    pub no_console: bool,
     /// Keep identities, twins, enrollments and C2D queues in memory only: nothing of them is
     /// written to the data dir, and a restart starts empty (the `in_memory` config key).
     #[arg(long)]

@@ -152,6 +152,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
         if args.no_metrics {
             config.metrics_addr = None;
         }
+        if args.no_console {
+            config.console = false;
+        }
         if args.in_memory {
             config.in_memory = true;
         }
@@ -163,7 +166,9 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let running = match hub::start(config).await {
+    let console_on = config.console && config.metrics_addr.is_some();
+    let console: Option<hub::MetricsRoutes> = config.console.then(|| Box::new(fleetsim::console::for_hub) as _);
+    let running = match hub::start_with(config, console).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -183,6 +188,13 @@ async fn run_hub(args: fleetsim::cli::HubArgs) -> ExitCode {
     }
     if let Some(m) = &running.info.metrics_url {
         println!("  metrics {m}");
+        if console_on {
+            let a = m.trim_end_matches("/metrics");
+            println!(
+                "  console {a}/  (JSON API under /api/v1/; `fleetsim status --addr {}`)",
+                a.trim_start_matches("http://")
+            );
+        }
     }
     fleetsim::sys::shutdown_signal().await;
     tracing::info!("shutting down");

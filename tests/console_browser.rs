@@ -1,6 +1,7 @@
 //! The web console in a real browser: Debian's headless Chromium, driven over WebDriver by its
 //! chromedriver (both installed by scripts/setup-sdks.sh), against a real `fleetsim run` with the
-//! embedded emulator and the demo's five environmental sensors. Each test saves screenshots under
+//! embedded emulator and the demo's five environmental sensors, or against a standalone `fleetsim
+//! hub` with those sensors run by a separate fleet. Each test saves screenshots under
 //! target/browser-screenshots/. Every wait is bounded and waits for a condition, never a time.
 //!
 //! Tests run one at a time (a browser each is heavy on a small machine): they share a lock.
@@ -27,11 +28,10 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A fleet process, a chromedriver and a browser session; all ended on drop.
+/// The fleetsim processes, a chromedriver and a browser session; all ended on drop.
 struct Console {
     _dir: tempfile::TempDir,
-    fleet: Child,
-    driver: Child,
+    procs: Vec<Child>,
     browser: Option<Client>,
     base: String,
     http: reqwest::Client,
@@ -39,7 +39,7 @@ struct Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
-        for child in [&mut self.fleet, &mut self.driver] {
+        for child in &mut self.procs {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -62,12 +62,14 @@ where
     }
 }
 
+fn spawn(dir: &Path, log: &str, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join(log)).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fleetsim")).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+}
+
 impl Console {
+    /// `fleetsim run` with the embedded emulator: the console is the fleet's.
     async fn start() -> Console {
-        assert!(
-            Path::new(DRIVER).exists() && Path::new(CHROMIUM).exists(),
-            "chromium and chromedriver are missing: run scripts/setup-sdks.sh"
-        );
         let dir = tempfile::tempdir().unwrap();
         let metrics = free_port();
         let config = dir.path().join("fleet.toml");
@@ -82,34 +84,84 @@ impl Console {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("fleet.log")).unwrap();
-        let fleet = Command::new(env!("CARGO_BIN_EXE_fleetsim"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let port = free_port();
-        let driver = Command::new(DRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let mut console = Console {
-            _dir: dir,
-            fleet,
-            driver,
-            browser: None,
-            base: format!("http://127.0.0.1:{metrics}"),
-            http: reqwest::Client::new(),
-        };
+        let fleet = spawn(dir.path(), "fleet.log", &["run", "--config", config.to_str().unwrap()]);
+        let console = Console::with_browser(dir, vec![fleet], metrics).await;
         // The demo fleet is up: every sensor has connected.
         until("the fleet's five identities to connect", || async {
             let o = console.api("/api/v1/overview").await?;
             (o["ramp"]["connectedOnce"] == 5).then_some(())
         })
         .await;
+        console
+    }
+
+    /// A standalone `fleetsim hub`, whose console shows the emulator only, and a fleet of the
+    /// demo's five sensors aimed at it (with no console of its own).
+    async fn start_hub() -> Console {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = free_port();
+        let data = dir.path().join("hub");
+        let hub = spawn(
+            dir.path(),
+            "hub.log",
+            &[
+                "hub",
+                "--in-memory",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--https-addr",
+                "127.0.0.1:0",
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics}"),
+            ],
+        );
+        let hub_json = data.join("hub.json");
+        until("the hub to write hub.json", || async { hub_json.exists().then_some(()) }).await;
+        let config = dir.path().join("fleet.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "scenarios = [{scenario:?}]\n[hub]\nmode = \"external\"\nhub_json = {hub_json:?}\n[metrics]\nenabled = false\n",
+                scenario = repo("scenarios/environmental-sensor.toml").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let fleet = spawn(dir.path(), "fleet.log", &["run", "--config", config.to_str().unwrap()]);
+        let console = Console::with_browser(dir, vec![hub, fleet], metrics).await;
+        until("the fleet's five sensors to connect to the hub", || async {
+            let o = console.api("/api/v1/overview").await?;
+            (o["hub"]["connections"]["hub"] == 5).then_some(())
+        })
+        .await;
+        console
+    }
+
+    /// A chromedriver and a browser session on the console at `metrics`, beside `procs`.
+    async fn with_browser(dir: tempfile::TempDir, mut procs: Vec<Child>, metrics: u16) -> Console {
+        assert!(
+            Path::new(DRIVER).exists() && Path::new(CHROMIUM).exists(),
+            "chromium and chromedriver are missing: run scripts/setup-sdks.sh"
+        );
+        let port = free_port();
+        procs.push(
+            Command::new(DRIVER)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts"),
+        );
+        let mut console = Console {
+            _dir: dir,
+            procs,
+            browser: None,
+            base: format!("http://127.0.0.1:{metrics}"),
+            http: reqwest::Client::new(),
+        };
         let status = format!("http://127.0.0.1:{port}/status");
         until("chromedriver to be ready", || async {
             let r = console.http.get(&status).send().await.ok()?;
@@ -345,6 +397,13 @@ async fn a_fault_toggled_from_the_page_shows_in_the_charts() {
         c.text("#emulator-cards").await.contains("1\nfaults on").then_some(())
     })
     .await;
+    until("the emulator's charts to show the sensors and the fault", || async {
+        let connections = last_point(&c, "hubConnections", 1).await?;
+        let faults = last_point(&c, "hubFaults", 1).await?;
+        (connections == 5.0 && faults == 1.0).then_some(())
+    })
+    .await;
+    c.js("window.scrollTo(0, 0)").await;
     c.screenshot("emulator-fault-on").await;
 
     c.open("#/fleet").await;
@@ -375,5 +434,60 @@ async fn a_fault_toggled_from_the_page_shows_in_the_charts() {
         (last_point(&c, "faults", 1).await == Some(0.0)).then_some(())
     })
     .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_hub_serves_the_emulator_view_with_live_charts() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = Console::start_hub().await;
+    // No fleet here: its routes say so, and the page shows the emulator only.
+    let r = c.http.get(format!("{}/api/v1/devices", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "NoFleet", "{body}");
+    let o = c.api("/api/v1/overview").await.unwrap();
+    assert_eq!((o["fleet"].clone(), o["emulator"].clone()), (json!(false), json!(true)), "{o}");
+    assert_eq!(o["hub"]["devices"], 5, "{o}");
+
+    c.open("").await;
+    until("the emulator view", || async {
+        let shown = c.js("return !document.querySelector('#view-emulator').hidden").await;
+        (shown == true).then_some(())
+    })
+    .await;
+    let hidden =
+        c.js("return ['fleet', 'devices'].map(v => document.querySelector(`nav a[data-view=${v}]`).hidden)").await;
+    assert_eq!(hidden, json!([true, true]));
+    until("the cards to count the registry", || async {
+        c.text("#emulator-cards").await.contains("5\ndevices").then_some(())
+    })
+    .await;
+    until("the connections chart to show the five sensors", || async {
+        (last_point(&c, "hubConnections", 1).await == Some(5.0)).then_some(())
+    })
+    .await;
+    until("the telemetry chart to show what the hub receives", || async {
+        (last_point(&c, "hubTelemetry", 1).await? > 0.0).then_some(())
+    })
+    .await;
+
+    let knob = "#faults tr[data-knob='twin_error_rate']";
+    until("the fault panel", || async { (!c.text(knob).await.is_empty()).then_some(()) }).await;
+    c.click(&format!("{knob} input[type=checkbox]")).await;
+    until("the faults chart to show the fault on", || async {
+        (last_point(&c, "hubFaults", 1).await == Some(1.0)).then_some(())
+    })
+    .await;
+    c.js("window.scrollTo(0, 0)").await;
+    c.screenshot("hub-emulator").await;
+
+    // `fleetsim status` prints the emulator's part from the same overview.
+    let addr = c.base.trim_start_matches("http://").to_owned();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetsim")).args(["status", "--addr", &addr]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(": 5 devices, 0 modules") && text.contains("faults on     1"), "{text}");
+    assert!(!text.contains("ramp"), "{text}");
     c.stop().await;
 }

@@ -32,6 +32,9 @@ const chartDefs = {
   rates: { el: "#chart-rates", series: [["generatedPerSec", "#2563eb", "generated"], ["ackedPerSec", "#067647", "acked"], ["droppedPerSec", "#b42318", "dropped"], ["retransmitsPerSec", "#d97706", "retransmitted"]] },
   latency: { el: "#chart-latency", series: [["pubackP50Ms", "#067647", "PUBACK p50"], ["pubackP99Ms", "#2563eb", "PUBACK p99"], ["connectP99Ms", "#d97706", "connect p99"]] },
   faults: { el: "#chart-faults", series: [["faultsActive", "#b42318", "faults on"], ["faultEventsPerSec", "#d97706", "fault events/s"], ["reconnectsPerSec", "#2563eb", "reconnects/s"]] },
+  hubConnections: { el: "#chart-hub-connections", series: [["hubConnections", "#2563eb", "connections"]] },
+  hubTelemetry: { el: "#chart-hub-telemetry", series: [["hubTelemetryPerSec", "#067647", "received/s"]] },
+  hubFaults: { el: "#chart-hub-faults", series: [["faultsActive", "#b42318", "faults on"], ["faultEventsPerSec", "#d97706", "fault events/s"]] },
 };
 function makeCharts() {
   for (const [name, def] of Object.entries(chartDefs)) {
@@ -236,11 +239,14 @@ async function refreshTail() {
 }
 
 // ---- routing and refresh ----------------------------------------------------------------------
+// A standalone emulator (`fleetsim hub`) runs no fleet: only its emulator view is shown.
+let fleetOn = true;
 let current = "fleet";
 function route() {
   const h = location.hash.replace(/^#\/?/, "");
   const [view, ...rest] = h.split("/");
-  current = ["fleet", "devices", "device", "emulator"].includes(view) ? view : "fleet";
+  const views = fleetOn ? ["fleet", "devices", "device", "emulator"] : ["emulator"];
+  current = views.includes(view) ? view : views[0];
   if (current === "device") deviceId = decodeURIComponent(rest.join("/"));
   for (const s of document.querySelectorAll(".view")) s.hidden = s.id !== "view-" + current;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === current || (current === "device" && a.dataset.view === "devices"));
@@ -258,7 +264,12 @@ async function refresh() {
 
 async function start() {
   makeCharts();
-  api("/api/v1/overview").then((o) => { $("#nav-emulator").hidden = !o.emulator; }).catch(() => {});
+  const o = await api("/api/v1/overview").catch(() => null);
+  if (o) {
+    fleetOn = o.fleet !== false;
+    $("#nav-emulator").hidden = !o.emulator;
+    for (const v of ["fleet", "devices"]) document.querySelector(`nav a[data-view="${v}"]`).hidden = !fleetOn;
+  }
   const s = await api("/api/v1/series");
   addSamples(s.samples);
   const events = new EventSource("/api/v1/stream");

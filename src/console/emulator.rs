@@ -1,7 +1,7 @@
-//! The console's emulator routes, when the fleet embeds the hub: registry counts and connections,
-//! the telemetry the hub keeps per identity (a live tail, read after a position), and the fault
-//! panel (the same knobs and checks as the emulator's own `/emulator/faults`). Without an
-//! embedded hub every route answers 404 `NoEmulator`.
+//! The console's emulator routes, on `fleetsim hub` or on a fleet that embeds the hub: registry
+//! counts and connections, the telemetry the hub keeps per identity (a live tail, read after a
+//! position), and the fault panel (the same knobs and checks as the emulator's own
+//! `/emulator/faults`). A fleet aimed at another hub answers 404 `NoEmulator` on every route.
 
 use axum::Json;
 use axum::Router;
@@ -39,10 +39,11 @@ fn faults_json(h: &HubState) -> Value {
     v
 }
 
-async fn summary(State(c): State<super::State>) -> ApiResult {
-    let h = hub(&c)?;
+/// The emulator's registry, connections, telemetry received and faults (`GET /api/v1/emulator`,
+/// and `hub` in the overview).
+pub fn summary_json(h: &HubState) -> Value {
     let (devices, modules) = h.registry.counts();
-    Ok(Json(json!({
+    json!({
         "hostname": h.hostname,
         "devices": devices,
         "modules": modules,
@@ -51,8 +52,11 @@ async fn summary(State(c): State<super::State>) -> ApiResult {
         "telemetryKeptPerIdentity": h.behaviour.telemetry_buffer,
         "faults": faults_json(h),
         "faultEvents": h.metrics.faults_summary(),
-    }))
-    .into_response())
+    })
+}
+
+async fn summary(State(c): State<super::State>) -> ApiResult {
+    Ok(Json(summary_json(hub(&c)?)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -46,10 +46,25 @@ fn percentiles(h: &prometheus::Histogram) -> Value {
     json!({"count": h.get_sample_count(), "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99)})
 }
 
-/// The overview: everything `fleetsim status` prints.
+/// The overview: everything `fleetsim status` prints. The fleet's part is there when the console
+/// runs a fleet (`"fleet": true`), the emulator's summary (`hub`) when it has an emulator.
 pub fn overview_json(c: &Console) -> Value {
-    let m = &c.shared.metrics;
-    let total = c.total.load(Ordering::Relaxed);
+    let elapsed = c.started.elapsed();
+    let mut v = match &c.fleet {
+        Some(f) => fleet_overview(c, f, elapsed),
+        None => json!({}),
+    };
+    v["uptimeSecs"] = json!(elapsed.as_secs());
+    v["startedAt"] = json!(unix_ms(c.started_at));
+    v["fleet"] = json!(c.fleet.is_some());
+    v["emulator"] = json!(c.hub.is_some());
+    v["hub"] = c.hub.as_deref().map_or(Value::Null, super::emulator::summary_json);
+    v
+}
+
+fn fleet_overview(c: &Console, f: &super::Fleet, elapsed: Duration) -> Value {
+    let m = &f.shared.metrics;
+    let total = f.total.load(Ordering::Relaxed);
     let once = m.ever_connected.get();
     let mut states = Map::new();
     for s in DeviceState::ALL {
@@ -62,10 +77,7 @@ pub fn overview_json(c: &Console) -> Value {
         "droppedPerSec": latest.as_ref().map_or(0.0, |s| s.dropped_per_sec),
         "retransmitsPerSec": latest.as_ref().map_or(0.0, |s| s.retransmits_per_sec),
     });
-    let elapsed = c.started.elapsed();
     json!({
-        "uptimeSecs": elapsed.as_secs(),
-        "startedAt": unix_ms(c.started_at),
         "identities": total,
         "ramp": {
             "connectedOnce": once,
@@ -89,17 +101,16 @@ pub fn overview_json(c: &Console) -> Value {
         },
         "reconnects": m.reconnect_counts(),
         "errors": m.error_counts(),
-        "ci": c.ci.as_ref().map(|ci| ci_standing(c, ci, elapsed)),
-        "emulator": c.hub.is_some(),
+        "ci": f.ci.as_ref().map(|ci| ci_standing(f, ci, elapsed)),
     })
 }
 
 /// CI mode's thresholds and the figures that can be judged while running; the rest are judged at
 /// the end of the run (their `value` is null here).
-fn ci_standing(c: &Console, ci: &crate::config::ci::CiConfig, elapsed: Duration) -> Value {
-    let m = &c.shared.metrics;
+fn ci_standing(f: &super::Fleet, ci: &crate::config::ci::CiConfig, elapsed: Duration) -> Value {
+    let m = &f.shared.metrics;
     let t = &ci.thresholds;
-    let total = c.total.load(Ordering::Relaxed) as i64;
+    let total = f.total.load(Ordering::Relaxed) as i64;
     let mut checks = Vec::new();
     let mut check = |name: &str, limit: Value, value: Value, ok: Option<bool>| {
         checks.push(json!({"name": name, "limit": limit, "value": value, "ok": ok}));
@@ -209,6 +220,7 @@ async fn devices(
     q: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let f = c.fleet()?;
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("limit must be from 1 to {MAX_PAGE}")));
@@ -219,20 +231,20 @@ async fn devices(
         state: q.state.filter(|s| !s.is_empty()).as_deref().map(parse_state).transpose()?,
     };
     let offset = q.offset.unwrap_or(0);
-    let page = c.views.page(&filter, offset, limit);
+    let page = f.views.page(&filter, offset, limit);
     Ok(Json(json!({
         "total": page.total,
         "offset": offset,
         "limit": limit,
         "items": page.items.iter().map(|v| row(v)).collect::<Vec<_>>(),
-        "templates": c.views.templates().iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        "templates": f.views.templates().iter().map(|t| t.to_string()).collect::<Vec<_>>(),
     }))
     .into_response())
 }
 
 fn find(c: &Console, device: &str, module: Option<&str>) -> Result<Arc<DeviceView>, ApiError> {
     let key = crate::iot::username::client_id(device, module);
-    c.views.get(&key).ok_or_else(|| {
+    c.fleet()?.views.get(&key).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "DeviceNotFound", format!("the fleet runs no identity {key}"))
     })
 }
@@ -250,7 +262,7 @@ async fn detail(c: &Console, device: &str, module: Option<&str>) -> ApiResult {
         .collect();
     let commands: Vec<Value> =
         v.last_commands().iter().map(|r| json!({"at": unix_ms(r.at), "name": r.name, "status": r.status})).collect();
-    let twin = match &c.shared.service {
+    let twin = match &c.fleet()?.shared.service {
         Some(s) => match tokio::time::timeout(Duration::from_secs(10), s.twin(device, module)).await {
             Ok(Ok(t)) => json!({
                 "version": t.get("version"),
@@ -348,6 +360,7 @@ fn no_service() -> ApiError {
 }
 
 async fn act(c: &Console, device: &str, module: Option<&str>, action: &str, body: &[u8]) -> ApiResult {
+    let f = c.fleet()?;
     let v = find(c, device, module)?;
     match action {
         "invoke" => {
@@ -356,12 +369,12 @@ async fn act(c: &Console, device: &str, module: Option<&str>, action: &str, body
                 return Err(ApiError::bad_request("method must be 1 to 128 characters"));
             }
             let timeout = Duration::from_secs(req.response_timeout_secs.unwrap_or(10).clamp(5, 300));
-            let service = c.shared.service.as_ref().ok_or_else(no_service)?;
+            let service = f.shared.service.as_ref().ok_or_else(no_service)?;
             let t0 = std::time::Instant::now();
             let r = service.invoke(device, module, &req.method, &req.payload, timeout, Duration::from_secs(0)).await;
             let latency = t0.elapsed();
             let r = r.map_err(service_error)?;
-            c.shared.metrics.method_seconds.observe(latency.as_secs_f64());
+            f.shared.metrics.method_seconds.observe(latency.as_secs_f64());
             Ok(Json(json!({"status": r.status, "payload": r.payload, "latencyMs": latency.as_millis() as u64}))
                 .into_response())
         }
@@ -370,7 +383,7 @@ async fn act(c: &Console, device: &str, module: Option<&str>, action: &str, body
             if req.patch.is_empty() {
                 return Err(ApiError::bad_request("patch must name at least one property"));
             }
-            let service = c.shared.service.as_ref().ok_or_else(no_service)?;
+            let service = f.shared.service.as_ref().ok_or_else(no_service)?;
             let twin = service.patch_desired(device, module, &Value::Object(req.patch)).await.map_err(service_error)?;
             Ok(Json(json!({"desiredVersion": twin.pointer("/properties/desired/$version")})).into_response())
         }

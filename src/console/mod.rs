@@ -1,7 +1,8 @@
 //! The web console: a JSON API (`/api/v1/...`) and the single-page app that uses it, served on the
-//! fleet's metrics listener. `fleet` builds a [`Console`] from what it already has (metrics, the
-//! identities' views, the service client, the embedded hub) and merges [`router`] into its own.
-//! Every route, shape, unit and error is in docs/console.md.
+//! metrics listener of `fleetsim run` and of `fleetsim hub`. `fleet` builds a [`Console`] from what
+//! it already has (metrics, the identities' views, the service client, the embedded hub) and merges
+//! [`router`] into its own; a standalone emulator gets one from [`for_hub`], with the emulator's
+//! routes only. Every route, shape, unit and error is in docs/console.md.
 //!
 //! The console costs the hot path nothing beyond the views (`device::view`): the time series is
 //! sampled once a second from the Prometheus handles by one task, and pages of the devices table
@@ -28,19 +29,51 @@ use crate::device::spec::Shared;
 use crate::device::view::Views;
 use crate::hub::state::Hub;
 
-/// What the console reads and acts on.
+/// What the console reads and acts on: a fleet, an emulator, or both (a fleet that embeds one).
 pub struct Console {
+    /// The fleet, for `fleetsim run`; `None` on a standalone emulator (`fleetsim hub`).
+    pub fleet: Option<Fleet>,
+    /// The emulator, embedded or standalone, for the emulator view.
+    pub hub: Option<Hub>,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub series: series::Series,
+}
+
+/// The fleet's side of the console.
+pub struct Fleet {
     pub shared: Arc<Shared>,
     pub views: Arc<Views>,
     /// Identities the fleet runs now.
     pub total: Arc<AtomicUsize>,
-    /// The embedded emulator, for the emulator view.
-    pub hub: Option<Hub>,
     /// CI mode's settings, for the thresholds and where the run stands.
     pub ci: Option<CiConfig>,
-    pub started: Instant,
-    pub started_at: SystemTime,
-    pub series: series::Series,
+}
+
+impl Console {
+    pub fn new(fleet: Option<Fleet>, hub: Option<Hub>) -> Console {
+        Console { fleet, hub, started: Instant::now(), started_at: SystemTime::now(), series: Default::default() }
+    }
+
+    /// The fleet, or 404 `NoFleet` on a standalone emulator.
+    pub fn fleet(&self) -> Result<&Fleet, ApiError> {
+        self.fleet.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoFleet",
+                "this is a standalone emulator (`fleetsim hub`): it runs no fleet",
+            )
+        })
+    }
+}
+
+/// The console of a standalone emulator (`fleetsim hub`): the app, the overview, the time series
+/// and the emulator's routes, sampled until the hub shuts down.
+pub fn for_hub(hub: Hub) -> Router {
+    let stop = hub.shutdown.clone();
+    let c = Arc::new(Console::new(None, Some(hub)));
+    tokio::spawn(series::run(c.clone(), stop));
+    router(c)
 }
 
 pub type State = Arc<Console>;

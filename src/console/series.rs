@@ -1,5 +1,5 @@
-//! The console's time series: one sample a second of the fleet's rates, latency percentiles and
-//! the emulator's faults, kept for the last ten minutes in a bounded ring and pushed to every
+//! The console's time series: one sample a second of the fleet's rates and latency percentiles and
+//! of the emulator's connections, telemetry and faults, kept for the last ten minutes in a bounded ring and pushed to every
 //! open stream (server-sent events). One task samples; nothing here runs per message.
 
 use std::collections::VecDeque;
@@ -21,9 +21,10 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 /// The window latency percentiles of a sample are computed over (the last five seconds).
 const WINDOW: usize = 5;
 
-/// One second of the fleet. Rates are per second over the last period; latencies are in
-/// milliseconds over the last five seconds (`None` when nothing was measured), estimated from the
-/// Prometheus histograms' buckets by linear interpolation.
+/// One second of the fleet and the emulator. Rates are per second over the last period; latencies
+/// are in milliseconds over the last five seconds (`None` when nothing was measured), estimated
+/// from the Prometheus histograms' buckets by linear interpolation. On a standalone emulator the
+/// fleet's figures are 0 (latencies `None`); without an emulator its figures are `None` (faults 0).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Sample {
@@ -44,6 +45,10 @@ pub struct Sample {
     pub faults_active: u32,
     /// What the fault injector did in the period: injections, refused connects, forced closes.
     pub fault_events_per_sec: f64,
+    /// Device and module MQTT connections (TLS and WebSockets) the emulator holds now.
+    pub hub_connections: Option<i64>,
+    /// Device-to-cloud messages the emulator accepted in the period.
+    pub hub_telemetry_per_sec: Option<f64>,
 }
 
 /// The ring and the stream.
@@ -155,23 +160,49 @@ fn fault_events(hub: &crate::hub::state::HubState) -> u64 {
     hub.metrics.faults_summary().values().filter_map(|v| v.as_u64()).sum()
 }
 
+/// Cumulative counts a sample's rates are differences of.
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    generated: u64,
+    acked: u64,
+    dropped: u64,
+    retransmits: u64,
+    reconnects: u64,
+    fault_events: u64,
+    hub_telemetry: u64,
+}
+
+fn totals(c: &Console) -> Totals {
+    let mut t = Totals::default();
+    if let Some(f) = &c.fleet {
+        let m = &f.shared.metrics;
+        t.generated = m.telemetry_generated.get();
+        t.acked = m.telemetry_acked.get();
+        t.dropped = m.dropped_count();
+        t.retransmits = m.telemetry_retransmits.get();
+        t.reconnects = m.reconnect_counts().values().filter_map(|v| v.as_u64()).sum();
+    }
+    if let Some(h) = c.hub.as_deref() {
+        t.fault_events = fault_events(h);
+        t.hub_telemetry = h.metrics.telemetry_received.get();
+    }
+    t
+}
+
+/// The fleet's latency histograms' buckets now (empty without a fleet).
+fn latency_buckets(c: &Console) -> [Vec<(f64, u64)>; 2] {
+    match &c.fleet {
+        Some(f) => [buckets(&f.shared.metrics.puback_seconds), buckets(&f.shared.metrics.connect_seconds)],
+        None => [Vec::new(), Vec::new()],
+    }
+}
+
 /// Takes a sample every [`PERIOD`] until `stop`.
 pub async fn run(console: Arc<Console>, stop: CancellationToken) {
-    let m = &console.shared.metrics;
-    let totals = |c: &Console| {
-        (
-            m.telemetry_generated.get(),
-            m.telemetry_acked.get(),
-            m.dropped_count(),
-            m.telemetry_retransmits.get(),
-            m.reconnect_counts().values().filter_map(|v| v.as_u64()).sum::<u64>(),
-            c.hub.as_deref().map_or(0, fault_events),
-        )
-    };
     let mut last = totals(&console);
     let mut last_at = tokio::time::Instant::now();
-    let mut puback: VecDeque<Vec<(f64, u64)>> = VecDeque::from([buckets(&m.puback_seconds)]);
-    let mut connect: VecDeque<Vec<(f64, u64)>> = VecDeque::from([buckets(&m.connect_seconds)]);
+    // The latency buckets of the last WINDOW samples, oldest first.
+    let mut window: VecDeque<[Vec<(f64, u64)>; 2]> = VecDeque::from([latency_buckets(&console)]);
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -184,33 +215,33 @@ pub async fn run(console: Arc<Console>, stop: CancellationToken) {
         let secs = now.duration_since(last_at).as_secs_f64().max(0.001);
         let cur = totals(&console);
         let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs * 10.0).round() / 10.0;
-        let p = buckets(&m.puback_seconds);
-        let c = buckets(&m.connect_seconds);
-        let p_before = puback.front().cloned().unwrap_or_default();
-        let c_before = connect.front().cloned().unwrap_or_default();
+        let [p, c] = latency_buckets(&console);
+        let [p_before, c_before] = window.front().cloned().unwrap_or_default();
         let ms = |v: Option<f64>| v.map(|s| (s * 10_000.0).round() / 10.0);
+        let fleet = console.fleet.as_ref();
+        let hub = console.hub.as_deref();
         let sample = Sample {
             t: super::unix_ms(SystemTime::now()),
-            identities: console.total.load(std::sync::atomic::Ordering::Relaxed),
-            connected: m.state_count(DeviceState::Connected),
-            generated_per_sec: rate(cur.0, last.0),
-            acked_per_sec: rate(cur.1, last.1),
-            dropped_per_sec: rate(cur.2, last.2),
-            retransmits_per_sec: rate(cur.3, last.3),
-            reconnects_per_sec: rate(cur.4, last.4),
+            identities: fleet.map_or(0, |f| f.total.load(std::sync::atomic::Ordering::Relaxed)),
+            connected: fleet.map_or(0, |f| f.shared.metrics.state_count(DeviceState::Connected)),
+            generated_per_sec: rate(cur.generated, last.generated),
+            acked_per_sec: rate(cur.acked, last.acked),
+            dropped_per_sec: rate(cur.dropped, last.dropped),
+            retransmits_per_sec: rate(cur.retransmits, last.retransmits),
+            reconnects_per_sec: rate(cur.reconnects, last.reconnects),
             puback_p50_ms: ms(quantile(&p, &p_before, 0.5)),
             puback_p99_ms: ms(quantile(&p, &p_before, 0.99)),
             connect_p99_ms: ms(quantile(&c, &c_before, 0.99)),
-            faults_active: console.hub.as_deref().map_or(0, faults_active),
-            fault_events_per_sec: rate(cur.5, last.5),
+            faults_active: hub.map_or(0, faults_active),
+            fault_events_per_sec: rate(cur.fault_events, last.fault_events),
+            hub_connections: hub.map(|h| h.metrics.connections_hub.get()),
+            hub_telemetry_per_sec: hub.map(|_| rate(cur.hub_telemetry, last.hub_telemetry)),
         };
         console.series.push(sample);
-        for (ring, b) in [(&mut puback, p), (&mut connect, c)] {
-            if ring.len() == WINDOW {
-                ring.pop_front();
-            }
-            ring.push_back(b);
+        if window.len() == WINDOW {
+            window.pop_front();
         }
+        window.push_back([p, c]);
         last = cur;
         last_at = now;
     }

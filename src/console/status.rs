@@ -1,6 +1,7 @@
 //! `fleetsim status`: the console's overview (`GET /api/v1/overview`) printed for a terminal, for
-//! ssh sessions and CI logs. Exit 0 when printed, 1 when the fleet cannot be reached or answers
-//! something else than an overview.
+//! ssh sessions and CI logs, from `fleetsim run` (the fleet, and its embedded emulator) or from
+//! `fleetsim hub` (the emulator). Exit 0 when printed, 1 when nothing can be reached there or it
+//! answers something else than an overview.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,8 +11,9 @@ use serde_json::Value;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The fleet's metrics address (`[metrics] addr`, or `run --metrics-addr`), where the console
-    /// and its API are served.
+    /// The metrics address where the console and its API are served: the fleet's (`[metrics]
+    /// addr`, or `run --metrics-addr`) or a standalone emulator's (`metrics_addr`, `hub
+    /// --metrics-addr`, default 127.0.0.1:9464).
     #[arg(long, env = "FLEETSIM_STATUS_ADDR", default_value = "127.0.0.1:9100")]
     pub addr: SocketAddr,
     /// Print the overview as JSON (the API's answer, unchanged) instead of text.
@@ -57,7 +59,7 @@ async fn fetch(url: &str) -> Result<Value, String> {
         return Err(format!("{url} answered {status}"));
     }
     let v: Value = r.json().await.map_err(|e| format!("{url} did not answer an overview: {e}"))?;
-    if !v.get("identities").is_some_and(Value::is_u64) {
+    if !v.get("identities").is_some_and(Value::is_u64) && !v.get("hub").is_some_and(Value::is_object) {
         return Err(format!("{url} did not answer an overview"));
     }
     Ok(v)
@@ -78,11 +80,35 @@ fn pairs(v: &Value) -> String {
     }
 }
 
-/// The overview as a few aligned lines.
+/// The overview as a few aligned lines: the fleet's part when there is a fleet, then the
+/// emulator's when there is one.
 pub fn render(v: &Value) -> String {
+    let mut out = format!("{:<13} {} s\n", "uptime", num(&v["uptimeSecs"]));
+    if v["fleet"].as_bool() != Some(false) {
+        out.push_str(&render_fleet(v));
+    }
+    if let Some(h) = v["hub"].as_object() {
+        let mut line = |k: &str, val: String| out.push_str(&format!("{k:<13} {val}\n"));
+        line(
+            "emulator",
+            format!(
+                "{}: {} devices, {} modules",
+                h["hostname"].as_str().unwrap_or("?"),
+                num(&h["devices"]),
+                num(&h["modules"])
+            ),
+        );
+        line("connections", format!("hub {}, DPS {}", num(&h["connections"]["hub"]), num(&h["connections"]["dps"])));
+        line("received", format!("{} telemetry messages", num(&h["telemetryReceived"])));
+        line("faults on", num(&h["faults"]["active"]));
+        line("fault events", pairs(&h["faultEvents"]));
+    }
+    out
+}
+
+fn render_fleet(v: &Value) -> String {
     let mut out = String::new();
     let mut line = |k: &str, val: String| out.push_str(&format!("{k:<13} {val}\n"));
-    line("uptime", format!("{} s", num(&v["uptimeSecs"])));
     let fraction = v["ramp"]["fraction"].as_f64().unwrap_or(0.0);
     line(
         "ramp",
@@ -186,6 +212,22 @@ mod tests {
         assert!(text.contains("connect_refused 2"), "{text}");
         assert!(text.contains("max_dropped: limit 0, now 0: passing"), "{text}");
         assert!(text.contains("reconnects    none"), "{text}");
+        assert!(!text.contains("emulator"), "{text}");
         assert!(!render(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn a_standalone_emulator_prints_its_part_only() {
+        let v = json!({
+            "uptimeSecs": 3, "fleet": false, "emulator": true,
+            "hub": {"hostname": "localhost", "devices": 7, "modules": 2, "connections": {"hub": 5, "dps": 0},
+                    "telemetryReceived": 40, "faults": {"active": 1}, "faultEvents": {"drop": 3}},
+        });
+        let text = render(&v);
+        assert!(text.contains("localhost: 7 devices, 2 modules"), "{text}");
+        assert!(text.contains("hub 5, DPS 0"), "{text}");
+        assert!(text.contains("faults on     1"), "{text}");
+        assert!(text.contains("drop 3"), "{text}");
+        assert!(!text.contains("ramp"), "{text}");
     }
 }

@@ -463,16 +463,9 @@ pub async fn start(
         let state =
             MetricsState { fleet: metrics.clone(), hub: hub.as_ref().map(|h| h.state.clone()), total: total.clone() };
         let console = shared.views.clone().map(|views| {
-            let c = Arc::new(crate::console::Console {
-                shared: shared.clone(),
-                views,
-                total: total.clone(),
-                hub: hub.as_ref().map(|h| h.state.clone()),
-                ci: cfg.ci.clone(),
-                started: std::time::Instant::now(),
-                started_at: std::time::SystemTime::now(),
-                series: Default::default(),
-            });
+            let fleet =
+                crate::console::Fleet { shared: shared.clone(), views, total: total.clone(), ci: cfg.ci.clone() };
+            let c = Arc::new(crate::console::Console::new(Some(fleet), hub.as_ref().map(|h| h.state.clone())));
             aux.push(tokio::spawn(crate::console::series::run(c.clone(), stop_aux.clone())));
             crate::console::router(c)
         });

@@ -39,6 +39,9 @@ pub struct HubConfig {
     pub amqp_addr: Option<SocketAddr>,
     /// Plain-HTTP Prometheus endpoint; `None` turns it off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the web console and its JSON API (docs/console.md) on `metrics_addr` too, on
+    /// `fleetsim hub`. Default true; the console has no authentication.
+    pub console: bool,
     pub tls: TlsFiles,
     pub keys: KeyOverrides,
     /// Enrollments to create at start, besides the default symmetric-key group.
@@ -224,6 +227,7 @@ impl Default for HubConfig {
             https_addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
             amqp_addr: Some(SocketAddr::from(([127, 0, 0, 1], 5671))),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            console: true,
             tls: TlsFiles::default(),
             keys: KeyOverrides::default(),
             enrollments: Vec::new(),

@@ -184,8 +184,17 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
+/// Routes a caller serves beside `/metrics` on the emulator's metrics listener, made once the
+/// hub's state exists (`fleetsim hub` serves the web console this way: the hub does not import it).
+pub type MetricsRoutes = Box<dyn FnOnce(Hub) -> axum::Router + Send>;
+
 /// Starts the emulator. Fails before binding anything if the configuration is invalid.
 pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
+    start_with(config, None).await
+}
+
+/// [`start`], with `extra` routes on the metrics listener (ignored when it is off).
+pub async fn start_with(config: HubConfig, extra: Option<MetricsRoutes>) -> anyhow::Result<RunningHub> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
@@ -225,7 +234,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<RunningHub> {
         tasks.push(tokio::spawn(amqp::accept_loop(hub.clone(), a, tls.mqtt.clone())));
     }
     if let Some(m) = metrics {
-        tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m)));
+        let extra = extra.map(|make| make(hub.clone()));
+        tasks.push(tokio::spawn(http::metrics_loop(hub.clone(), m, extra)));
     }
     tasks.push(tokio::spawn(state::fault_schedule(hub.clone())));
     tasks.push(tokio::spawn(state::c2d_expiry(hub.clone())));

@@ -132,8 +132,8 @@ pub async fn accept_loop(hub: Hub, listener: TcpListener, tls: Arc<rustls::Serve
     .await
 }
 
-/// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus.
-pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
+/// Plain-HTTP `/metrics` (and `/healthz`) for Prometheus, and the caller's `extra` routes.
+pub async fn metrics_loop(hub: Hub, listener: TcpListener, extra: Option<Router>) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -141,6 +141,10 @@ pub async fn metrics_loop(hub: Hub, listener: TcpListener) {
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(hub.clone());
+    let app = match extra {
+        Some(e) => app.merge(e),
+        None => app,
+    };
     let bound = ConnectionBound::new(crate::httpserve::METRICS_CONNECTIONS);
     crate::httpserve::serve_plain(listener, app, limits(&hub), bound, "metrics", hub.shutdown.clone()).await
 }
